@@ -1,0 +1,33 @@
+"""Example-weighted mean of client deltas."""
+
+import optax
+
+from fedjax_core import tree
+from fedjax_core.aggregate.base import Aggregator
+
+
+def mean() -> Aggregator:
+    """The weighted mean `Delta = sum_i n_i Delta_i / sum_i n_i`.
+
+    Clients with weight 0 (padding) do not count; an all-zero cohort gives 0.
+
+    Returns:
+      A stateless `Aggregator`.
+
+    Example:
+      >>> agg = mean()
+      >>> delta, _ = agg.apply(stacked_deltas, jnp.array([10.0, 30.0]), agg.init(params))
+
+    References:
+      McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
+      Decentralized Data" (Algorithm 1, weights n_k / n).
+    """
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def apply(deltas, weights, state):
+        return tree.weighted_mean(deltas, weights), state
+
+    return Aggregator(init, apply)

@@ -1,0 +1,44 @@
+"""The `FederatedAlgorithm` record: one round of federated training as a pure function."""
+
+import functools
+from typing import Callable, NamedTuple, Protocol
+
+import jax
+
+from fedjax_core.data.pack import Cohort
+from fedjax_core.models.base import Model
+from fedjax_core.parallel import Plan
+from fedjax_core.typing import Metrics, Params, PRNGKey, State
+
+
+class ApplyFn(Protocol):
+    def __call__(self, state: State, cohort: Cohort, key: PRNGKey, *, model: Model,
+                 plan: Plan = Plan()) -> tuple[State, Metrics]: ...
+
+
+class FederatedAlgorithm(NamedTuple):
+    """A federated algorithm, in the manner of an optax `GradientTransformation`.
+
+    Attributes:
+      init: `init(params) -> state`. Every state has a field `params`, the global
+        model that evaluation uses.
+      apply: `apply(state, cohort, key, *, model, plan) -> (state, metrics)`, one
+        round on a packed cohort. `key` is the round key; client `s` of the cohort
+        uses `fold_in(key, s)`. Pure and jittable (`model` and `plan` static).
+    """
+
+    init: Callable[[Params], State]
+    apply: ApplyFn
+
+
+def jit_round(algorithm: FederatedAlgorithm, model: Model, plan: Plan = Plan()):
+    """The round as one jitted call: `round(state, cohort, round_key) -> (state, metrics)`.
+
+    It compiles once per distinct cohort shape (clients, bucketed steps, batch).
+
+    Example:
+      >>> step = jit_round(fedavg(), model)
+      >>> for r in range(rounds):
+      ...     state, metrics = step(state, cohorts[r], jax.random.fold_in(key, r))
+    """
+    return jax.jit(functools.partial(algorithm.apply, model=model, plan=plan))

@@ -1,0 +1,116 @@
+"""Local training of ONE client: the kernel that `parallel.py` maps over a cohort.
+
+The client runs SGD-style steps with an optax optimizer over its packed batches:
+
+    for k in 0 .. K-1:                      # K = the client's own number of steps
+        g_k  = grad_w  mean_{i in batch k, mask_i} loss(w_k; x_i, y_i)
+        u_k, s_{k+1} = client_optimizer.update(g_k, s_k, w_k)
+        w_{k+1} = w_k + u_k
+    delta = w_0 - w_K                       # a pseudo-gradient: the server descends along it
+
+The loop is a `lax.fori_loop` whose trip count is the number of non-empty steps, so
+padded steps cost nothing when clients run one by one, and under `vmap` they leave the
+parameters untouched (the batched loop selects the finished clients' state).
+"""
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_core import tree
+from fedjax_core.models.base import Model, masked_mean_loss
+from fedjax_core.typing import Array, Batch, Bool, Float, Params, PRNGKey
+
+
+class ClientUpdate(NamedTuple):
+    """What a client sends back.
+
+    Attributes:
+      delta: `w_0 - w_K`, shaped like the params.
+      weight: scalar float, the client's number of examples (its aggregation weight).
+      loss_sum: scalar, sum over its training examples (all epochs) of the loss
+        measured at the step that used them.
+      examples_seen: scalar, number of examples processed (n * epochs).
+    """
+
+    delta: Params
+    weight: Float[Array, ""]
+    loss_sum: Float[Array, ""]
+    examples_seen: Float[Array, ""]
+
+
+TrainFn = Callable[[Params, Batch, Bool[Array, "steps batch"], PRNGKey],
+                   tuple[Params, Float[Array, ""], Float[Array, ""]]]
+
+
+def local_train(model: Model, optimizer: optax.GradientTransformation) -> TrainFn:
+    """Builds `train(params, batches, mask, key) -> (params, loss_sum, examples_seen)`.
+
+    Update rule: `w_{k+1} = w_k + optimizer.update(grad L_k(w_k))` for each non-empty
+    step k, where `L_k` is the masked mean loss of batch k; the optimizer state starts
+    fresh from `optimizer.init(w_0)`. Step k's dropout key is `fold_in(key, k)`.
+
+    Args:
+      model: the model.
+      optimizer: the client optimizer, e.g. `optax.sgd(0.1)`.
+
+    Returns:
+      `train` with `batches` feature -> `[steps, batch, ...]`, `mask` `[steps, batch]`
+      (non-empty steps first), `key` the client key.
+
+    Example:
+      >>> train = local_train(model, optax.sgd(0.1))
+      >>> new_params, loss_sum, seen = train(params, batches, mask, jax.random.key(0))
+
+    References:
+      McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
+      Decentralized Data" (ClientUpdate in Algorithm 1).
+    """
+    grad_fn = jax.value_and_grad(
+        lambda p, b, m, k: masked_mean_loss(model, p, b, m, k, train=True))
+
+    def train(params, batches, mask, key):
+        steps = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
+
+        def step(k, carry):
+            w, opt_state, loss_sum, seen = carry
+            batch = jax.tree.map(lambda x: x[k], batches)
+            m = mask[k]
+            loss, grads = grad_fn(w, batch, m, jax.random.fold_in(key, k))
+            updates, opt_state = optimizer.update(grads, opt_state, w)
+            w = optax.apply_updates(w, updates)
+            n = jnp.sum(m).astype(jnp.float32)
+            return w, opt_state, loss_sum + loss * n, seen + n
+
+        zero = jnp.zeros((), jnp.float32)
+        w, _, loss_sum, seen = jax.lax.fori_loop(
+            0, steps, step, (params, optimizer.init(params), zero, zero))
+        return w, loss_sum, seen
+
+    return train
+
+
+def client_update(model: Model, optimizer: optax.GradientTransformation):
+    """Builds `update(params, batches, mask, num_examples, key) -> ClientUpdate`.
+
+    `delta = w_0 - train(w_0)`, `weight = num_examples`. See `local_train`.
+
+    Example:
+      >>> update = client_update(model, optax.sgd(0.1))
+      >>> u = update(params, batches, mask, jnp.float32(17), key)
+      >>> new_params = tree.sub(params, u.delta)
+    """
+    train = local_train(model, optimizer)
+
+    def update(params, batches, mask, num_examples, key) -> ClientUpdate:
+        trained, loss_sum, seen = train(params, batches, mask, key)
+        return ClientUpdate(
+            delta=tree.sub(params, trained),
+            weight=jnp.asarray(num_examples, jnp.float32),
+            loss_sum=loss_sum,
+            examples_seen=seen,
+        )
+
+    return update

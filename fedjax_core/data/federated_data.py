@@ -1,0 +1,90 @@
+"""The `FederatedData` protocol and its in-memory implementation (host side, numpy)."""
+
+from typing import Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+ClientArrays = dict[str, np.ndarray]
+"""One client's examples: feature name -> array with a leading `examples` axis."""
+
+
+@runtime_checkable
+class FederatedData(Protocol):
+    """A set of clients, each a dict of numpy arrays with a shared leading axis.
+
+    Clients are addressed by position `0 .. num_clients - 1` (what samplers draw)
+    and named by `client_ids[i]`.
+    """
+
+    @property
+    def client_ids(self) -> Sequence[str]:
+        """Client names, in a fixed order."""
+        ...
+
+    @property
+    def client_sizes(self) -> np.ndarray:
+        """`Int[ndarray, "clients"]`: number of examples of each client."""
+        ...
+
+    def get_client(self, index: int) -> ClientArrays:
+        """The examples of the client at position `index`."""
+        ...
+
+
+class InMemoryFederatedData:
+    """`FederatedData` over a dict `client id -> {feature: array}` held in memory.
+
+    Example:
+      >>> data = InMemoryFederatedData({"a": {"x": np.zeros((3, 2)), "y": np.zeros(3)}})
+      >>> data.client_sizes
+      array([3])
+    """
+
+    def __init__(self, clients: Mapping[str, Mapping[str, np.ndarray]]):
+        ids = list(clients)
+        features: tuple[str, ...] | None = None
+        stored: list[ClientArrays] = []
+        for cid in ids:
+            arrays = {k: np.asarray(v) for k, v in clients[cid].items()}
+            keys = tuple(sorted(arrays))
+            if not keys:
+                raise ValueError(f"client {cid!r} has no features; give each client a dict of arrays")
+            if features is None:
+                features = keys
+            elif keys != features:
+                raise ValueError(
+                    f"client {cid!r} has features {list(keys)} but the first client has "
+                    f"{list(features)}; every client needs the same feature names")
+            lengths = {k: a.shape[0] if a.ndim else -1 for k, a in arrays.items()}
+            if len(set(lengths.values())) != 1 or -1 in lengths.values():
+                raise ValueError(
+                    f"client {cid!r}: features disagree on the number of examples {lengths}; "
+                    "every feature needs the same leading axis")
+            stored.append(arrays)
+        self._ids = tuple(ids)
+        self._clients = stored
+        self._sizes = np.array([next(iter(c.values())).shape[0] for c in stored], np.int64)
+        self.features = features or ()
+
+    @property
+    def client_ids(self) -> tuple[str, ...]:
+        return self._ids
+
+    @property
+    def client_sizes(self) -> np.ndarray:
+        return self._sizes
+
+    def get_client(self, index: int) -> ClientArrays:
+        return self._clients[index]
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __repr__(self) -> str:
+        return (f"InMemoryFederatedData({len(self)} clients, "
+                f"{int(self._sizes.sum())} examples, features={list(self.features)})")
+
+
+def num_examples(data: FederatedData) -> int:
+    """Total number of examples over all clients."""
+    return int(np.sum(data.client_sizes))

@@ -1,0 +1,156 @@
+"""Packing a cohort of clients into fixed-shape arrays for one jitted round.
+
+A client with `n` examples trained for `E` epochs at batch size `B` takes
+`ceil(n * E / B)` steps: each epoch is a fresh permutation of its examples, the epochs
+are concatenated and cut into batches (the last one partial), as FedJAX's
+`shuffle_repeat_batch` does. All clients of a cohort are padded to one step count,
+rounded up to a bucket so that rounds reuse compiled code; padded slots are masked.
+"""
+
+import math
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from fedjax_core.data.federated_data import ClientArrays, FederatedData
+from fedjax_core.data.sampling import SHUFFLE_STREAM, host_rng
+
+
+class Cohort(NamedTuple):
+    """A packed cohort (numpy on the host; the jitted round takes it as is).
+
+    Attributes:
+      batches: feature -> `[clients, steps, batch, ...]`, zeros where masked.
+      mask: `Bool[ndarray, "clients steps batch"]`, True for real examples. Within a
+        client, the non-empty steps come first.
+      num_examples: `Int[ndarray, "clients"]`, each client's number of examples (its
+        aggregation weight), not multiplied by the epochs.
+      client_index: `Int[ndarray, "clients"]`, positions of the clients in their
+        FederatedData (for per-client state).
+    """
+
+    batches: dict[str, np.ndarray]
+    mask: np.ndarray
+    num_examples: np.ndarray
+    client_index: np.ndarray
+
+    @property
+    def num_clients(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.mask.shape[1]
+
+
+def step_bucket(steps: int) -> int:
+    """Smallest bucket >= `steps` in 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, ...
+
+    Buckets are powers of two and 1.5 times powers of two, so a padded shape wastes
+    less than a third of its slots (bucket < 1.5 x steps) and a run sees few distinct shapes.
+    """
+    if steps <= 1:
+        return 1
+    p = 1 << (steps - 1).bit_length()  # next power of two >= steps
+    return p * 3 // 4 if p * 3 // 4 >= steps and p >= 4 else p
+
+
+def num_steps(num_examples: int, batch_size: int, epochs: int) -> int:
+    """`ceil(num_examples * epochs / batch_size)`."""
+    return math.ceil(num_examples * epochs / batch_size)
+
+
+def pack_clients(clients: Sequence[ClientArrays], batch_size: int, epochs: int = 1,
+                 rngs: Sequence[np.random.Generator] | None = None,
+                 bucket: bool = True, client_index: Sequence[int] | None = None) -> Cohort:
+    """Packs the given clients' arrays into a `Cohort`.
+
+    Args:
+      clients: one dict of arrays per client, all with the same feature names.
+      batch_size: examples per step B.
+      epochs: passes over each client's data E.
+      rngs: one generator per client for the per-epoch shuffles, or None to keep
+        the stored order (evaluation, tests).
+      bucket: round the step count up with `step_bucket`.
+      client_index: positions recorded in `Cohort.client_index` (default 0..n-1).
+
+    Returns:
+      The `Cohort`, with `steps = bucket(max_i ceil(n_i E / B))` (at least 1).
+
+    Example:
+      >>> c = pack_clients([{"x": np.arange(5.0)}], batch_size=2)
+      >>> c.batches["x"][0], c.mask[0]
+      (array([[0., 1.], [2., 3.], [4., 0.]]), array([[ True,  True], [ True,  True], [ True, False]]))
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if not clients:
+        raise ValueError("a cohort needs at least one client")
+    sizes = [len(next(iter(c.values()))) for c in clients]
+    steps = max(1, max(num_steps(n, batch_size, epochs) for n in sizes))
+    if bucket:
+        steps = step_bucket(steps)
+    slots = steps * batch_size
+    # Per client: the example index in each slot, -1 for padding.
+    index = np.full((len(clients), slots), -1, np.int64)
+    for i, n in enumerate(sizes):
+        if n == 0:
+            continue
+        if rngs is None:
+            order = np.tile(np.arange(n), epochs)
+        else:
+            order = np.concatenate([rngs[i].permutation(n) for _ in range(epochs)])
+        index[i, :len(order)] = order
+    mask = index >= 0
+    batches = {}
+    for name in clients[0]:
+        first = np.asarray(clients[0][name])
+        out = np.zeros((len(clients), slots) + first.shape[1:], first.dtype)
+        for i, c in enumerate(clients):
+            m = mask[i]
+            if m.any():
+                out[i, m] = np.asarray(c[name])[index[i, m]]
+        batches[name] = out.reshape((len(clients), steps, batch_size) + first.shape[1:])
+    if client_index is None:
+        client_index = range(len(clients))
+    return Cohort(
+        batches=batches,
+        mask=mask.reshape(len(clients), steps, batch_size),
+        num_examples=np.asarray(sizes, np.int32),
+        client_index=np.asarray(client_index, np.int32),
+    )
+
+
+def pack_cohort(data: FederatedData, indices: Sequence[int], batch_size: int, epochs: int,
+                seed: int, round_num: int, shuffle: bool = True, bucket: bool = True) -> Cohort:
+    """Reads the clients at `indices` and packs them, shuffled per epoch.
+
+    The shuffle of the client in cohort slot `s` is drawn from
+    `host_rng(seed, round_num, SHUFFLE_STREAM, s)`: the same (seed, round) always gives
+    the same batches, whatever the chunk size or device count.
+
+    Args:
+      data: the federated dataset.
+      indices: client positions, in slot order (e.g. from a sampler).
+      batch_size: examples per step.
+      epochs: local epochs.
+      seed: experiment seed.
+      round_num: round index.
+      shuffle: shuffle each epoch (True for training).
+      bucket: round step counts up to buckets.
+
+    Returns:
+      A `Cohort` of `len(indices)` clients.
+    """
+    clients = [data.get_client(int(i)) for i in indices]
+    rngs = ([host_rng(seed, round_num, SHUFFLE_STREAM, s) for s in range(len(clients))]
+            if shuffle else None)
+    return pack_clients(clients, batch_size, epochs, rngs, bucket, client_index=indices)
+
+
+def padded_fraction(cohort: Cohort, batch_size: int, epochs: int) -> float:
+    """Fraction of the cohort's step slots that hold no real step."""
+    real = sum(num_steps(int(n), batch_size, epochs) for n in cohort.num_examples)
+    return 1.0 - real / (cohort.num_clients * cohort.num_steps)

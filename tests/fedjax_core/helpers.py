@@ -1,0 +1,40 @@
+"""Tiny models and data shared by core tests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_core.data import InMemoryFederatedData
+from fedjax_core.models.base import Model
+
+
+def tiny_softmax_model(features: int = 3, classes: int = 4) -> Model:
+    """Linear softmax classifier: logits = x W + b."""
+
+    def init(key):
+        k1, k2 = jax.random.split(key)
+        return {"w": 0.5 * jax.random.normal(k1, (features, classes)),
+                "b": 0.1 * jax.random.normal(k2, (classes,))}
+
+    def apply(params, batch, key=None, train=False):
+        del key, train
+        return batch["x"] @ params["w"] + params["b"]
+
+    def loss(batch, logits):
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.take_along_axis(logp, batch["y"][:, None], axis=-1)[:, 0]
+
+    def metrics(batch, logits):
+        ones = jnp.ones(batch["y"].shape, jnp.float32)
+        correct = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
+        return {"loss": (loss(batch, logits), ones), "accuracy": (correct, ones)}
+
+    return Model(init, apply, loss, metrics)
+
+
+def unequal_clients(sizes=(5, 2, 9, 1, 4), features=3, classes=4, seed=0) -> InMemoryFederatedData:
+    rng = np.random.default_rng(seed)
+    return InMemoryFederatedData({
+        f"c{i}": {"x": rng.normal(size=(n, features)).astype(np.float32),
+                  "y": rng.integers(0, classes, size=n).astype(np.int32)}
+        for i, n in enumerate(sizes)})
