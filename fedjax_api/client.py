@@ -1,0 +1,42 @@
+"""`Client`: one client's data and local training, for debugging and personalization."""
+
+import attrs
+import jax
+import optax
+
+from fedjax_core.client import ClientUpdate, client_update
+from fedjax_core.data import ClientArrays, pack_clients
+from fedjax_core.data.sampling import SHUFFLE_STREAM, host_rng
+from fedjax_core.models.base import Model
+from fedjax_core.typing import Params
+
+
+@attrs.frozen(kw_only=True)
+class Client:
+    """One client: an id and its examples.
+
+    Example:
+      >>> client = Client(id="hamlet:HAMLET", data=task.train.data.get_client(0))
+      >>> update = client.train(server.params, model=task.model, optimizer=optax.sgd(1.0),
+      ...                       batch_size=4)
+      >>> update.delta  # w_0 - w_K
+    """
+
+    id: str
+    data: ClientArrays = attrs.field(repr=False)
+
+    @property
+    def num_examples(self) -> int:
+        return len(next(iter(self.data.values())))
+
+    def train(self, params: Params, *, model: Model, optimizer: optax.GradientTransformation,
+              batch_size: int, epochs: int = 1, seed: int = 0, round: int = 0,  # noqa: A002
+              slot: int = 0) -> ClientUpdate:
+        """Trains on this client alone, exactly as it would train in cohort slot `slot`
+        of round `round` of a run seeded with `seed`."""
+        cohort = pack_clients([self.data], batch_size, epochs,
+                              rngs=[host_rng(seed, round, SHUFFLE_STREAM, slot)])
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), round), slot)
+        update = jax.jit(client_update(model, optimizer))
+        return update(params, jax.tree.map(lambda x: x[0], cohort.batches), cohort.mask[0],
+                      cohort.num_examples[0], key)

@@ -1,0 +1,82 @@
+"""`ExperimentConfig`: every option of a run, validated, with the task's defaults filled in."""
+
+from typing import Any
+
+import attrs
+
+from fedjax_api import tasks
+from fedjax_api.errors import ConfigError
+from fedjax_core.algorithms import registry
+
+
+def _at_least(low):
+    def check(instance, attribute, value):
+        if value < low:
+            raise ConfigError(f"{attribute.name.replace('_', '-')} must be at least {low}, "
+                              f"got {value}")
+    return check
+
+
+def _non_negative_float(instance, attribute, value):
+    if not value >= 0:  # also rejects NaN
+        raise ConfigError(f"{attribute.name.replace('_', '-')} must be a non-negative number, "
+                          f"got {value}")
+
+
+def _known_algorithm(instance, attribute, value):
+    if value not in registry.ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {value!r}; choose one of: "
+                          f"{', '.join(sorted(registry.ALGORITHMS))}")
+
+
+def _known_task(instance, attribute, value):
+    tasks.entry(value)
+
+
+@attrs.frozen(kw_only=True)
+class ExperimentConfig:
+    """A fully resolved run configuration (what `config.json` in the run dir holds)."""
+
+    task: str = attrs.field(validator=_known_task)
+    algorithm: str = attrs.field(validator=_known_algorithm)
+    rounds: int = attrs.field(validator=_at_least(1))
+    clients_per_round: int = attrs.field(validator=_at_least(1))
+    client_lr: float = attrs.field(validator=_non_negative_float)
+    server_lr: float = attrs.field(validator=_non_negative_float)
+    batch_size: int = attrs.field(validator=_at_least(1))
+    epochs: int = attrs.field(validator=_at_least(1))
+    seed: int = attrs.field(default=0, validator=_at_least(0))
+    eval_every: int = attrs.field(default=0, validator=_at_least(0))
+    eval_train_clients: int = attrs.field(default=100, validator=_at_least(0))
+    chunk_size: int = attrs.field(default=1, validator=_at_least(1))
+    out: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+def resolve(task: str, **options: Any) -> ExperimentConfig:
+    """Fills every option left as None from the task's defaults and validates the result.
+
+    The server learning rate default depends on the algorithm (e.g. 1.0 for FedAvg,
+    1e-2 for FedAdam on Shakespeare).
+
+    Example:
+      >>> cfg = resolve("shakespeare-plays", rounds=50, algorithm="fedadam")
+      >>> cfg.server_lr
+      0.01
+    """
+    d = tasks.entry(task).defaults
+    opts = {k: v for k, v in options.items() if v is not None}
+    algorithm = opts.pop("algorithm", d.algorithm)
+    _known_algorithm(None, None, algorithm)
+    values = dict(
+        rounds=d.rounds, clients_per_round=d.clients_per_round, client_lr=d.client_lr,
+        server_lr=d.server_lr.get(algorithm, 1.0), batch_size=d.batch_size, epochs=d.epochs,
+        eval_every=d.eval_every, eval_train_clients=d.eval_train_clients,
+        chunk_size=d.chunk_size)
+    unknown = set(opts) - set(attrs.fields_dict(ExperimentConfig))
+    if unknown:
+        raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    values.update(opts)
+    return ExperimentConfig(task=task, algorithm=algorithm, **values)

@@ -1,0 +1,87 @@
+"""`FederatedDataset`: a `FederatedData` with how it is batched and sampled."""
+
+import attrs
+import numpy as np
+
+from fedjax_api.errors import ConfigError
+from fedjax_core.data import Cohort, FederatedData, pack_cohort, uniform_without_replacement
+
+
+def _positive(instance, attribute, value):
+    if value < 1:
+        raise ConfigError(f"{attribute.name} must be at least 1, got {value}")
+
+
+def _non_negative(instance, attribute, value):
+    if value < 0:
+        raise ConfigError(f"{attribute.name} must be non-negative, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class FederatedDataset:
+    """A federated dataset ready for training rounds.
+
+    Attributes:
+      data: the clients (any `fedjax_core.data.FederatedData`).
+      batch_size: examples per local step.
+      epochs: local epochs per round.
+      seed: seeds client sampling and per-epoch shuffles.
+
+    Example:
+      >>> cohort = task.train.sample(clients=10, round=3)   # same clients and batches every time
+    """
+
+    data: FederatedData
+    batch_size: int = attrs.field(validator=_positive)
+    epochs: int = attrs.field(default=1, validator=_positive)
+    seed: int = attrs.field(default=0, validator=_non_negative)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.data.client_ids)
+
+    @property
+    def num_examples(self) -> int:
+        return int(np.sum(self.data.client_sizes))
+
+    def sample(self, clients: int, round: int) -> Cohort:  # noqa: A002 - reads like the paper
+        """Samples `clients` clients uniformly without replacement for `round` and packs them."""
+        if not 1 <= clients <= self.num_clients:
+            raise ConfigError(
+                f"clients per round must be between 1 and the {self.num_clients} clients "
+                f"of this dataset, got {clients}")
+        idx = uniform_without_replacement(self.num_clients, clients, self.seed, round)
+        return self.cohort(idx, round)
+
+    def cohort(self, indices, round: int) -> Cohort:  # noqa: A002
+        """Packs the clients at `indices` (positions) for `round`."""
+        return pack_cohort(self.data, indices, self.batch_size, self.epochs, self.seed, round)
+
+    def subset(self, num_clients: int, seed: int = 0) -> "FederatedDataset":
+        """A fixed random subset of `num_clients` clients (all if there are fewer)."""
+        if num_clients >= self.num_clients:
+            return self
+        rng = np.random.default_rng([seed, 0xE7A1])
+        idx = np.sort(rng.choice(self.num_clients, num_clients, replace=False))
+        return attrs.evolve(self, data=_Subset(self.data, idx))
+
+
+class _Subset:
+    """A view of some clients of a `FederatedData`."""
+
+    def __init__(self, data: FederatedData, indices: np.ndarray):
+        self._data = data
+        self._idx = [int(i) for i in indices]
+
+    @property
+    def client_ids(self):
+        ids = self._data.client_ids
+        return tuple(ids[i] for i in self._idx)
+
+    @property
+    def client_sizes(self):
+        return np.asarray(self._data.client_sizes)[self._idx]
+
+    def get_client(self, index: int):
+        return self._data.get_client(self._idx[index])
+

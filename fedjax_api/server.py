@@ -1,0 +1,83 @@
+"""`Server`: the global model and the algorithm's state, one round at a time."""
+
+from typing import Any, Callable
+
+import attrs
+import jax
+
+from fedjax_api.dataset import FederatedDataset
+from fedjax_core import evaluate as core_evaluate
+from fedjax_core.algorithms.base import FederatedAlgorithm, jit_round
+from fedjax_core.data import Cohort, FederatedData
+from fedjax_core.models.base import Model
+from fedjax_core.parallel import Plan
+from fedjax_core.typing import Params, PRNGKey
+
+
+@attrs.frozen(kw_only=True)
+class Server:
+    """The server of a federated run: immutable; `step` returns the next one.
+
+    Round r uses the key `fold_in(key(seed), r)`; client s of its cohort uses
+    `fold_in(round key, s)`.
+
+    Attributes:
+      algorithm: the federated algorithm.
+      model: the model.
+      state: the algorithm's state (has `.params`).
+      key: the experiment key.
+      round: rounds done so far.
+      plan: how cohorts are executed (chunk size).
+      metrics: metrics of the last round (device arrays until read).
+
+    Example:
+      >>> server = Server.create(fedavg(optax.sgd(1.0), optax.adam(1e-2)), task.model, seed=0)
+      >>> for r in range(1200):
+      ...     server = server.step(task.train.sample(clients=10, round=r))
+      >>> server.evaluate(task.test)
+    """
+
+    algorithm: FederatedAlgorithm
+    model: Model
+    state: Any
+    key: PRNGKey
+    round: int = 0
+    plan: Plan = Plan()
+    metrics: dict = attrs.field(factory=dict, repr=False)
+    _round_fn: Callable = attrs.field(default=None, repr=False, eq=False, alias="round_fn")
+
+    def __attrs_post_init__(self):
+        if self._round_fn is None:
+            object.__setattr__(self, "_round_fn", jit_round(self.algorithm, self.model, self.plan))
+
+    @classmethod
+    def create(cls, algorithm: FederatedAlgorithm, model: Model, seed: int = 0,
+               params: Params | None = None, plan: Plan = Plan()) -> "Server":
+        """A server at round 0. Parameters come from `model.init(fold_in(key, 2**31 - 1))`
+        unless given."""
+        key = jax.random.key(seed)
+        if params is None:
+            params = jax.jit(model.init)(jax.random.fold_in(key, 2**31 - 1))
+        return cls(algorithm=algorithm, model=model, state=algorithm.init(params), key=key,
+                   plan=plan)
+
+    @property
+    def params(self) -> Params:
+        return self.state.params
+
+    def step(self, cohort: Cohort) -> "Server":
+        """Runs one round on `cohort` (one jitted call) and returns the next server."""
+        state, metrics = self._round_fn(self.state, cohort, jax.random.fold_in(self.key, self.round))
+        return attrs.evolve(self, state=state, round=self.round + 1, metrics=metrics)
+
+    def evaluate(self, data: FederatedDataset | FederatedData, batch_size: int = 256) -> dict[str, float]:
+        """Global metrics of the current model over all examples of `data`."""
+        if isinstance(data, FederatedDataset):
+            data = data.data
+        return core_evaluate.evaluate(self.model, self.params, data, batch_size)
+
+    def evaluate_per_client(self, data: FederatedDataset | FederatedData, batch_size: int = 256):
+        """Each client's own metrics, `{name: Float[ndarray, "clients"]}`."""
+        if isinstance(data, FederatedDataset):
+            data = data.data
+        return core_evaluate.evaluate_per_client(self.model, self.params, data, batch_size)

@@ -1,0 +1,18 @@
+"""Models as `Model(init, apply, loss, metrics)`: layers, metric parts, task models."""
+
+from fedjax_core.models import metrics, nn
+from fedjax_core.models.base import Model, masked_mean_loss
+from fedjax_core.models.emnist_cnn import emnist_cnn
+from fedjax_core.models.linear import logistic_regression, mlp
+from fedjax_core.models.shakespeare_lstm import shakespeare_lstm
+
+__all__ = [
+    "Model",
+    "emnist_cnn",
+    "logistic_regression",
+    "masked_mean_loss",
+    "metrics",
+    "mlp",
+    "nn",
+    "shakespeare_lstm",
+]

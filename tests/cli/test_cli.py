@@ -1,0 +1,56 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from tests.fedjax_api.tiny_task import NAME
+
+runner = CliRunner()
+
+
+def test_run_success_writes_run_dir_and_table(tmp_path):
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["run", NAME, "--rounds", "3", "--clients-per-round", "2",
+                              "--client-lr", "0.3", "--seed", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "metrics after round 3" in res.output and "accuracy" in res.output
+    assert "baseline (most frequent class) accuracy: 0.2500" in res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["client_lr"] == 0.3 and cfg["clients_per_round"] == 2 and cfg["seed"] == 1
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["kind"] for x in lines] == ["train"] * 3 + ["eval"]
+
+
+def test_listings():
+    res = runner.invoke(app, ["tasks"])
+    assert res.exit_code == 0 and "shakespeare-plays" in res.output
+    res = runner.invoke(app, ["algorithms"])
+    assert res.exit_code == 0
+    for name in ("fedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm"):
+        assert name in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "no-such-task"], "unknown task 'no-such-task'; choose one of:"),
+    (["run", NAME, "--algorithm", "fedmagic"], "unknown algorithm 'fedmagic'; choose one of:"),
+    (["run", NAME, "--rounds", "0"], "rounds must be at least 1, got 0"),
+    (["run", NAME, "--clients-per-round", "99"], "clients per round must be between 1 and the 6"),
+    (["run", NAME, "--client-lr", "-1"], "client-lr must be a non-negative number, got -1.0"),
+    (["run", NAME, "--server-lr", "-0.5"], "server-lr must be a non-negative number, got -0.5"),
+])
+def test_bad_input_one_line_exit_2(args, message, tmp_path):
+    res = runner.invoke(app, args + ["--out", str(tmp_path / "x")])
+    assert res.exit_code == 2
+    assert message in res.output
+    assert "Traceback" not in res.output
+    assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_unwritable_out(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    res = runner.invoke(app, ["run", NAME, "--out", str(blocker / "run")])
+    assert res.exit_code == 2 and "cannot write to output directory" in res.output
+    assert "Traceback" not in res.output
