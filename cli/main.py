@@ -7,6 +7,7 @@ and this module only shows progress and results. A user's mistake prints one lin
 
 import datetime
 import functools
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -23,7 +24,7 @@ from fedjax_core.algorithms import registry
 
 DEFAULT_TASK = "shakespeare-plays"
 
-app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="fedjax-sim: federated learning simulation on JAX.")
 console = Console()
 err_console = Console(stderr=True)
@@ -179,5 +180,16 @@ def list_algorithms() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: also a malformed option prints one line, exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as e:  # malformed command line (typer >= 0.29 owns its parser)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", highlight=False,
+                          soft_wrap=True)
+        code = getattr(e, "exit_code", 2)
+    except typer.Abort:
+        err_console.print("aborted")
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,5 +1,7 @@
 """`Client`: one client's data and local training, for debugging and personalization."""
 
+import functools
+
 import attrs
 import jax
 import optax
@@ -9,6 +11,11 @@ from fedjax_core.data import ClientArrays, pack_clients
 from fedjax_core.data.sampling import SHUFFLE_STREAM, host_rng
 from fedjax_core.models.base import Model
 from fedjax_core.typing import Params
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_update(model: Model, optimizer: optax.GradientTransformation):
+    return jax.jit(client_update(model, optimizer))
 
 
 @attrs.frozen(kw_only=True)
@@ -37,6 +44,5 @@ class Client:
         cohort = pack_clients([self.data], batch_size, epochs,
                               rngs=[host_rng(seed, round, SHUFFLE_STREAM, slot)])
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), round), slot)
-        update = jax.jit(client_update(model, optimizer))
-        return update(params, jax.tree.map(lambda x: x[0], cohort.batches), cohort.mask[0],
+        return _jitted_update(model, optimizer)(params, jax.tree.map(lambda x: x[0], cohort.batches), cohort.mask[0],
                       cohort.num_examples[0], key)

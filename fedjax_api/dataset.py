@@ -5,6 +5,7 @@ import numpy as np
 
 from fedjax_api.errors import ConfigError
 from fedjax_core.data import Cohort, FederatedData, pack_cohort, uniform_without_replacement
+from fedjax_core.data.pack import fixed_steps
 
 
 def _positive(instance, attribute, value):
@@ -35,6 +36,10 @@ class FederatedDataset:
     batch_size: int = attrs.field(validator=_positive)
     epochs: int = attrs.field(default=1, validator=_positive)
     seed: int = attrs.field(default=0, validator=_non_negative)
+    max_cohort_bytes: int = attrs.field(default=256 * 2**20, validator=_positive)
+    """Pad every cohort to the largest client's step bucket (one compiled shape per run)
+    while a cohort padded that way stays under this size; else bucket each cohort."""
+    _steps_cache: dict = attrs.field(init=False, factory=dict, eq=False, repr=False)
 
     @property
     def num_clients(self) -> int:
@@ -55,7 +60,13 @@ class FederatedDataset:
 
     def cohort(self, indices, round: int) -> Cohort:  # noqa: A002
         """Packs the clients at `indices` (positions) for `round`."""
-        return pack_cohort(self.data, indices, self.batch_size, self.epochs, self.seed, round)
+        n = len(indices)
+        if n not in self._steps_cache:
+            self._steps_cache[n] = fixed_steps(self.data, n, self.batch_size, self.epochs,
+                                               self.max_cohort_bytes)
+        steps = self._steps_cache[n]
+        return pack_cohort(self.data, indices, self.batch_size, self.epochs, self.seed, round,
+                           steps=steps)
 
     def subset(self, num_clients: int, seed: int = 0) -> "FederatedDataset":
         """A fixed random subset of `num_clients` clients (all if there are fewer)."""

@@ -43,11 +43,11 @@ class Experiment:
     round r, the host already samples and packs round r+1.
 
     Attributes:
-      task: the loaded task (its `train.seed` seeds sampling and shuffles).
+      task: the loaded task.
       algorithm: the federated algorithm.
       rounds: number of rounds.
       clients_per_round: cohort size.
-      seed: seeds the model init and every client's key.
+      seed: seeds client sampling, shuffles, the model init and every client's key.
       eval_every: evaluate on the test set every this many rounds (0: at the end only).
       eval_train_clients: size of the fixed sample of training clients evaluated at the end.
       plan: how a cohort is executed.
@@ -90,6 +90,9 @@ class Experiment:
                   plan=Plan(cfg.chunk_size), config=cfg.to_dict())
         # Only a valid experiment creates its run directory.
         if cfg.out:
+            if (Path(cfg.out) / rundir.METRICS_FILE).exists():
+                raise ConfigError(f"{cfg.out!r} already holds a run ({rundir.METRICS_FILE}); "
+                                  "choose a new --out")
             exp = attrs.evolve(exp, out_dir=rundir.check_writable_dir(Path(cfg.out)))
         return exp
 
@@ -116,6 +119,8 @@ class Experiment:
         try:
             server = Server.create(self.algorithm, self.task.model, seed=self.seed, plan=self.plan)
             train = self.task.train
+            if train.seed != self.seed:  # `seed` governs sampling and shuffles too
+                train = attrs.evolve(train, seed=self.seed)
             cohort = train.sample(self.clients_per_round, 0)
             for r in range(self.rounds):
                 start = time.perf_counter()

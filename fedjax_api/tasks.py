@@ -114,8 +114,9 @@ def get(name: str, *, seed: int = 0, batch_size: int | None = None,
     e = entry(name)
     loaded = e.load()
     d = e.defaults
-    train = FederatedDataset(data=loaded.train, batch_size=batch_size or d.batch_size,
-                             epochs=epochs or d.epochs, seed=seed)
+    train = FederatedDataset(data=loaded.train,
+                             batch_size=d.batch_size if batch_size is None else batch_size,
+                             epochs=d.epochs if epochs is None else epochs, seed=seed)
     test = FederatedDataset(data=loaded.test, batch_size=d.eval_batch_size, seed=seed)
     return Task(name=name, model=loaded.model, train=train, test=test, defaults=d,
                 baselines=dict(loaded.baselines), source=e.source)
@@ -130,8 +131,8 @@ def _load_shakespeare_plays() -> Loaded:
 
     try:
         train, test = plays.load_plays()
-    except ImportError as e:
-        raise ConfigError(str(e)) from None
+    except (ImportError, OSError) as e:
+        raise ConfigError(f"cannot load the plays: {e}") from None
     _, baseline = plays.majority_baseline(train, test)
     return Loaded(shakespeare_lstm(), train, test, {"accuracy": baseline})
 

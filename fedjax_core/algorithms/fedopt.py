@@ -3,16 +3,16 @@
 All four are `fedavg` with the matching optax server optimizer, applied to the
 aggregated pseudo-gradient `Delta = mean_i (w_t - w_i)`:
 
-    m_t = b1 m_{t-1} + (1 - b1) Delta
-    FedAdagrad: v_t = v_{t-1} + Delta^2
-    FedAdam:    v_t = b2 v_{t-1} + (1 - b2) Delta^2
-    FedYogi:    v_t = v_{t-1} - (1 - b2) Delta^2 sign(v_{t-1} - Delta^2)
-    w_{t+1} = w_t - eta m_t / (sqrt(v_t) + tau)
+    FedAdam:    m_t = b1 m_{t-1} + (1 - b1) Delta;  v_t = b2 v_{t-1} + (1 - b2) Delta^2
+                w_{t+1} = w_t - eta m^_t / (sqrt(v^_t) + tau)     (bias-corrected m^, v^)
+    FedYogi:    m_t as Adam;  v_t = v_{t-1} - (1 - b2) Delta^2 sign(v_{t-1} - Delta^2)
+                w_{t+1} = w_t - eta m^_t / (sqrt(v^_t) + tau),  m_0 = v_0 = 1e-6 (optax)
+    FedAdagrad: v_t = v_{t-1} + Delta^2;  w_{t+1} = w_t - eta Delta / sqrt(v_t + tau)
     FedAvgM:    m_t = beta m_{t-1} + Delta;  w_{t+1} = w_t - eta m_t
 
-The adaptive ones use optax's implementations, which (as in FedJAX) apply Adam's bias
-correction to m and v; the paper's Algorithm 2 does not. `tau` is optax's `eps`;
-FedAdagrad uses `b1 = 0` as optax.adagrad does (no first moment).
+They use optax's implementations, as FedJAX does. Two differences from the paper's
+Algorithm 2 follow: Adam and Yogi apply Adam's bias correction, and Adagrad (which has
+no first moment) puts `tau` inside the square root.
 """
 
 import optax

@@ -62,7 +62,8 @@ def num_steps(num_examples: int, batch_size: int, epochs: int) -> int:
 
 def pack_clients(clients: Sequence[ClientArrays], batch_size: int, epochs: int = 1,
                  rngs: Sequence[np.random.Generator] | None = None,
-                 bucket: bool = True, client_index: Sequence[int] | None = None) -> Cohort:
+                 bucket: bool = True, client_index: Sequence[int] | None = None,
+                 steps: int | None = None) -> Cohort:
     """Packs the given clients' arrays into a `Cohort`.
 
     Args:
@@ -73,9 +74,12 @@ def pack_clients(clients: Sequence[ClientArrays], batch_size: int, epochs: int =
         the stored order (evaluation, tests).
       bucket: round the step count up with `step_bucket`.
       client_index: positions recorded in `Cohort.client_index` (default 0..n-1).
+      steps: pad every client to exactly this many steps (e.g. the bucket of the
+        largest client of the whole dataset, so that every round has one shape);
+        None: `bucket(max_i ceil(n_i E / B))` for this cohort.
 
     Returns:
-      The `Cohort`, with `steps = bucket(max_i ceil(n_i E / B))` (at least 1).
+      The `Cohort`, with at least one step.
 
     Example:
       >>> c = pack_clients([{"x": np.arange(5.0)}], batch_size=2)
@@ -89,9 +93,11 @@ def pack_clients(clients: Sequence[ClientArrays], batch_size: int, epochs: int =
     if not clients:
         raise ValueError("a cohort needs at least one client")
     sizes = [len(next(iter(c.values()))) for c in clients]
-    steps = max(1, max(num_steps(n, batch_size, epochs) for n in sizes))
-    if bucket:
-        steps = step_bucket(steps)
+    needed = max(1, max(num_steps(n, batch_size, epochs) for n in sizes))
+    if steps is None:
+        steps = step_bucket(needed) if bucket else needed
+    elif steps < needed:
+        raise ValueError(f"a client needs {needed} steps but the cohort is padded to {steps}")
     slots = steps * batch_size
     # Per client: the example index in each slot, -1 for padding.
     index = np.full((len(clients), slots), -1, np.int64)
@@ -124,7 +130,8 @@ def pack_clients(clients: Sequence[ClientArrays], batch_size: int, epochs: int =
 
 
 def pack_cohort(data: FederatedData, indices: Sequence[int], batch_size: int, epochs: int,
-                seed: int, round_num: int, shuffle: bool = True, bucket: bool = True) -> Cohort:
+                seed: int, round_num: int, shuffle: bool = True, bucket: bool = True,
+                steps: int | None = None) -> Cohort:
     """Reads the clients at `indices` and packs them, shuffled per epoch.
 
     The shuffle of the client in cohort slot `s` is drawn from
@@ -140,6 +147,7 @@ def pack_cohort(data: FederatedData, indices: Sequence[int], batch_size: int, ep
       round_num: round index.
       shuffle: shuffle each epoch (True for training).
       bucket: round step counts up to buckets.
+      steps: a fixed step count for every client (see `pack_clients`).
 
     Returns:
       A `Cohort` of `len(indices)` clients.
@@ -147,10 +155,32 @@ def pack_cohort(data: FederatedData, indices: Sequence[int], batch_size: int, ep
     clients = [data.get_client(int(i)) for i in indices]
     rngs = ([host_rng(seed, round_num, SHUFFLE_STREAM, s) for s in range(len(clients))]
             if shuffle else None)
-    return pack_clients(clients, batch_size, epochs, rngs, bucket, client_index=indices)
+    return pack_clients(clients, batch_size, epochs, rngs, bucket, client_index=indices,
+                        steps=steps)
 
 
 def padded_fraction(cohort: Cohort, batch_size: int, epochs: int) -> float:
     """Fraction of the cohort's step slots that hold no real step."""
     real = sum(num_steps(int(n), batch_size, epochs) for n in cohort.num_examples)
     return 1.0 - real / (cohort.num_clients * cohort.num_steps)
+
+
+def fixed_steps(data: FederatedData, cohort_size: int, batch_size: int, epochs: int,
+                max_bytes: int) -> int | None:
+    """One step count that fits every client of `data`, if such cohorts stay small.
+
+    Padding every round to `bucket(steps of the largest client)` gives every round
+    the same shape, so the round compiles once per run. Clients trained one by one
+    (chunk size 1) compute only their own steps, so the padding costs memory and
+    host copies, not compute. Returns None (pad each cohort to its own bucket) when
+    a cohort padded that way would exceed `max_bytes`.
+    """
+    sizes = np.asarray(data.client_sizes)
+    if sizes.size == 0 or sizes.max() == 0:
+        return None
+    steps = step_bucket(num_steps(int(sizes.max()), batch_size, epochs))
+    first = data.get_client(int(np.argmax(sizes)))
+    per_example = sum(np.asarray(a)[:1].nbytes for a in first.values()) + 1  # + mask
+    if cohort_size * steps * batch_size * per_example > max_bytes:
+        return None
+    return steps

@@ -54,3 +54,27 @@ def test_unwritable_out(tmp_path):
     res = runner.invoke(app, ["run", NAME, "--out", str(blocker / "run")])
     assert res.exit_code == 2 and "cannot write to output directory" in res.output
     assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", NAME, "--rounds", "abc"], "Invalid value for '--rounds'"),
+    (["run", NAME, "--no-such-option"], "No such option: --no-such-option"),
+    (["run", "nope"], "unknown task 'nope'"),
+])
+def test_console_entry_point_one_line(argv, message, monkeypatch, capsys):
+    from cli.main import main
+
+    monkeypatch.setattr("sys.argv", ["fedjax", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len([ln for ln in err.splitlines() if ln.strip()]) == 1
+
+
+def test_refuses_to_mix_two_runs_in_one_dir(tmp_path):
+    args = ["run", NAME, "--rounds", "1", "--out", str(tmp_path / "r")]
+    assert runner.invoke(app, args).exit_code == 0
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "already holds a run" in res.output

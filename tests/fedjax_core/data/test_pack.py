@@ -69,3 +69,19 @@ def test_in_memory_validation():
         InMemoryFederatedData({"a": {"x": np.zeros(2)}, "b": {"y": np.zeros(2)}})
     with pytest.raises(ValueError, match="disagree"):
         InMemoryFederatedData({"a": {"x": np.zeros(2), "y": np.zeros(3)}})
+
+
+def test_fixed_steps_gives_every_round_one_shape():
+    from fedjax_core.data.pack import fixed_steps
+
+    data = InMemoryFederatedData({f"c{i}": {"x": np.zeros((n, 2), np.float32)}
+                                  for i, n in enumerate([1, 3, 10, 25])})
+    steps = fixed_steps(data, cohort_size=2, batch_size=4, epochs=1, max_bytes=10**6)
+    assert steps == step_bucket(7) == 8  # ceil(25 / 4) = 7 -> 8
+    shapes = {pack_cohort(data, idx, 4, 1, seed=0, round_num=r, steps=steps).mask.shape
+              for r, idx in enumerate([[0, 1], [2, 3], [1, 2]])}
+    assert shapes == {(2, 8, 4)}
+    # Too big for the budget: each cohort gets its own bucket instead.
+    assert fixed_steps(data, cohort_size=2, batch_size=4, epochs=1, max_bytes=100) is None
+    with pytest.raises(ValueError, match="needs 7 steps but the cohort is padded to 3"):
+        pack_cohort(data, [3], 4, 1, seed=0, round_num=0, steps=3)
