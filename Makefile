@@ -18,7 +18,8 @@ $(VENV)/.installed-%: pyproject.toml | $(PY)
 
 # The default experiment, offline: FedAvg on Shakespeare's plays, short enough for 2 CPU cores.
 run: $(VENV)/.installed-plays
-	$(VENV)/bin/fedjax run shakespeare-plays --rounds $(ROUNDS) --out runs/make-run
+	rm -rf runs/make-run
+	$(VENV)/bin/fedjax run shakespeare-plays --rounds $(ROUNDS) --eval-every 30 --out runs/make-run
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q

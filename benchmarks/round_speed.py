@@ -121,8 +121,7 @@ def main():
         "cpu_count": __import__("os").cpu_count(), "jax": jax.__version__,
         "backend": jax.default_backend(), "matmul_gflops": matmul_gflops(),
         "median_real_steps_per_round": statistics.median(real_steps[args.warmup:]),
-        "median_padded_fraction": statistics.median(
-            padded_fraction(c, d.batch_size, d.epochs) for c in cohorts[args.warmup:]),
+        "steps_per_cohort_array": cohorts[0].num_steps,
         "variants": {},
     }
     print(f"{args.task}: {d.clients_per_round} clients/round, median "
@@ -130,9 +129,12 @@ def main():
           f"matmul {result['matmul_gflops']:.0f} GFLOP/s")
     for cs in [int(x) for x in args.chunk_sizes.split(",")]:
         times, loss = time_ours(task, cohorts, cs, d.client_lr, d.server_lr["fedavg"])
-        result["variants"][f"chunk_size={cs}"] = {**summary(times, args.warmup), "last_loss": loss}
+        padded = statistics.median(padded_fraction(c, d.batch_size, d.epochs, cs)
+                                   for c in cohorts[args.warmup:])
+        result["variants"][f"chunk_size={cs}"] = {**summary(times, args.warmup), "last_loss": loss,
+                                                  "median_padded_step_fraction": padded}
         print(f"  chunk_size={cs:<3} median {statistics.median(times[args.warmup:]):.3f} s/round "
-              f"(first round {times[0]:.1f} s)")
+              f"(first round {times[0]:.1f} s, {padded:.0%} of computed steps padded)")
     if not args.no_baseline:
         times = time_baseline(task, cohorts, d.client_lr, d.server_lr["fedavg"])
         result["variants"]["fedjax_style_baseline"] = summary(times, args.warmup)

@@ -65,7 +65,7 @@ def run(
     epochs: Annotated[Optional[int], typer.Option(help="Local epochs per round.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of sampling, shuffling, init and client keys.")] = 0,
     eval_every: Annotated[Optional[int], typer.Option(
-        help="Evaluate on the test set every N rounds (0: only at the end).")] = None,
+        help="Evaluate on the test set at round 0 and every N rounds (0: only at the end).")] = None,
     eval_train_clients: Annotated[Optional[int], typer.Option(
         help="Training clients (a fixed sample) evaluated at the end.")] = None,
     chunk_size: Annotated[Optional[int], typer.Option(
@@ -121,7 +121,7 @@ def _run_with_progress(exp: Experiment):
                                 speed=speed, note=note)
             else:
                 acc = record.get("test/accuracy")
-                if acc is not None and record["round"] < exp.rounds:
+                if acc is not None and record["round"] < exp.rounds:  # the final one is tabled
                     progress.console.print(f"round {record['round']}: test accuracy {acc:.4f}")
 
         result = exp.run(on_record)

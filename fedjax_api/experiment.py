@@ -48,7 +48,8 @@ class Experiment:
       rounds: number of rounds.
       clients_per_round: cohort size.
       seed: seeds client sampling, shuffles, the model init and every client's key.
-      eval_every: evaluate on the test set every this many rounds (0: at the end only).
+      eval_every: evaluate on the test set before training and every this many rounds
+        (0: at the end only). The end of training is always evaluated, train too.
       eval_train_clients: size of the fixed sample of training clients evaluated at the end.
       plan: how a cohort is executed.
       out_dir: where `config.json` and `metrics.jsonl` go; None writes nothing.
@@ -121,6 +122,8 @@ class Experiment:
             train = self.task.train
             if train.seed != self.seed:  # `seed` governs sampling and shuffles too
                 train = attrs.evolve(train, seed=self.seed)
+            if self.eval_every:
+                emit(self._eval_record(server, 0, train_too=False))
             cohort = train.sample(self.clients_per_round, 0)
             for r in range(self.rounds):
                 start = time.perf_counter()

@@ -159,10 +159,16 @@ def pack_cohort(data: FederatedData, indices: Sequence[int], batch_size: int, ep
                         steps=steps)
 
 
-def padded_fraction(cohort: Cohort, batch_size: int, epochs: int) -> float:
-    """Fraction of the cohort's step slots that hold no real step."""
-    real = sum(num_steps(int(n), batch_size, epochs) for n in cohort.num_examples)
-    return 1.0 - real / (cohort.num_clients * cohort.num_steps)
+def padded_fraction(cohort: Cohort, batch_size: int, epochs: int, chunk_size: int = 1) -> float:
+    """Fraction of the steps computed for `cohort` that train on no real example.
+
+    Clients run in chunks of `chunk_size` (see `parallel.map_clients`); a chunk runs as
+    many steps as its longest client, so every client of the chunk computes that many.
+    With `chunk_size=1` no padded step is computed (0.0), however the arrays are padded.
+    """
+    real = [num_steps(int(n), batch_size, epochs) for n in cohort.num_examples]
+    computed = sum(chunk_size * max(real[i:i + chunk_size]) for i in range(0, len(real), chunk_size))
+    return 1.0 - sum(real) / max(computed, 1)
 
 
 def fixed_steps(data: FederatedData, cohort_size: int, batch_size: int, epochs: int,

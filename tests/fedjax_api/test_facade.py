@@ -72,7 +72,7 @@ def test_experiment_writes_run_dir_and_is_reproducible(tmp_path):
         assert saved["rounds"] == 4 and saved["task"] == NAME and saved["server_lr"] == 1.0
         records = read_metrics(tmp_path / name)
         assert [r["round"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
-        assert [r["round"] for r in records if r["kind"] == "eval"] == [2, 4]
+        assert [r["round"] for r in records if r["kind"] == "eval"] == [0, 2, 4]
         assert not list((tmp_path / name).glob(".*tmp"))
     strip = lambda h: [{k: v for k, v in r.items() if not k.endswith("time_s")} for r in h]  # noqa: E731
     assert strip(runs[0].history) == strip(runs[1].history)

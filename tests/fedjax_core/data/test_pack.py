@@ -85,3 +85,13 @@ def test_fixed_steps_gives_every_round_one_shape():
     assert fixed_steps(data, cohort_size=2, batch_size=4, epochs=1, max_bytes=100) is None
     with pytest.raises(ValueError, match="needs 7 steps but the cohort is padded to 3"):
         pack_cohort(data, [3], 4, 1, seed=0, round_num=0, steps=3)
+
+
+def test_padded_fraction_counts_computed_steps():
+    from fedjax_core.data.pack import padded_fraction
+
+    c = pack_clients([{"x": np.zeros(n)} for n in (8, 2, 4, 4)], batch_size=2, bucket=False)
+    # steps 4, 1, 2, 2: one by one nothing is padded; in pairs (4,1) -> 8 and (2,2) -> 4.
+    assert padded_fraction(c, 2, 1, chunk_size=1) == 0.0
+    assert padded_fraction(c, 2, 1, chunk_size=2) == 1 - 9 / 12
+    assert padded_fraction(c, 2, 1, chunk_size=4) == 1 - 9 / 16
