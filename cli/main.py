@@ -70,6 +70,10 @@ def run(
         help="Training clients (a fixed sample) evaluated at the end.")] = None,
     chunk_size: Annotated[Optional[int], typer.Option(
         help="Clients trained together under vmap (1: one by one).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(
+        help="Cap on each client's local steps per round. Default: the task's.")] = None,
+    data: Annotated[Optional[str], typer.Option(
+        help="Where a task reads its files (e.g. the LEAF folder for femnist-leaf).")] = None,
     out: Annotated[Optional[Path], typer.Option(
         help="Run directory for config.json and metrics.jsonl. Default: runs/TASK/ALGORITHM-TIME.")] = None,
 ) -> None:
@@ -79,7 +83,8 @@ def run(
         task, algorithm=algorithm, rounds=rounds, clients_per_round=clients_per_round,
         client_lr=client_lr, server_lr=server_lr, batch_size=batch_size, epochs=epochs,
         seed=seed, eval_every=eval_every, eval_train_clients=eval_train_clients,
-        chunk_size=chunk_size, out=str(out) if out is not None else None)
+        chunk_size=chunk_size, max_steps=max_steps, data=data,
+        out=str(out) if out is not None else None)
     if cfg.out is None:
         cfg = config.ExperimentConfig(**{**cfg.to_dict(),
                                          "out": str(_default_out(cfg.task, cfg.algorithm))})

@@ -49,6 +49,9 @@ class ExperimentConfig:
     eval_every: int = attrs.field(default=0, validator=_at_least(0))
     eval_train_clients: int = attrs.field(default=100, validator=_at_least(0))
     chunk_size: int = attrs.field(default=1, validator=_at_least(1))
+    max_steps: int | None = attrs.field(default=None,
+                                        validator=attrs.validators.optional(_at_least(1)))
+    data: str | None = None
     out: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,7 +77,7 @@ def resolve(task: str, **options: Any) -> ExperimentConfig:
         rounds=d.rounds, clients_per_round=d.clients_per_round, client_lr=d.client_lr,
         server_lr=d.server_lr.get(algorithm, 1.0), batch_size=d.batch_size, epochs=d.epochs,
         eval_every=d.eval_every, eval_train_clients=d.eval_train_clients,
-        chunk_size=d.chunk_size)
+        chunk_size=d.chunk_size, max_steps=d.max_steps)
     unknown = set(opts) - set(attrs.fields_dict(ExperimentConfig))
     if unknown:
         raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")

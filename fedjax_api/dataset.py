@@ -27,6 +27,7 @@ class FederatedDataset:
       batch_size: examples per local step.
       epochs: local epochs per round.
       seed: seeds client sampling and per-epoch shuffles.
+      max_steps: cap on local steps per client and round (None: no cap).
 
     Example:
       >>> cohort = task.train.sample(clients=10, round=3)   # same clients and batches every time
@@ -36,6 +37,9 @@ class FederatedDataset:
     batch_size: int = attrs.field(validator=_positive)
     epochs: int = attrs.field(default=1, validator=_positive)
     seed: int = attrs.field(default=0, validator=_non_negative)
+    max_steps: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_positive))
+    """Cap on each client's local steps per round (FedJAX's `num_steps`); None: no cap."""
     max_cohort_bytes: int = attrs.field(default=256 * 2**20, validator=_positive)
     """Pad every cohort to the largest client's step bucket (one compiled shape per run)
     while a cohort padded that way stays under this size; else bucket each cohort."""
@@ -63,10 +67,10 @@ class FederatedDataset:
         n = len(indices)
         if n not in self._steps_cache:
             self._steps_cache[n] = fixed_steps(self.data, n, self.batch_size, self.epochs,
-                                               self.max_cohort_bytes)
+                                               self.max_cohort_bytes, self.max_steps)
         steps = self._steps_cache[n]
         return pack_cohort(self.data, indices, self.batch_size, self.epochs, self.seed, round,
-                           steps=steps)
+                           steps=steps, max_steps=self.max_steps)
 
     def subset(self, num_clients: int, seed: int = 0) -> "FederatedDataset":
         """A fixed random subset of `num_clients` clients (all if there are fewer)."""

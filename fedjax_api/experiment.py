@@ -83,8 +83,10 @@ class Experiment:
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> "Experiment":
         """Loads the task, builds the algorithm (client SGD at `client_lr`) and checks `out`."""
-        task = tasks.get(cfg.task, seed=cfg.seed, batch_size=cfg.batch_size, epochs=cfg.epochs)
-        algorithm = registry.build(cfg.algorithm, optax.sgd(cfg.client_lr), cfg.server_lr)
+        task = tasks.get(cfg.task, seed=cfg.seed, batch_size=cfg.batch_size, epochs=cfg.epochs,
+                         max_steps=cfg.max_steps, data_path=cfg.data)
+        algorithm = registry.build(cfg.algorithm, optax.sgd(cfg.client_lr), cfg.server_lr,
+                                   **task.defaults.server_options.get(cfg.algorithm, {}))
         exp = cls(task=task, algorithm=algorithm, rounds=cfg.rounds,
                   clients_per_round=cfg.clients_per_round, seed=cfg.seed,
                   eval_every=cfg.eval_every, eval_train_clients=cfg.eval_train_clients,

@@ -32,6 +32,9 @@ class TaskDefaults:
       chunk_size: clients per vmapped chunk (measured fastest on a 2-core CPU).
       eval_every: evaluate the test set every this many rounds (0: only at the end).
       eval_train_clients: training clients (a fixed sample) evaluated at the end.
+      max_steps: cap on each client's local steps per round (None: no cap).
+      server_options: extra server-optimizer hyperparameters per algorithm name,
+        e.g. `{"fedadam": {"b2": 0.999, "eps": 1e-8}}`.
     """
 
     algorithm: str
@@ -45,6 +48,8 @@ class TaskDefaults:
     chunk_size: int = 1
     eval_every: int = 0
     eval_train_clients: int = 100
+    max_steps: int | None = None
+    server_options: dict[str, dict[str, float]] = attrs.field(factory=dict)
 
 
 @attrs.frozen(kw_only=True)
@@ -81,11 +86,14 @@ class Loaded(NamedTuple):
 
 
 class TaskEntry(NamedTuple):
+    """A registered task: `load(data_path)` reads its data (`data_path` is the user's
+    `--data`, None for tasks that know where their files are)."""
+
     name: str
     description: str
     source: str
     defaults: TaskDefaults
-    load: Callable[[], Loaded]
+    load: Callable[[str | None], Loaded]
 
 
 TASKS: dict[str, TaskEntry] = {}
@@ -109,14 +117,17 @@ def entry(name: str) -> TaskEntry:
 
 
 def get(name: str, *, seed: int = 0, batch_size: int | None = None,
-        epochs: int | None = None) -> Task:
-    """Loads task `name` with its defaults (batch size and epochs can be overridden)."""
+        epochs: int | None = None, max_steps: int | None = None,
+        data_path: str | None = None) -> Task:
+    """Loads task `name` with its defaults (batch size, epochs and the step cap can be
+    overridden; `data_path` is where tasks like `femnist-leaf` read their files)."""
     e = entry(name)
-    loaded = e.load()
+    loaded = e.load(data_path)
     d = e.defaults
     train = FederatedDataset(data=loaded.train,
                              batch_size=d.batch_size if batch_size is None else batch_size,
-                             epochs=d.epochs if epochs is None else epochs, seed=seed)
+                             epochs=d.epochs if epochs is None else epochs, seed=seed,
+                             max_steps=d.max_steps if max_steps is None else max_steps)
     test = FederatedDataset(data=loaded.test, batch_size=d.eval_batch_size, seed=seed)
     return Task(name=name, model=loaded.model, train=train, test=test, defaults=d,
                 baselines=dict(loaded.baselines), source=e.source)
@@ -125,12 +136,12 @@ def get(name: str, *, seed: int = 0, batch_size: int | None = None,
 # --- the registered tasks -------------------------------------------------------------------
 
 
-def _load_shakespeare_plays() -> Loaded:
+def _load_shakespeare_plays(data_path: str | None) -> Loaded:
     from fedjax_core.data import plays
     from fedjax_core.models.shakespeare_lstm import shakespeare_lstm
 
     try:
-        train, test = plays.load_plays()
+        train, test = plays.load_plays(plays_dir=data_path)
     except (ImportError, OSError) as e:
         raise ConfigError(f"cannot load the plays: {e}") from None
     _, baseline = plays.majority_baseline(train, test)

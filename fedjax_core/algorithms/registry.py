@@ -18,7 +18,7 @@ class AlgorithmEntry(NamedTuple):
     Attributes:
       name: registry key.
       description: one line for `fedjax algorithms`.
-      build: `build(client_optimizer, server_learning_rate, aggregator=None)`.
+      build: `build(client_optimizer, server_learning_rate, aggregator=None, **options)`.
       paper: the reference.
     """
 
@@ -56,6 +56,12 @@ def get(name: str) -> AlgorithmEntry:
 
 
 def build(name: str, client_optimizer: optax.GradientTransformation,
-          server_learning_rate: float, aggregator: Aggregator | None = None) -> FederatedAlgorithm:
-    """`get(name).build(client_optimizer, server_learning_rate, aggregator)`."""
-    return get(name).build(client_optimizer, server_learning_rate, aggregator=aggregator)
+          server_learning_rate: float, aggregator: Aggregator | None = None,
+          **server_options) -> FederatedAlgorithm:
+    """`get(name).build(client_optimizer, server_learning_rate, aggregator, **server_options)`.
+
+    `server_options` are the algorithm's own hyperparameters, e.g. `b2=0.999, eps=1e-8`
+    for FedAdam or `momentum=0.9` for FedAvgM.
+    """
+    return get(name).build(client_optimizer, server_learning_rate, aggregator=aggregator,
+                           **server_options)

@@ -88,3 +88,39 @@ class InMemoryFederatedData:
 def num_examples(data: FederatedData) -> int:
     """Total number of examples over all clients."""
     return int(np.sum(data.client_sizes))
+
+
+class PreprocessedFederatedData:
+    """A `FederatedData` whose clients pass through `fn` when read (FedJAX's
+    `preprocess_client`): `get_client(i) = fn(client_id, base.get_client(i))`.
+
+    Args:
+      base: the raw clients.
+      fn: `fn(client_id, arrays) -> arrays`.
+      keeps_sizes: True when `fn` keeps the number of examples (then `client_sizes`
+        are the base's); False makes the first `client_sizes` read preprocess every
+        client once to count.
+
+    Example:
+      >>> data = PreprocessedFederatedData(raw, lambda cid, c: {"x": c["x"] / 255.0}, True)
+    """
+
+    def __init__(self, base: FederatedData, fn, keeps_sizes: bool):
+        self._base = base
+        self._fn = fn
+        self._sizes = np.asarray(base.client_sizes, np.int64) if keeps_sizes else None
+
+    @property
+    def client_ids(self) -> Sequence[str]:
+        return self._base.client_ids
+
+    @property
+    def client_sizes(self) -> np.ndarray:
+        if self._sizes is None:
+            self._sizes = np.array(
+                [len(next(iter(self.get_client(i).values())))
+                 for i in range(len(self._base.client_ids))], np.int64)
+        return self._sizes
+
+    def get_client(self, index: int) -> ClientArrays:
+        return self._fn(self._base.client_ids[index], self._base.get_client(index))

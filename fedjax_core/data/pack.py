@@ -1,9 +1,9 @@
 """Packing a cohort of clients into fixed-shape arrays for one jitted round.
 
 A client with `n` examples trained for `E` epochs at batch size `B` takes
-`ceil(n * E / B)` steps: each epoch is a fresh permutation of its examples, the epochs
-are concatenated and cut into batches (the last one partial), as FedJAX's
-`shuffle_repeat_batch` does. All clients of a cohort are padded to one step count,
+`ceil(n * E / B)` steps, at most `max_steps`: each epoch is a fresh permutation of its
+examples, the epochs are concatenated and cut into batches (the last one partial), and
+the stream stops after `max_steps` batches, as FedJAX's `shuffle_repeat_batch` does. All clients of a cohort are padded to one step count,
 rounded up to a bucket so that rounds reuse compiled code; padded slots are masked.
 """
 
@@ -55,15 +55,17 @@ def step_bucket(steps: int) -> int:
     return p * 3 // 4 if p * 3 // 4 >= steps and p >= 4 else p
 
 
-def num_steps(num_examples: int, batch_size: int, epochs: int) -> int:
-    """`ceil(num_examples * epochs / batch_size)`."""
-    return math.ceil(num_examples * epochs / batch_size)
+def num_steps(num_examples: int, batch_size: int, epochs: int,
+              max_steps: int | None = None) -> int:
+    """`min(ceil(num_examples * epochs / batch_size), max_steps)`."""
+    steps = math.ceil(num_examples * epochs / batch_size)
+    return steps if max_steps is None else min(steps, max_steps)
 
 
 def pack_clients(clients: Sequence[ClientArrays], batch_size: int, epochs: int = 1,
                  rngs: Sequence[np.random.Generator] | None = None,
                  bucket: bool = True, client_index: Sequence[int] | None = None,
-                 steps: int | None = None) -> Cohort:
+                 steps: int | None = None, max_steps: int | None = None) -> Cohort:
     """Packs the given clients' arrays into a `Cohort`.
 
     Args:
@@ -77,6 +79,8 @@ def pack_clients(clients: Sequence[ClientArrays], batch_size: int, epochs: int =
       steps: pad every client to exactly this many steps (e.g. the bucket of the
         largest client of the whole dataset, so that every round has one shape);
         None: `bucket(max_i ceil(n_i E / B))` for this cohort.
+      max_steps: stop each client after this many batches (None: no cap). The
+        client's weight stays its number of examples, as in FedJAX.
 
     Returns:
       The `Cohort`, with at least one step.
@@ -90,10 +94,12 @@ def pack_clients(clients: Sequence[ClientArrays], batch_size: int, epochs: int =
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {max_steps}")
     if not clients:
         raise ValueError("a cohort needs at least one client")
     sizes = [len(next(iter(c.values()))) for c in clients]
-    needed = max(1, max(num_steps(n, batch_size, epochs) for n in sizes))
+    needed = max(1, max(num_steps(n, batch_size, epochs, max_steps) for n in sizes))
     if steps is None:
         steps = step_bucket(needed) if bucket else needed
     elif steps < needed:
@@ -108,6 +114,7 @@ def pack_clients(clients: Sequence[ClientArrays], batch_size: int, epochs: int =
             order = np.tile(np.arange(n), epochs)
         else:
             order = np.concatenate([rngs[i].permutation(n) for _ in range(epochs)])
+        order = order[:slots]  # max_steps cuts the stream
         index[i, :len(order)] = order
     mask = index >= 0
     batches = {}
@@ -131,7 +138,7 @@ def pack_clients(clients: Sequence[ClientArrays], batch_size: int, epochs: int =
 
 def pack_cohort(data: FederatedData, indices: Sequence[int], batch_size: int, epochs: int,
                 seed: int, round_num: int, shuffle: bool = True, bucket: bool = True,
-                steps: int | None = None) -> Cohort:
+                steps: int | None = None, max_steps: int | None = None) -> Cohort:
     """Reads the clients at `indices` and packs them, shuffled per epoch.
 
     The shuffle of the client in cohort slot `s` is drawn from
@@ -148,6 +155,7 @@ def pack_cohort(data: FederatedData, indices: Sequence[int], batch_size: int, ep
       shuffle: shuffle each epoch (True for training).
       bucket: round step counts up to buckets.
       steps: a fixed step count for every client (see `pack_clients`).
+      max_steps: cap on each client's steps (see `pack_clients`).
 
     Returns:
       A `Cohort` of `len(indices)` clients.
@@ -156,23 +164,24 @@ def pack_cohort(data: FederatedData, indices: Sequence[int], batch_size: int, ep
     rngs = ([host_rng(seed, round_num, SHUFFLE_STREAM, s) for s in range(len(clients))]
             if shuffle else None)
     return pack_clients(clients, batch_size, epochs, rngs, bucket, client_index=indices,
-                        steps=steps)
+                        steps=steps, max_steps=max_steps)
 
 
-def padded_fraction(cohort: Cohort, batch_size: int, epochs: int, chunk_size: int = 1) -> float:
+def padded_fraction(cohort: Cohort, batch_size: int, epochs: int, chunk_size: int = 1,
+                    max_steps: int | None = None) -> float:
     """Fraction of the steps computed for `cohort` that train on no real example.
 
     Clients run in chunks of `chunk_size` (see `parallel.map_clients`); a chunk runs as
     many steps as its longest client, so every client of the chunk computes that many.
     With `chunk_size=1` no padded step is computed (0.0), however the arrays are padded.
     """
-    real = [num_steps(int(n), batch_size, epochs) for n in cohort.num_examples]
+    real = [num_steps(int(n), batch_size, epochs, max_steps) for n in cohort.num_examples]
     computed = sum(chunk_size * max(real[i:i + chunk_size]) for i in range(0, len(real), chunk_size))
     return 1.0 - sum(real) / max(computed, 1)
 
 
 def fixed_steps(data: FederatedData, cohort_size: int, batch_size: int, epochs: int,
-                max_bytes: int) -> int | None:
+                max_bytes: int, max_steps: int | None = None) -> int | None:
     """One step count that fits every client of `data`, if such cohorts stay small.
 
     Padding every round to `bucket(steps of the largest client)` gives every round
@@ -184,7 +193,7 @@ def fixed_steps(data: FederatedData, cohort_size: int, batch_size: int, epochs: 
     sizes = np.asarray(data.client_sizes)
     if sizes.size == 0 or sizes.max() == 0:
         return None
-    steps = step_bucket(num_steps(int(sizes.max()), batch_size, epochs))
+    steps = step_bucket(num_steps(int(sizes.max()), batch_size, epochs, max_steps))
     first = data.get_client(int(np.argmax(sizes)))
     per_example = sum(np.asarray(a)[:1].nbytes for a in first.values()) + 1  # + mask
     if cohort_size * steps * batch_size * per_example > max_bytes:

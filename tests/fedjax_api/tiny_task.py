@@ -9,7 +9,7 @@ from tests.fedjax_core.helpers import tiny_softmax_model, unequal_clients
 NAME = "tiny-test"
 
 
-def _load():
+def _load(data_path):
     train = unequal_clients(sizes=(5, 2, 9, 1, 4, 7), seed=0)
     test = unequal_clients(sizes=(3, 4), seed=1)
     return tasks.Loaded(tiny_softmax_model(), train, test, {"accuracy": 0.25})

@@ -95,3 +95,13 @@ def test_padded_fraction_counts_computed_steps():
     assert padded_fraction(c, 2, 1, chunk_size=1) == 0.0
     assert padded_fraction(c, 2, 1, chunk_size=2) == 1 - 9 / 12
     assert padded_fraction(c, 2, 1, chunk_size=4) == 1 - 9 / 16
+
+
+def test_max_steps_cuts_the_shuffled_stream_but_not_the_weight():
+    rng = np.random.default_rng(3)
+    c = pack_clients([{"x": np.arange(10)}, {"x": np.arange(3)}], batch_size=2, epochs=2,
+                     rngs=[rng, np.random.default_rng(4)], bucket=False, max_steps=4)
+    assert c.num_steps == 4
+    assert c.mask[0].sum() == 8 and c.mask[1].sum() == 6  # 3 x 2 epochs = 6 < 8
+    assert len(set(c.batches["x"][0].reshape(-1).tolist())) == 8  # first epoch, no repeats
+    np.testing.assert_array_equal(c.num_examples, [10, 3])
