@@ -6,19 +6,18 @@ and this module only shows progress and results. A user's mistake prints one lin
 """
 
 import datetime
-import functools
 import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli import data
+from cli.common import console, print_error, user_errors
 from fedjax_api import config, tasks
-from fedjax_api.errors import ConfigError
 from fedjax_api.experiment import Experiment
 from fedjax_core.algorithms import registry
 
@@ -26,22 +25,7 @@ DEFAULT_TASK = "shakespeare-plays"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="fedjax-sim: federated learning simulation on JAX.")
-console = Console()
-err_console = Console(stderr=True)
-
-
-def user_errors(fn):
-    """Turns a `ConfigError` into one line on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
+app.add_typer(data.app, name="data")
 
 
 def _default_out(task: str, algorithm: str) -> Path:
@@ -191,10 +175,9 @@ def main() -> None:
     except typer.TyperException as e:  # malformed command line (typer >= 0.29 owns its parser)
         ctx = getattr(e, "ctx", None)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-        err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", highlight=False,
-                          soft_wrap=True)
+        print_error(f"{e.format_message()}{hint}")
         code = getattr(e, "exit_code", 2)
     except typer.Abort:
-        err_console.print("aborted")
+        print_error("aborted")
         code = 130
     sys.exit(code if isinstance(code, int) else 0)

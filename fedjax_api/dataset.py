@@ -5,7 +5,7 @@ import numpy as np
 
 from fedjax_api.errors import ConfigError
 from fedjax_core.data import Cohort, FederatedData, pack_cohort, uniform_without_replacement
-from fedjax_core.data.pack import fixed_steps
+from fedjax_core.data.pack import Transform, fixed_steps
 
 
 def _positive(instance, attribute, value):
@@ -40,6 +40,8 @@ class FederatedDataset:
     max_steps: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(_positive))
     """Cap on each client's local steps per round (FedJAX's `num_steps`); None: no cap."""
+    transform: Transform | None = attrs.field(default=None, eq=False)
+    """Per-round augmentation of each sampled client (e.g. CIFAR's random crops)."""
     max_cohort_bytes: int = attrs.field(default=256 * 2**20, validator=_positive)
     """Pad every cohort to the largest client's step bucket (one compiled shape per run)
     while a cohort padded that way stays under this size; else bucket each cohort."""
@@ -70,7 +72,7 @@ class FederatedDataset:
                                                self.max_cohort_bytes, self.max_steps)
         steps = self._steps_cache[n]
         return pack_cohort(self.data, indices, self.batch_size, self.epochs, self.seed, round,
-                           steps=steps, max_steps=self.max_steps)
+                           steps=steps, max_steps=self.max_steps, transform=self.transform)
 
     def subset(self, num_clients: int, seed: int = 0) -> "FederatedDataset":
         """A fixed random subset of `num_clients` clients (all if there are fewer)."""

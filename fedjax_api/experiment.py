@@ -152,7 +152,7 @@ class Experiment:
         record = {"round": round_num, "kind": "eval"}
         record.update({f"test/{k}": v for k, v in server.evaluate(self.task.test, bs).items()})
         if train_too and self.eval_train_clients:
-            sample = self.task.train.subset(self.eval_train_clients, seed=self.seed)
+            sample = self.task.train_eval.subset(self.eval_train_clients, seed=self.seed)
             record.update({f"train/{k}": v for k, v in server.evaluate(sample, bs).items()})
         record["eval_time_s"] = time.perf_counter() - start
         return record

@@ -8,12 +8,15 @@ rounded up to a bucket so that rounds reuse compiled code; padded slots are mask
 """
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from fedjax_core.data.federated_data import ClientArrays, FederatedData
-from fedjax_core.data.sampling import SHUFFLE_STREAM, host_rng
+from fedjax_core.data.sampling import SHUFFLE_STREAM, TRANSFORM_STREAM, host_rng
+
+Transform = Callable[[ClientArrays, np.random.Generator], ClientArrays]
+"""`transform(arrays, rng) -> arrays`: per-round host-side augmentation of one client."""
 
 
 class Cohort(NamedTuple):
@@ -138,7 +141,8 @@ def pack_clients(clients: Sequence[ClientArrays], batch_size: int, epochs: int =
 
 def pack_cohort(data: FederatedData, indices: Sequence[int], batch_size: int, epochs: int,
                 seed: int, round_num: int, shuffle: bool = True, bucket: bool = True,
-                steps: int | None = None, max_steps: int | None = None) -> Cohort:
+                steps: int | None = None, max_steps: int | None = None,
+                transform: Transform | None = None) -> Cohort:
     """Reads the clients at `indices` and packs them, shuffled per epoch.
 
     The shuffle of the client in cohort slot `s` is drawn from
@@ -156,11 +160,17 @@ def pack_cohort(data: FederatedData, indices: Sequence[int], batch_size: int, ep
       bucket: round step counts up to buckets.
       steps: a fixed step count for every client (see `pack_clients`).
       max_steps: cap on each client's steps (see `pack_clients`).
+      transform: augmentation applied to each client before packing (e.g. random crops),
+        with the generator `host_rng(seed, round_num, TRANSFORM_STREAM, s)`; every epoch
+        of the round sees the same transformed examples.
 
     Returns:
       A `Cohort` of `len(indices)` clients.
     """
     clients = [data.get_client(int(i)) for i in indices]
+    if transform is not None:
+        clients = [transform(c, host_rng(seed, round_num, TRANSFORM_STREAM, s))
+                   for s, c in enumerate(clients)]
     rngs = ([host_rng(seed, round_num, SHUFFLE_STREAM, s) for s in range(len(clients))]
             if shuffle else None)
     return pack_clients(clients, batch_size, epochs, rngs, bucket, client_index=indices,

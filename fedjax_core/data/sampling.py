@@ -5,6 +5,7 @@ import numpy as np
 # Streams of host-side randomness, kept apart so that adding one never shifts another.
 SAMPLE_STREAM = 0
 SHUFFLE_STREAM = 1
+TRANSFORM_STREAM = 2
 
 
 def host_rng(seed: int, round_num: int, *stream: int) -> np.random.Generator:

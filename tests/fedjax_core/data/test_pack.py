@@ -105,3 +105,17 @@ def test_max_steps_cuts_the_shuffled_stream_but_not_the_weight():
     assert c.mask[0].sum() == 8 and c.mask[1].sum() == 6  # 3 x 2 epochs = 6 < 8
     assert len(set(c.batches["x"][0].reshape(-1).tolist())) == 8  # first epoch, no repeats
     np.testing.assert_array_equal(c.num_examples, [10, 3])
+
+
+def test_transform_is_seeded_per_round_and_slot():
+    data = InMemoryFederatedData({f"c{i}": {"x": np.zeros((3, 2), np.float32)} for i in range(3)})
+
+    def noise(arrays, rng):
+        return {"x": arrays["x"] + rng.normal(size=arrays["x"].shape).astype(np.float32)}
+
+    a = pack_cohort(data, [0, 2], 3, 1, seed=0, round_num=5, transform=noise)
+    b = pack_cohort(data, [0, 2], 3, 1, seed=0, round_num=5, transform=noise)
+    c = pack_cohort(data, [0, 2], 3, 1, seed=0, round_num=6, transform=noise)
+    np.testing.assert_array_equal(a.batches["x"], b.batches["x"])
+    assert not np.array_equal(a.batches["x"], c.batches["x"])
+    assert not np.array_equal(np.sort(a.batches["x"][0].ravel()), np.sort(a.batches["x"][1].ravel()))

