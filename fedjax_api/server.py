@@ -6,6 +6,7 @@ import attrs
 import jax
 
 from fedjax_api.dataset import FederatedDataset
+from fedjax_core import client_state
 from fedjax_core import evaluate as core_evaluate
 from fedjax_core.algorithms.base import FederatedAlgorithm, jit_round
 from fedjax_core.data import Cohort, FederatedData
@@ -44,6 +45,9 @@ class Server:
     round: int = 0
     plan: Plan = Plan()
     metrics: dict = attrs.field(factory=dict, repr=False)
+    client_index: client_state.StateIndex = attrs.field(
+        factory=client_state.StateIndex, repr=False, eq=False)
+    """Rows of the clients seen so far in the algorithm's per-client stores, if any."""
     _round_fn: Callable = attrs.field(default=None, repr=False, eq=False, alias="round_fn")
 
     def __attrs_post_init__(self):
@@ -66,9 +70,18 @@ class Server:
         return self.state.params
 
     def step(self, cohort: Cohort) -> "Server":
-        """Runs one round on `cohort` (one jitted call) and returns the next server."""
-        state, metrics = self._round_fn(self.state, cohort, jax.random.fold_in(self.key, self.round))
-        return attrs.evolve(self, state=state, round=self.round + 1, metrics=metrics)
+        """Runs one round on `cohort` (one jitted call) and returns the next server.
+
+        For algorithms with per-client state, the cohort first gets its rows in the
+        stores (`client_state.prepare`); this server is left unchanged."""
+        state, index = self.state, self.client_index
+        if client_state.has_stores(state):
+            index = index.copy()
+            state, slots = client_state.prepare(index, state, cohort.client_index)
+            cohort = cohort._replace(slots=slots)
+        state, metrics = self._round_fn(state, cohort, jax.random.fold_in(self.key, self.round))
+        return attrs.evolve(self, state=state, round=self.round + 1, metrics=metrics,
+                            client_index=index)
 
     def evaluate(self, data: FederatedDataset | FederatedData, batch_size: int = 256) -> dict[str, float]:
         """Global metrics of the current model over all examples of `data`."""

@@ -21,7 +21,7 @@ import optax
 
 from fedjax_core import tree
 from fedjax_core.models.base import Model, masked_mean_loss
-from fedjax_core.typing import Array, Batch, Bool, Float, Params, PRNGKey
+from fedjax_core.typing import Array, Float, Params, PyTree
 
 
 class ClientUpdate(NamedTuple):
@@ -41,24 +41,40 @@ class ClientUpdate(NamedTuple):
     examples_seen: Float[Array, ""]
 
 
-TrainFn = Callable[[Params, Batch, Bool[Array, "steps batch"], PRNGKey],
-                   tuple[Params, Float[Array, ""], Float[Array, ""]]]
+TrainFn = Callable[..., tuple[Params, Float[Array, ""], Float[Array, ""]]]
+
+Regularizer = Callable[[Params, PyTree], Array]
+"""`regularizer(w, context) -> scalar` added to every step's loss (e.g. FedProx's
+`mu/2 ||w - w_global||^2` with `context = w_global`)."""
+
+GradCorrection = Callable[[Params, Params, PyTree], Params]
+"""`correction(grads, w, context) -> grads` applied before the optimizer (e.g. SCAFFOLD's
+`g - c_i + c`)."""
 
 
-def local_train(model: Model, optimizer: optax.GradientTransformation) -> TrainFn:
-    """Builds `train(params, batches, mask, key) -> (params, loss_sum, examples_seen)`.
+def local_train(model: Model, optimizer: optax.GradientTransformation,
+                regularizer: Regularizer | None = None,
+                grad_correction: GradCorrection | None = None) -> TrainFn:
+    """Builds `train(params, batches, mask, key, context=None) -> (params, loss_sum, seen)`.
 
-    Update rule: `w_{k+1} = w_k + optimizer.update(grad L_k(w_k))` for each non-empty
-    step k, where `L_k` is the masked mean loss of batch k; the optimizer state starts
-    fresh from `optimizer.init(w_0)`. Step k's dropout key is `fold_in(key, k)`.
+    Update rule, for each non-empty step k:
+      `g_k = grad_w [L_k(w_k) + R(w_k, context)]`, `g_k <- C(g_k, w_k, context)`,
+      `w_{k+1} = w_k + optimizer.update(g_k)`,
+    where `L_k` is the masked mean loss of batch k, `R` the optional regularizer and `C`
+    the optional gradient correction; the optimizer state starts fresh from
+    `optimizer.init(w_0)`. Step k's dropout key is `fold_in(key, k)`. `loss_sum` adds up
+    `L_k` (without `R`) times the examples of step k.
 
     Args:
       model: the model.
       optimizer: the client optimizer, e.g. `optax.sgd(0.1)`.
+      regularizer: `R(w, context)`, or None.
+      grad_correction: `C(g, w, context)`, or None.
 
     Returns:
       `train` with `batches` feature -> `[steps, batch, ...]`, `mask` `[steps, batch]`
-      (non-empty steps first), `key` the client key.
+      (non-empty steps first), `key` the client key, `context` any pytree the
+      regularizer and correction read.
 
     Example:
       >>> train = local_train(model, optax.sgd(0.1))
@@ -68,17 +84,23 @@ def local_train(model: Model, optimizer: optax.GradientTransformation) -> TrainF
       McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
       Decentralized Data" (ClientUpdate in Algorithm 1).
     """
-    grad_fn = jax.value_and_grad(
-        lambda p, b, m, k: masked_mean_loss(model, p, b, m, k, train=True))
+    def objective(p, b, m, k, context):
+        loss = masked_mean_loss(model, p, b, m, k, train=True)
+        total = loss if regularizer is None else loss + regularizer(p, context)
+        return total, loss
 
-    def train(params, batches, mask, key):
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def train(params, batches, mask, key, context=None):
         steps = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
 
         def step(k, carry):
             w, opt_state, loss_sum, seen = carry
             batch = jax.tree.map(lambda x: x[k], batches)
             m = mask[k]
-            loss, grads = grad_fn(w, batch, m, jax.random.fold_in(key, k))
+            (_, loss), grads = grad_fn(w, batch, m, jax.random.fold_in(key, k), context)
+            if grad_correction is not None:
+                grads = grad_correction(grads, w, context)
             updates, opt_state = optimizer.update(grads, opt_state, w)
             w = optax.apply_updates(w, updates)
             n = jnp.sum(m).astype(jnp.float32)
@@ -92,8 +114,10 @@ def local_train(model: Model, optimizer: optax.GradientTransformation) -> TrainF
     return train
 
 
-def client_update(model: Model, optimizer: optax.GradientTransformation):
-    """Builds `update(params, batches, mask, num_examples, key) -> ClientUpdate`.
+def client_update(model: Model, optimizer: optax.GradientTransformation,
+                  regularizer: Regularizer | None = None,
+                  grad_correction: GradCorrection | None = None):
+    """Builds `update(params, batches, mask, num_examples, key, context=None) -> ClientUpdate`.
 
     `delta = w_0 - train(w_0)`, `weight = num_examples`. See `local_train`.
 
@@ -102,10 +126,10 @@ def client_update(model: Model, optimizer: optax.GradientTransformation):
       >>> u = update(params, batches, mask, jnp.float32(17), key)
       >>> new_params = tree.sub(params, u.delta)
     """
-    train = local_train(model, optimizer)
+    train = local_train(model, optimizer, regularizer, grad_correction)
 
-    def update(params, batches, mask, num_examples, key) -> ClientUpdate:
-        trained, loss_sum, seen = train(params, batches, mask, key)
+    def update(params, batches, mask, num_examples, key, context=None) -> ClientUpdate:
+        trained, loss_sum, seen = train(params, batches, mask, key, context)
         return ClientUpdate(
             delta=tree.sub(params, trained),
             weight=jnp.asarray(num_examples, jnp.float32),

@@ -268,6 +268,6 @@ register(TaskEntry(
                           epochs=20, client_lr=0.01, server_lr={"fedavg": 1.0, "fedavgm": 1.0,
                                                                 "fedadam": 1e-2, "fedyogi": 1e-2,
                                                                 "fedadagrad": 1e-1},
-                          chunk_size=10, eval_train_clients=30),
+                          chunk_size=1, eval_train_clients=30),
     load=_load_synthetic,
 ))

@@ -10,10 +10,13 @@ class Aggregator(NamedTuple):
 
     Attributes:
       init: `init(params) -> state`.
-      apply: `apply(deltas, weights, state) -> (aggregate, state)` with `deltas` a
-        pytree of `[clients, ...]` leaves, `weights` `[clients]` (0 for padding
-        clients, which must not count) and `aggregate` shaped like the params.
+      apply: `apply(deltas, weights, state, key, clients) -> (aggregate, state, metrics)`
+        with `deltas` a pytree of `[clients, ...]` leaves, `weights` `[clients]` (0 for
+        clients that must not count, e.g. padding), `key` a PRNG key for randomised
+        aggregators, `clients` the cohort's `ClientSlots` (for per-client state; None
+        when the algorithm keeps none), `aggregate` shaped like the params and
+        `metrics` a dict of scalars (e.g. `aggregate/bits_per_client`).
     """
 
     init: Callable[[Params], State]
-    apply: Callable[[Params, ClientWeights, State], tuple[Params, State]]
+    apply: Callable[..., tuple[Params, State, dict]]

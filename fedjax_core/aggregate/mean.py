@@ -16,7 +16,8 @@ def mean() -> Aggregator:
 
     Example:
       >>> agg = mean()
-      >>> delta, _ = agg.apply(stacked_deltas, jnp.array([10.0, 30.0]), agg.init(params))
+      >>> delta, _, _ = agg.apply(stacked_deltas, jnp.array([10.0, 30.0]), agg.init(params),
+      ...                         key, None)
 
     References:
       McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
@@ -27,7 +28,8 @@ def mean() -> Aggregator:
         del params
         return optax.EmptyState()
 
-    def apply(deltas, weights, state):
-        return tree.weighted_mean(deltas, weights), state
+    def apply(deltas, weights, state, key=None, clients=None):
+        del key, clients
+        return tree.weighted_mean(deltas, weights), state, {}
 
     return Aggregator(init, apply)

@@ -31,6 +31,22 @@ class FederatedAlgorithm(NamedTuple):
     apply: ApplyFn
 
 
+class AlgorithmEntry(NamedTuple):
+    """A registered algorithm.
+
+    Attributes:
+      name: registry key.
+      description: one line for `fedjax algorithms`.
+      build: `build(client_optimizer, server_learning_rate, aggregator=None, **options)`.
+      paper: the reference.
+    """
+
+    name: str
+    description: str
+    build: Callable[..., FederatedAlgorithm]
+    paper: str
+
+
 def jit_round(algorithm: FederatedAlgorithm, model: Model, plan: Plan = Plan()):
     """The round as one jitted call: `round(state, cohort, round_key) -> (state, metrics)`.
 

@@ -27,6 +27,10 @@ from fedjax_core.client import client_update
 from fedjax_core.typing import Params, State
 
 
+AGGREGATOR_KEY = -1 & 0x7FFFFFFF
+"""`fold_in(round_key, AGGREGATOR_KEY)` is the aggregator's key; clients use their slots."""
+
+
 class FedAvgState(NamedTuple):
     """Server state of FedAvg / FedOpt."""
 
@@ -80,12 +84,13 @@ def fedavg(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
         slots = jnp.arange(cohort.mask.shape[0], dtype=jnp.int32)
         updates = parallel.map_clients(
             one_client, (cohort.batches, cohort.mask, cohort.num_examples, slots), plan)
-        delta, aggregator_state = aggregator.apply(
-            updates.delta, updates.weight, state.aggregator_state)
+        delta, aggregator_state, agg_metrics = aggregator.apply(
+            updates.delta, updates.weight, state.aggregator_state,
+            jax.random.fold_in(key, AGGREGATOR_KEY), None)
         server_updates, server_opt_state = server_optimizer.update(
             delta, state.server_opt_state, state.params)
         params = optax.apply_updates(state.params, server_updates)
-        metrics = round_metrics(updates, delta)
+        metrics = {**round_metrics(updates, delta), **agg_metrics}
         return FedAvgState(params, server_opt_state, aggregator_state), metrics
 
     return FederatedAlgorithm(init, apply)

@@ -1,31 +1,11 @@
 """Algorithms by name, for the facade and the command line."""
 
-from typing import Callable, NamedTuple
-
 import optax
 
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.algorithms.base import FederatedAlgorithm
+from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
 from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.fedopt import fedadagrad, fedadam, fedavgm, fedyogi
-
-Builder = Callable[..., FederatedAlgorithm]
-
-
-class AlgorithmEntry(NamedTuple):
-    """A registered algorithm.
-
-    Attributes:
-      name: registry key.
-      description: one line for `fedjax algorithms`.
-      build: `build(client_optimizer, server_learning_rate, aggregator=None, **options)`.
-      paper: the reference.
-    """
-
-    name: str
-    description: str
-    build: Builder
-    paper: str
 
 
 def _fedavg(client_optimizer, server_learning_rate, aggregator=None):

@@ -30,12 +30,16 @@ class Cohort(NamedTuple):
         aggregation weight), not multiplied by the epochs.
       client_index: `Int[ndarray, "clients"]`, positions of the clients in their
         FederatedData (for per-client state).
+      slots: the clients' rows in per-client state stores
+        (`fedjax_core.client_state.ClientSlots`), filled by `client_state.prepare` for
+        algorithms that keep state per client; None otherwise.
     """
 
     batches: dict[str, np.ndarray]
     mask: np.ndarray
     num_examples: np.ndarray
     client_index: np.ndarray
+    slots: object = None
 
     @property
     def num_clients(self) -> int:
