@@ -51,6 +51,7 @@ class ExperimentConfig:
     chunk_size: int = attrs.field(default=1, validator=_at_least(1))
     max_steps: int | None = attrs.field(default=None,
                                         validator=attrs.validators.optional(_at_least(1)))
+    server_options: dict[str, float] = attrs.field(factory=dict)
     data: str | None = None
     out: str | None = None
 
@@ -77,7 +78,8 @@ def resolve(task: str, **options: Any) -> ExperimentConfig:
         rounds=d.rounds, clients_per_round=d.clients_per_round, client_lr=d.client_lr,
         server_lr=d.server_lr.get(algorithm, 1.0), batch_size=d.batch_size, epochs=d.epochs,
         eval_every=d.eval_every, eval_train_clients=d.eval_train_clients,
-        chunk_size=d.chunk_size, max_steps=d.max_steps)
+        chunk_size=d.chunk_size, max_steps=d.max_steps,
+        server_options=dict(d.server_options.get(algorithm, {})))
     unknown = set(opts) - set(attrs.fields_dict(ExperimentConfig))
     if unknown:
         raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")

@@ -86,7 +86,7 @@ class Experiment:
         task = tasks.get(cfg.task, seed=cfg.seed, batch_size=cfg.batch_size, epochs=cfg.epochs,
                          max_steps=cfg.max_steps, data_path=cfg.data)
         algorithm = registry.build(cfg.algorithm, optax.sgd(cfg.client_lr), cfg.server_lr,
-                                   **task.defaults.server_options.get(cfg.algorithm, {}))
+                                   **cfg.server_options)
         exp = cls(task=task, algorithm=algorithm, rounds=cfg.rounds,
                   clients_per_round=cfg.clients_per_round, seed=cfg.seed,
                   eval_every=cfg.eval_every, eval_train_clients=cfg.eval_train_clients,

@@ -16,6 +16,12 @@ FEDJAX_FLAGS = "google/fedjax experiments/fed_avg/fed_avg.{}.flags"
 REDDI = "Reddi et al. 2021, Adaptive Federated Optimization (ICLR)"
 
 
+def _no_data_path(task: str, data_path: str | None) -> None:
+    if data_path:
+        raise ConfigError(f"{task} reads its downloaded files from the cache; it takes no --data "
+                          "(set $FEDJAX_DATA to move the cache)")
+
+
 def _cached_sqlite(name: str, split: str):
     """Opens a downloaded split, or says which command downloads it."""
     from fedjax_core.data.sqlite import SQLiteFederatedData
@@ -81,6 +87,8 @@ def _load_shakespeare(data_path: str | None) -> Loaded:
     from fedjax_core.data import shakespeare
     from fedjax_core.models.shakespeare_lstm import shakespeare_lstm
 
+    _no_data_path("shakespeare", data_path)
+
     def prep(cid, examples):
         return shakespeare.preprocess_client(examples["snippets"])
 
@@ -112,6 +120,8 @@ def _emnist_loader(name: str, classes: int):
     def load(data_path: str | None) -> Loaded:
         from fedjax_core.data import emnist
         from fedjax_core.models.emnist_cnn import emnist_cnn
+
+        _no_data_path(name, data_path)
 
         def prep(cid, examples):
             return emnist.preprocess_client(examples)
@@ -176,20 +186,21 @@ def _load_stackoverflow(data_path: str | None) -> Loaded:
     from fedjax_core.data import stackoverflow as so
     from fedjax_core.models.stackoverflow_lstm import stackoverflow_lstm
 
+    _no_data_path("stackoverflow", data_path)
     counts = catalog.local_paths("stackoverflow").get("word_count")
     if counts is None or not counts.exists():
         raise ConfigError("the Stack Overflow word counts are not downloaded; run "
                           "`fedjax data download stackoverflow` first (needs the internet)")
     vocab = so.build_vocab(so.read_word_counts(counts), size=10000)
 
-    def prep(length):
-        return lambda cid, examples: so.preprocess_client(examples, vocab, max_length=length)
+    def prep(cid, examples):  # FedJAX's STACKOVERFLOW_WORD task: length 20 for both splits
+        c = so.preprocess_client(examples, vocab, max_length=so.TRAIN_MAX_LENGTH)
+        return {"x": c["x"], "y": c["y"]}
 
-    train = PreprocessedFederatedData(_cached_sqlite("stackoverflow", "train"),
-                                      prep(so.TRAIN_MAX_LENGTH), True)
-    test = PreprocessedFederatedData(_cached_sqlite("stackoverflow", "test"),
-                                     prep(so.EVAL_MAX_LENGTH), True)
-    return Loaded(stackoverflow_lstm(vocab_size=10000), train, test)
+    train = PreprocessedFederatedData(_cached_sqlite("stackoverflow", "train"), prep, True)
+    test = PreprocessedFederatedData(_cached_sqlite("stackoverflow", "test"), prep, True)
+    # FedJAX's task divides the summed token loss by the mean sequence length, 13.3.
+    return Loaded(stackoverflow_lstm(vocab_size=10000, expected_length=13.3), train, test)
 
 
 register(TaskEntry(
@@ -212,21 +223,17 @@ def _load_cifar100(data_path: str | None) -> Loaded:
     from fedjax_core.data import cifar100
     from fedjax_core.models.resnet import cifar100_logistic
 
-    def raw(cid, examples):
-        return cifar100.preprocess_client(examples)
+    _no_data_path("cifar100", data_path)
 
-    def crop_train(arrays, rng):  # TFF: random 24x24 crop + flip + per-image standardisation
-        return {"x": cifar100.preprocess_train(arrays["x"], rng), "y": arrays["y"]}
-
-    def crop_eval(cid, examples):  # central crop + standardisation
+    def central_crop(cid, examples):  # TFF's central 24x24 crop + per-image standardisation
         c = cifar100.preprocess_client(examples)
         return {"x": cifar100.preprocess_eval(c["x"]), "y": c["y"]}
 
-    train_raw = _cached_sqlite("cifar100", "train")
-    train = PreprocessedFederatedData(train_raw, raw, True)
-    test = PreprocessedFederatedData(_cached_sqlite("cifar100", "test"), crop_eval, True)
-    return Loaded(cifar100_logistic(), train, test, train_transform=crop_train,
-                  train_eval=PreprocessedFederatedData(train_raw, crop_eval, True))
+    # FedJAX's CIFAR100_LOGISTIC trains on undistorted central crops too (distort=False);
+    # the random crop + flip recipe is cifar100.preprocess_train, usable as a transform.
+    train = PreprocessedFederatedData(_cached_sqlite("cifar100", "train"), central_crop, True)
+    test = PreprocessedFederatedData(_cached_sqlite("cifar100", "test"), central_crop, True)
+    return Loaded(cifar100_logistic(), train, test)
 
 
 register(TaskEntry(

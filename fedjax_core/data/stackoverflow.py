@@ -15,8 +15,9 @@ bucket):
 The default vocabulary is the first `V = 10,000` words of FedJAX's word-count file
 (`stackoverflow.word_count`: one `word count` pair per line, most frequent first).
 
-One post becomes one example of length `L` (`max_length`; FedJAX trains with 20 and
-evaluates with 30):
+One post becomes one example of length `L` (`max_length`; FedJAX's STACKOVERFLOW_WORD
+task uses 20 for training and evaluation; `EVAL_MAX_LENGTH = 30` is the default of its
+`load_data` helper for evaluation splits):
 
     words = tokens.split(b' ')                  # exactly like tf.strings.split(sep=' '):
                                                 # b'a  b' -> [b'a', b'', b'b'], b'' -> [b'']

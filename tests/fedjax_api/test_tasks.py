@@ -63,11 +63,14 @@ def test_task_shapes_match_fedjax(fake_cache):
     so = tasks.get("stackoverflow")
     c = so.train.data.get_client(0)
     assert c["x"].shape == (2, 20) and c["x"][0, 0] == 1  # BOS
-    assert so.test.data.get_client(0)["x"].shape == (2, 30)
+    assert so.test.data.get_client(0)["x"].shape == (2, 20)  # FedJAX's task: 20 for test too
     assert so.train.max_steps == 500
     cifar = tasks.get("cifar100")
     cohort = cifar.train.sample(clients=1, round=0)
     assert cohort.batches["x"].shape[-3:] == (24, 24, 3) and cohort.batches["x"].dtype == np.float32
+    # Central crops, standardised per image: each real image has mean 0.
+    real = cohort.batches["x"][cohort.mask]
+    np.testing.assert_allclose(real.mean(axis=(1, 2, 3)), 0, atol=1e-5)
     assert cifar.test.data.get_client(0)["x"].shape[1:] == (24, 24, 3)
     sh = tasks.get("shakespeare")
     assert sh.train.data.get_client(0)["x"].shape[1] == 80
@@ -78,6 +81,8 @@ def test_missing_files_name_the_download_command(tmp_path, monkeypatch):
     for name in ("emnist", "shakespeare", "stackoverflow", "cifar100"):
         with pytest.raises(ConfigError, match=f"fedjax data download {name}"):
             tasks.get(name)
+        with pytest.raises(ConfigError, match="takes no --data"):
+            tasks.get(name, data_path=str(tmp_path))
 
 
 def test_synthetic_task():
