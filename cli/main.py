@@ -6,6 +6,8 @@ and this module only shows progress and results. A user's mistake prints one lin
 """
 
 import datetime
+import inspect
+import json
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from cli import data
 from cli.common import console, print_error, user_errors
 from fedjax_api import config, tasks
 from fedjax_api.experiment import Experiment
+from fedjax_core.aggregate import registry as aggregators
 from fedjax_core.algorithms import registry
 
 DEFAULT_TASK = "shakespeare-plays"
@@ -58,6 +61,19 @@ def run(
         help="Cap on each client's local steps per round. Default: the task's.")] = None,
     data: Annotated[Optional[str], typer.Option(
         help="Where a task reads its files (e.g. the LEAF folder for femnist-leaf).")] = None,
+    option: Annotated[Optional[list[str]], typer.Option(
+        "--option", metavar="NAME=VALUE",
+        help="An algorithm option, repeatable, e.g. --option proximal_weight=0.1 "
+             "(see `fedjax algorithms`).")] = None,
+    aggregator: Annotated[Optional[str], typer.Option(
+        help="How the server combines client updates (see `fedjax algorithms`). "
+             "Default: mean.")] = None,
+    aggregator_option: Annotated[Optional[list[str]], typer.Option(
+        "--aggregator-option", metavar="NAME=VALUE",
+        help="An aggregator option, repeatable, e.g. --aggregator-option beta=0.1.")] = None,
+    personalize_steps: Annotated[Optional[int], typer.Option(
+        help="At each evaluation, also fine-tune on each test client's own training "
+             "data for this many steps and report the per-client accuracy.")] = None,
     out: Annotated[Optional[Path], typer.Option(
         help="Run directory for config.json and metrics.jsonl. Default: runs/TASK/ALGORITHM-TIME.")] = None,
 ) -> None:
@@ -68,13 +84,21 @@ def run(
         client_lr=client_lr, server_lr=server_lr, batch_size=batch_size, epochs=epochs,
         seed=seed, eval_every=eval_every, eval_train_clients=eval_train_clients,
         chunk_size=chunk_size, max_steps=max_steps, data=data,
+        algorithm_options=_name_values("--option", option),
+        aggregator=aggregator, aggregator_options=_name_values("--aggregator-option",
+                                                               aggregator_option),
+        personalize_steps=personalize_steps,
         out=str(out) if out is not None else None)
     if cfg.out is None:
         cfg = config.ExperimentConfig(**{**cfg.to_dict(),
                                          "out": str(_default_out(cfg.task, cfg.algorithm))})
     with console.status(f"loading task {cfg.task}..."):
         exp = Experiment.from_config(cfg)
-    console.print(f"[bold]{cfg.task}[/] with [bold]{cfg.algorithm}[/]: {cfg.rounds} rounds x "
+    extras = "".join(f", {k}={v}" for k, v in cfg.algorithm_options.items())
+    if cfg.aggregator != "mean":
+        extras += f", aggregator {cfg.aggregator}" + "".join(
+            f" {k}={v}" for k, v in cfg.aggregator_options.items())
+    console.print(f"[bold]{cfg.task}[/] with [bold]{cfg.algorithm}[/]{extras}: {cfg.rounds} rounds x "
                   f"{cfg.clients_per_round} clients, batch {cfg.batch_size}, client lr "
                   f"{cfg.client_lr:g}, server lr {cfg.server_lr:g}, seed {cfg.seed}")
     t = exp.task
@@ -83,6 +107,23 @@ def run(
                   f"run dir {cfg.out}")
     result = _run_with_progress(exp)
     _print_results(exp, result)
+
+
+def _name_values(flag: str, items: list[str] | None) -> dict | None:
+    """`["a=1", "b=adam"]` -> `{"a": 1, "b": "adam"}` (JSON numbers and booleans parsed)."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip():
+            raise config.ConfigError(f"{flag} expects NAME=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[name.strip()] = value
+    return out
 
 
 def _run_with_progress(exp: Experiment):
@@ -156,16 +197,29 @@ def list_tasks() -> None:
     console.print(table)
 
 
+def _format_options(opts: dict, skip=()) -> str:
+    return ", ".join(k if v is inspect.Parameter.empty else f"{k}={v}"
+                     for k, v in opts.items() if k not in skip)
+
+
 @app.command("algorithms")
 def list_algorithms() -> None:
-    """List the federated algorithms."""
-    table = Table(title="algorithms")
-    for col in ("name", "description", "paper"):
-        table.add_column(col)
-    for name in sorted(registry.ALGORITHMS):
-        e = registry.ALGORITHMS[name]
-        table.add_row(name, e.description, e.paper)
-    console.print(table)
+    """List the federated algorithms and aggregators, with their options and papers."""
+    def show(title, table, options, skip=lambda e: ()):
+        console.print(f"[bold]{title}[/]")
+        for name in sorted(table):
+            e = table[name]
+            console.print(f"  [bold]{name:<18}[/] {e.description}", soft_wrap=True,
+                          highlight=False)
+            opts = _format_options(options(name), skip(e)) or "none"
+            console.print(f"  {'':<18} options: {opts}; paper: {e.paper}", soft_wrap=True,
+                          highlight=False, style="dim")
+
+    show("algorithms (--algorithm NAME --option NAME=VALUE)", registry.ALGORITHMS,
+         registry.options, lambda e: e.needs)
+    console.print()
+    show("aggregators (--aggregator NAME --aggregator-option NAME=VALUE)",
+         aggregators.AGGREGATORS, aggregators.options)
 
 
 def main() -> None:

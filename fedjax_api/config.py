@@ -5,7 +5,8 @@ from typing import Any
 import attrs
 
 from fedjax_api import tasks
-from fedjax_api.errors import ConfigError
+from fedjax_api.errors import ConfigError, unknown
+from fedjax_core.aggregate import registry as aggregators
 from fedjax_core.algorithms import registry
 
 
@@ -25,8 +26,12 @@ def _non_negative_float(instance, attribute, value):
 
 def _known_algorithm(instance, attribute, value):
     if value not in registry.ALGORITHMS:
-        raise ConfigError(f"unknown algorithm {value!r}; choose one of: "
-                          f"{', '.join(sorted(registry.ALGORITHMS))}")
+        raise unknown("algorithm", value, registry.ALGORITHMS)
+
+
+def _known_aggregator(instance, attribute, value):
+    if value not in aggregators.AGGREGATORS:
+        raise unknown("aggregator", value, aggregators.AGGREGATORS)
 
 
 def _known_task(instance, attribute, value):
@@ -35,7 +40,18 @@ def _known_task(instance, attribute, value):
 
 @attrs.frozen(kw_only=True)
 class ExperimentConfig:
-    """A fully resolved run configuration (what `config.json` in the run dir holds)."""
+    """A fully resolved run configuration (what `config.json` in the run dir holds).
+
+    `algorithm_options` are the algorithm's own hyperparameters (the task's defaults for
+    it, updated by the user's), e.g. `{"b2": 0.999}` for FedAdam or
+    `{"proximal_weight": 0.1}` for FedProx; `aggregator` and `aggregator_options` name a
+    registered aggregator and its options; `personalize_steps` > 0 adds, at each
+    evaluation, the per-client test accuracy after that many local fine-tuning steps.
+    """
+
+    def __attrs_post_init__(self):
+        _check_options(self.algorithm, self.algorithm_options, self.aggregator,
+                       self.aggregator_options)
 
     task: str = attrs.field(validator=_known_task)
     algorithm: str = attrs.field(validator=_known_algorithm)
@@ -51,7 +67,10 @@ class ExperimentConfig:
     chunk_size: int = attrs.field(default=1, validator=_at_least(1))
     max_steps: int | None = attrs.field(default=None,
                                         validator=attrs.validators.optional(_at_least(1)))
-    server_options: dict[str, float] = attrs.field(factory=dict)
+    algorithm_options: dict[str, Any] = attrs.field(factory=dict)
+    aggregator: str = attrs.field(default="mean", validator=_known_aggregator)
+    aggregator_options: dict[str, Any] = attrs.field(factory=dict)
+    personalize_steps: int = attrs.field(default=0, validator=_at_least(0))
     data: str | None = None
     out: str | None = None
 
@@ -59,11 +78,30 @@ class ExperimentConfig:
         return attrs.asdict(self)
 
 
+def _check_options(algorithm: str, algorithm_options: dict, aggregator: str,
+                   aggregator_options: dict) -> None:
+    needs = registry.get(algorithm).needs
+    supplied = sorted(set(algorithm_options) & set(needs))
+    if supplied:
+        raise ConfigError(f"{', '.join(supplied)} of algorithm {algorithm!r} come from the "
+                          "task and config; do not set them as options")
+    try:
+        registry.check_options(algorithm, algorithm_options)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    valid = aggregators.options(aggregator)
+    for key in aggregator_options:
+        if key not in valid:
+            raise ConfigError(f"aggregator {aggregator!r} has no option {key!r}; its options "
+                              f"are: {', '.join(valid) or 'none'}")
+
+
 def resolve(task: str, **options: Any) -> ExperimentConfig:
     """Fills every option left as None from the task's defaults and validates the result.
 
     The server learning rate default depends on the algorithm (e.g. 1.0 for FedAvg,
-    1e-2 for FedAdam on Shakespeare).
+    1e-2 for FedAdam on Shakespeare). `algorithm_options` given here update the task's
+    defaults for the algorithm.
 
     Example:
       >>> cfg = resolve("shakespeare-plays", rounds=50, algorithm="fedadam")
@@ -79,9 +117,10 @@ def resolve(task: str, **options: Any) -> ExperimentConfig:
         server_lr=d.server_lr.get(algorithm, 1.0), batch_size=d.batch_size, epochs=d.epochs,
         eval_every=d.eval_every, eval_train_clients=d.eval_train_clients,
         chunk_size=d.chunk_size, max_steps=d.max_steps,
-        server_options=dict(d.server_options.get(algorithm, {})))
+        algorithm_options=dict(d.algorithm_options.get(algorithm, {})))
     unknown = set(opts) - set(attrs.fields_dict(ExperimentConfig))
     if unknown:
         raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    values["algorithm_options"].update(opts.pop("algorithm_options", {}))
     values.update(opts)
     return ExperimentConfig(task=task, algorithm=algorithm, **values)

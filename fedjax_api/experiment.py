@@ -6,14 +6,19 @@ from typing import Callable
 
 import attrs
 import jax
+import numpy as np
 import optax
 
 from fedjax_api import rundir, tasks
 from fedjax_api.config import ExperimentConfig
 from fedjax_api.errors import ConfigError
 from fedjax_api.server import Server
+from fedjax_core import evaluate as core_evaluate
+from fedjax_core import personalization
+from fedjax_core.aggregate import registry as aggregators
 from fedjax_core.algorithms import registry
-from fedjax_core.algorithms.base import FederatedAlgorithm
+from fedjax_core.algorithms.base import EvalClients, FederatedAlgorithm
+from fedjax_core.data import AlignedFederatedData
 from fedjax_core.parallel import Plan
 
 Callback = Callable[[dict], None]
@@ -54,6 +59,14 @@ class Experiment:
       plan: how a cohort is executed.
       out_dir: where `config.json` and `metrics.jsonl` go; None writes nothing.
       config: the resolved config saved in the run dir.
+      personalize_steps: when > 0, each evaluation also fine-tunes the global model on
+        each test client's own training examples for this many SGD steps (at
+        `personalize_lr`, the task's batch size) and reports the per-client accuracy
+        distribution as `test/personalized_accuracy_clients_{mean,p10,worst}`.
+      personalize_lr: the fine-tuning learning rate.
+
+    Every evaluation reports the per-client test accuracy distribution of the global
+    model as `test/accuracy_clients_{mean,p10,worst}` (fairness across clients).
 
     Example:
       >>> exp = Experiment.from_config(config.resolve("shakespeare-plays", rounds=20))
@@ -71,6 +84,8 @@ class Experiment:
     plan: Plan = Plan()
     out_dir: Path | None = None
     config: dict = attrs.field(factory=dict)
+    personalize_steps: int = 0
+    personalize_lr: float = 0.1
 
     def __attrs_post_init__(self):
         if self.rounds < 1:
@@ -85,12 +100,12 @@ class Experiment:
         """Loads the task, builds the algorithm (client SGD at `client_lr`) and checks `out`."""
         task = tasks.get(cfg.task, seed=cfg.seed, batch_size=cfg.batch_size, epochs=cfg.epochs,
                          max_steps=cfg.max_steps, data_path=cfg.data)
-        algorithm = registry.build(cfg.algorithm, optax.sgd(cfg.client_lr), cfg.server_lr,
-                                   **cfg.server_options)
+        algorithm = build_algorithm(cfg, task)
         exp = cls(task=task, algorithm=algorithm, rounds=cfg.rounds,
                   clients_per_round=cfg.clients_per_round, seed=cfg.seed,
                   eval_every=cfg.eval_every, eval_train_clients=cfg.eval_train_clients,
-                  plan=Plan(cfg.chunk_size), config=cfg.to_dict())
+                  plan=Plan(cfg.chunk_size), config=cfg.to_dict(),
+                  personalize_steps=cfg.personalize_steps, personalize_lr=cfg.client_lr)
         # Only a valid experiment creates its run directory.
         if cfg.out:
             if (Path(cfg.out) / rundir.METRICS_FILE).exists():
@@ -150,10 +165,59 @@ class Experiment:
         start = time.perf_counter()
         bs = self.task.defaults.eval_batch_size
         record = {"round": round_num, "kind": "eval"}
-        record.update({f"test/{k}": v for k, v in server.evaluate(self.task.test, bs).items()})
+        test = self.task.test.data
+        if self.algorithm.evaluate is not None:  # its own models (clusters, personal ones)
+            record.update({f"test/{k}": v for k, v in server.evaluate(
+                test, bs, clients=self._eval_clients(server, test)).items()})
+        else:
+            per_client = core_evaluate.metric_totals(self.task.model, server.params, test, bs)
+            record.update({f"test/{k}": v for k, v in
+                           core_evaluate.global_metrics(per_client, test).items()})
+            if "accuracy" in per_client:
+                record.update({f"test/{k}": v for k, v in personalization.client_distribution(
+                    core_evaluate.ratios(per_client)["accuracy"], "accuracy_").items()})
+        if self.personalize_steps:
+            tuned = personalization.finetune_evaluate(
+                self.task.model, server.params, optax.sgd(self.personalize_lr),
+                self.personalize_steps, self._train_of_test(), test,
+                self.task.train.batch_size, bs, seed=self.seed, round_num=round_num,
+                plan=self.plan)
+            if "accuracy" in tuned:
+                record.update({f"test/{k}": v for k, v in personalization.client_distribution(
+                    tuned["accuracy"], "personalized_accuracy_").items()})
         if train_too and self.eval_train_clients:
             sample = self.task.train_eval.subset(self.eval_train_clients, seed=self.seed)
             record.update({f"train/{k}": v for k, v in server.evaluate(sample, bs).items()})
         record["eval_time_s"] = time.perf_counter() - start
         return record
+
+    def _train_of_test(self) -> AlignedFederatedData:
+        """Each test client's training examples (as evaluation reads them), aligned."""
+        return AlignedFederatedData(self.task.train_eval.data, self.task.test.data.client_ids)
+
+    def _eval_clients(self, server: Server, test) -> EvalClients:
+        train = self._train_of_test()
+        rows = np.array([server.client_index.row_of.get(int(p), -1) if p >= 0 else -1
+                         for p in train.positions], np.int64)
+        return EvalClients(rows=rows, train=train)
+
+
+def build_algorithm(cfg: ExperimentConfig, task: tasks.Task) -> FederatedAlgorithm:
+    """The configured algorithm with its aggregator; supplies what the algorithm `needs`
+    (the number of training clients, of domains, the client learning rate)."""
+    entry = registry.get(cfg.algorithm)
+    facts = {"num_clients": task.train.num_clients, "num_domains": task.num_domains,
+             "client_learning_rate": cfg.client_lr}
+    if "num_domains" in entry.needs and not task.num_domains:
+        raise ConfigError(f"algorithm {cfg.algorithm!r} needs examples with a domain_id; "
+                          f"task {task.name!r} has none (try emnist or stackoverflow)")
+    try:
+        aggregator = (None if cfg.aggregator == "mean" and not cfg.aggregator_options else
+                      aggregators.build(cfg.aggregator, **cfg.aggregator_options))
+        return registry.build(cfg.algorithm, optax.sgd(cfg.client_lr), cfg.server_lr,
+                              aggregator=aggregator, **cfg.algorithm_options,
+                              **{k: facts[k] for k in entry.needs})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"cannot build {cfg.algorithm} with aggregator {cfg.aggregator}: "
+                          f"{e}") from None
 

@@ -8,7 +8,7 @@ import jax
 from fedjax_api.dataset import FederatedDataset
 from fedjax_core import client_state
 from fedjax_core import evaluate as core_evaluate
-from fedjax_core.algorithms.base import FederatedAlgorithm, jit_round
+from fedjax_core.algorithms.base import EvalClients, FederatedAlgorithm, jit_round
 from fedjax_core.data import Cohort, FederatedData
 from fedjax_core.models.base import Model
 from fedjax_core.parallel import Plan
@@ -83,10 +83,17 @@ class Server:
         return attrs.evolve(self, state=state, round=self.round + 1, metrics=metrics,
                             client_index=index)
 
-    def evaluate(self, data: FederatedDataset | FederatedData, batch_size: int = 256) -> dict[str, float]:
-        """Global metrics of the current model over all examples of `data`."""
+    def evaluate(self, data: FederatedDataset | FederatedData, batch_size: int = 256,
+                 clients: EvalClients | None = None) -> dict[str, float]:
+        """Global metrics of the current model over all examples of `data`.
+
+        Algorithms with their own models (HypCluster, Ditto, APFL) evaluate those; `clients`
+        tells them each client's row in their per-client state and its training examples
+        (`Experiment` supplies it)."""
         if isinstance(data, FederatedDataset):
             data = data.data
+        if self.algorithm.evaluate is not None:
+            return self.algorithm.evaluate(self.model, self.state, data, batch_size, clients)
         return core_evaluate.evaluate(self.model, self.params, data, batch_size)
 
     def evaluate_per_client(self, data: FederatedDataset | FederatedData, batch_size: int = 256):

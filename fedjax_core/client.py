@@ -138,3 +138,19 @@ def client_update(model: Model, optimizer: optax.GradientTransformation,
         )
 
     return update
+
+
+def first_epoch_mask(mask: Array, num_examples: Array) -> Array:
+    """The client's mask restricted to its first `num_examples` slots: each example once.
+
+    Args:
+      mask: `Bool[Array, "steps batch"]`, one packed client.
+      num_examples: scalar, the client's number of examples n.
+
+    Returns:
+      `Bool[Array, "steps batch"]`, True at the real slots whose flat position
+      `step * batch + b` is below n.
+    """
+    steps, batch = mask.shape
+    position = jnp.arange(steps * batch, dtype=jnp.int32).reshape(steps, batch)
+    return mask & (position < jnp.asarray(num_examples, jnp.int32))

@@ -94,12 +94,16 @@ class StateIndex:
         return StateIndex(self.row_of)
 
     def assign(self, client_index) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of the given clients, and which of them are seen for the first time."""
+        """Rows of the given clients, and which of them are seen for the first time.
+
+        A negative position is a padding client (e.g. filling a Poisson-sampled cohort up
+        to its bucket): it gets row -1, counts as new and is not recorded."""
         idx = [int(i) for i in np.asarray(client_index).reshape(-1)]
-        is_new = np.array([i not in self.row_of for i in idx], bool)
+        is_new = np.array([i < 0 or i not in self.row_of for i in idx], bool)
         for i in idx:
-            self.row_of.setdefault(i, len(self.row_of))
-        return np.array([self.row_of[i] for i in idx], np.int32), is_new
+            if i >= 0:
+                self.row_of.setdefault(i, len(self.row_of))
+        return np.array([self.row_of[i] if i >= 0 else -1 for i in idx], np.int32), is_new
 
     def capacity_needed(self) -> int:
         cap = MIN_CAPACITY
@@ -139,7 +143,23 @@ def has_stores(state: PyTree) -> bool:
 
 
 def prepare(index: StateIndex, state: PyTree, client_index) -> tuple[PyTree, ClientSlots]:
-    """Assigns the cohort's rows and grows the stores in `state` to fit them."""
+    """Assigns the cohort's rows and grows the stores in `state` to fit them.
+
+    Padding clients (negative `client_index`) get the row `capacity`, one past the end:
+    `gather` reads a clamped row that `is_new` replaces with the fresh state, and
+    `scatter` drops their writes (JAX drops out-of-bounds scatter updates)."""
     rows, is_new = index.assign(client_index)
-    state = grow(state, index.capacity_needed())
+    cap = index.capacity_needed()
+    state = grow(state, cap)
+    rows = np.where(rows < 0, cap, rows).astype(np.int32)
     return state, ClientSlots(jnp.asarray(rows), jnp.asarray(is_new))
+
+
+def require_slots(cohort, name: str):
+    """The cohort's `ClientSlots`; a clear error when the host did not prepare them."""
+    if cohort.slots is None:
+        raise ValueError(
+            f"{name} keeps per-client state: give the cohort its store rows first, "
+            "`state, slots = client_state.prepare(index, state, cohort.client_index)` and "
+            "`cohort = cohort._replace(slots=slots)` (the facade's Server.step does this)")
+    return cohort.slots

@@ -129,12 +129,7 @@ def evaluate(model: Model, params: Params, data: FederatedData,
       >>> evaluate(model, state.params, test_data)
       {'loss': 2.31, 'accuracy': 0.42, 'num_examples': 10000.0}
     """
-    out = {}
-    for name, (num, den) in metric_totals(model, params, data, batch_size).items():
-        d = float(np.sum(den))
-        out[name] = float(np.sum(num)) / d if d > 0 else float("nan")
-    out["num_examples"] = float(np.sum(data.client_sizes))
-    return out
+    return global_metrics(metric_totals(model, params, data, batch_size), data)
 
 
 def evaluate_per_client(model: Model, params: Params, data: FederatedData,
@@ -145,9 +140,27 @@ def evaluate_per_client(model: Model, params: Params, data: FederatedData,
       `{metric name: Float[ndarray, "clients"]}` in `data.client_ids` order, plus
       `num_examples`.
     """
+    out = ratios(metric_totals(model, params, data, batch_size))
+    out["num_examples"] = np.asarray(data.client_sizes, np.float64)
+    return out
+
+
+def global_metrics(totals: dict[str, tuple[np.ndarray, np.ndarray]],
+                   data: FederatedData) -> dict[str, float]:
+    """`sum_c numerator_c / sum_c denominator_c` for each metric of `metric_totals`
+    (NaN where the denominator is 0), plus `num_examples` of `data`."""
     out = {}
-    for name, (num, den) in metric_totals(model, params, data, batch_size).items():
+    for name, (num, den) in totals.items():
+        d = float(np.sum(den))
+        out[name] = float(np.sum(num)) / d if d > 0 else float("nan")
+    out["num_examples"] = float(np.sum(data.client_sizes))
+    return out
+
+
+def ratios(totals: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each client's own `numerator_c / denominator_c`, NaN where it is 0."""
+    out = {}
+    for name, (num, den) in totals.items():
         with np.errstate(invalid="ignore", divide="ignore"):
             out[name] = np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
-    out["num_examples"] = np.asarray(data.client_sizes, np.float64)
     return out

@@ -112,7 +112,7 @@ _EMNIST = dict(
     algorithm="fedadam", rounds=1500, clients_per_round=10, batch_size=10, epochs=1,
     client_lr=0.001, server_lr={"fedadam": 1.0, "fedavg": 1.0, "fedavgm": 1.0,
                                 "fedyogi": 1.0, "fedadagrad": 1.0},
-    server_options={"fedadam": {"b1": 0.9, "b2": 0.99, "eps": 0.01}},
+    algorithm_options={"fedadam": {"b1": 0.9, "b2": 0.99, "eps": 0.01}},
 )
 
 
@@ -123,12 +123,12 @@ def _emnist_loader(name: str, classes: int):
 
         _no_data_path(name, data_path)
 
-        def prep(cid, examples):
-            return emnist.preprocess_client(examples)
+        def prep(cid, examples):  # with the writer's domain, for agnostic_fedavg
+            return emnist.preprocess_client(examples, client_id=cid)
 
         train, test = (PreprocessedFederatedData(_cached_sqlite(name, s), prep, True)
                        for s in ("train", "test"))
-        return Loaded(emnist_cnn(num_classes=classes), train, test)
+        return Loaded(emnist_cnn(num_classes=classes), train, test, num_domains=2)
     return load
 
 
@@ -195,12 +195,13 @@ def _load_stackoverflow(data_path: str | None) -> Loaded:
 
     def prep(cid, examples):  # FedJAX's STACKOVERFLOW_WORD task: length 20 for both splits
         c = so.preprocess_client(examples, vocab, max_length=so.TRAIN_MAX_LENGTH)
-        return {"x": c["x"], "y": c["y"]}
+        return {"x": c["x"], "y": c["y"], "domain_id": c["domain_id"]}
 
     train = PreprocessedFederatedData(_cached_sqlite("stackoverflow", "train"), prep, True)
     test = PreprocessedFederatedData(_cached_sqlite("stackoverflow", "test"), prep, True)
     # FedJAX's task divides the summed token loss by the mean sequence length, 13.3.
-    return Loaded(stackoverflow_lstm(vocab_size=10000, expected_length=13.3), train, test)
+    return Loaded(stackoverflow_lstm(vocab_size=10000, expected_length=13.3), train, test,
+                  num_domains=2)
 
 
 register(TaskEntry(
@@ -212,7 +213,7 @@ register(TaskEntry(
         client_lr=0.5, max_steps=500,
         server_lr={"fedadam": 0.02, "fedavg": 1.0, "fedavgm": 1.0, "fedyogi": 0.02,
                    "fedadagrad": 0.02},
-        server_options={"fedadam": {"b1": 0.9, "b2": 0.999, "eps": 1e-8}}),
+        algorithm_options={"fedadam": {"b1": 0.9, "b2": 0.999, "eps": 1e-8}}),
     load=_load_stackoverflow,
 ))
 
@@ -247,7 +248,7 @@ register(TaskEntry(
         client_lr=0.01,
         server_lr={"fedyogi": 0.1, "fedadam": 0.1, "fedavg": 1.0, "fedavgm": 1.0,
                    "fedadagrad": 0.1},
-        server_options={"fedyogi": {"b1": 0.9, "b2": 0.999, "eps": 0.01}}),
+        algorithm_options={"fedyogi": {"b1": 0.9, "b2": 0.999, "eps": 0.01}}),
     load=_load_cifar100,
 ))
 

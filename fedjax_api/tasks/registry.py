@@ -5,7 +5,7 @@ from typing import Callable, NamedTuple
 import attrs
 
 from fedjax_api.dataset import FederatedDataset
-from fedjax_api.errors import ConfigError
+from fedjax_api.errors import unknown
 from fedjax_core.data import FederatedData
 from fedjax_core.data.pack import Transform
 from fedjax_core.models.base import Model
@@ -28,7 +28,7 @@ class TaskDefaults:
       eval_every: evaluate the test set every this many rounds (0: only at the end).
       eval_train_clients: training clients (a fixed sample) evaluated at the end.
       max_steps: cap on each client's local steps per round (None: no cap).
-      server_options: extra server-optimizer hyperparameters per algorithm name,
+      algorithm_options: the algorithms' own hyperparameters per algorithm name,
         e.g. `{"fedadam": {"b2": 0.999, "eps": 1e-8}}`.
     """
 
@@ -44,7 +44,7 @@ class TaskDefaults:
     eval_every: int = 0
     eval_train_clients: int = 100
     max_steps: int | None = None
-    server_options: dict[str, dict[str, float]] = attrs.field(factory=dict)
+    algorithm_options: dict[str, dict[str, float]] = attrs.field(factory=dict)
 
 
 @attrs.frozen(kw_only=True)
@@ -62,6 +62,7 @@ class Task:
       baselines: reference numbers to print beside results (e.g. the
         most-frequent-class accuracy).
       source: where the data and the hyperparameters come from.
+      num_domains: number of example domains (`domain_id` feature), 0 when none.
     """
 
     name: str
@@ -72,6 +73,7 @@ class Task:
     defaults: TaskDefaults
     baselines: dict[str, float] = attrs.field(factory=dict)
     source: str = ""
+    num_domains: int = 0
 
 
 class Loaded(NamedTuple):
@@ -79,7 +81,8 @@ class Loaded(NamedTuple):
 
     `train_transform` augments sampled training clients each round (e.g. random crops);
     `train_eval` is the training clients as evaluation sees them (e.g. central crops),
-    when that differs from `train`.
+    when that differs from `train`. `num_domains` > 0 when every example carries a
+    `domain_id` feature in `0 .. num_domains - 1` (for agnostic_fedavg).
     """
 
     model: Model
@@ -88,6 +91,7 @@ class Loaded(NamedTuple):
     baselines: dict[str, float] = {}
     train_transform: Transform | None = None
     train_eval: FederatedData | None = None
+    num_domains: int = 0
 
 
 class TaskEntry(NamedTuple):
@@ -118,7 +122,7 @@ def entry(name: str) -> TaskEntry:
     try:
         return TASKS[name]
     except KeyError:
-        raise ConfigError(f"unknown task {name!r}; choose one of: {', '.join(names())}") from None
+        raise unknown("task", name, names()) from None
 
 
 def get(name: str, *, seed: int = 0, batch_size: int | None = None,
@@ -139,4 +143,5 @@ def get(name: str, *, seed: int = 0, batch_size: int | None = None,
                   FederatedDataset(data=loaded.train_eval, batch_size=d.eval_batch_size, seed=seed))
     return Task(name=name, model=loaded.model, train=train, test=test, train_eval=train_eval,
                 defaults=d,
-                baselines=dict(loaded.baselines), source=e.source)
+                baselines=dict(loaded.baselines), source=e.source,
+                num_domains=loaded.num_domains)

@@ -2,7 +2,7 @@
 
 from typing import Callable, NamedTuple
 
-from fedjax_core.typing import ClientWeights, Params, State
+from fedjax_core.typing import Params, State
 
 
 class Aggregator(NamedTuple):
@@ -20,3 +20,19 @@ class Aggregator(NamedTuple):
 
     init: Callable[[Params], State]
     apply: Callable[..., tuple[Params, State, dict]]
+
+
+class AggregatorEntry(NamedTuple):
+    """A registered aggregator: `build(**options) -> Aggregator`, listed by `fedjax algorithms`.
+
+    Attributes:
+      name: registry key (`--aggregator NAME`).
+      description: one line.
+      build: makes the aggregator; every option has a default.
+      paper: the reference.
+    """
+
+    name: str
+    description: str
+    build: Callable[..., Aggregator]
+    paper: str

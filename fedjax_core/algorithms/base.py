@@ -1,7 +1,7 @@
 """The `FederatedAlgorithm` record: one round of federated training as a pure function."""
 
 import functools
-from typing import Callable, NamedTuple, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
 
@@ -25,10 +25,31 @@ class FederatedAlgorithm(NamedTuple):
       apply: `apply(state, cohort, key, *, model, plan) -> (state, metrics)`, one
         round on a packed cohort. `key` is the round key; client `s` of the cohort
         uses `fold_in(key, s)`. Pure and jittable (`model` and `plan` static).
+      evaluate: optional `evaluate(model, state, data, batch_size, clients=None) ->
+        {name: float}` for algorithms whose model is not one global `state.params`
+        (HypCluster's clusters, Ditto's and APFL's personal models); `clients` is an
+        `EvalClients` or None. None evaluates `state.params` with `fedjax_core.evaluate`.
     """
 
     init: Callable[[Params], State]
     apply: ApplyFn
+    evaluate: Callable | None = None
+
+
+class EvalClients(NamedTuple):
+    """What an algorithm's own `evaluate` may know about the evaluated clients.
+
+    Attributes:
+      rows: `Int[ndarray, "clients"]`, for each client of the evaluated data (in its
+        order), its row in the algorithm's per-client stores, or -1 when the client never
+        trained (it has no personal state; use the global model).
+      train: a `FederatedData` aligned with the evaluated data (same clients, same
+        order; a client without training data has 0 examples) holding the clients'
+        training examples, e.g. for HypCluster to choose each client's cluster; or None.
+    """
+
+    rows: Any
+    train: Any = None
 
 
 class AlgorithmEntry(NamedTuple):
@@ -39,12 +60,15 @@ class AlgorithmEntry(NamedTuple):
       description: one line for `fedjax algorithms`.
       build: `build(client_optimizer, server_learning_rate, aggregator=None, **options)`.
       paper: the reference.
+      needs: facts about the run the builder must be given as options, which the facade
+        supplies: `"num_clients"` (the population size), `"num_domains"`.
     """
 
     name: str
     description: str
     build: Callable[..., FederatedAlgorithm]
     paper: str
+    needs: tuple[str, ...] = ()
 
 
 def jit_round(algorithm: FederatedAlgorithm, model: Model, plan: Plan = Plan()):

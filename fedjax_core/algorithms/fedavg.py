@@ -23,7 +23,7 @@ from fedjax_core import parallel, tree
 from fedjax_core.aggregate.base import Aggregator
 from fedjax_core.aggregate.mean import mean
 from fedjax_core.algorithms.base import FederatedAlgorithm
-from fedjax_core.client import client_update
+from fedjax_core.client import Regularizer, client_update
 from fedjax_core.typing import Params, State
 
 
@@ -41,7 +41,8 @@ class FedAvgState(NamedTuple):
 
 def fedavg(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
            server_optimizer: optax.GradientTransformation = optax.sgd(1.0),
-           aggregator: Aggregator | None = None) -> FederatedAlgorithm:
+           aggregator: Aggregator | None = None,
+           regularizer: Regularizer | None = None) -> FederatedAlgorithm:
     """Federated Averaging with pluggable client optimizer, server optimizer and aggregator.
 
     Update rule (round t, cohort S):
@@ -54,6 +55,8 @@ def fedavg(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
       server_optimizer: optax optimizer the server applies to the aggregated delta,
         treating it as a gradient.
       aggregator: how deltas are combined; defaults to the example-weighted `mean()`.
+      regularizer: optional `R(w, w_t)` added to every local step's loss, with the
+        round's global model as context (FedProx's proximal term); None for FedAvg.
 
     Returns:
       A `FederatedAlgorithm`. Round metrics: `train/loss` (example-weighted loss over
@@ -75,18 +78,19 @@ def fedavg(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
         return FedAvgState(params, server_optimizer.init(params), aggregator.init(params))
 
     def apply(state, cohort, key, *, model, plan=parallel.Plan()):
-        update = client_update(model, client_optimizer)
+        update = client_update(model, client_optimizer, regularizer=regularizer)
 
         def one_client(c):
             batches, mask, n, slot = c
-            return update(state.params, batches, mask, n, jax.random.fold_in(key, slot))
+            return update(state.params, batches, mask, n, jax.random.fold_in(key, slot),
+                          context=state.params)
 
         slots = jnp.arange(cohort.mask.shape[0], dtype=jnp.int32)
         updates = parallel.map_clients(
             one_client, (cohort.batches, cohort.mask, cohort.num_examples, slots), plan)
         delta, aggregator_state, agg_metrics = aggregator.apply(
             updates.delta, updates.weight, state.aggregator_state,
-            jax.random.fold_in(key, AGGREGATOR_KEY), None)
+            jax.random.fold_in(key, AGGREGATOR_KEY), cohort.slots)
         server_updates, server_opt_state = server_optimizer.update(
             delta, state.server_opt_state, state.params)
         params = optax.apply_updates(state.params, server_updates)

@@ -1,4 +1,12 @@
-"""Algorithms by name, for the facade and the command line."""
+"""Algorithms by name, for the facade and the command line.
+
+Each algorithm module ends with `ENTRY` (or `ENTRIES`), an `AlgorithmEntry` whose
+`build(client_optimizer, server_learning_rate, aggregator=None, **options)` makes the
+algorithm; this module collects them.
+"""
+
+import importlib
+import inspect
 
 import optax
 
@@ -7,23 +15,41 @@ from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
 from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.fedopt import fedadagrad, fedadam, fedavgm, fedyogi
 
+MODULES = ("fedprox", "fedsgd", "fednova", "qffl", "scaffold", "feddyn", "ditto", "apfl",
+           "mime", "agnostic_fedavg", "hypcluster", "fedbuff")
+"""Modules of `fedjax_core.algorithms` that define `ENTRY` or `ENTRIES`."""
+
 
 def _fedavg(client_optimizer, server_learning_rate, aggregator=None):
     return fedavg(client_optimizer, optax.sgd(server_learning_rate), aggregator)
 
 
 _REDDI = "Reddi et al. 2021, Adaptive Federated Optimization"
-ALGORITHMS: dict[str, AlgorithmEntry] = {
-    e.name: e for e in [
-        AlgorithmEntry("fedavg", "Federated Averaging: mean of client deltas, server SGD",
-                       _fedavg, "McMahan et al. 2017, Communication-Efficient Learning"),
-        AlgorithmEntry("fedadam", "FedAvg with Adam on the server", fedadam, _REDDI),
-        AlgorithmEntry("fedyogi", "FedAvg with Yogi on the server", fedyogi, _REDDI),
-        AlgorithmEntry("fedadagrad", "FedAvg with Adagrad on the server", fedadagrad, _REDDI),
-        AlgorithmEntry("fedavgm", "FedAvg with momentum SGD (0.9) on the server", fedavgm,
-                       "Hsu et al. 2019; " + _REDDI),
-    ]
-}
+_BUILTIN = [
+    AlgorithmEntry("fedavg", "Federated Averaging: mean of client deltas, server SGD",
+                   _fedavg, "McMahan et al. 2017, Communication-Efficient Learning"),
+    AlgorithmEntry("fedadam", "FedAvg with Adam on the server", fedadam, _REDDI),
+    AlgorithmEntry("fedyogi", "FedAvg with Yogi on the server", fedyogi, _REDDI),
+    AlgorithmEntry("fedadagrad", "FedAvg with Adagrad on the server", fedadagrad, _REDDI),
+    AlgorithmEntry("fedavgm", "FedAvg with momentum SGD (0.9) on the server", fedavgm,
+                   "Hsu et al. 2019; " + _REDDI),
+]
+
+
+def _collect() -> dict[str, AlgorithmEntry]:
+    entries = list(_BUILTIN)
+    for name in MODULES:
+        module = importlib.import_module(f"fedjax_core.algorithms.{name}")
+        entries.extend(getattr(module, "ENTRIES", None) or [module.ENTRY])
+    table: dict[str, AlgorithmEntry] = {}
+    for e in entries:
+        if e.name in table:
+            raise RuntimeError(f"algorithm {e.name!r} is registered twice")
+        table[e.name] = e
+    return table
+
+
+ALGORITHMS: dict[str, AlgorithmEntry] = _collect()
 
 
 def get(name: str) -> AlgorithmEntry:
@@ -35,13 +61,45 @@ def get(name: str) -> AlgorithmEntry:
                        f"{', '.join(sorted(ALGORITHMS))}") from None
 
 
+_FIXED = ("client_optimizer", "server_learning_rate", "aggregator")
+
+
+def options(name: str) -> dict[str, object]:
+    """The algorithm's own options and their defaults (`inspect.Parameter.empty` when
+    required), e.g. `{"b1": 0.9, "b2": 0.99, "eps": 0.001}` for FedAdam. The facts in
+    `needs` are included; the facade fills them."""
+    params = inspect.signature(get(name).build).parameters
+    return {p.name: p.default for p in params.values()
+            if p.name not in _FIXED and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def check_options(name: str, given: dict) -> None:
+    """Raises `ValueError` naming an option `name` does not take, with its valid ones."""
+    valid = options(name)
+    needs = get(name).needs
+    for key in given:
+        if key not in valid:
+            listed = ", ".join(k for k in valid if k not in needs) or "none"
+            raise ValueError(f"algorithm {name!r} has no option {key!r}; its options are: "
+                             f"{listed}")
+
+
 def build(name: str, client_optimizer: optax.GradientTransformation,
           server_learning_rate: float, aggregator: Aggregator | None = None,
-          **server_options) -> FederatedAlgorithm:
-    """`get(name).build(client_optimizer, server_learning_rate, aggregator, **server_options)`.
+          **options) -> FederatedAlgorithm:
+    """`get(name).build(client_optimizer, server_learning_rate, aggregator, **options)`.
 
-    `server_options` are the algorithm's own hyperparameters, e.g. `b2=0.999, eps=1e-8`
-    for FedAdam or `momentum=0.9` for FedAvgM.
+    `options` are the algorithm's own hyperparameters (e.g. `b2=0.999, eps=1e-8` for
+    FedAdam, `proximal_weight=0.01` for FedProx) and the facts it `needs` (e.g.
+    `num_clients`); unknown names raise `ValueError`.
+
+    Example:
+      >>> alg = build("fedprox", optax.sgd(0.1), 1.0, proximal_weight=0.1)
     """
+    check_options(name, options)
+    missing = [k for k in get(name).needs if k not in options]
+    if missing:
+        raise ValueError(f"algorithm {name!r} needs {', '.join(missing)} (the facade "
+                         "supplies them from the task and config)")
     return get(name).build(client_optimizer, server_learning_rate, aggregator=aggregator,
-                           **server_options)
+                           **options)

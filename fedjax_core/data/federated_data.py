@@ -124,3 +124,47 @@ class PreprocessedFederatedData:
 
     def get_client(self, index: int) -> ClientArrays:
         return self._fn(self._base.client_ids[index], self._base.get_client(index))
+
+
+class AlignedFederatedData:
+    """The clients of `data` reordered to follow `client_ids`; an id that `data` lacks
+    becomes a client with no examples.
+
+    Used to pair each test client with its own training examples (personalization,
+    HypCluster's cluster choice): `aligned.get_client(c)` are the training examples of
+    the test client `c`.
+
+    Args:
+      data: the clients to read from (e.g. the training split).
+      client_ids: the order to follow (e.g. the test split's ids).
+
+    Example:
+      >>> train_of_test = AlignedFederatedData(train, test.client_ids)
+      >>> train_of_test.positions            # position in `train`, -1 where absent
+    """
+
+    def __init__(self, data: FederatedData, client_ids: Sequence[str]):
+        where = {cid: i for i, cid in enumerate(data.client_ids)}
+        self._data = data
+        self._ids = tuple(client_ids)
+        self.positions = np.array([where.get(cid, -1) for cid in self._ids], np.int64)
+        sizes = np.asarray(data.client_sizes, np.int64)
+        self._sizes = np.where(self.positions >= 0, sizes[np.maximum(self.positions, 0)], 0)
+        self._empty: ClientArrays | None = None
+
+    @property
+    def client_ids(self) -> tuple[str, ...]:
+        return self._ids
+
+    @property
+    def client_sizes(self) -> np.ndarray:
+        return self._sizes
+
+    def get_client(self, index: int) -> ClientArrays:
+        pos = int(self.positions[index])
+        if pos >= 0:
+            return self._data.get_client(pos)
+        if self._empty is None:
+            first = self._data.get_client(0)
+            self._empty = {k: np.asarray(v)[:0] for k, v in first.items()}
+        return self._empty

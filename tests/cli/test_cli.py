@@ -27,13 +27,17 @@ def test_listings():
     assert res.exit_code == 0 and "shakespeare-plays" in res.output
     res = runner.invoke(app, ["algorithms"])
     assert res.exit_code == 0
-    for name in ("fedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm"):
-        assert name in res.output
+    from fedjax_core.aggregate.registry import AGGREGATORS
+    from fedjax_core.algorithms.registry import ALGORITHMS
+    for entry in list(ALGORITHMS.values()) + list(AGGREGATORS.values()):
+        line = next(ln for ln in res.output.splitlines() if ln.split()[:1] == [entry.name])
+        assert line.split() == [entry.name] + entry.description.split(), entry.name
+    assert "proximal_weight=0.01" in res.output and "beta=0.1" in res.output
 
 
 @pytest.mark.parametrize("args, message", [
     (["run", "no-such-task"], "unknown task 'no-such-task'; choose one of:"),
-    (["run", NAME, "--algorithm", "fedmagic"], "unknown algorithm 'fedmagic'; choose one of:"),
+    (["run", NAME, "--algorithm", "fedmagic"], "unknown algorithm 'fedmagic'; did you mean 'fedavg'? choose one of:"),
     (["run", NAME, "--rounds", "0"], "rounds must be at least 1, got 0"),
     (["run", NAME, "--clients-per-round", "99"], "clients per round must be between 1 and the 6"),
     (["run", NAME, "--client-lr", "-1"], "client-lr must be a non-negative number, got -1.0"),
@@ -78,3 +82,44 @@ def test_refuses_to_mix_two_runs_in_one_dir(tmp_path):
     assert runner.invoke(app, args).exit_code == 0
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and "already holds a run" in res.output
+
+
+@pytest.mark.parametrize("args, metric", [
+    (["--algorithm", "scaffold"], "train/control_norm"),
+    (["--algorithm", "fedprox", "--option", "proximal_weight=0.5"], "train/delta_norm"),
+    (["--algorithm", "ditto", "--option", "lam=0.5"], "train/personal_loss"),
+    (["--algorithm", "hypcluster", "--option", "num_clusters=2"], "hypcluster/cluster_0_clients"),
+    (["--algorithm", "agnostic_fedavg"], "agnostic/domain_weight_1"),
+    (["--aggregator", "trimmed_mean", "--aggregator-option", "beta=0.25"], "aggregate/num_trimmed"),
+    (["--aggregator", "top_k", "--aggregator-option", "fraction=0.5"], "aggregate/bits_per_round"),
+    (["--algorithm", "fedprox", "--aggregator", "attack", "--aggregator-option", "inner=krum",
+      "--aggregator-option", "fraction=0.2"], "aggregate/num_attackers"),
+])
+def test_run_any_algorithm_and_aggregator(args, metric, tmp_path):
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["run", NAME, "--rounds", "2", "--clients-per-round", "4",
+                              "--out", str(out)] + args)
+    assert res.exit_code == 0, res.output
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metric in records[0]
+    assert records[-1]["kind"] == "eval" and 0.0 <= records[-1]["test/accuracy"] <= 1.0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["aggregator"] == (args[args.index("--aggregator") + 1]
+                                   if "--aggregator" in args else "mean")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--algorithm", "fedprox", "--option", "mu=0.1"],
+     "algorithm 'fedprox' has no option 'mu'; its options are: proximal_weight"),
+    (["--option", "lr"], "--option expects NAME=VALUE, got 'lr'"),
+    (["--aggregator", "median"], "unknown aggregator 'median';"),
+    (["--aggregator", "krum", "--aggregator-option", "f=1"],
+     "aggregator 'krum' has no option 'f'; its options are: num_byzantine, multi"),
+    (["--algorithm", "scaffold", "--option", "num_clients=5"],
+     "num_clients of algorithm 'scaffold' come from the task and config"),
+])
+def test_bad_algorithm_options_one_line(args, message, tmp_path):
+    res = runner.invoke(app, ["run", NAME, "--out", str(tmp_path / "x")] + args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "x").exists()

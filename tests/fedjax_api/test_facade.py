@@ -84,7 +84,8 @@ def test_config_defaults_and_errors(tmp_path):
     assert cfg.server_lr == 0.05 and cfg.rounds == 3 and cfg.batch_size == 2
     with pytest.raises(ConfigError, match="unknown task 'nope'; choose one of: .*shakespeare-plays"):
         config.resolve("nope")
-    with pytest.raises(ConfigError, match="unknown algorithm 'fedsgdx'; choose one of: fedadagrad"):
+    with pytest.raises(ConfigError, match="unknown algorithm 'fedsgdx'; did you mean 'fedsgd'\\? "
+                                          "choose one of: agnostic_fedavg, apfl"):
         config.resolve(NAME, algorithm="fedsgdx")
     with pytest.raises(ConfigError, match="rounds must be at least 1, got 0"):
         config.resolve(NAME, rounds=0)
@@ -96,3 +97,45 @@ def test_config_defaults_and_errors(tmp_path):
     blocker.write_text("")
     with pytest.raises(ConfigError, match="cannot write to output directory"):
         Experiment.from_config(config.resolve(NAME, out=str(blocker / "sub")))
+
+
+def test_options_and_aggregator_reach_the_algorithm():
+    cfg = config.resolve(NAME, algorithm="fedavgm", algorithm_options={"momentum": 0.5},
+                         rounds=2)
+    assert cfg.algorithm_options == {"momentum": 0.5} and cfg.aggregator == "mean"
+    exp = Experiment.from_config(cfg)
+    result = exp.run()
+    # Reproduce by hand: fedavgm with momentum 0.5 from the core.
+    from fedjax_core.algorithms import fedavgm
+    alg = fedavgm(optax.sgd(cfg.client_lr), cfg.server_lr, momentum=0.5)
+    server = Server.create(alg, exp.task.model, seed=0)
+    for r in range(2):
+        server = server.step(exp.task.train.sample(cfg.clients_per_round, r))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                 result.server.params, server.params)
+    with pytest.raises(ConfigError, match="has no option 'mu'; its options are: momentum"):
+        config.resolve(NAME, algorithm="fedavgm", algorithm_options={"mu": 0.5})
+    with pytest.raises(ConfigError, match="unknown aggregator 'avg'; choose one of: .*mean"):
+        config.resolve(NAME, aggregator="avg")
+    with pytest.raises(ConfigError, match="aggregator 'mean' has no option 'beta'"):
+        config.resolve(NAME, aggregator_options={"beta": 0.1})
+
+
+def test_client_accuracy_distribution_and_personalization(tmp_path):
+    cfg = config.resolve(NAME, rounds=2, personalize_steps=3)
+    result = Experiment.from_config(cfg).run()
+    test = result.final["test"]
+    exp_task = tasks.get(NAME)
+    from fedjax_core.evaluate import evaluate_per_client
+    per_client = evaluate_per_client(exp_task.model, result.server.params, exp_task.test.data)
+    assert test["accuracy_clients_mean"] == pytest.approx(np.mean(per_client["accuracy"]))
+    assert test["accuracy_clients_worst"] == pytest.approx(np.min(per_client["accuracy"]))
+    from fedjax_core.data import AlignedFederatedData
+    from fedjax_core.personalization import client_distribution, finetune_evaluate
+    tuned = finetune_evaluate(
+        exp_task.model, result.server.params, optax.sgd(cfg.client_lr), 3,
+        AlignedFederatedData(exp_task.train_eval.data, exp_task.test.data.client_ids),
+        exp_task.test.data, cfg.batch_size, 4, seed=0, round_num=2)
+    want = client_distribution(tuned["accuracy"], "personalized_accuracy_")
+    for k, v in want.items():
+        assert test[k] == pytest.approx(v)

@@ -9,10 +9,17 @@ from tests.fedjax_core.helpers import tiny_softmax_model, unequal_clients
 NAME = "tiny-test"
 
 
+def with_domains(data):
+    """Client i's examples get `domain_id = i % 2` (the model ignores the feature)."""
+    return InMemoryFederatedData({
+        cid: {**data.get_client(i), "domain_id": np.full(n, i % 2, np.int32)}
+        for i, (cid, n) in enumerate(zip(data.client_ids, data.client_sizes))})
+
+
 def _load(data_path):
-    train = unequal_clients(sizes=(5, 2, 9, 1, 4, 7), seed=0)
-    test = unequal_clients(sizes=(3, 4), seed=1)
-    return tasks.Loaded(tiny_softmax_model(), train, test, {"accuracy": 0.25})
+    train = with_domains(unequal_clients(sizes=(5, 2, 9, 1, 4, 7), seed=0))
+    test = with_domains(unequal_clients(sizes=(3, 4), seed=1))
+    return tasks.Loaded(tiny_softmax_model(), train, test, {"accuracy": 0.25}, num_domains=2)
 
 
 def register():

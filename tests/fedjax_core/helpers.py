@@ -38,3 +38,23 @@ def unequal_clients(sizes=(5, 2, 9, 1, 4), features=3, classes=4, seed=0) -> InM
         f"c{i}": {"x": rng.normal(size=(n, features)).astype(np.float32),
                   "y": rng.integers(0, classes, size=n).astype(np.int32)}
         for i, n in enumerate(sizes)})
+
+
+def plain_local_train(model: Model, params, cohort, c: int, client_opt, grad_fn=None):
+    """Client `c` of `cohort` trained as the papers write it: a Python loop over its non-empty
+    steps, `w <- w + ClientOpt(grad)`. `grad_fn(w, batch)` replaces the plain gradient of
+    the batch's mean loss (e.g. FedProx's proximal gradient)."""
+    import optax
+
+    if grad_fn is None:
+        def grad_fn(w, batch):
+            return jax.grad(lambda p: jnp.mean(model.loss(batch, model.apply(p, batch))))(w)
+    w, opt_state = params, client_opt.init(params)
+    for s in range(cohort.num_steps):
+        m = cohort.mask[c, s]
+        if not m.any():
+            continue
+        batch = {k: jnp.asarray(v[c, s][m]) for k, v in cohort.batches.items()}
+        updates, opt_state = client_opt.update(grad_fn(w, batch), opt_state, w)
+        w = optax.apply_updates(w, updates)
+    return w

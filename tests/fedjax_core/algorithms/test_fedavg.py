@@ -1,32 +1,26 @@
 """FedAvg / FedOpt against a plain per-client Python loop."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from fedjax_core import parallel
-from fedjax_core.algorithms import fedavg, fedavgm, fedadam
+from fedjax_core.algorithms import fedadam, fedavg, fedavgm
 from fedjax_core.algorithms.base import jit_round
 from fedjax_core.data import pack_cohort
-from tests.fedjax_core.helpers import tiny_softmax_model, unequal_clients
+from tests.fedjax_core.helpers import (
+    plain_local_train,
+    tiny_softmax_model,
+    unequal_clients,
+)
 
 
 def reference_round(model, params, cohort, client_opt, server_opt, server_state):
     """One FedOpt round written as the paper's pseudocode, one client at a time."""
     deltas, weights = [], []
     for c in range(cohort.num_clients):
-        w = params
-        opt_state = client_opt.init(w)
-        for s in range(cohort.num_steps):
-            m = cohort.mask[c, s]
-            if not m.any():
-                continue
-            batch = {k: jnp.asarray(v[c, s][m]) for k, v in cohort.batches.items()}
-            grads = jax.grad(lambda p: jnp.mean(model.loss(batch, model.apply(p, batch))))(w)
-            updates, opt_state = client_opt.update(grads, opt_state, w)
-            w = optax.apply_updates(w, updates)
+        w = plain_local_train(model, params, cohort, c, client_opt)
         deltas.append(jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), params, w))
         weights.append(float(cohort.num_examples[c]))
     total = sum(weights)

@@ -10,8 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedjax_core.data.convert import (arrays_to_sqlite, clients_to_sqlite, leaf_to_sqlite,
-                                      tff_to_sqlite, to_fedjax_arrays)
+from fedjax_core.data.convert import (
+    arrays_to_sqlite,
+    clients_to_sqlite,
+    leaf_to_sqlite,
+    tff_to_sqlite,
+    to_fedjax_arrays,
+)
 from fedjax_core.data.errors import DataFormatError
 from fedjax_core.data.sqlite import SQLiteFederatedData, write_sqlite
 

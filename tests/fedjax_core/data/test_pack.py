@@ -1,7 +1,12 @@
 import numpy as np
 import pytest
 
-from fedjax_core.data import InMemoryFederatedData, pack_clients, pack_cohort, step_bucket
+from fedjax_core.data import (
+    InMemoryFederatedData,
+    pack_clients,
+    pack_cohort,
+    step_bucket,
+)
 from fedjax_core.data.pack import padded_fraction
 from fedjax_core.data.sampling import uniform_without_replacement
 

@@ -3,7 +3,6 @@
 import hashlib
 import json
 import os
-import shutil
 import sqlite3
 import threading
 import zlib
@@ -15,8 +14,13 @@ import pytest
 
 from fedjax_core.data.errors import DataFormatError
 from fedjax_core.data.federated_data import FederatedData
-from fedjax_core.data.sqlite import (CREATE_TABLE, SQLiteFederatedData, decode_client,
-                                     encode_client, write_sqlite)
+from fedjax_core.data.sqlite import (
+    CREATE_TABLE,
+    SQLiteFederatedData,
+    decode_client,
+    encode_client,
+    write_sqlite,
+)
 
 FIXTURES = Path(__file__).resolve().parents[3].parent / "shared" / "fixtures" / "fedjax_sqlite"
 FIXTURE_FILES = ["emnist_like.sqlite", "shakespeare_like.sqlite", "stackoverflow_like.sqlite"]

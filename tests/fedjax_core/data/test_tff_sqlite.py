@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 
 from fedjax_core.data.errors import DataFormatError
-from fedjax_core.data.tff_sqlite import (CIFAR100_SPEC, Feature, _packed_varints, parse_example,
-                                         read_tff_sqlite)
+from fedjax_core.data.tff_sqlite import (
+    CIFAR100_SPEC,
+    Feature,
+    _packed_varints,
+    parse_example,
+    read_tff_sqlite,
+)
 
 # ---------------------------------------------------------------------------------------------
 # A tiny protobuf encoder (wire format by hand; no tensorflow or protobuf package).

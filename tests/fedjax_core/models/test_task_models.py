@@ -7,8 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_core.models import (Model, emnist_cnn, logistic_regression, mlp,
-                                shakespeare_lstm)
+from fedjax_core.models import (
+    Model,
+    emnist_cnn,
+    logistic_regression,
+    mlp,
+    shakespeare_lstm,
+)
 from fedjax_core.models.shakespeare_lstm import BOS, EOS, OOV, PAD
 
 

@@ -1,0 +1,288 @@
+"""Agnostic Federated Averaging: minimise the loss of the worst mixture of domains.
+
+Every example carries a `domain_id` in `[0, D)`. The server keeps domain weights
+`lambda` (on the simplex) and a window of the cohorts' per-domain example counts over the
+last W rounds. Round t, cohort S:
+
+    alpha_d = lambda_d / mean_window(N_d)                 # per-example weight of domain d
+    for each client k in S, in parallel:
+        L_k,d = sum_{j in D_k, d_j = d} l_j(w_t)          # per-domain loss sums at w_t
+        N_k,d = |{j in D_k : d_j = d}|                    # per-domain example counts
+        beta_k = sum_d alpha_d N_k,d
+        w_k = ClientOpt-train(w_t) on F_k(w) = sum_j alpha_{d_j} l_j(w) / beta_k
+        Delta_k = w_t - w_k
+    Delta = aggregator({Delta_k}, {beta_k})               # mean: sum beta_k Delta_k / sum beta_k
+    w_{t+1} = w_t + ServerOpt.update(Delta)
+    lambda_d <- lambda_d exp(eta_lambda L_d / N_d),  normalised to sum 1    (L, N summed over S)
+    window <- window[1:] + [N]
+
+`sum_k beta_k F_k = sum_d lambda_d (sum over the cohort's domain-d examples of l_j) /
+mean_window(N_d)`, the lambda-mixture of the per-domain mean losses: each domain counts by
+its lambda, whatever its share of the examples. This is FedJAX's
+`fedjax/algorithms/agnostic_fed_avg.py` (Ro et al. 2021's communication-efficient version
+of Mohri et al. 2019's AFL): its alpha, beta, aggregation weights, EG rule, window and
+defaults (uniform lambda, window of ones, size 1).
+
+Minibatch loss (`batch_loss`): F_k is a weighted mean over the client's examples (its
+weights `alpha_{d_j} / beta_k` sum to 1). The default "mean" minimises the unbiased
+minibatch estimate `mean_{j in b} omega_j l_j`, `omega_j = alpha_{d_j} N_k / beta_k`
+(`N_k = sum_d N_k,d`), so that with one domain (or lambda proportional to the counts)
+omega = 1 and a round is exactly FedAvg's. "sum" is FedJAX's `sum_{j in b} alpha_{d_j}
+l_j / beta_k`, the same direction scaled by `|b| / N_k` (a client's effective step size
+shrinks with its number of examples); use it to reproduce FedJAX's runs.
+
+Per-domain losses are measured at w_t, in training mode (dropout on, as FedJAX), over
+each client's first local epoch (each example once; FedJAX batches the client's data
+separately, which gives the same sums). When `max_steps` cuts a client's stream inside
+its first epoch, the sums and counts cover the examples it sees.
+"""
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_core import parallel
+from fedjax_core.aggregate.base import Aggregator
+from fedjax_core.aggregate.mean import mean
+from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
+from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY, round_metrics
+from fedjax_core.client import client_update, first_epoch_mask
+from fedjax_core.models.base import Model
+from fedjax_core.typing import Array, Float, Params, PyTree
+
+DOMAIN_KEY = 0x7FFFFFFD
+"""`fold_in(client_key, DOMAIN_KEY)` keys the per-domain loss pass (step k: a further
+`fold_in(., k)`); local training step k uses `fold_in(client_key, k)`."""
+
+WEIGHT_FEATURE = "__agnostic_weight__"
+"""Feature added to the training batches: each example's loss weight omega_j."""
+
+
+class AgnosticFedAvgState(NamedTuple):
+    """Server state of Agnostic FedAvg.
+
+    Attributes:
+      params: the global model.
+      server_opt_state: the server optimizer's state.
+      aggregator_state: the aggregator's state.
+      domain_weights: `Float[Array, "domains"]`, lambda, on the simplex.
+      domain_window: `Float[Array, "window domains"]`, the cohorts' per-domain example
+        counts over the last `domain_window_size` rounds, oldest first.
+    """
+
+    params: Params
+    server_opt_state: optax.OptState
+    aggregator_state: PyTree
+    domain_weights: Float[Array, "domains"]
+    domain_window: Float[Array, "window domains"]
+
+
+def update_domain_weights(domain_weights: Array, domain_loss: Array, domain_learning_rate: float,
+                          domain_algorithm: str = "eg") -> Array:
+    """One exponentiated-gradient step on the simplex (or none).
+
+    `"eg"`: `lambda_d <- lambda_d exp(eta loss_d) / sum_e lambda_e exp(eta loss_e)`;
+    `"none"`: lambda unchanged.
+
+    Example:
+      >>> update_domain_weights(jnp.array([0.5, 0.5]), jnp.array([0.0, 1.0]), jnp.log(3.0))
+      Array([0.25, 0.75], dtype=float32)
+    """
+    if domain_algorithm == "none":
+        return domain_weights
+    if domain_algorithm != "eg":
+        raise ValueError(f"unsupported domain_algorithm {domain_algorithm!r}; use 'eg' or 'none'")
+    w = jnp.maximum(domain_weights * jnp.exp(domain_learning_rate * domain_loss), 0.0)
+    return w / jnp.sum(w)
+
+
+def domain_sums(model: Model, params: Params, batches: PyTree, mask: Array, num_domains: int,
+                key) -> tuple[Float[Array, "domains"], Float[Array, "domains"]]:
+    """`(L_d, N_d)`: per-domain sums of the loss at `params` and example counts, one client.
+
+    Args:
+      batches: feature -> `[steps, batch, ...]`, with `domain_id` `[steps, batch]`.
+      mask: `[steps, batch]`, the examples to count; steps with one come first.
+      key: step k's dropout key is `fold_in(key, k)`.
+    """
+    steps = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
+
+    def step(k, carry):
+        loss_sum, num = carry
+        batch = jax.tree.map(lambda x: x[k], batches)
+        m = mask[k].astype(jnp.float32)
+        preds = model.apply(params, batch, key=jax.random.fold_in(key, k), train=True)
+        losses = model.loss(batch, preds) * m
+        d = batch["domain_id"]
+        return (loss_sum + jax.ops.segment_sum(losses, d, num_domains),
+                num + jax.ops.segment_sum(m, d, num_domains))
+
+    zeros = jnp.zeros((num_domains,), jnp.float32)
+    return jax.lax.fori_loop(0, steps, step, (zeros, zeros))
+
+
+def _weighted_model(model: Model) -> Model:
+    """`model` whose per-example loss is multiplied by the batch's `WEIGHT_FEATURE`."""
+    def loss(batch, preds):
+        return model.loss(batch, preds) * batch[WEIGHT_FEATURE]
+
+    return model._replace(loss=loss)
+
+
+def agnostic_fedavg(client_optimizer: optax.GradientTransformation,
+                    server_optimizer: optax.GradientTransformation,
+                    num_domains: int,
+                    domain_learning_rate: float = 0.1,
+                    domain_algorithm: str = "eg",
+                    domain_window_size: int = 1,
+                    init_domain_weights: Sequence[float] | None = None,
+                    init_domain_window: Sequence[float] | None = None,
+                    batch_loss: str = "mean",
+                    aggregator: Aggregator | None = None) -> FederatedAlgorithm:
+    """Agnostic FedAvg: domain-reweighted FedAvg with exponentiated-gradient domain weights.
+
+    Update rule (round t, cohort S; see the module docstring):
+      `alpha = lambda / mean(window)`, `beta_k = sum_d alpha_d N_k,d`,
+      client k minimises `F_k(w) = sum_j alpha_{d_j} l_j(w) / beta_k`,
+      `Delta = aggregator({Delta_k}, {beta_k})`, `w_{t+1} = w_t + ServerOpt(Delta)`,
+      `lambda <- normalise(lambda * exp(eta_lambda * L / N))`, `window <- window[1:] + [N]`.
+
+    Args:
+      client_optimizer: optax optimizer each client runs locally, fresh state each round.
+      server_optimizer: optax optimizer applied to the aggregated delta.
+      num_domains: D; every example's `domain_id` must lie in `[0, D)`.
+      domain_learning_rate: eta_lambda (FedJAX's default 0.1).
+      domain_algorithm: `"eg"` (exponentiated gradient) or `"none"` (lambda fixed).
+      domain_window_size: W, rounds of per-domain counts averaged into alpha's denominator.
+      init_domain_weights: lambda_0, `D` non-negative numbers summing to 1; None: uniform.
+      init_domain_window: the counts that fill the window at the start; None: ones.
+      batch_loss: `"mean"` (unbiased minibatch estimate of F_k; one domain gives FedAvg)
+        or `"sum"` (FedJAX's exact scaling); see the module docstring.
+      aggregator: combines the deltas with weights beta_k; defaults to the weighted `mean()`.
+
+    Returns:
+      A `FederatedAlgorithm` with `AgnosticFedAvgState`. The cohort's batches must hold
+      a `domain_id` feature (`Int[Array, "clients steps batch"]`). Round metrics:
+      `train/loss` (the clients' local objective: omega-weighted loss over their steps),
+      `train/num_examples`, `train/delta_norm`, `agnostic/loss` (the cohort's mean loss at
+      w_t), and per domain d: `agnostic/domain_loss_<d>` (L_d / N_d at w_t),
+      `agnostic/domain_examples_<d>` (N_d), `agnostic/domain_weight_<d>` (the new lambda_d).
+
+    Raises:
+      ValueError: on inconsistent options.
+
+    Example:
+      >>> alg = agnostic_fedavg(optax.sgd(0.1), optax.sgd(1.0), num_domains=2)
+      >>> state = alg.init(model.init(jax.random.key(0)))
+      >>> state, metrics = alg.apply(state, cohort, round_key, model=model)
+      >>> metrics["agnostic/domain_weight_1"]
+
+    References:
+      Mohri, Sivek and Suresh 2019, "Agnostic Federated Learning" (ICML). Ro, Chen,
+      Mathews, Mohri and Suresh 2021, "Communication-Efficient Agnostic Federated
+      Averaging" (Interspeech), the version FedJAX implements.
+    """
+    num_domains = int(num_domains)
+    if num_domains < 1:
+        raise ValueError(f"num_domains must be at least 1, got {num_domains}")
+    if init_domain_weights is None:
+        init_domain_weights = np.full(num_domains, 1.0 / num_domains)
+    init_domain_weights = np.asarray(init_domain_weights, np.float32)
+    if init_domain_weights.shape != (num_domains,):
+        raise ValueError(f"init_domain_weights has {init_domain_weights.size} entries, "
+                         f"expected num_domains = {num_domains}")
+    if (init_domain_weights < 0).any() or abs(float(init_domain_weights.sum()) - 1.0) > 1e-6:
+        raise ValueError("init_domain_weights must be non-negative and sum to 1")
+    if init_domain_window is None:
+        init_domain_window = np.ones(num_domains)
+    init_domain_window = np.asarray(init_domain_window, np.float32)
+    if init_domain_window.shape != (num_domains,):
+        raise ValueError(f"init_domain_window has {init_domain_window.size} entries, "
+                         f"expected num_domains = {num_domains}")
+    if domain_window_size < 1:
+        raise ValueError(f"domain_window_size must be at least 1, got {domain_window_size}")
+    if domain_algorithm not in ("eg", "none"):
+        raise ValueError(f"unsupported domain_algorithm {domain_algorithm!r}; use 'eg' or 'none'")
+    if batch_loss not in ("mean", "sum"):
+        raise ValueError(f"batch_loss must be 'mean' or 'sum', got {batch_loss!r}")
+    aggregator = aggregator or mean()
+
+    def init(params):
+        return AgnosticFedAvgState(
+            params, server_optimizer.init(params), aggregator.init(params),
+            jnp.asarray(init_domain_weights),
+            jnp.tile(jnp.asarray(init_domain_window)[None], (domain_window_size, 1)))
+
+    def apply(state, cohort, key, *, model, plan=parallel.Plan()):
+        if "domain_id" not in cohort.batches:
+            raise ValueError("agnostic_fedavg needs a 'domain_id' feature in every example "
+                             f"(found {sorted(cohort.batches)})")
+        update = client_update(_weighted_model(model), client_optimizer)
+        window_mean = jnp.mean(state.domain_window, axis=0)
+        # A domain absent from the whole window counts as the initial window (1 example)
+        # instead of dividing by zero (FedJAX would produce inf/nan).
+        alpha = state.domain_weights / jnp.where(window_mean > 0, window_mean, 1.0)
+
+        def one_client(c):
+            batches, mask, n, slot = c
+            client_key = jax.random.fold_in(key, slot)
+            loss_sums, counts = domain_sums(model, state.params, batches,
+                                            first_epoch_mask(mask, n), num_domains,
+                                            jax.random.fold_in(client_key, DOMAIN_KEY))
+            beta = jnp.sum(alpha * counts)
+            scale = (jnp.sum(counts) if batch_loss == "mean"
+                     else jnp.sum(mask, -1, keepdims=True).astype(jnp.float32))
+            omega = alpha[batches["domain_id"]] * scale / jnp.where(beta > 0, beta, 1.0)
+            u = update(state.params, {**batches, WEIGHT_FEATURE: omega}, mask, n, client_key)
+            return u, beta, loss_sums, counts
+
+        slots = jnp.arange(cohort.mask.shape[0], dtype=jnp.int32)
+        updates, betas, loss_sums, counts = parallel.map_clients(
+            one_client, (cohort.batches, cohort.mask, cohort.num_examples, slots), plan)
+        delta, aggregator_state, agg_metrics = aggregator.apply(
+            updates.delta, betas, state.aggregator_state,
+            jax.random.fold_in(key, AGGREGATOR_KEY), cohort.slots)
+        server_updates, server_opt_state = server_optimizer.update(
+            delta, state.server_opt_state, state.params)
+        params = optax.apply_updates(state.params, server_updates)
+
+        domain_loss_sum, domain_num = jnp.sum(loss_sums, 0), jnp.sum(counts, 0)
+        domain_loss = jnp.where(domain_num > 0, domain_loss_sum / jnp.maximum(domain_num, 1.0), 0.0)
+        domain_weights = update_domain_weights(state.domain_weights, domain_loss,
+                                               domain_learning_rate, domain_algorithm)
+        window = jnp.concatenate([state.domain_window[1:], domain_num[None]], axis=0)
+
+        cohort_loss = jnp.sum(domain_loss_sum) / jnp.maximum(jnp.sum(domain_num), 1.0)
+        metrics = {**round_metrics(updates, delta), **agg_metrics, "agnostic/loss": cohort_loss}
+        for d in range(num_domains):
+            metrics[f"agnostic/domain_loss_{d}"] = domain_loss[d]
+            metrics[f"agnostic/domain_examples_{d}"] = domain_num[d]
+            metrics[f"agnostic/domain_weight_{d}"] = domain_weights[d]
+        new_state = AgnosticFedAvgState(params, server_opt_state, aggregator_state,
+                                        domain_weights, window)
+        return new_state, metrics
+
+    return FederatedAlgorithm(init, apply)
+
+
+def _build(client_optimizer, server_learning_rate, aggregator=None, *, num_domains,
+           domain_learning_rate=0.1, domain_algorithm="eg", domain_window_size=1,
+           init_domain_weights=None, init_domain_window=None, batch_loss="mean"):
+    return agnostic_fedavg(client_optimizer, optax.sgd(server_learning_rate), num_domains,
+                           domain_learning_rate=domain_learning_rate,
+                           domain_algorithm=domain_algorithm,
+                           domain_window_size=domain_window_size,
+                           init_domain_weights=init_domain_weights,
+                           init_domain_window=init_domain_window, batch_loss=batch_loss,
+                           aggregator=aggregator)
+
+
+ENTRY = AlgorithmEntry(
+    "agnostic_fedavg",
+    "FedAvg minimising the worst lambda-mixture of domain losses (EG on domain weights)",
+    _build,
+    "Mohri et al. 2019, Agnostic Federated Learning; Ro et al. 2021 (FedJAX's version)",
+    needs=("num_domains",))

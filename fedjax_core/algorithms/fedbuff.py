@@ -1,0 +1,258 @@
+"""FedBuff: buffered asynchronous aggregation, simulated one buffer per round.
+
+The asynchronous protocol (Nguyen et al. 2022, Algorithm 1): clients download the
+current model w_{t'} whenever they start, train locally, and upload
+`Delta_i = w_{t'} - ClientOpt-train(w_{t'}, D_i)`; the server adds arriving updates to
+a buffer and, once it holds K of them, steps
+
+    Delta = (1/K) sum_{i in buffer} s(tau_i) Delta_i,   w_{t+1} = w_t - eta_g Delta
+
+(optionally with server momentum), where `tau_i = t - t'` is the update's staleness,
+the number of server steps taken while client i trained. Algorithm 1 averages the K
+buffered updates; the experiments down-weight stale ones by `s(tau) = 1/sqrt(1 + tau)`.
+
+How the round engine simulates it. One round is one server step, i.e. one full buffer:
+
+- buffer size K = the cohort size; the cohort's clients are the K clients whose updates
+  land in this buffer;
+- client i's staleness `tau_i` is drawn from a delay distribution with the round key
+  (`client_staleness`), clipped to `max_staleness` and to the versions that exist
+  (`tau_i <= t`), and it trains from `w_{t - tau_i}`, which the server keeps in a ring
+  buffer of the last `max_staleness + 1` versions;
+- its delta is applied to the current `w_t`, weighted as below.
+
+Concurrency is implicit: with K arrivals per server step and an update in flight for
+about `tau + 1` steps, about `K (E[tau] + 1)` clients train at any time (Little's law).
+What the simulation does not model is the event timeline itself: the paper's simulator,
+FLSim, draws training start times and per-client training durations (optionally
+proportional to the client's number of examples), so a client's staleness depends on
+the other clients' speeds and may correlate with its data. Here `tau_i` is drawn per
+cohort slot, independently of the client and of the other slots, and is bounded by
+`max_staleness` (the paper's analysis assumes bounded staleness too). Delay
+distributions (`delay`), in server steps, with `tau = min(floor(d), max_staleness)`:
+
+    "uniform":      tau ~ Uniform{0, ..., max_staleness}   (d uniform, no clipping needed)
+    "half_normal":  d = delay_scale |N(0, 1)|              (FLSim's per-user half-normal durations)
+    "exponential":  d ~ Exponential(mean delay_scale)      (FLSim's per-user exponential durations)
+
+with `delay_scale` defaulting to `max_staleness / 2`.
+
+Weighting. FLSim (the authors' simulator) weighs an update by `example_weight(n_i) *
+s(tau_i)` and reduces the buffer with a weighted average. With `staleness_in="weight"`
+(default) this file does the same with example weights: the aggregator gets `Delta_i`
+and weights `n_i s(tau_i)`, so the mean is `sum n_i s_i Delta_i / sum n_i s_i` (relative
+down-weighting; a buffer of equally stale updates steps as far as a fresh one). With
+`staleness_in="delta"` the aggregator gets `s(tau_i) Delta_i` and weights `n_i`, so the
+mean is `sum n_i s_i Delta_i / sum n_i`, which with equal `n_i` is `(1/K) sum s_i Delta_i`,
+Algorithm 1's buffer average of staleness-scaled updates (stale buffers take shorter
+steps). With `max_staleness = 0`
+both are FedAvg.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_core import parallel
+from fedjax_core.aggregate.base import Aggregator
+from fedjax_core.aggregate.mean import mean
+from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
+from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY, round_metrics
+from fedjax_core.client import client_update
+from fedjax_core.typing import Array, Float, Int, Params, PRNGKey, State
+
+DELAY_KEY = AGGREGATOR_KEY - 1
+"""`fold_in(round_key, DELAY_KEY)` draws the cohort's stalenesses."""
+
+DELAYS = ("uniform", "half_normal", "exponential")
+STALENESS_IN = ("weight", "delta")
+
+
+class FedBuffState(NamedTuple):
+    """Server state of FedBuff.
+
+    Attributes:
+      params: the current global model `w_t`.
+      history: the last `max_staleness + 1` versions, every leaf `[max_staleness + 1, ...]`;
+        version v sits in row `v mod (max_staleness + 1)` (row of `t` holds `params`).
+      version: `Int[Array, ""]`, t, the number of server steps so far.
+      server_opt_state: the server optimizer state.
+      aggregator_state: the aggregator state.
+    """
+
+    params: Params
+    history: Params
+    version: Array
+    server_opt_state: optax.OptState
+    aggregator_state: State
+
+
+def client_staleness(round_key: PRNGKey, num_clients: int, max_staleness: int = 4,
+                     delay: str = "uniform", delay_scale: float | None = None
+                     ) -> Int[Array, "clients"]:
+    """The simulated staleness `tau_i` of each cohort slot, before clamping to `t`.
+
+    Slot s draws from `fold_in(fold_in(round_key, DELAY_KEY), s)`: the same round key gives
+    the same delays whatever the chunk size, and trailing padding clients change no other
+    slot's delay. See the module docstring for the distributions.
+
+    Args:
+      round_key: the round key.
+      num_clients: cohort size.
+      max_staleness: largest staleness, in server steps.
+      delay: "uniform", "half_normal" or "exponential".
+      delay_scale: the half-normal scale or the exponential mean, in server steps;
+        None: `max_staleness / 2`.
+
+    Returns:
+      `Int[Array, "clients"]`, values in `[0, max_staleness]`.
+
+    Example:
+      >>> client_staleness(jax.random.key(0), 5, max_staleness=4)
+    """
+    _check(max_staleness, delay, delay_scale)
+    if max_staleness == 0:
+        return jnp.zeros((num_clients,), jnp.int32)
+    key = jax.random.fold_in(round_key, DELAY_KEY)
+    scale = max_staleness / 2 if delay_scale is None else float(delay_scale)
+
+    def one(s):
+        k = jax.random.fold_in(key, s)
+        if delay == "uniform":
+            return jax.random.randint(k, (), 0, max_staleness + 1, dtype=jnp.int32)
+        if delay == "half_normal":
+            d = scale * jnp.abs(jax.random.normal(k, ()))
+        else:
+            d = scale * jax.random.exponential(k, ())
+        return jnp.minimum(jnp.floor(d), max_staleness).astype(jnp.int32)
+
+    return jax.vmap(one)(jnp.arange(num_clients, dtype=jnp.int32))
+
+
+def staleness_weight(tau, exponent: float = 0.5) -> Float[Array, "..."]:
+    """`s(tau) = (1 + tau)^(-exponent)`; the paper's `1/sqrt(1 + tau)` at 0.5."""
+    return jnp.power(1.0 + jnp.asarray(tau, jnp.float32), -exponent)
+
+
+def _check(max_staleness, delay, delay_scale=None):
+    if delay_scale is not None and not delay_scale > 0:
+        raise ValueError(f"delay_scale must be positive, got {delay_scale}")
+    if max_staleness < 0:
+        raise ValueError(f"max_staleness must be at least 0, got {max_staleness}")
+    if delay not in DELAYS:
+        raise ValueError(f"unknown delay distribution {delay!r}; choose one of: "
+                         f"{', '.join(DELAYS)}")
+
+
+def fedbuff(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
+            server_optimizer: optax.GradientTransformation = optax.sgd(1.0),
+            max_staleness: int = 4, staleness_exponent: float = 0.5,
+            delay: str = "uniform", delay_scale: float | None = None,
+            staleness_in: str = "weight",
+            aggregator: Aggregator | None = None) -> FederatedAlgorithm:
+    """FedBuff: a buffer of K = cohort-size updates, each trained from a stale model.
+
+    Update rule (round t = server step t, cohort S = the buffer):
+      `tau_i = min(client_staleness(key)_i, t)`,
+      `Delta_i = w_{t-tau_i} - ClientOpt^K(w_{t-tau_i}; D_i)`, `s_i = (1 + tau_i)^(-a)`,
+      `Delta = aggregator({Delta_i}, {n_i s_i})` (mean: `sum n_i s_i Delta_i / sum n_i s_i`)
+      or, with `staleness_in="delta"`, `aggregator({s_i Delta_i}, {n_i})`,
+      `w_{t+1} = w_t + ServerOpt(Delta)`.
+
+    Args:
+      client_optimizer: optax optimizer each client runs locally, fresh state each round.
+      server_optimizer: optax optimizer on the aggregated delta (the paper: SGD with
+        learning rate eta_g, optionally momentum).
+      max_staleness: largest simulated staleness; 0 is FedAvg. The state keeps
+        `max_staleness + 1` model versions.
+      staleness_exponent: a in `s(tau) = (1 + tau)^(-a)` (paper: 0.5; 0 turns it off).
+      delay: staleness distribution, "uniform", "half_normal" or "exponential".
+      delay_scale: half-normal scale / exponential mean in server steps (default
+        `max_staleness / 2`); unused by "uniform".
+      staleness_in: "weight" (FLSim's weighted average) or "delta" (Algorithm 1's scaled
+        deltas averaged over the buffer); see the module docstring.
+      aggregator: how the buffer is combined; defaults to the weighted `mean()`.
+
+    Returns:
+      A `FederatedAlgorithm`. Round metrics: `train/loss`, `train/num_examples`,
+      `train/delta_norm`, `fedbuff/mean_staleness` (mean of `tau_i` over the real clients
+      of the buffer), and the aggregator's.
+
+    Example:
+      >>> alg = fedbuff(optax.sgd(0.1), optax.sgd(1.0, momentum=0.9), max_staleness=4)
+      >>> state = alg.init(model.init(jax.random.key(0)))
+      >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
+
+    References:
+      Nguyen, Malik, Zhan, Yousefpour, Rabbat, Malek, Huba 2022, "Federated Learning
+      with Buffered Asynchronous Aggregation" (AISTATS), Algorithm 1; staleness weight
+      as in Xie et al. 2019, "Asynchronous Federated Optimization".
+    """
+    _check(max_staleness, delay, delay_scale)
+    if staleness_in not in STALENESS_IN:
+        raise ValueError(f"unknown staleness_in {staleness_in!r}; choose one of: "
+                         f"{', '.join(STALENESS_IN)}")
+    aggregator = aggregator or mean()
+    versions = max_staleness + 1
+
+    def init(params):
+        history = jax.tree.map(lambda x: jnp.broadcast_to(x, (versions,) + jnp.shape(x)), params)
+        return FedBuffState(params, history, jnp.zeros((), jnp.int32),
+                            server_optimizer.init(params), aggregator.init(params))
+
+    def apply(state, cohort, key, *, model, plan=parallel.Plan()):
+        update = client_update(model, client_optimizer)
+        num = cohort.mask.shape[0]
+        tau = jnp.minimum(client_staleness(key, num, max_staleness, delay, delay_scale),
+                          state.version)
+        rows = (state.version - tau) % versions
+
+        def one_client(c):
+            batches, mask, n, slot, row = c
+            start = jax.tree.map(lambda h: h[row], state.history)
+            return update(start, batches, mask, n, jax.random.fold_in(key, slot))
+
+        slots = jnp.arange(num, dtype=jnp.int32)
+        updates = parallel.map_clients(
+            one_client, (cohort.batches, cohort.mask, cohort.num_examples, slots, rows), plan)
+        s = staleness_weight(tau, staleness_exponent)
+        if staleness_in == "weight":
+            deltas, weights = updates.delta, updates.weight * s
+        else:
+            deltas = jax.tree.map(
+                lambda d: d * s.reshape((-1,) + (1,) * (d.ndim - 1)).astype(d.dtype), updates.delta)
+            weights = updates.weight
+        delta, aggregator_state, agg_metrics = aggregator.apply(
+            deltas, weights, state.aggregator_state,
+            jax.random.fold_in(key, AGGREGATOR_KEY), cohort.slots)
+        server_updates, server_opt_state = server_optimizer.update(
+            delta, state.server_opt_state, state.params)
+        params = optax.apply_updates(state.params, server_updates)
+        version = state.version + 1
+        history = jax.tree.map(lambda h, p: h.at[version % versions].set(p), state.history, params)
+        real = (jnp.asarray(cohort.num_examples) > 0).astype(jnp.float32)
+        metrics = {
+            **round_metrics(updates, delta),
+            "fedbuff/mean_staleness": jnp.sum(tau * real) / jnp.maximum(jnp.sum(real), 1.0),
+            **agg_metrics,
+        }
+        return FedBuffState(params, history, version, server_opt_state, aggregator_state), metrics
+
+    return FederatedAlgorithm(init, apply)
+
+
+def _build(client_optimizer, server_learning_rate, aggregator=None, max_staleness=4,
+           staleness_exponent=0.5, delay="uniform", delay_scale=None, staleness_in="weight",
+           server_momentum=0.0):
+    server = optax.sgd(server_learning_rate, momentum=server_momentum or None)
+    return fedbuff(client_optimizer, server, max_staleness, staleness_exponent, delay,
+                   delay_scale, staleness_in, aggregator)
+
+
+ENTRY = AlgorithmEntry(
+    "fedbuff",
+    "FedBuff: asynchronous buffered aggregation, stale client starts simulated per round",
+    _build,
+    "Nguyen et al. 2022, Federated Learning with Buffered Asynchronous Aggregation")

@@ -1,0 +1,235 @@
+"""FedNova: normalized averaging, which removes FedAvg's bias towards clients taking more steps.
+
+Round t, for a cohort S of clients with n_i examples, p_i = n_i / sum_{j in S} n_j:
+
+    for each client i in S, in parallel:
+        run tau_i local SGD steps (learning rate eta, momentum rho, proximal weight mu)
+        Delta_i = w_t - w_i = eta sum_k a_{i,k} g_{i,k}          # g: gradients of F_i
+        d_i = Delta_i / ||a_i||_1                                 # normalized update
+    tau_eff = sum_i p_i ||a_i||_1
+    w_{t+1} = w_t - eta_s tau_eff sum_i p_i d_i                   # aggregator: the p-mean
+
+The weights a_i say how much each local gradient counts in Delta_i; they depend only on
+tau_i and the local solver (k = 0 .. tau_i - 1; the paper's examples):
+
+    plain SGD:                 a_i = [1, ..., 1],                   ||a_i||_1 = tau_i
+    momentum rho:              a_{i,k} = (1 - rho^(tau_i - k)) / (1 - rho)
+                               ||a_i||_1 = (tau_i - rho (1 - rho^tau_i) / (1 - rho)) / (1 - rho)
+    proximal mu, alpha = eta mu:  a_{i,k} = (1 - alpha)^(tau_i - 1 - k)
+                               ||a_i||_1 = (1 - (1 - alpha)^tau_i) / alpha
+
+With both momentum and a proximal term (the proximal gradient goes into the momentum
+buffer, as `client.local_train` adds it to the loss) the paper gives no closed form;
+`||a_i||_1` is then the exact sum of `|a_{i,k}|`, the solver's response at step tau_i
+to a unit gradient at step k, computed by running the scalar recurrence.
+
+Because the a_i must describe the local solver exactly, FedNova builds the clients'
+optimizer itself: `optax.sgd(client_learning_rate, momentum)` (optax's heavy ball,
+`b <- rho b + g; w <- w - eta b`, like PyTorch's SGD used by the authors), with a
+constant learning rate. The registry's builder takes the run's client optimizer only to
+check, on a probe, that it is that SGD, and raises ValueError otherwise (e.g. Adam, or
+momentum SGD without the option `momentum`), rather than normalise by the wrong a_i.
+
+Differences from the authors' code (github.com/JYWa/FedNova), which follows the paper
+for plain SGD and momentum: with a proximal term it sets `tau_eff = sum p_i tau_i`
+(here `sum p_i ||a_i||_1`, as in the paper's general update rule) and adds
+`mu (w - w_0)` after the momentum buffer rather than inside it; weight decay is not
+modelled here.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_core import parallel, tree
+from fedjax_core.aggregate.base import Aggregator
+from fedjax_core.aggregate.mean import mean
+from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
+from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY, round_metrics
+from fedjax_core.algorithms.fedprox import proximal_term
+from fedjax_core.client import client_update
+from fedjax_core.typing import Array, ArrayLike, Params, State
+
+
+class FedNovaState(NamedTuple):
+    """Server state of FedNova."""
+
+    params: Params
+    server_opt_state: optax.OptState
+    aggregator_state: State
+
+
+def local_solver(client_learning_rate: float, momentum: float = 0.0,
+                 ) -> optax.GradientTransformation:
+    """The clients' optimizer FedNova's normalisation assumes: SGD, heavy-ball `momentum`."""
+    return optax.sgd(client_learning_rate, momentum=momentum if momentum else None)
+
+
+def a_norm(tau: ArrayLike, momentum: float = 0.0, eta_mu: float = 0.0) -> Array:
+    """`||a||_1` for `tau` local steps of SGD with `momentum` rho and `eta_mu` = eta * mu.
+
+    Closed forms of the paper when at most one of rho, eta * mu is nonzero; with both,
+    the sum of `|r(m)|` for m = 1..tau, where `r(m)` is the (negated, 1/eta-scaled)
+    displacement m steps after a unit gradient, under
+    `b <- rho b + g + mu (w - w_0)`, `w <- w - eta b`.
+
+    Args:
+      tau: scalar or array of step counts (int or float), >= 0.
+      momentum: rho in [0, 1).
+      eta_mu: client learning rate times proximal weight, in [0, 1).
+
+    Returns:
+      Float array shaped like `tau`; 0 where `tau` is 0.
+
+    Example:
+      >>> a_norm(3, momentum=0.5)      # 1 + 1.5 + 1.75
+      Array(4.25, dtype=float32)
+    """
+    tau = jnp.asarray(tau, jnp.float32)
+    rho, alpha = float(momentum), float(eta_mu)
+    if rho == 0.0 and alpha == 0.0:
+        return tau
+    if alpha == 0.0:
+        return (tau - rho * (1.0 - rho ** tau) / (1.0 - rho)) / (1.0 - rho)
+    if rho == 0.0:
+        return (1.0 - (1.0 - alpha) ** tau) / alpha
+    # Both: run the scalar recurrence from a unit impulse, e = (w - w_0) / eta.
+    # Step 1 consumes the impulse g = 1; later steps g = 0. r(m) = -e_m.
+    def one(t):
+        def body(m, carry):
+            b, e, total = carry
+            g = jnp.where(m == 0, 1.0, 0.0)
+            b = rho * b + g + alpha * e
+            e = e - b
+            return b, e, total + jnp.abs(e)
+        zero = jnp.zeros((), jnp.float32)
+        return jax.lax.fori_loop(0, t.astype(jnp.int32), body, (zero, zero, zero))[2]
+    return jnp.vectorize(one)(tau)
+
+
+def fednova(client_learning_rate: float, server_learning_rate: float = 1.0,
+            momentum: float = 0.0, proximal_weight: float = 0.0,
+            server_momentum: float = 0.0,
+            aggregator: Aggregator | None = None) -> FederatedAlgorithm:
+    """FedNova: average `Delta_i / ||a_i||_1`, then rescale by `tau_eff = sum p_i ||a_i||_1`.
+
+    Update rule (round t, cohort S, `p_i = n_i / sum n_j`):
+      each client runs `tau_i` steps (its non-empty packed steps) of
+      `sgd(client_learning_rate, momentum)` on `L_k(w) + mu/2 ||w - w_t||^2`,
+      `Delta_i = w_t - w_i`, `d_i = Delta_i / ||a_i||_1` (see `a_norm`),
+      `d = aggregator({d_i}, {n_i})` (mean: `sum p_i d_i`),
+      `tau_eff = sum p_i ||a_i||_1`,
+      `w_{t+1} = w_t + sgd(eta_s, server_momentum).update(tau_eff * d)`.
+    With equal tau_i and plain SGD this is FedAvg with server learning rate eta_s.
+
+    Args:
+      client_learning_rate: eta, the clients' constant SGD step size (the clients run
+        `local_solver(eta, momentum)`, built here so that `a_i` is right).
+      server_learning_rate: eta_s; 1.0 as in the paper.
+      momentum: rho, the clients' heavy-ball momentum (the paper's experiments: 0.9).
+      proximal_weight: mu, FedProx's proximal term in the local objective (0: none).
+      server_momentum: heavy-ball momentum of the server SGD (the authors' code's
+        "gmf"); 0 as in the paper's Algorithm.
+      aggregator: how the normalized updates d_i are combined, with weights n_i;
+        defaults to the example-weighted `mean()` (= `sum p_i d_i`).
+
+    Returns:
+      A `FederatedAlgorithm` with `FedNovaState`. Round metrics: `train/loss`,
+      `train/num_examples`, `train/delta_norm` (norm of `tau_eff * d`),
+      `train/tau_eff`, `train/mean_local_steps` (example-weighted mean of tau_i), and
+      the aggregator's.
+
+    Example:
+      >>> alg = fednova(client_learning_rate=0.1, momentum=0.9)
+      >>> state = alg.init(model.init(jax.random.key(0)))
+      >>> state, metrics = alg.apply(state, cohort, round_key, model=model)
+
+    References:
+      Wang et al. 2020, "Tackling the Objective Inconsistency Problem in Heterogeneous
+      Federated Optimization" (NeurIPS), which gives the a_i of momentum and proximal
+      SGD.
+    """
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if proximal_weight < 0:
+        raise ValueError(f"proximal_weight must be >= 0, got {proximal_weight}")
+    eta_mu = client_learning_rate * proximal_weight
+    if eta_mu >= 1.0:
+        raise ValueError(f"client_learning_rate * proximal_weight must be < 1, got {eta_mu}")
+    aggregator = aggregator or mean()
+    client_optimizer = local_solver(client_learning_rate, momentum)
+    regularizer = proximal_term(proximal_weight) if proximal_weight else None
+    server_optimizer = optax.sgd(server_learning_rate,
+                                 momentum=server_momentum if server_momentum else None)
+
+    def init(params):
+        return FedNovaState(params, server_optimizer.init(params), aggregator.init(params))
+
+    def apply(state, cohort, key, *, model, plan=parallel.Plan()):
+        update = client_update(model, client_optimizer, regularizer=regularizer)
+
+        def one_client(c):
+            batches, mask, n, slot = c
+            u = update(state.params, batches, mask, n, jax.random.fold_in(key, slot),
+                       context=state.params)
+            tau = jnp.sum(jnp.any(mask, axis=-1))
+            norm = a_norm(tau, momentum, eta_mu)
+            d = tree.scale(u.delta, 1.0 / jnp.where(norm > 0, norm, 1.0))
+            return u._replace(delta=d), norm, tau.astype(jnp.float32)
+
+        slots = jnp.arange(cohort.mask.shape[0], dtype=jnp.int32)
+        updates, norms, taus = parallel.map_clients(
+            one_client, (cohort.batches, cohort.mask, cohort.num_examples, slots), plan)
+        d, aggregator_state, agg_metrics = aggregator.apply(
+            updates.delta, updates.weight, state.aggregator_state,
+            jax.random.fold_in(key, AGGREGATOR_KEY), cohort.slots)
+        total = jnp.sum(updates.weight)
+        p = updates.weight / jnp.where(total > 0, total, 1.0)
+        tau_eff = jnp.sum(p * norms)
+        step = tree.scale(d, tau_eff)
+        server_updates, server_opt_state = server_optimizer.update(
+            step, state.server_opt_state, state.params)
+        params = optax.apply_updates(state.params, server_updates)
+        metrics = {**round_metrics(updates, step), "train/tau_eff": tau_eff,
+                   "train/mean_local_steps": jnp.sum(p * taus), **agg_metrics}
+        return FedNovaState(params, server_opt_state, aggregator_state), metrics
+
+    return FederatedAlgorithm(init, apply)
+
+
+def _matches_sgd(optimizer: optax.GradientTransformation, learning_rate: float,
+                 momentum: float) -> bool:
+    """Whether `optimizer` answers the gradients 2, 0, 0 as `sgd(learning_rate, momentum)`."""
+    w = jnp.zeros((), jnp.float32)
+    state = optimizer.init(w)
+    got = []
+    for g in (2.0, 0.0, 0.0):
+        u, state = optimizer.update(jnp.float32(g), state, w)
+        got.append(float(u))
+    want = [-2.0 * learning_rate * momentum ** k for k in range(3)]
+    return np.allclose(got, want, rtol=1e-5, atol=1e-12 + 1e-6 * abs(learning_rate))
+
+
+def _build(client_optimizer, server_learning_rate, aggregator=None, *, client_learning_rate,
+           momentum=0.0, proximal_weight=0.0, server_momentum=0.0):
+    """Registry builder. The clients run `sgd(client_learning_rate, momentum)` built by
+    FedNova; `client_optimizer` must behave like it (checked on a probe), else ValueError."""
+    if not _matches_sgd(client_optimizer, client_learning_rate, momentum):
+        raise ValueError(
+            "fednova normalises updates for plain SGD: the client optimizer must be "
+            f"optax.sgd({client_learning_rate}"
+            + (f", momentum={momentum})" if momentum else ")")
+            + " with a constant learning rate (set the option `momentum` to the client "
+            "optimizer's momentum)")
+    return fednova(client_learning_rate, server_learning_rate, momentum=momentum,
+                   proximal_weight=proximal_weight, server_momentum=server_momentum,
+                   aggregator=aggregator)
+
+
+ENTRY = AlgorithmEntry(
+    "fednova", "normalized averaging: client updates divided by their local work ||a_i||_1",
+    _build, "Wang et al. 2020, Tackling the Objective Inconsistency Problem (NeurIPS)",
+    needs=("client_learning_rate",))

@@ -1,0 +1,167 @@
+"""FedSGD: one full-batch gradient per client, averaged, one server SGD step.
+
+Round t, for a cohort S of clients with n_i examples each:
+
+    for each client i in S, in parallel:
+        g_i = grad_w F_i(w_t),   F_i(w) = 1/n_i sum_{j in D_i} loss(w; x_j, y_j)
+    g = sum_i n_i g_i / sum_i n_i                            # aggregator (default: mean)
+    w_{t+1} = w_t - eta_s g                                  # sgd(eta_s, server_momentum)
+
+This is the baseline of McMahan et al. 2017 (FedAvg with E = 1 and B = infinity).
+
+Each example counts once. A packed client holds its examples `epochs` times (each
+epoch a fresh permutation, concatenated and cut into batches, see `data/pack.py`), and
+`max_steps` may cut that stream inside an epoch, so the masked mean over all its slots
+could count some examples more often than others. The gradient therefore uses only the
+first `n_i` slots of the client's flattened batch stream, which are exactly one
+permutation of its data (the first epoch); it also skips the later epochs' steps. When
+`max_steps` cuts the stream before `n_i` slots, the gradient is the mean over the
+examples that were packed, while the client's weight stays `n_i`, as in FedAvg. The
+gradient is accumulated batch by batch (sums of per-example gradients, divided once by
+the count), so memory stays that of one batch.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_core import parallel, tree
+from fedjax_core.aggregate.base import Aggregator
+from fedjax_core.aggregate.mean import mean
+from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
+from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY, round_metrics
+from fedjax_core.client import ClientUpdate, first_epoch_mask
+from fedjax_core.models.base import Model
+from fedjax_core.typing import Params, State
+
+
+class FedSGDState(NamedTuple):
+    """Server state of FedSGD."""
+
+    params: Params
+    server_opt_state: optax.OptState
+    aggregator_state: State
+
+
+def full_batch(model: Model, with_grad: bool = True, train: bool = True):
+    """Builds `f(params, batches, mask, key) -> (loss_sum, grad_sum, count)` for one client.
+
+    `loss_sum = sum_j m_j loss_j(params)` and `grad_sum = grad_params loss_sum` over
+    every masked slot of every step (`grad_sum` is None when `with_grad` is False);
+    `count = sum_j m_j`. The steps run in a `lax.fori_loop` up to the last non-empty
+    one; step k's dropout key is `fold_in(key, k)`. Pass `first_epoch_mask(...)` as
+    `mask` to get the client's empirical loss `F_i = loss_sum / count`.
+
+    Args:
+      model: the model.
+      with_grad: also accumulate the gradient.
+      train: run the model's training path (dropout on; needs `key`).
+
+    Returns:
+      The function, for `batches` feature -> `[steps, batch, ...]` and `mask`
+      `[steps, batch]` (non-empty steps first).
+    """
+
+    def loss_sum(p, batch, m, k):
+        preds = model.apply(p, batch, key=k, train=train)
+        per_example = model.loss(batch, preds)
+        return jnp.sum(per_example * m.astype(per_example.dtype))
+
+    value_and_grad = jax.value_and_grad(loss_sum)
+
+    def f(params, batches, mask, key=None):
+        steps = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
+
+        def step(k, carry):
+            total, grads = carry
+            batch = jax.tree.map(lambda x: x[k], batches)
+            sub = None if key is None else jax.random.fold_in(key, k)
+            if with_grad:
+                value, g = value_and_grad(params, batch, mask[k], sub)
+                return total + value, tree.add(grads, g)
+            return total + loss_sum(params, batch, mask[k], sub), grads
+
+        zero = jnp.zeros((), jnp.float32)
+        grads0 = tree.zeros_like(params) if with_grad else None
+        total, grads = jax.lax.fori_loop(0, steps, step, (zero, grads0))
+        return total, grads, jnp.sum(mask).astype(jnp.float32)
+
+    return f
+
+
+def fedsgd(server_learning_rate: float, server_momentum: float = 0.0,
+           aggregator: Aggregator | None = None) -> FederatedAlgorithm:
+    """FedSGD: the server descends the example-weighted mean of full-batch client gradients.
+
+    Update rule (round t, cohort S):
+      `g_i = 1/n_i sum_{j in D_i} grad loss_j(w_t)` (each example once, see the module
+      docstring for epochs > 1), `g = aggregator({g_i}, {n_i})` (mean: `sum n_i g_i /
+      sum n_i`), `w_{t+1} = w_t + sgd(eta_s, momentum).update(g)`.
+
+    There is no client optimizer: a client takes no local step, it only computes its
+    gradient (in the model's training mode, so with dropout where the model has it).
+
+    Args:
+      server_learning_rate: eta_s, the step size of the global SGD.
+      server_momentum: heavy-ball momentum of the server SGD; 0 is plain FedSGD.
+      aggregator: how the gradients are combined; defaults to the example-weighted
+        `mean()`.
+
+    Returns:
+      A `FederatedAlgorithm` with `FedSGDState`. Round metrics: `train/loss` (the
+      cohort's example-weighted loss at w_t), `train/num_examples`, `train/delta_norm`
+      (norm of the aggregated gradient g), and the aggregator's.
+
+    Example:
+      >>> alg = fedsgd(server_learning_rate=0.5)
+      >>> state = alg.init(model.init(jax.random.key(0)))
+      >>> state, metrics = alg.apply(state, cohort, round_key, model=model)
+
+    References:
+      McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
+      Decentralized Data" (AISTATS): FederatedSGD, the baseline of its experiments.
+    """
+    aggregator = aggregator or mean()
+    server_optimizer = optax.sgd(server_learning_rate,
+                                 momentum=server_momentum if server_momentum else None)
+
+    def init(params):
+        return FedSGDState(params, server_optimizer.init(params), aggregator.init(params))
+
+    def apply(state, cohort, key, *, model, plan=parallel.Plan()):
+        gradient = full_batch(model, with_grad=True, train=True)
+
+        def one_client(c):
+            batches, mask, n, slot = c
+            loss_sum, grad_sum, count = gradient(
+                state.params, batches, first_epoch_mask(mask, n), jax.random.fold_in(key, slot))
+            return ClientUpdate(delta=tree.scale(grad_sum, 1.0 / jnp.maximum(count, 1.0)),
+                                weight=jnp.asarray(n, jnp.float32),
+                                loss_sum=loss_sum, examples_seen=count)
+
+        slots = jnp.arange(cohort.mask.shape[0], dtype=jnp.int32)
+        updates = parallel.map_clients(
+            one_client, (cohort.batches, cohort.mask, cohort.num_examples, slots), plan)
+        grad, aggregator_state, agg_metrics = aggregator.apply(
+            updates.delta, updates.weight, state.aggregator_state,
+            jax.random.fold_in(key, AGGREGATOR_KEY), cohort.slots)
+        server_updates, server_opt_state = server_optimizer.update(
+            grad, state.server_opt_state, state.params)
+        params = optax.apply_updates(state.params, server_updates)
+        metrics = {**round_metrics(updates, grad), **agg_metrics}
+        return FedSGDState(params, server_opt_state, aggregator_state), metrics
+
+    return FederatedAlgorithm(init, apply)
+
+
+def _build(client_optimizer, server_learning_rate, aggregator=None, server_momentum=0.0):
+    """Registry builder: FedSGD has no client optimizer, `client_optimizer` is ignored."""
+    del client_optimizer
+    return fedsgd(server_learning_rate, server_momentum=server_momentum, aggregator=aggregator)
+
+
+ENTRY = AlgorithmEntry(
+    "fedsgd", "one full-batch gradient per client, weighted mean, server SGD (no local steps)",
+    _build, "McMahan et al. 2017, Communication-Efficient Learning (FederatedSGD)")

@@ -1,0 +1,400 @@
+"""HypCluster: K cluster models; each client trains the one that fits its data best.
+
+State: K models `w^1..w^K` (stacked, leading axis K), each with its own server
+optimizer state. Round t, for a cohort S of clients with n_i examples each:
+
+    for each client i in S, in parallel:
+        L_i^k = mean loss of w_t^k on client i's examples (each example once), k = 1..K
+        c_i = argmin_k L_i^k                                   # maximization step
+        Delta_i = w_t^{c_i} - ClientOpt-train(w_t^{c_i}, client i's data)
+    for each cluster k:                                        # expectation step
+        S_k = {i in S : c_i = k}
+        if S_k has examples:
+            Delta^k = sum_{i in S_k} n_i Delta_i / sum_{i in S_k} n_i   # aggregator (mean)
+            w_{t+1}^k = w_t^k + ServerOpt_k.update(Delta^k)
+        else:
+            w_{t+1}^k = w_t^k                                  # and its optimizer state
+
+Initialisation (k-means++ variant, as FedJAX's `ModelKMeansInitializer`/`kmeans_init`):
+`init(params)` puts `params` in all K slots and marks the state uninitialised. The first
+round with at least one real client then spends its client work on choosing the centers
+instead of a HypCluster update:
+
+    every client i of the cohort trains from params:        v_i = ClientOpt-train(params, D_i)
+    center_1 = v_j, j drawn uniformly among the real clients
+    for m = 2..K:
+        b_i = min_{l < m} L_i(center_l)                         # best loss so far
+        center_m = v_j, j = argmax_{i not yet chosen} b_i      # worst-served client
+    w^k = center_k, fresh server optimizer states
+
+This needs no extra step from the user (the facade just calls `init` then rounds) and
+uses exactly the candidates FedJAX's initializer uses (clients trained from shared
+initial params), drawn from the first round's cohort instead of a separate set of
+clients. Unlike FedJAX, a client already chosen is not chosen again (FedJAX leaves this
+as an open TODO; a repeated center would be a cluster that never wins a client) unless
+the cohort has fewer real clients than K. Losses are `model.loss` with `train=False`.
+The round runs under `lax.cond` on the state's `initialized` flag, so it is
+still one jitted call with one state shape. With K = 1 there is nothing to choose: the
+single model starts at `params` and every round is FedAvg.
+
+`state.params` (what the default evaluation and the facade read) is cluster 0's model;
+the algorithm's own `evaluate` picks a cluster per client instead.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_core import parallel, tree
+from fedjax_core.aggregate.base import Aggregator
+from fedjax_core.aggregate.mean import mean
+from fedjax_core.algorithms.base import AlgorithmEntry, EvalClients, FederatedAlgorithm
+from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY, round_metrics
+from fedjax_core.client import ClientUpdate, client_update, local_train
+from fedjax_core.evaluate import global_metrics, metric_totals, ratios
+from fedjax_core.models.base import Model
+from fedjax_core.typing import Array, Float, Int, Params, PRNGKey
+
+KMEANS_KEY = AGGREGATOR_KEY - 1
+"""`fold_in(round_key, KMEANS_KEY)` draws the first k-means++ center."""
+
+
+class HypClusterState(NamedTuple):
+    """Server state of HypCluster.
+
+    Attributes:
+      params: cluster 0's model (for the default evaluation and the facade).
+      cluster_params: the K models, every leaf `[K, ...]`.
+      server_opt_state: the K server optimizer states, stacked on a leading K axis.
+      aggregator_state: a tuple of K aggregator states, one per cluster.
+      initialized: `Bool[Array, ""]`, False until the k-means++ round has run.
+    """
+
+    params: Params
+    cluster_params: Params
+    server_opt_state: optax.OptState
+    aggregator_state: tuple
+    initialized: Array
+
+
+def kmeans_first_center(round_key: PRNGKey, num_examples: Int[Array, "clients"]) -> Int[Array, ""]:
+    """The cohort slot of the first k-means++ center: uniform among clients with examples.
+
+    Slot s draws `u_s ~ U(0, 1)` from `fold_in(fold_in(round_key, KMEANS_KEY), s)` and the
+    real client with the largest `u_s` wins, so trailing padding clients change nothing.
+    """
+    real = jnp.asarray(num_examples) > 0
+    key = jax.random.fold_in(round_key, KMEANS_KEY)
+    u = jax.vmap(lambda s: jax.random.uniform(jax.random.fold_in(key, s)))(
+        jnp.arange(real.shape[0], dtype=jnp.int32))
+    return jnp.argmax(jnp.where(real, u, -1.0))
+
+
+def first_epoch_loss(model: Model, params: Params, batches, mask, num_examples) -> Float[Array, ""]:
+    """Mean training loss of one client's examples, each counted once (`train=False`).
+
+    A packed client's stream is its epochs one after another, so the first `n` slots
+    of its steps hold each of its `n` examples once; later epochs are not counted. Only
+    the steps that hold them are computed. When `max_steps` cuts even the first epoch,
+    the loss is over the examples the cohort holds (FedJAX evaluates all of them). A
+    client without examples gets 0.
+
+    Args:
+      model: the model.
+      params: one model's parameters.
+      batches: feature -> `[steps, batch, ...]`, one packed client.
+      mask: `Bool[Array, "steps batch"]`.
+      num_examples: the client's number of examples n.
+
+    Returns:
+      A scalar.
+    """
+    batches, mask = jax.tree.map(jnp.asarray, batches), jnp.asarray(mask)
+    batch_size = mask.shape[-1]
+    n = jnp.asarray(num_examples, jnp.int32)
+    nonempty = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
+    steps = jnp.minimum((n + batch_size - 1) // batch_size, nonempty)
+    positions = jnp.arange(batch_size, dtype=jnp.int32)
+
+    def body(k, carry):
+        total, count = carry
+        batch = jax.tree.map(lambda x: x[k], batches)
+        valid = mask[k] & (k * batch_size + positions < n)
+        per_example = model.loss(batch, model.apply(params, batch, train=False))
+        total = total + jnp.sum(jnp.where(valid, per_example, 0.0))
+        return total, count + jnp.sum(valid.astype(jnp.float32))
+
+    zero = jnp.zeros((), jnp.float32)
+    total, count = jax.lax.fori_loop(0, steps, body, (zero, zero))
+    return total / jnp.maximum(count, 1.0)
+
+
+def _take(stacked: Params, index) -> Params:
+    return jax.tree.map(lambda x: x[index], stacked)
+
+
+def _select(cond, new, old):
+    """`new` where `cond` (a scalar, or `[K]` against leaves `[K, ...]`), else `old`."""
+    def pick(a, b):
+        c = jnp.reshape(cond, jnp.shape(cond) + (1,) * (jnp.ndim(a) - jnp.ndim(cond)))
+        return jnp.where(c, a, b)
+    return jax.tree.map(pick, new, old)
+
+
+def _cluster_counts(assign, real, num_clusters) -> dict:
+    return {f"hypcluster/cluster_{k}_clients": jnp.sum((assign == k) & real).astype(jnp.float32)
+            for k in range(num_clusters)}
+
+
+def hypcluster(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
+               server_optimizer: optax.GradientTransformation = optax.sgd(1.0),
+               num_clusters: int = 2,
+               aggregator: Aggregator | None = None) -> FederatedAlgorithm:
+    """HypCluster: each client trains the cluster model with the lowest loss on its data.
+
+    Update rule (round t, cohort S, see the module docstring for the initial round):
+      `c_i = argmin_k mean-loss(w_t^k; D_i)`, `Delta_i = w_t^{c_i} - ClientOpt^K(w_t^{c_i}; D_i)`,
+      `Delta^k = aggregator({Delta_i : c_i = k}, {n_i})`,
+      `w_{t+1}^k = w_t^k + ServerOpt_k(Delta^k)` for clusters with clients, others unchanged.
+
+    Args:
+      client_optimizer: optax optimizer each client runs locally, fresh state each round.
+      server_optimizer: optax optimizer applied per cluster (each its own state).
+      num_clusters: K >= 1. K = 1 is FedAvg.
+      aggregator: how a cluster combines its clients' deltas (each cluster keeps its own
+        aggregator state; cluster k's key is `fold_in(fold_in(key, AGGREGATOR_KEY), k)`
+        when K > 1); defaults to the example-weighted `mean()`.
+
+    Returns:
+      A `FederatedAlgorithm` with `evaluate` (see `hypcluster_evaluate`). Round metrics:
+      `train/loss`, `train/num_examples`, `train/delta_norm` (L2 norm of the K clusters'
+      aggregated deltas together; in the k-means round, of the change of the K models),
+      `hypcluster/cluster_<k>_clients` (real clients assigned to cluster k),
+      `hypcluster/loss` (example-weighted mean over clients of their chosen cluster's
+      loss at the round's start), and the aggregator's metrics (mean over the clusters
+      that had clients; 0 in the k-means round).
+
+    Example:
+      >>> alg = hypcluster(optax.sgd(0.1), optax.sgd(1.0), num_clusters=3)
+      >>> state = alg.init(model.init(jax.random.key(0)))
+      >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
+      >>> alg.evaluate(model, state, test_data, 256, EvalClients(rows=None, train=train_data))
+
+    References:
+      Mansour, Mohri, Ro, Suresh 2020, "Three Approaches for Personalization with
+      Applications to Federated Learning" (arXiv:2002.10619), HypCluster; FedJAX
+      `fedjax/algorithms/hyp_cluster.py` (maximization/expectation steps, `kmeans_init`).
+    """
+    if num_clusters < 1:
+        raise ValueError(f"num_clusters must be at least 1, got {num_clusters}")
+    aggregator = aggregator or mean()
+    K = num_clusters
+
+    def init(params):
+        stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (K,) + jnp.shape(x)), params)
+        return HypClusterState(
+            params=params,
+            cluster_params=stacked,
+            server_opt_state=jax.vmap(server_optimizer.init)(stacked),
+            aggregator_state=tuple(aggregator.init(params) for _ in range(K)),
+            initialized=jnp.asarray(K == 1),
+        )
+
+    def apply(state, cohort, key, *, model, plan=parallel.Plan()):
+        num = cohort.mask.shape[0]
+        slots = jnp.arange(num, dtype=jnp.int32)
+        inputs = (cohort.batches, cohort.mask, cohort.num_examples, slots)
+        real = jnp.asarray(cohort.num_examples) > 0
+        agg_key = jax.random.fold_in(key, AGGREGATOR_KEY)
+
+        def cluster_key(k):
+            return agg_key if K == 1 else jax.random.fold_in(agg_key, k)
+
+        def hyp_round(state):
+            update = client_update(model, client_optimizer)
+
+            def one_client(c):
+                batches, mask, n, slot = c
+                losses = jax.vmap(lambda p: first_epoch_loss(model, p, batches, mask, n))(
+                    state.cluster_params)
+                k = jnp.argmin(losses)
+                u = update(_take(state.cluster_params, k), batches, mask, n,
+                           jax.random.fold_in(key, slot))
+                return u, k, losses[k]
+
+            updates, assign, chosen_loss = parallel.map_clients(one_client, inputs, plan)
+            deltas, agg_states, agg_metrics, has = [], [], [], []
+            for k in range(K):
+                weights = jnp.where(assign == k, updates.weight, 0.0)
+                delta, agg_state, metrics = aggregator.apply(
+                    updates.delta, weights, state.aggregator_state[k], cluster_key(k), cohort.slots)
+                used = jnp.sum(weights) > 0
+                deltas.append(delta)
+                agg_states.append(_select(used, agg_state, state.aggregator_state[k]))
+                agg_metrics.append(metrics)
+                has.append(used)
+            has = jnp.stack(has)
+            deltas = jax.tree.map(lambda *d: jnp.stack(d), *deltas)
+            server_updates, opt_state = jax.vmap(server_optimizer.update)(
+                deltas, state.server_opt_state, state.cluster_params)
+            stepped = optax.apply_updates(state.cluster_params, server_updates)
+            cluster_params = _select(has, stepped, state.cluster_params)
+            opt_state = _select(has, opt_state, state.server_opt_state)
+            used = has.astype(jnp.float32)
+            metrics = {
+                **round_metrics(updates, deltas),
+                **_cluster_counts(assign, real, K),
+                "hypcluster/loss": _weighted(chosen_loss, updates.weight),
+                **{name: jnp.sum(jnp.stack([jnp.asarray(m[name], jnp.float32) for m in agg_metrics])
+                                 * used) / jnp.maximum(jnp.sum(used), 1.0)
+                   for name in agg_metrics[0]},
+            }
+            new = HypClusterState(_take(cluster_params, 0), cluster_params, opt_state,
+                                  tuple(agg_states), state.initialized)
+            return new, metrics
+
+        def kmeans_round(state):
+            train = local_train(model, client_optimizer)
+            base = _take(state.cluster_params, 0)
+
+            def one_client(c):
+                batches, mask, n, slot = c
+                trained, loss_sum, seen = train(base, batches, mask, jax.random.fold_in(key, slot))
+                return trained, ClientUpdate(tree.sub(base, trained), jnp.asarray(n, jnp.float32),
+                                             loss_sum, seen)
+
+            candidates, updates = parallel.map_clients(one_client, inputs, plan)
+
+            def losses_on(params):
+                def one(c):
+                    batches, mask, n, _ = c
+                    return first_epoch_loss(model, params, batches, mask, n)
+                return parallel.map_clients(one, inputs, plan)
+
+            first = kmeans_first_center(key, cohort.num_examples)
+
+            def add_center(m, carry):
+                # Center m: the first draw, then the worst-served client not yet chosen.
+                best, taken, chosen, losses = carry
+                score = jnp.where(real & ~taken, best,
+                                  jnp.where(real, jnp.finfo(jnp.float32).min, -jnp.inf))
+                nxt = jnp.where(m == 0, first, jnp.argmax(score))
+                loss = losses_on(_take(candidates, nxt))
+                return (jnp.minimum(best, loss), taken.at[nxt].set(True), chosen.at[m].set(nxt),
+                        losses.at[m].set(loss))
+
+            best, _, chosen, losses = jax.lax.fori_loop(0, K, add_center, (
+                jnp.full((num,), jnp.inf, jnp.float32), jnp.zeros((num,), bool),
+                jnp.zeros((K,), jnp.int32), jnp.zeros((K, num), jnp.float32)))
+            centers = _take(candidates, chosen)
+            assign = jnp.argmin(losses, axis=0)
+            agg_shapes = jax.eval_shape(aggregator.apply, updates.delta, updates.weight,
+                                        state.aggregator_state[0], agg_key, cohort.slots)[2]
+            metrics = {
+                **round_metrics(updates, tree.sub(state.cluster_params, centers)),
+                **_cluster_counts(assign, real, K),
+                "hypcluster/loss": _weighted(best, updates.weight),
+                **{name: jnp.zeros(s.shape, jnp.float32) for name, s in agg_shapes.items()},
+            }
+            new = HypClusterState(_take(centers, 0), centers,
+                                  jax.vmap(server_optimizer.init)(centers),
+                                  state.aggregator_state, jnp.any(real))
+            return new, metrics
+
+        if K == 1:
+            return hyp_round(state)
+        return jax.lax.cond(state.initialized, hyp_round, kmeans_round, state)
+
+    def evaluate(model, state, data, batch_size=256, clients=None):
+        return hypcluster_evaluate(model, state, data, batch_size, clients)
+
+    return FederatedAlgorithm(init, apply, evaluate)
+
+
+def _weighted(values, weights):
+    w = jnp.asarray(weights, jnp.float32)
+    return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _loss_model(model: Model) -> Model:
+    """`model` whose only metric is its training loss (cached: one compile per model)."""
+    def metrics(batch, preds):
+        per_example = model.loss(batch, preds)
+        return {"loss": (per_example, jnp.ones(per_example.shape, jnp.float32))}
+    return Model(model.init, model.apply, model.loss, metrics)
+
+
+def cluster_assignment(model: Model, state: HypClusterState, data,
+                       batch_size: int = 256) -> np.ndarray:
+    """Each client's cluster: `argmin_k` of its mean loss (`model.loss`) on `data`.
+
+    Args:
+      model: the model.
+      state: a `HypClusterState`.
+      data: a `FederatedData`; clients without examples get cluster 0.
+      batch_size: examples per forward pass.
+
+    Returns:
+      `Int[ndarray, "clients"]` in `data.client_ids` order.
+    """
+    num_clients = len(data.client_ids)
+    if num_clients == 0 or int(np.sum(data.client_sizes)) == 0:
+        return np.zeros(num_clients, np.int64)
+    K = jax.tree.leaves(state.cluster_params)[0].shape[0]
+    losses = [ratios(metric_totals(_loss_model(model), _take(state.cluster_params, k), data,
+                                   batch_size))["loss"] for k in range(K)]
+    return np.argmin(np.nan_to_num(np.stack(losses), nan=np.inf), axis=0)
+
+
+def hypcluster_evaluate(model: Model, state: HypClusterState, data, batch_size: int = 256,
+                        clients: EvalClients | None = None) -> dict[str, float]:
+    """Global metrics when each client uses its own cluster.
+
+    Client c uses cluster `argmin_k mean-loss(w^k; T_c)`, where `T_c` is its training
+    data `clients.train` when given (FedJAX's `HypClusterEvaluator`: the maximization
+    step on training data); clients with no training examples use cluster 0 (the
+    global `state.params`). Without `clients.train`, `T_c` is the evaluated data itself,
+    which is optimistic: the cluster is chosen with the labels it is scored on.
+    Every metric is a ratio of sums over all examples, as `fedjax_core.evaluate.evaluate`:
+    `sum_c num_c(w^{k_c}) / sum_c den_c(w^{k_c})`. Each cluster is evaluated on every
+    client with `metric_totals` (one compiled kernel), then each client's row is picked.
+
+    Args:
+      model: the model.
+      state: a `HypClusterState`.
+      data: a `FederatedData`, the clients to evaluate.
+      batch_size: examples per forward pass.
+      clients: an `EvalClients` whose `train` is aligned with `data`, or None.
+
+    Returns:
+      `{metric name: float}` plus `num_examples`.
+    """
+    train = getattr(clients, "train", None) if clients is not None else None
+    if train is not None and len(train.client_ids) != len(data.client_ids):
+        raise ValueError(f"clients.train has {len(train.client_ids)} clients but the evaluated "
+                         f"data has {len(data.client_ids)}; they must be aligned")
+    assign = cluster_assignment(model, state, train if train is not None else data, batch_size)
+    K = jax.tree.leaves(state.cluster_params)[0].shape[0]
+    totals = [metric_totals(model, _take(state.cluster_params, k), data, batch_size)
+              for k in range(K)]
+    rows = np.arange(len(data.client_ids))
+    picked = {name: (np.stack([t[name][0] for t in totals])[assign, rows],
+                     np.stack([t[name][1] for t in totals])[assign, rows])
+              for name in totals[0]}
+    return global_metrics(picked, data)
+
+
+def _build(client_optimizer, server_learning_rate, aggregator=None, num_clusters=2):
+    return hypcluster(client_optimizer, optax.sgd(server_learning_rate), num_clusters, aggregator)
+
+
+ENTRY = AlgorithmEntry(
+    "hypcluster",
+    "HypCluster: K cluster models, each client trains the one with its lowest loss",
+    _build,
+    "Mansour et al. 2020, Three Approaches for Personalization with Applications to FL")
