@@ -5,7 +5,8 @@ import numpy as np
 
 from fedjax_api.errors import ConfigError
 from fedjax_core.data import Cohort, FederatedData, pack_cohort, uniform_without_replacement
-from fedjax_core.data.pack import Transform, fixed_steps
+from fedjax_core.data.pack import Transform, fixed_steps, pad_cohort, step_bucket
+from fedjax_core.data.sampling import poisson
 
 
 def _positive(instance, attribute, value):
@@ -64,15 +65,33 @@ class FederatedDataset:
         idx = uniform_without_replacement(self.num_clients, clients, self.seed, round)
         return self.cohort(idx, round)
 
-    def cohort(self, indices, round: int) -> Cohort:  # noqa: A002
-        """Packs the clients at `indices` (positions) for `round`."""
-        n = len(indices)
+    def sample_poisson(self, rate: float, round: int) -> Cohort:  # noqa: A002
+        """Poisson sampling for `round`: each client takes part independently with
+        probability `rate` (what the privacy accountants assume). The cohort, of random
+        size `Binomial(N, rate)`, is padded with empty clients (weight 0, `client_index`
+        -1) up to its size bucket (`step_bucket`), so that rounds share few shapes."""
+        if not 0 < rate <= 1:
+            raise ConfigError(f"the Poisson sampling rate must be in (0, 1], got {rate}")
+        idx = poisson(self.num_clients, rate, self.seed, round)
+        size = step_bucket(max(len(idx), 1))
+        if len(idx) == 0:  # nobody this round: one all-padding cohort
+            c = self.cohort([0], round, pad_to=size)
+            return c._replace(batches={k: np.zeros_like(v) for k, v in c.batches.items()},
+                              mask=np.zeros_like(c.mask), num_examples=np.zeros_like(c.num_examples),
+                              client_index=np.full_like(c.client_index, -1))
+        return self.cohort(idx, round, pad_to=size)
+
+    def cohort(self, indices, round: int, pad_to: int | None = None) -> Cohort:  # noqa: A002
+        """Packs the clients at `indices` (positions) for `round`, padded with empty
+        clients up to `pad_to` clients when given."""
+        n = len(indices) if pad_to is None else pad_to
         if n not in self._steps_cache:
             self._steps_cache[n] = fixed_steps(self.data, n, self.batch_size, self.epochs,
                                                self.max_cohort_bytes, self.max_steps)
         steps = self._steps_cache[n]
-        return pack_cohort(self.data, indices, self.batch_size, self.epochs, self.seed, round,
-                           steps=steps, max_steps=self.max_steps, transform=self.transform)
+        cohort = pack_cohort(self.data, indices, self.batch_size, self.epochs, self.seed, round,
+                             steps=steps, max_steps=self.max_steps, transform=self.transform)
+        return cohort if pad_to is None else pad_cohort(cohort, pad_to)
 
     def subset(self, num_clients: int, seed: int = 0) -> "FederatedDataset":
         """A fixed random subset of `num_clients` clients (all if there are fewer)."""

@@ -9,7 +9,7 @@ import inspect
 from fedjax_core.aggregate.base import Aggregator, AggregatorEntry
 from fedjax_core.aggregate.mean import mean
 
-MODULES = ("robust", "attacks", "compression")
+MODULES = ("robust", "attacks", "compression", "privacy", "secure")
 """Modules of `fedjax_core.aggregate` that define `ENTRIES`."""
 
 _BUILTIN = [AggregatorEntry("mean", "example-weighted mean of client deltas", mean,

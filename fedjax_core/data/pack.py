@@ -213,3 +213,26 @@ def fixed_steps(data: FederatedData, cohort_size: int, batch_size: int, epochs: 
     if cohort_size * steps * batch_size * per_example > max_bytes:
         return None
     return steps
+
+
+def pad_cohort(cohort: Cohort, num_clients: int) -> Cohort:
+    """Appends padding clients (no examples, all-False mask, `client_index` -1) up to
+    `num_clients`, e.g. to bring a Poisson-sampled cohort to its size bucket so that
+    rounds reuse compiled code. Padding clients have weight 0: they change nothing.
+
+    Example:
+      >>> pad_cohort(cohort, step_bucket(cohort.num_clients)).num_clients
+    """
+    pad = num_clients - cohort.num_clients
+    if pad < 0:
+        raise ValueError(f"cannot pad a cohort of {cohort.num_clients} clients to {num_clients}")
+    if pad == 0:
+        return cohort
+
+    def extend(x, fill=0):
+        return np.concatenate([x, np.full((pad,) + x.shape[1:], fill, x.dtype)])
+
+    return cohort._replace(
+        batches={k: extend(v) for k, v in cohort.batches.items()},
+        mask=extend(cohort.mask, False), num_examples=extend(cohort.num_examples),
+        client_index=extend(cohort.client_index, -1))
