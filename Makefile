@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ROUNDS ?= 60
 
-.PHONY: run test bench clean
+.PHONY: run test docs bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,12 @@ run: $(VENV)/.installed-plays
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
+# The documentation site, built strictly (a broken link or a bad docstring reference fails).
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench: $(VENV)/.installed-test
 	$(PY) -m benchmarks.round_speed
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site

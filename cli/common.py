@@ -4,6 +4,7 @@ import functools
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedjax_api.errors import ConfigError
 
@@ -12,7 +13,7 @@ err_console = Console(stderr=True)
 
 
 def print_error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def user_errors(fn):

@@ -1,5 +1,6 @@
 """`fedjax data list | info | download | convert | partition`."""
 
+import zipfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -135,8 +136,9 @@ def partition(
     try:
         with np.load(source, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"cannot read {str(source)!r} as a pickle-free .npz ({e})") from None
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ConfigError(f"cannot read {str(source)!r} as a pickle-free .npz "
+                          f"({type(e).__name__}: {e})") from None
     makers = {
         "iid": lambda: part.iid(arrays, clients, seed),
         "dirichlet": lambda: part.dirichlet_label_skew(arrays, clients, alpha, seed, label_key=label),

@@ -17,10 +17,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli import data
+from cli import data, privacy, report
 from cli.common import console, print_error, user_errors
-from fedjax_api import config, tasks
-from fedjax_api.experiment import Experiment
+from fedjax_api import config, configfile, tasks
+from fedjax_api.experiment import Experiment, Interrupted
+from fedjax_api.resume import resume_config
 from fedjax_core.aggregate import registry as aggregators
 from fedjax_core.algorithms import registry
 
@@ -29,6 +30,8 @@ DEFAULT_TASK = "shakespeare-plays"
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="fedjax-sim: federated learning simulation on JAX.")
 app.add_typer(data.app, name="data")
+app.add_typer(privacy.app, name="privacy")
+report.register(app)
 
 
 def _default_out(task: str, algorithm: str) -> Path:
@@ -40,9 +43,11 @@ def _default_out(task: str, algorithm: str) -> Path:
 @user_errors
 def run(
     task: Annotated[Optional[str], typer.Argument(
-        help=f"Task to run (see `fedjax tasks`). Default: {DEFAULT_TASK}.")] = None,
+        help=f"Task to run: {', '.join(tasks.names())} (see `fedjax tasks`). "
+             f"Default: {DEFAULT_TASK}.")] = None,
     algorithm: Annotated[Optional[str], typer.Option(
-        help="Federated algorithm (see `fedjax algorithms`). Default: the task's.")] = None,
+        help=f"Federated algorithm: {', '.join(sorted(registry.ALGORITHMS))} (options: "
+             "`fedjax algorithms`). Default: the task's.")] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Training rounds.")] = None,
     clients_per_round: Annotated[Optional[int], typer.Option(help="Clients sampled per round.")] = None,
     client_lr: Annotated[Optional[float], typer.Option(help="Client SGD learning rate.")] = None,
@@ -50,7 +55,8 @@ def run(
         help="Server learning rate. Default: the task's value for the algorithm.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Client batch size.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Local epochs per round.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of sampling, shuffling, init and client keys.")] = 0,
+    seed: Annotated[Optional[int], typer.Option(
+        help="Seed of sampling, shuffling, init and client keys. Default: 0.")] = None,
     eval_every: Annotated[Optional[int], typer.Option(
         help="Evaluate on the test set at round 0 and every N rounds (0: only at the end).")] = None,
     eval_train_clients: Annotated[Optional[int], typer.Option(
@@ -66,7 +72,8 @@ def run(
         help="An algorithm option, repeatable, e.g. --option proximal_weight=0.1 "
              "(see `fedjax algorithms`).")] = None,
     aggregator: Annotated[Optional[str], typer.Option(
-        help="How the server combines client updates (see `fedjax algorithms`). "
+        help=f"How the server combines client updates: "
+             f"{', '.join(sorted(aggregators.AGGREGATORS))} (options: `fedjax algorithms`). "
              "Default: mean.")] = None,
     aggregator_option: Annotated[Optional[list[str]], typer.Option(
         "--aggregator-option", metavar="NAME=VALUE",
@@ -74,26 +81,92 @@ def run(
     personalize_steps: Annotated[Optional[int], typer.Option(
         help="At each evaluation, also fine-tune on each test client's own training "
              "data for this many steps and report the per-client accuracy.")] = None,
+    sampling: Annotated[Optional[str], typer.Option(
+        help="Client sampling: uniform (fixed cohort, without replacement) or poisson "
+             "(each client with probability clients-per-round / clients). Default: uniform.")] = None,
+    clip: Annotated[Optional[float], typer.Option(
+        help="DP: L2 norm each client's update is clipped to (initial norm with "
+             "--adaptive-clip).")] = None,
+    noise_multiplier: Annotated[Optional[float], typer.Option(
+        help="DP: Gaussian noise std on the clipped sum, in units of --clip.")] = None,
+    dp_epsilon: Annotated[Optional[float], typer.Option(
+        help="DP: target epsilon after all rounds; calibrates --noise-multiplier.")] = None,
+    dp_delta: Annotated[Optional[float], typer.Option(help="DP: target delta.")] = None,
+    dp_accountant: Annotated[Optional[str], typer.Option(
+        help="DP accountant: rdp or pld. Default: rdp.")] = None,
+    adaptive_clip: Annotated[bool, typer.Option(
+        "--adaptive-clip", help="DP: adapt the clip norm to the median update norm "
+                                "(private quantile estimation).")] = False,
+    noise_cohort_size: Annotated[Optional[int], typer.Option(
+        help="DP: add the noise a cohort of this many clients would need (simulate fewer).")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(
+        help="Write a checkpoint every N rounds (and after the last). 0: only after the "
+             "last. Default: 50.")] = None,
+    keep_checkpoints: Annotated[Optional[int], typer.Option(
+        help="Checkpoints kept (the newest). Default: 3.")] = None,
+    tensorboard: Annotated[bool, typer.Option(
+        "--tensorboard", help="Also write TensorBoard event files of every metric (needs "
+                              "the tensorboard extra).")] = False,
+    skip_nonfinite_clients: Annotated[bool, typer.Option(
+        "--skip-nonfinite-clients",
+        help="Drop clients whose update is NaN or infinite (counted) instead of stopping.")] = False,
+    config_file: Annotated[Optional[Path], typer.Option(
+        "--config", help="TOML experiment config (docs/config.md); options given on the "
+                         "command line override it.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", metavar="KEY=VALUE",
+        help="Override a config key, repeatable, e.g. --set client.lr=0.1.")] = None,
     out: Annotated[Optional[Path], typer.Option(
         help="Run directory for config.json and metrics.jsonl. Default: runs/TASK/ALGORITHM-TIME.")] = None,
 ) -> None:
     """Train a task with a federated algorithm and report train/test metrics."""
-    task = task or DEFAULT_TASK
-    cfg = config.resolve(
-        task, algorithm=algorithm, rounds=rounds, clients_per_round=clients_per_round,
+    cfg = configfile.resolve_file(config_file, set_ or [], dict(
+        task=task, algorithm=algorithm, rounds=rounds, clients_per_round=clients_per_round,
         client_lr=client_lr, server_lr=server_lr, batch_size=batch_size, epochs=epochs,
         seed=seed, eval_every=eval_every, eval_train_clients=eval_train_clients,
         chunk_size=chunk_size, max_steps=max_steps, data=data,
         algorithm_options=_name_values("--option", option),
         aggregator=aggregator, aggregator_options=_name_values("--aggregator-option",
                                                                aggregator_option),
-        personalize_steps=personalize_steps,
-        out=str(out) if out is not None else None)
+        personalize_steps=personalize_steps, sampling=sampling, clip=clip,
+        noise_multiplier=noise_multiplier, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
+        dp_accountant=dp_accountant, adaptive_clip=adaptive_clip or None,
+        noise_cohort_size=noise_cohort_size, checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints, skip_nonfinite_clients=skip_nonfinite_clients or None,
+        tensorboard=tensorboard or None,
+        out=str(out) if out is not None else None), default_task=DEFAULT_TASK)
     if cfg.out is None:
         cfg = config.ExperimentConfig(**{**cfg.to_dict(),
                                          "out": str(_default_out(cfg.task, cfg.algorithm))})
     with console.status(f"loading task {cfg.task}..."):
         exp = Experiment.from_config(cfg)
+    _describe(cfg, exp)
+    result = _run_with_progress(exp)
+    _print_results(exp, result)
+
+
+@app.command()
+@user_errors
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="The run directory to continue.")],
+    rounds: Annotated[Optional[int], typer.Option(
+        help="Train to this many rounds in all (a change: needs --allow-changes rounds).")] = None,
+    allow_changes: Annotated[Optional[str], typer.Option(
+        help="Comma-separated options allowed to differ from the checkpoint's config, "
+             "e.g. rounds.")] = None,
+) -> None:
+    """Continue a run from its newest good checkpoint; the same seed gives the same result."""
+    allowed = tuple(k.strip().replace("-", "_") for k in (allow_changes or "").split(",")
+                    if k.strip())
+    cfg = resume_config(run_dir, {"rounds": rounds} if rounds is not None else None, allowed)
+    with console.status(f"loading task {cfg.task}..."):
+        exp = Experiment.from_config(cfg, resuming=True)
+    _describe(cfg, exp)
+    result = _run_with_progress(exp, resume=True)
+    _print_results(exp, result)
+
+
+def _describe(cfg, exp) -> None:
     extras = "".join(f", {k}={v}" for k, v in cfg.algorithm_options.items())
     if cfg.aggregator != "mean":
         extras += f", aggregator {cfg.aggregator}" + "".join(
@@ -101,12 +174,12 @@ def run(
     console.print(f"[bold]{cfg.task}[/] with [bold]{cfg.algorithm}[/]{extras}: {cfg.rounds} rounds x "
                   f"{cfg.clients_per_round} clients, batch {cfg.batch_size}, client lr "
                   f"{cfg.client_lr:g}, server lr {cfg.server_lr:g}, seed {cfg.seed}")
+    if exp.privacy is not None:
+        console.print(exp.privacy.description, highlight=False)
     t = exp.task
     console.print(f"{t.train.num_clients} training clients ({t.train.num_examples} examples), "
                   f"{t.test.num_clients} test clients ({t.test.num_examples} examples); "
                   f"run dir {cfg.out}")
-    result = _run_with_progress(exp)
-    _print_results(exp, result)
 
 
 def _name_values(flag: str, items: list[str] | None) -> dict | None:
@@ -126,7 +199,7 @@ def _name_values(flag: str, items: list[str] | None) -> dict | None:
     return out
 
 
-def _run_with_progress(exp: Experiment):
+def _run_with_progress(exp: Experiment, resume: bool = False):
     progress = Progress(
         TextColumn("round"), MofNCompleteColumn(), BarColumn(),
         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]}"),
@@ -141,10 +214,10 @@ def _run_with_progress(exp: Experiment):
             if record["kind"] == "train":
                 r = record["round"]
                 if timing["first"] is None:
-                    timing["first"] = time.perf_counter()
+                    timing["first"], timing["first_round"] = time.perf_counter(), r
                     speed = ""
                 else:
-                    rate = (r - 1) / (time.perf_counter() - timing["first"])
+                    rate = (r - timing["first_round"]) / (time.perf_counter() - timing["first"])
                     speed = f"{rate:.2f} rounds/s"
                 note = "evaluating..." if r == exp.rounds else ""
                 progress.update(bar, completed=r, loss=f"{record['train/loss']:.4f}",
@@ -154,7 +227,12 @@ def _run_with_progress(exp: Experiment):
                 if acc is not None and record["round"] < exp.rounds:  # the final one is tabled
                     progress.console.print(f"round {record['round']}: test accuracy {acc:.4f}")
 
-        result = exp.run(on_record)
+        try:
+            result = exp.run(on_record, resume=resume)
+        except Interrupted as e:
+            progress.stop()
+            print_error(str(e))
+            raise typer.Exit(130) from None
         progress.update(bar, note="")
     console.print(f"done in {time.perf_counter() - start:.1f} s")
     return result

@@ -29,6 +29,30 @@ def _known_algorithm(instance, attribute, value):
         raise unknown("algorithm", value, registry.ALGORITHMS)
 
 
+def _one_of(*choices):
+    def check(instance, attribute, value):
+        if value not in choices:
+            raise unknown(attribute.name.replace("_", "-"), value, choices)
+    return check
+
+
+def _optional_positive(instance, attribute, value):
+    if value is not None and not value > 0:
+        raise ConfigError(f"{attribute.name.replace('_', '-')} must be a positive number, "
+                          f"got {value}")
+
+
+def _optional_non_negative(instance, attribute, value):
+    if value is not None:
+        _non_negative_float(instance, attribute, value)
+
+
+def _optional_probability(instance, attribute, value):
+    if value is not None and not 0 < value < 1:
+        raise ConfigError(f"{attribute.name.replace('_', '-')} must be between 0 and 1, "
+                          f"got {value}")
+
+
 def _known_aggregator(instance, attribute, value):
     if value not in aggregators.AGGREGATORS:
         raise unknown("aggregator", value, aggregators.AGGREGATORS)
@@ -52,6 +76,12 @@ class ExperimentConfig:
     def __attrs_post_init__(self):
         _check_options(self.algorithm, self.algorithm_options, self.aggregator,
                        self.aggregator_options)
+        _check_privacy(self)
+
+    @property
+    def private(self) -> bool:
+        """True when the run is differentially private (DP-FedAvg)."""
+        return self.noise_multiplier is not None or self.dp_epsilon is not None
 
     task: str = attrs.field(validator=_known_task)
     algorithm: str = attrs.field(validator=_known_algorithm)
@@ -71,6 +101,19 @@ class ExperimentConfig:
     aggregator: str = attrs.field(default="mean", validator=_known_aggregator)
     aggregator_options: dict[str, Any] = attrs.field(factory=dict)
     personalize_steps: int = attrs.field(default=0, validator=_at_least(0))
+    sampling: str = attrs.field(default="uniform", validator=_one_of("uniform", "poisson"))
+    clip: float | None = attrs.field(default=None, validator=_optional_positive)
+    noise_multiplier: float | None = attrs.field(default=None, validator=_optional_non_negative)
+    dp_epsilon: float | None = attrs.field(default=None, validator=_optional_positive)
+    dp_delta: float | None = attrs.field(default=None, validator=_optional_probability)
+    dp_accountant: str = attrs.field(default="rdp", validator=_one_of("rdp", "pld"))
+    adaptive_clip: bool = False
+    noise_cohort_size: int | None = attrs.field(default=None,
+                                                validator=attrs.validators.optional(_at_least(1)))
+    checkpoint_every: int = attrs.field(default=50, validator=_at_least(0))
+    keep_checkpoints: int = attrs.field(default=3, validator=_at_least(1))
+    skip_nonfinite_clients: bool = False
+    tensorboard: bool = False
     data: str | None = None
     out: str | None = None
 
@@ -94,6 +137,46 @@ def _check_options(algorithm: str, algorithm_options: dict, aggregator: str,
         if key not in valid:
             raise ConfigError(f"aggregator {aggregator!r} has no option {key!r}; its options "
                               f"are: {', '.join(valid) or 'none'}")
+
+
+DP_ALGORITHMS = ("fedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedprox", "ditto",
+                 "apfl", "fedbuff")
+"""Algorithms whose clients share nothing with the server but their aggregated deltas, so
+that DP-FedAvg's clipped, noised sum covers all they send."""
+
+
+def _check_privacy(cfg: "ExperimentConfig") -> None:
+    if cfg.aggregator in ("dp_gaussian", "dp_adaptive"):
+        raise ConfigError(f"for DP-FedAvg use --clip with --noise-multiplier or --dp-epsilon "
+                          f"(and --dp-delta, --adaptive-clip) instead of --aggregator "
+                          f"{cfg.aggregator}, so that the run is accounted")
+    dp_flags = [name for name, v in (("clip", cfg.clip), ("dp-delta", cfg.dp_delta),
+                                     ("noise-cohort-size", cfg.noise_cohort_size))
+                if v is not None] + (["adaptive-clip"] if cfg.adaptive_clip else [])
+    if not cfg.private:
+        if dp_flags:
+            raise ConfigError(f"--{dp_flags[0]} only applies to a private run; add "
+                              "--noise-multiplier or --dp-epsilon (with --dp-delta)")
+        return
+    if cfg.noise_multiplier is not None and cfg.dp_epsilon is not None:
+        raise ConfigError("give either --noise-multiplier or --dp-epsilon (which calibrates "
+                          "the noise multiplier), not both")
+    if cfg.dp_delta is None:
+        raise ConfigError("a private run needs --dp-delta (e.g. 1e-6, below 1 / the number "
+                          "of clients)")
+    if cfg.clip is None:
+        raise ConfigError("a private run needs --clip, the L2 norm each client's update is "
+                          "clipped to (the initial one with --adaptive-clip)")
+    if cfg.algorithm not in DP_ALGORITHMS:
+        raise ConfigError(f"algorithm {cfg.algorithm!r} sends the server more than its "
+                          f"aggregated update, which DP-FedAvg does not cover; choose one of: "
+                          f"{', '.join(DP_ALGORITHMS)}")
+    if cfg.aggregator != "mean":
+        raise ConfigError(f"--aggregator {cfg.aggregator} cannot be combined with DP: a private "
+                          "run aggregates with DP-FedAvg's clipped, noised sum")
+    if cfg.noise_cohort_size is not None and cfg.noise_cohort_size < cfg.clients_per_round:
+        raise ConfigError(f"--noise-cohort-size ({cfg.noise_cohort_size}) must be at least the "
+                          f"clients per round ({cfg.clients_per_round})")
 
 
 def resolve(task: str, **options: Any) -> ExperimentConfig:

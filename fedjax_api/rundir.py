@@ -1,8 +1,24 @@
-"""The run directory: resolved config (JSON) and one metrics line per round or evaluation."""
+"""The run directory: resolved config (JSON) and one metrics line per round or evaluation.
 
+A run directory holds:
+- `config.json`: the resolved configuration (written atomically);
+- `metrics.jsonl`: one JSON record per line, the source of truth: `{"round": r, "kind":
+  "train", "train/loss": ..., "round_time_s": ...}` after round r, or `{"round": r, "kind":
+  "eval", "test/accuracy": ..., "eval_time_s": ...}`; NaN and inf are written as the strings
+  "nan", "inf", "-inf" so every line is plain JSON, and read back as floats;
+- `train.csv`, `eval.csv`: the same records as spreadsheets, one per kind, with `round` and
+  then the union of the kind's columns (an empty cell where a record lacks one);
+- `tb/train`, `tb/eval`: TensorBoard event files, when asked for (the `tensorboard` extra).
+  The two kinds are two TensorBoard runs, so the training-round `train/loss` and the final
+  evaluation's `train/loss` stay apart and plot together.
+"""
+
+import csv
+import io
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +26,10 @@ from fedjax_api.errors import ConfigError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+CSV_FILES = {"train": "train.csv", "eval": "eval.csv"}
+TENSORBOARD_DIR = "tb"
+
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
 def check_writable_dir(path: Path) -> Path:
@@ -26,19 +46,27 @@ def check_writable_dir(path: Path) -> Path:
     return path
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Writes JSON to a temporary file, fsyncs it, and renames it over `path`."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes `text` to a temporary file beside `path`, fsyncs it and renames it over `path`:
+    a reader sees the old file or the new one, never half of one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. its folder does not exist: nothing was written
+            pass
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Writes JSON to a temporary file, fsyncs it, and renames it over `path`."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _plain(value):
@@ -50,23 +78,222 @@ def _plain(value):
     return value
 
 
+def _from_json(record: dict) -> dict:
+    """A parsed record with the strings "nan", "inf", "-inf" of its metrics back as floats."""
+    return {k: _NON_FINITE[v] if k != "kind" and isinstance(v, str) and v in _NON_FINITE else v
+            for k, v in record.items()}
+
+
+def _csv_cell(value) -> str:
+    """A CSV cell: floats in their shortest exact form, NaN/inf as `nan`/`inf`/`-inf`."""
+    value = _plain(value)
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)  # str(float) is its shortest round-tripping repr; str(nan) == "nan"
+
+
+def _csv_text(rows: list[list[str]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def _columns(records: list[dict]) -> list[str]:
+    """`round`, then every other key (but `kind`) in the order it first appears."""
+    cols = {"round": None}
+    for record in records:
+        cols.update((k, None) for k in record if k != "kind")
+    return list(cols)
+
+
+def _metrics_text(records: list[dict]) -> str:
+    return "".join(json.dumps({k: _plain(v) for k, v in r.items()}) + "\n" for r in records)
+
+
 class MetricsLog:
     """Appends one complete JSON line per record and flushes it, so a crash never
-    leaves half a line behind."""
+    leaves half a line behind; mirrors each record into `<kind>.csv` and, when
+    `tensorboard`, into TensorBoard event files under `run_dir/tb/<kind>/`.
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / METRICS_FILE
+    Args:
+      run_dir: the run directory (it must exist).
+      tensorboard: also write every numeric metric of every record as a TensorBoard scalar
+        at step = round (needs tensorboardX, the `tensorboard` extra; else `ConfigError`).
+      truncate_after_round: when resuming from round R, first rewrite `metrics.jsonl`
+        (atomically) keeping only the records with round <= R, so the resumed run logs no
+        round twice; TensorBoard hides the old events from step R + 1 on (`purge_step`).
+
+    An existing `metrics.jsonl` is appended to, after dropping a last line torn by a crash;
+    the CSV files are rebuilt from it (atomically) so they always hold the same records.
+
+    Example:
+      >>> log = MetricsLog(run_dir)
+      >>> log.write({"round": 1, "kind": "train", "train/loss": 2.3, "round_time_s": 0.5})
+      >>> log.close()
+    """
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = False,
+                 truncate_after_round: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
+        self._file = None
+        self._csv: dict[str, tuple[Any, list[str]]] = {}  # kind -> (file, columns)
+        self._tb: dict[str, Any] = {}
+        self._purge_step = None if truncate_after_round is None else truncate_after_round + 1
+        SummaryWriter = _summary_writer() if tensorboard else None  # fail before any write
+        self._tensorboard = tensorboard
+
+        records = None
+        if self.path.exists():
+            records = read_metrics(self.run_dir)
+            if truncate_after_round is not None:
+                records = [r for r in records if r.get("round", 0) <= truncate_after_round]
+                write_text_atomic(self.path, _metrics_text(records))
+            else:
+                _drop_torn_tail(self.path)
+        for kind in CSV_FILES:
+            kept = [r for r in records or () if r.get("kind") == kind]
+            csv_path = self.run_dir / CSV_FILES[kind]
+            if kept:
+                cols = _columns(kept)
+                write_text_atomic(csv_path, _csv_text(
+                    [cols] + [[_csv_cell(r.get(c)) for c in cols] for r in kept]))
+            elif csv_path.exists():
+                csv_path.unlink()  # a CSV without records in metrics.jsonl is stale
+        self._SummaryWriter = SummaryWriter
         self._file = open(self.path, "a")
 
     def write(self, record: dict) -> None:
+        """Appends `record` (`round`, `kind` and metrics) to every log, flushed."""
         self._file.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
         self._file.flush()
+        kind = record.get("kind")
+        if kind in CSV_FILES:
+            self._write_csv(kind, record)
+            if self._tensorboard:
+                self._write_tensorboard(kind, record)
+
+    def _write_csv(self, kind: str, record: dict) -> None:
+        path = self.run_dir / CSV_FILES[kind]
+        if kind not in self._csv:
+            cols = _read_csv_header(path)
+            self._csv[kind] = (open(path, "a", newline="") if cols else None, cols)
+        f, cols = self._csv[kind]
+        new = [k for k in _columns([record]) if k not in cols]
+        if new:  # a new column: rewrite the file with the wider header (rare: first eval)
+            if f is not None:
+                f.close()
+            rows = _read_csv_rows(path) if cols else []
+            cols = cols + new
+            write_text_atomic(path, _csv_text(
+                [cols] + [row + [""] * (len(cols) - len(row)) for row in rows]))
+            f = open(path, "a", newline="")
+            self._csv[kind] = (f, cols)
+        f.write(_csv_text([[_csv_cell(record.get(c)) for c in cols]]))
+        f.flush()
+
+    def _write_tensorboard(self, kind: str, record: dict) -> None:
+        writer = self._tb.get(kind)
+        if writer is None:
+            # The suffix keeps a resumed run's file apart from, and sorted after, the first.
+            writer = self._tb[kind] = self._SummaryWriter(
+                logdir=str(self.run_dir / TENSORBOARD_DIR / kind), purge_step=self._purge_step,
+                flush_secs=10, filename_suffix=f".{time.time_ns():020d}")
+        step = int(record.get("round", 0))
+        for key, value in record.items():
+            if key in ("round", "kind"):
+                continue
+            if hasattr(value, "item"):
+                value = value.item()
+            if isinstance(value, (int, float)) and not isinstance(value, bool):  # NaN too
+                writer.add_scalar(key, float(value), global_step=step)
 
     def close(self) -> None:
-        self._file.close()
+        """Closes every file (TensorBoard writers flush their events)."""
+        if self._file is not None:
+            self._file.close()
+        for f, _ in self._csv.values():
+            if f is not None:
+                f.close()
+        for writer in self._tb.values():
+            writer.close()
+        self._csv, self._tb = {}, {}
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _summary_writer():
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise ConfigError("TensorBoard logging needs the tensorboard extra: "
+                          "pip install 'fedjax-sim[tensorboard]'") from None
+    return SummaryWriter
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Ends the file cleanly before appending: a last line without its newline is cut
+    when it does not parse (a crash mid-write), else completed, as `read_metrics` reads it."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return
+        start = data.rfind(b"\n") + 1
+        try:
+            whole = isinstance(json.loads(data[start:]), dict)
+        except ValueError:
+            whole = False
+        if whole:
+            f.write(b"\n")
+        else:
+            f.truncate(start)
+
+
+def _read_csv_header(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return next(csv.reader(f), [])
+
+
+def _read_csv_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))[1:]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """All records of a run's `metrics.jsonl`."""
-    with open(Path(run_dir) / METRICS_FILE) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All records of a run's `metrics.jsonl`, NaN/inf as floats.
+
+    A last line that does not parse (a crash mid-write) is ignored; a bad line before it,
+    or a missing file, is a `ConfigError` naming the file (and line).
+    """
+    path = Path(run_dir) / METRICS_FILE
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"no {METRICS_FILE} in {str(run_dir)!r}: not a fedjax run "
+                          "directory (give the --out of a `fedjax run`)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {str(path)!r}: {getattr(e, 'strerror', None) or e}"
+                          ) from None
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    records = []
+    for pos, (lineno, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if pos == len(numbered) - 1:
+                break  # torn by a crash mid-write
+            raise ConfigError(f"{str(path)!r} line {lineno} is not a JSON record "
+                              f"({getattr(e, 'msg', e)}); fix or delete that line") from None
+        records.append(_from_json(record))
+    return records

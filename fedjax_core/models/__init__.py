@@ -1,5 +1,6 @@
 """Models as `Model(init, apply, loss, metrics)`: layers, metric parts, task models."""
 
+from fedjax_core.models.adapters import from_equinox, from_flax
 from fedjax_core.models import metrics, nn
 from fedjax_core.models.base import Model, masked_mean_loss
 from fedjax_core.models.emnist_cnn import emnist_cnn
@@ -9,6 +10,8 @@ from fedjax_core.models.shakespeare_lstm import shakespeare_lstm
 from fedjax_core.models.stackoverflow_lstm import stackoverflow_lstm
 
 __all__ = [
+    "from_equinox",
+    "from_flax",
     "Model",
     "cifar100_logistic",
     "emnist_cnn",

@@ -123,3 +123,27 @@ def test_bad_algorithm_options_one_line(args, message, tmp_path):
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_private_run_calibrates_and_logs_epsilon(tmp_path):
+    out = tmp_path / "dp"
+    res = runner.invoke(app, ["run", NAME, "--rounds", "3", "--clients-per-round", "3",
+                              "--sampling", "poisson", "--dp-epsilon", "5", "--dp-delta", "1e-3",
+                              "--clip", "0.5", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "DP-FedAvg: clip 0.5, noise multiplier" in " ".join(res.output.split())
+    assert "calibrated for epsilon 5 after 3 rounds, Poisson sampling q = 0.5" in \
+        " ".join(res.output.split())
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    eps = [r["privacy/epsilon"] for r in records if r["kind"] == "train"]
+    assert len(eps) == 3 and abs(eps[-1] - 5.0) < 0.05
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["sampling"] == "poisson" and cfg["resolved"]["noise_multiplier"] > 0
+
+
+def test_private_run_errors_are_one_line(tmp_path):
+    res = runner.invoke(app, ["run", NAME, "--dp-epsilon", "2", "--clip", "1",
+                              "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "needs --dp-delta" in res.output
+    assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
+    assert not (tmp_path / "x").exists()

@@ -4,14 +4,20 @@ Each script is executed in-process with its module-level constants swapped for t
 test task, so a renamed function or argument fails here instead of in a reader's hands.
 """
 
+import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from fedjax_api import tasks
+from fedjax_core.data import InMemoryFederatedData
 from tests.fedjax_api import tiny_task
+from tests.fedjax_core.helpers import tiny_softmax_model
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
+IMAGES = "tiny-images-test"  # 6 clients of 8x8x1 images, 3 classes (for the CNN tutorials)
 
 # script -> [(a whole line that must occur exactly once, its replacement)]
 REPLACEMENTS = {
@@ -25,7 +31,54 @@ REPLACEMENTS = {
         ("ROUNDS = 20", "ROUNDS = 2"),
         ("CLIENTS_PER_ROUND = 10", "CLIENTS_PER_ROUND = 3"),
     ],
+    "flax_model.py": [
+        ('TASK = "emnist"  # x: float32 [n, 28, 28, 1], y: int32 in 0..61', f'TASK = "{IMAGES}"'),
+        ("NUM_CLASSES = 62", "NUM_CLASSES = 3"),
+        ("ROUNDS = 5", "ROUNDS = 2"),
+        ("CLIENTS_PER_ROUND = 10", "CLIENTS_PER_ROUND = 3"),
+    ],
+    "equinox_model.py": [
+        ('TASK = "emnist"  # x: float32 [n, 28, 28, 1], y: int32 in 0..61', f'TASK = "{IMAGES}"'),
+        ("NUM_CLASSES = 62", "NUM_CLASSES = 3"),
+        ("ROUNDS = 5", "ROUNDS = 2"),
+        ("CLIENTS_PER_ROUND = 10", "CLIENTS_PER_ROUND = 3"),
+    ],
+    "own_dataset.py": [
+        ("NUM_EXAMPLES = 6000", "NUM_EXAMPLES = 400"),
+        ("NUM_CLIENTS = 50", "NUM_CLIENTS = 6"),
+        ("ROUNDS = 30", "ROUNDS = 2"),
+        ("CLIENTS_PER_ROUND = 10", "CLIENTS_PER_ROUND = 3"),
+    ],
 }
+
+
+def _load_tiny_images(data_path):
+    rng = np.random.default_rng(0)
+
+    def clients(sizes):
+        return InMemoryFederatedData({
+            f"c{i}": {"x": rng.random((n, 8, 8, 1), dtype=np.float32),
+                      "y": rng.integers(0, 3, n).astype(np.int32)}
+            for i, n in enumerate(sizes)})
+
+    # The model is a placeholder: the tutorials replace it with their own CNN.
+    return tasks.Loaded(tiny_softmax_model(), clients((5, 2, 9, 1, 4, 7)), clients((3, 4)),
+                        {"accuracy": 1 / 3})
+
+
+@pytest.fixture
+def registry():
+    """Registers the tiny image task; undoes every registration a test makes."""
+    saved = dict(tasks.TASKS)
+    tasks.register(tasks.TaskEntry(
+        name=IMAGES, description="tiny image task for the CNN tutorials", source="tests",
+        defaults=tasks.TaskDefaults(algorithm="fedavg", rounds=2, clients_per_round=3,
+                                    batch_size=2, epochs=1, client_lr=0.1,
+                                    server_lr={"fedavg": 1.0}, eval_batch_size=4),
+        load=_load_tiny_images))
+    yield
+    tasks.TASKS.clear()
+    tasks.TASKS.update(saved)
 
 
 def shrink(name: str, source: str) -> str:
@@ -55,6 +108,20 @@ def test_fedavg_shakespeare_runs(capsys):
     assert "round 1: train loss" in out
     assert "test after 2 rounds:" in out
     assert "'accuracy'" in out
+
+
+def test_tutorial_excerpts_are_the_scripts_code():
+    """A code block of a tutorial page that starts `# from docs/examples/NAME` is verbatim
+    in that script, so the pages cannot drift from the code the tests run."""
+    excerpt = re.compile(r"```python\n# from docs/examples/(\S+)\n(.*?)```", re.S)
+    pages = sorted((EXAMPLES.parent / "tutorials").glob("*.md"))
+    found = {}
+    for page in pages:
+        for name, code in excerpt.findall(page.read_text()):
+            assert code in (EXAMPLES / name).read_text(), (
+                f"{page.name}: an excerpt of {name} is not in the script:\n{code}")
+            found[page.name] = found.get(page.name, 0) + 1
+    assert sorted(found) == ["custom_algorithm.md", "own_dataset.md", "own_model.md"], found
 
 
 def test_shrink_fails_when_a_replacement_is_missing():
@@ -91,3 +158,78 @@ def test_custom_algorithm_tutorial_is_short_and_correct(capsys):
     assert eta >= 1.0
     jax.tree.map(lambda w, a, e: np.testing.assert_allclose(w - eta * (w - a), e, atol=1e-5),
                  params, avg_state.params, exp_state.params)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name, package", [("flax_model.py", "flax"),
+                                           ("equinox_model.py", "equinox")])
+def test_own_model_tutorials_run(name, package, registry, tmp_path, monkeypatch, capsys):
+    pytest.importorskip(package)
+    monkeypatch.chdir(tmp_path)
+    ns = run_example(name)
+    out = capsys.readouterr().out
+    assert "round 1: train loss" in out and "round 2: train loss" in out
+    assert "test after 2 rounds:" in out and "'accuracy'" in out
+    run_dir = tmp_path / ns["OUT"]
+    train = [r for r in _records(run_dir) if r["kind"] == "train"]
+    assert [r["round"] for r in train] == [1, 2]
+    assert all(np.isfinite(r["train/loss"]) for r in train)
+    assert (run_dir / "checkpoints" / "ckpt-00000002.json").exists()
+
+
+def test_equinox_model_checkpoint_resumes_bit_identically(tmp_path):
+    """An Equinox model's params (a Module pytree, `None` at its static leaves) survive a
+    checkpoint: 2 rounds, then a resume to 3, equal a straight 3-round run."""
+    eqx = pytest.importorskip("equinox")
+    import attrs
+    import jax
+    import optax
+    from fedjax_api import Experiment, checkpoint
+    from fedjax_core.algorithms import fedadam
+    from fedjax_core.models.adapters import from_equinox
+    from fedjax_core.models.linear import classification_loss
+
+    task = tasks.get(tiny_task.NAME)  # 3 features, 4 classes
+    model = from_equinox(lambda k: eqx.nn.MLP(3, 4, 8, 1, key=k), classification_loss)
+
+    def experiment(rounds, out):
+        out.mkdir(parents=True, exist_ok=True)
+        return Experiment(task=attrs.evolve(task, model=model),
+                          algorithm=fedadam(optax.sgd(0.1), 0.05), rounds=rounds,
+                          clients_per_round=3, eval_train_clients=0, out_dir=out)
+
+    first = experiment(2, tmp_path / "a").run()
+    done, saved, _ = checkpoint.load(tmp_path / "a", template=first.server.state)
+    assert done == 2 and isinstance(saved.params, eqx.nn.MLP)
+    jax.tree.map(np.testing.assert_array_equal, saved, first.server.state)
+    resumed = experiment(3, tmp_path / "a").run(resume=True)
+    straight = experiment(3, tmp_path / "b").run()
+    assert resumed.server.round == straight.server.round == 3
+    assert isinstance(resumed.server.params, eqx.nn.MLP)
+    jax.tree.map(np.testing.assert_array_equal, resumed.server.state, straight.server.state)
+
+
+def test_own_dataset_tutorial(registry, tmp_path, monkeypatch, capsys):
+    from fedjax_core.data import SQLiteFederatedData
+
+    monkeypatch.chdir(tmp_path)
+    ns = run_example("own_dataset.py")
+    out = capsys.readouterr().out
+    assert "wrote 6 clients" in out and "test after 2 rounds:" in out
+    # The files hold the partition of the centralized arrays, every example exactly once.
+    data = Path(ns["DATA_DIR"])
+    train, test = (SQLiteFederatedData(data / f"{s}.sqlite") for s in ("train", "test"))
+    assert list(train.client_ids) == list(test.client_ids) == [f"client_{i:05d}" for i in range(6)]
+    assert int(train.client_sizes.sum() + test.client_sizes.sum()) == 400
+    whole = ns["make_dataset"](400)
+    rows = np.concatenate([np.concatenate([train.get_client(i)["x"], test.get_client(i)["x"]])
+                           for i in range(6)])
+    np.testing.assert_array_equal(np.sort(rows, axis=0), np.sort(whole["x"], axis=0))
+    # The registered task trained into the run directory, as `fedjax run` would.
+    assert "blobs" in tasks.names()
+    config = json.loads((Path(ns["OUT"]) / "config.json").read_text())
+    assert config["task"] == "blobs" and config["rounds"] == 2
+    assert [r["round"] for r in _records(Path(ns["OUT"])) if r["kind"] == "train"] == [1, 2]

@@ -1,0 +1,565 @@
+"""Experiment config files (TOML) and dotted `--set` overrides.
+
+A config file groups the flat `ExperimentConfig` fields into sections (`[client]`,
+`[server]`, `[algorithm]`, ...); `SCHEMA` is the one table that maps each dotted key to its
+field and type, and docs/config.md is checked against it. Precedence, lowest first: the
+task's defaults < the file < `--set KEY=VALUE` < options given on the command line.
+
+Example:
+  >>> cfg = resolve_file("exp.toml", ["client.lr=0.1", "algorithm.options.b2=0.999"],
+  ...                    {"rounds": 5})
+  >>> print(dump(cfg))          # the resolved config, re-runnable with --config
+"""
+
+import difflib
+import inspect
+import math
+import os
+import re
+import tomllib
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import attrs
+
+from fedjax_api import config, tasks
+from fedjax_api.config import ConfigError, ExperimentConfig
+from fedjax_core.aggregate import registry as aggregators
+from fedjax_core.algorithms import registry as algorithms
+
+
+class Key(NamedTuple):
+    """One key of a config file: `key` (dotted, e.g. "client.lr") sets `field` of
+    `ExperimentConfig`; `type` is one of "string", "integer", "number", "boolean",
+    "table" (a table of the algorithm's or aggregator's own options)."""
+
+    key: str
+    field: str
+    type: str
+    help: str
+
+
+_KEYS = [
+    Key("task", "task", "string",
+        "registered task (see the list below); `fedjax run TASK` overrides it"),
+    Key("rounds", "rounds", "integer", "training rounds"),
+    Key("seed", "seed", "integer",
+        "seed of sampling, shuffling, initialization and client keys"),
+    Key("algorithm.name", "algorithm", "string",
+        "federated algorithm (see the list below); `algorithm = \"NAME\"` is short for it"),
+    Key("algorithm.options", "algorithm_options", "table",
+        "the algorithm's own options, e.g. `b2 = 0.999`; merged over the task's defaults "
+        "for the algorithm"),
+    Key("client.lr", "client_lr", "number", "client SGD learning rate"),
+    Key("client.per_round", "clients_per_round", "integer", "clients sampled per round"),
+    Key("client.batch_size", "batch_size", "integer", "client batch size"),
+    Key("client.epochs", "epochs", "integer", "local epochs per round"),
+    Key("client.max_steps", "max_steps", "integer",
+        "cap on each client's local steps per round"),
+    Key("client.sampling", "sampling", "string",
+        "`\"uniform\"` (a fixed-size cohort, without replacement) or `\"poisson\"` (each "
+        "client with probability per_round / clients)"),
+    Key("server.lr", "server_lr", "number",
+        "server learning rate; the task's default depends on the algorithm"),
+    Key("server.skip_nonfinite_clients", "skip_nonfinite_clients", "boolean",
+        "drop clients whose update is NaN or infinite (counted in `train/nonfinite_clients`) "
+        "instead of stopping the run"),
+    Key("aggregator.name", "aggregator", "string",
+        "how the server combines client updates (see the list below); "
+        "`aggregator = \"NAME\"` is short for it"),
+    Key("aggregator.options", "aggregator_options", "table",
+        "the aggregator's options, e.g. `beta = 0.1`"),
+    Key("eval.every", "eval_every", "integer",
+        "evaluate the test set at round 0 and every this many rounds (0: only at the end)"),
+    Key("eval.train_clients", "eval_train_clients", "integer",
+        "training clients (a fixed sample) evaluated at the end"),
+    Key("eval.personalize_steps", "personalize_steps", "integer",
+        "at each evaluation, also fine-tune each test client this many steps and report "
+        "the per-client accuracy"),
+    Key("privacy.clip", "clip", "number",
+        "DP: L2 norm each client's update is clipped to (the initial one with adaptive_clip)"),
+    Key("privacy.noise_multiplier", "noise_multiplier", "number",
+        "DP: Gaussian noise std on the clipped sum, in units of clip"),
+    Key("privacy.epsilon", "dp_epsilon", "number",
+        "DP: target epsilon after all rounds; calibrates noise_multiplier (give one of the two)"),
+    Key("privacy.delta", "dp_delta", "number", "DP: target delta, in (0, 1)"),
+    Key("privacy.accountant", "dp_accountant", "string", "DP accountant: `\"rdp\"` or `\"pld\"`"),
+    Key("privacy.adaptive_clip", "adaptive_clip", "boolean",
+        "DP: adapt the clip norm to the median update norm"),
+    Key("privacy.noise_cohort_size", "noise_cohort_size", "integer",
+        "DP: add the noise a cohort of this many clients would need"),
+    Key("run.out", "out", "string",
+        "run directory (config.json, metrics.jsonl); default runs/TASK/ALGORITHM-TIME"),
+    Key("run.data", "data", "string",
+        "where a task reads its files (e.g. the LEAF folder for femnist-leaf)"),
+    Key("run.chunk_size", "chunk_size", "integer", "clients trained together under vmap"),
+    Key("run.checkpoint_every", "checkpoint_every", "integer",
+        "write a checkpoint every this many rounds (0: only after the last round)"),
+    Key("run.keep_checkpoints", "keep_checkpoints", "integer",
+        "how many checkpoints to keep (the newest)"),
+    Key("run.tensorboard", "tensorboard", "boolean",
+        "also write TensorBoard event files under `out/tb/` (the `tensorboard` extra)"),
+]
+
+SCHEMA: dict[str, Key] = {k.key: k for k in _KEYS}
+"""Every key of a config file, in the order `dump` writes them: dotted key -> `Key`."""
+
+FIELD_KEYS: dict[str, str] = {k.field: k.key for k in _KEYS}
+"""`ExperimentConfig` field -> its dotted key."""
+
+SHORTHANDS = {"algorithm": "algorithm.name", "aggregator": "aggregator.name"}
+"""`algorithm = "fedadam"` is short for `[algorithm] name = "fedadam"` (no options then)."""
+
+_SECTIONS = list(dict.fromkeys(k.split(".")[0] for k in SCHEMA if "." in k))
+_SECTION_PATHS = {(s,) for s in _SECTIONS}
+_BY_PATH = {tuple(k.key.split(".")): k for k in _KEYS}
+_OPTION_PATHS = {("algorithm", "options"), ("aggregator", "options")}
+_TYPE_WORDS = {"string": "a string", "integer": "an integer", "number": "a number",
+               "boolean": "true or false", "table": "a table"}
+_BARE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+# ---------------------------------------------------------------------------------- load
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """The options a config file sets, flat, as `config.resolve` takes them.
+
+    Keys the file leaves out are absent (the task's defaults fill them later). The
+    result may hold "task".
+
+    Raises:
+      ConfigError: the file is missing or unreadable, is not TOML (the message gives the
+        line and column), has a key `SCHEMA` does not know (with the closest valid one),
+        or a value of the wrong type.
+    """
+    name = os.fspath(path)
+    name = name if name.isprintable() else _printable(name)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {name} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {name} is a directory, not a TOML file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {name}: {e.strerror or e}") from None
+    return _flatten(_parse(raw, name), f"{name}: ")
+
+
+def _parse(raw: bytes, name: str) -> dict:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{name}:{line}: invalid TOML: not UTF-8 text (byte {e.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e).splitlines()[0] if str(e) else "syntax error"
+        m = re.search(r"\s*\(at line (\d+), column (\d+)\)$", msg)
+        if m:
+            line, col = m[1], m[2]
+        else:  # "(at end of document)"
+            m = re.search(r"\s*\(at end of document\)$", msg)
+            line = text.count("\n") + 1
+            col = len(text) - (text.rfind("\n") + 1) + 1
+        what = msg[:m.start()] if m else msg
+        if what.startswith(("Cannot overwrite", "Cannot declare")):
+            what += " (a key or table defined twice?)"
+        raise ConfigError(f"{name}:{line}:{col}: invalid TOML: "
+                          f"{_printable(what, quote=False)}") from None
+    except RecursionError:
+        raise ConfigError(f"{name}: invalid TOML: arrays or tables nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"{name}: invalid TOML: "
+                          f"{_printable(str(e).split(';')[0], quote=False)}") from None
+
+
+def _flatten(doc: dict, where: str) -> dict[str, Any]:
+    """A parsed TOML document (nested tables) -> flat `ExperimentConfig` options."""
+    out: dict[str, Any] = {}
+    for path, value in _leaves(doc, ()):
+        k = _key_of(where, path, value)
+        out[k.field] = _check_type(where, _show_key(path), k.type, value)
+    return out
+
+
+def _key_of(where: str, path: tuple, value: Any) -> Key:
+    """The `Key` at `path` (a shorthand taking a name string); a ConfigError otherwise."""
+    if path in _BY_PATH:
+        return _BY_PATH[path]
+    if len(path) == 1 and path[0] in SHORTHANDS and isinstance(value, str):
+        return SCHEMA[SHORTHANDS[path[0]]]
+    if path in _SECTION_PATHS:
+        also = " or a name string" if path[0] in SHORTHANDS else ""
+        raise ConfigError(f"{where}{path[0]} expects a table [{path[0]}]{also}, got "
+                          f"{_describe(value)}")
+    raise _unknown_key(where, path)
+
+
+def _leaves(table: dict, prefix: tuple) -> Iterable[tuple[tuple, Any]]:
+    """(path, value) of every value, descending into tables but for the keys of `SCHEMA`
+    (an option table is one value); an empty section sets nothing."""
+    for name, value in table.items():
+        path = prefix + (name,)
+        if not isinstance(value, dict) or path in _BY_PATH:
+            yield path, value
+        elif value:
+            yield from _leaves(value, path)
+        elif path not in _SECTION_PATHS:
+            yield path, value
+
+
+def _show_key(path) -> str:
+    """A key path as TOML writes it: bare parts, or quoted ones."""
+    return ".".join(p if _BARE.fullmatch(p) else _toml_string(p) for p in path)
+
+
+def _unknown_key(where: str, path: tuple) -> ConfigError:
+    """`unknown key 'client.lrr'; did you mean 'client.lr'? (keys of [client]: ...)`."""
+    shown = _show_key(path)
+    last = path[-1]
+    guesses = ([FIELD_KEYS[last]] if last in FIELD_KEYS else []) \
+        or [k for k in SCHEMA if k.split(".")[-1] == last] \
+        or difflib.get_close_matches(shown, list(SCHEMA), n=1, cutoff=0.6)
+    hint = ("; did you mean " + " or ".join(repr(g) for g in guesses) + "?") if guesses else ""
+    if len(path) > 1 and path[:1] in _SECTION_PATHS:
+        valid = f"keys of [{path[0]}]: " + ", ".join(
+            k.key.split(".", 1)[1] for k in _KEYS if k.key.startswith(path[0] + "."))
+    else:
+        valid = "top-level keys: " + ", ".join(
+            [k for k in SCHEMA if "." not in k] + [f"[{s}]" for s in _SECTIONS])
+    return ConfigError(f"{where}unknown key {_printable(shown)}{hint} ({valid}; see "
+                       "docs/config.md)")
+
+
+def _check_type(where: str, key: str, kind: str, value: Any) -> Any:
+    ok = {"string": isinstance(value, str),
+          "integer": isinstance(value, int) and not isinstance(value, bool),
+          "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "boolean": isinstance(value, bool),
+          "table": isinstance(value, dict)}[kind]
+    if not ok:
+        raise ConfigError(f"{where}{key} expects {_TYPE_WORDS[kind]}, got {_describe(value)}")
+    if kind == "number":
+        return float(value)
+    if kind == "table":
+        for name, v in value.items():
+            _check_plain(where, f"{key}.{_show_key((name,))}", v)
+        return dict(value)
+    return value
+
+
+def _check_plain(where: str, key: str, value: Any) -> None:
+    """Option values are TOML strings, numbers, booleans, arrays and tables, not dates."""
+    if isinstance(value, dict):
+        for name, v in value.items():
+            _check_plain(where, f"{key}.{_show_key((name,))}", v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_plain(where, key, v)
+    elif not isinstance(value, (str, int, float, bool)):
+        raise ConfigError(f"{where}{key} expects a string, number, boolean, array or table, "
+                          f"got {_describe(value)}")
+
+
+def _describe(value: Any) -> str:
+    """`string 'ten'`, `float 10.0`, `boolean true`, `array`, `table`, `date/time ...`."""
+    if isinstance(value, str):
+        return f"string {_printable(value)}"
+    if isinstance(value, (bool, int, float)):
+        kind = ("boolean" if isinstance(value, bool) else "integer" if isinstance(value, int)
+                else "float")
+        return f"{kind} {_printable(_toml_value(value), quote=False)}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"date/time {_printable(str(value), quote=False)}"
+
+
+def _printable(text: str, quote: bool = True, limit: int = 80) -> str:
+    """`text` safe for a one-line message, shortened: repr-quoted, or (`quote=False`) with
+    only its unprintable characters escaped."""
+    text = text if len(text) <= limit else text[:limit] + "..."
+    if quote:
+        return repr(text)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+# ------------------------------------------------------------------------------ overrides
+
+
+def apply_overrides(options: dict[str, Any], sets: Iterable[str]) -> dict[str, Any]:
+    """`options` (flat, as `load` returns them) updated by each `KEY=VALUE` of `sets`.
+
+    KEY is a dotted key of `SCHEMA` (`client.lr`, `aggregator.name`, or the shorthand
+    `algorithm`), or `algorithm.options.NAME` / `aggregator.options.NAME` for one option.
+    VALUE is a TOML value (`0.1`, `true`, `"text"`, `[1, 2]`, `{b2 = 0.999}`); for a
+    string key, or when it is not TOML, it is the text as written (`--set
+    aggregator.name=krum`). A whole option table (`--set algorithm.options={b2=0.9}`)
+    replaces the file's; a single option is merged into it. Later sets win.
+
+    Example:
+      >>> apply_overrides({"client_lr": 1.0}, ["client.lr=0.1", "algorithm.options.b2=0.999"])
+      {'client_lr': 0.1, 'algorithm_options': {'b2': 0.999}}
+    """
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in options.items()}
+    for item in sets:
+        where = f"--set {_printable(item)}: "
+        raw_key, sep, raw = item.partition("=")
+        if not sep or not raw_key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. client.lr=0.1), got "
+                              f"{_printable(item)}")
+        path = _parse_key(raw_key, where)
+        if len(path) >= 3 and path[:2] in _OPTION_PATHS:
+            value = _parse_value(raw, "option")
+            _check_plain(where, _show_key(path), value)
+            for name in reversed(path[3:]):  # algorithm.options.a.b=1 sets a = {b = 1}
+                value = {name: value}
+            out.setdefault(_BY_PATH[path[:2]].field, {})[path[2]] = value
+            continue
+        kind = (_BY_PATH[path].type if path in _BY_PATH
+                else "string" if len(path) == 1 and path[0] in SHORTHANDS else "option")
+        value = _parse_value(raw, kind)
+        for name in reversed(path):  # client.lr=0.1 reads as the file {client = {lr = 0.1}}
+            value = {name: value}
+        out.update(_flatten(value, where))
+    return out
+
+
+def _parse_key(raw_key: str, where: str) -> tuple[str, ...]:
+    """`client.lr` or `algorithm.options."odd name"` -> its parts, by TOML's key grammar."""
+    bad = ConfigError(f"{where}{_printable(raw_key.strip())} is not a dotted key like client.lr")
+    if "\n" in raw_key or "\r" in raw_key:
+        raise bad
+    try:
+        doc = tomllib.loads(f"{raw_key} = 0")
+    except (ValueError, RecursionError):
+        raise bad from None
+    path: list[str] = []
+    while isinstance(doc, dict) and len(doc) == 1:
+        (name, doc), = doc.items()
+        path.append(name)
+    if not path or doc != 0 or isinstance(doc, bool):
+        raise bad
+    return tuple(path)
+
+
+def _parse_value(raw: str, kind: str) -> Any:
+    """A TOML value, else the text as written (stripped); a string key always takes text
+    unless the text is a quoted TOML string."""
+    try:
+        doc = tomllib.loads(f"v = {raw}")
+    except (ValueError, RecursionError):
+        return raw.strip()
+    if set(doc) != {"v"}:
+        return raw.strip()
+    value = doc["v"]
+    if kind == "string" and not isinstance(value, str):
+        return raw.strip()
+    return value
+
+
+# ------------------------------------------------------------------------------- resolve
+
+
+def resolve_file(path: str | os.PathLike | None, sets: Iterable[str] = (),
+                 cli_options: dict[str, Any] | None = None, *,
+                 default_task: str | None = None) -> ExperimentConfig:
+    """The run's `ExperimentConfig`: task defaults < file < `sets` < `cli_options`.
+
+    Args:
+      path: a TOML config file, or None.
+      sets: `KEY=VALUE` overrides (`--set`), applied in order.
+      cli_options: options given explicitly on the command line, flat, as
+        `config.resolve` takes them, plus "task"; None values mean "not given". Their
+        `algorithm_options` / `aggregator_options` are merged into the file's.
+      default_task: the task when neither the command line nor the file names one.
+
+    Raises:
+      ConfigError: anything `load`, `apply_overrides` or `config.resolve` refuses, or an
+        option the chosen algorithm or aggregator does not take (with the closest one).
+    """
+    opts = load(path) if path is not None else {}
+    opts = apply_overrides(opts, sets)
+    from_file = {name: set(opts.get(name, ())) for name in ("algorithm_options",
+                                                             "aggregator_options")}
+    for name, value in (cli_options or {}).items():
+        if value is None:
+            continue
+        if name in from_file:
+            opts[name] = {**opts.get(name, {}), **value}
+        else:
+            opts[name] = value
+    task = opts.pop("task", None) or default_task
+    if task is None:
+        raise ConfigError("no task: give one (fedjax run TASK) or set task = \"NAME\" in "
+                          "the config file")
+    algorithm = opts.get("algorithm") or tasks.entry(task).defaults.algorithm
+    _check_option_names("algorithm", algorithm, from_file["algorithm_options"])
+    _check_option_names("aggregator", opts.get("aggregator", "mean"),
+                        from_file["aggregator_options"])
+    return config.resolve(task, **opts)
+
+
+def _check_option_names(kind: str, name: str, given: Iterable[str]) -> None:
+    """Names the closest valid option when the file or --set gives one that the algorithm
+    (or aggregator) does not take; `ExperimentConfig` checks the rest."""
+    if kind == "algorithm":
+        if name not in algorithms.ALGORITHMS:
+            return  # config.resolve names the unknown algorithm
+        valid = [k for k in algorithms.options(name) if k not in algorithms.get(name).needs]
+    else:
+        if name not in aggregators.AGGREGATORS:
+            return
+        valid = list(aggregators.options(name))
+    for option in given:
+        if option not in valid:
+            close = difflib.get_close_matches(option, valid, n=1, cutoff=0.5)
+            hint = f" did you mean '{kind}.options.{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key "
+                              f"{_printable(kind + '.options.' + _show_key((option,)))}: "
+                              f"{kind} {name!r} has no option {_printable(option)};{hint} "
+                              f"its options are: {', '.join(valid) or 'none'}")
+
+
+# ---------------------------------------------------------------------------------- dump
+
+
+def dump(cfg: ExperimentConfig) -> str:
+    """`cfg` as a config file in `SCHEMA`'s layout; `load` of it resolves back to `cfg`.
+
+    Unset (None) values are left out; so are option values of None, which TOML cannot
+    write (a comment names them).
+    """
+    values = cfg.to_dict()
+    root, sections = [], {}
+    for k in _KEYS:
+        value = values[k.field]
+        if value is None or (k.type == "table" and not value):
+            continue
+        section, _, name = k.key.rpartition(".")
+        if k.type == "table":
+            sections[k.key] = _table_lines(value)
+        elif section:
+            sections.setdefault(section, []).append(f"{name} = {_toml_value(value)}")
+        else:
+            root.append(f"{name} = {_toml_value(value)}")
+    out = ["# fedjax-sim experiment config (docs/config.md); run it with",
+           "# `fedjax run --config THIS_FILE`", *root]
+    for section, lines in sections.items():
+        out += ["", f"[{section}]", *lines]
+    return "\n".join(out) + "\n"
+
+
+def _table_lines(table: dict) -> list[str]:
+    lines = []
+    for name, value in table.items():
+        key = _show_key((name,))
+        if value is None:
+            lines.append(f"# {key}: None, which TOML cannot write (left out)")
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    return lines
+
+
+def _toml_value(value: Any) -> str:
+    """A TOML literal: strings, integers, floats (inf, nan), booleans, arrays, inline tables."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_show_key((k,))} = {_toml_value(v)}"
+                               for k, v in value.items() if v is not None) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} as TOML")
+
+
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
+            "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    return '"' + "".join(
+        _ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c)
+        for c in text) + '"'
+
+
+# ---------------------------------------------------------------------------------- docs
+
+
+def default_of(field: str) -> str:
+    """The default of `field` as docs/config.md shows it."""
+    if field == "task":
+        return "-"
+    if field in attrs.fields_dict(tasks.TaskDefaults):
+        return "the task's"
+    default = attrs.fields_dict(ExperimentConfig)[field].default
+    if isinstance(default, attrs.Factory):
+        default = default.factory()
+    if default is None:
+        return "unset"
+    if isinstance(default, dict) and not default:
+        return "none"
+    return f"`{_toml_value(default)}`"
+
+
+def flag_of(field: str) -> str:
+    """The `fedjax run` option that sets `field`."""
+    return {"task": "`TASK`", "algorithm_options": "`--option NAME=VALUE`",
+            "aggregator_options": "`--aggregator-option NAME=VALUE`"}.get(
+        field, f"`--{field.replace('_', '-')}`")
+
+
+def schema_markdown() -> str:
+    """The table of every key, for docs/config.md."""
+    rows = ["| key | type | default | `fedjax run` option | `ExperimentConfig` field | meaning |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for k in _KEYS:
+        rows.append(f"| `{k.key}` | {k.type} | {default_of(k.field)} | {flag_of(k.field)} | "
+                     f"`{k.field}` | {k.help} |")
+    return "\n".join(rows) + "\n"
+
+
+def _options_text(options: dict, skip=()) -> str:
+    shown = [f"`{name}`" if v is inspect.Parameter.empty else
+             f"`{name}` (unset)" if v is None else f"`{name} = {_toml_value(v)}`"
+             for name, v in options.items() if name not in skip]
+    return ", ".join(shown) or "none"
+
+
+def registries_markdown(task_names: Iterable[str] | None = None) -> str:
+    """The registered tasks, algorithms (with options and defaults) and aggregators (with
+    options), for docs/config.md."""
+    lines = ["### Tasks (`task`)", ""]
+    for name in (tasks.names() if task_names is None else task_names):
+        e = tasks.entry(name)
+        d = e.defaults
+        lines.append(f"- `{name}`: {e.description}. Defaults: `{d.algorithm}`, {d.rounds} "
+                     f"rounds x {d.clients_per_round} clients, batch {d.batch_size}, "
+                     f"{d.epochs} epoch{'s' if d.epochs > 1 else ''}, client lr {d.client_lr:g}"
+                     + (f", max {d.max_steps} steps" if d.max_steps else "") + ".")
+    lines += ["", "### Algorithms (`algorithm.name`, `[algorithm.options]`)", ""]
+    for name in sorted(algorithms.ALGORITHMS):
+        e = algorithms.ALGORITHMS[name]
+        filled = f"; filled in by the run: {', '.join(e.needs)}" if e.needs else ""
+        lines.append(f"- `{name}`: {e.description}. Options: "
+                     f"{_options_text(algorithms.options(name), e.needs)}{filled}.")
+    lines += ["", "### Aggregators (`aggregator.name`, `[aggregator.options]`)", ""]
+    for name in sorted(aggregators.AGGREGATORS):
+        e = aggregators.AGGREGATORS[name]
+        lines.append(f"- `{name}`: {e.description}. Options: "
+                     f"{_options_text(aggregators.options(name))}.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,93 @@
+"""Resuming a run directory: the saved config, what may change, and the experiment to continue.
+
+A run directory holds `config.json` (the resolved config the run started with) and
+`checkpoints/` (each manifest records the config it was written under). Resuming rebuilds
+the experiment from that config, so every later round samples the same clients, batches and
+keys as a run that never stopped. A change (a longer `--rounds`, or an edit of config.json)
+is refused unless `allow_changes` names every changed option.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from fedjax_api import checkpoint, rundir
+from fedjax_api.config import ExperimentConfig
+from fedjax_api.errors import ConfigError
+
+NOT_CONFIG = ("versions", "resolved")
+"""Keys of config.json that record facts of the run rather than options."""
+
+
+def _options(saved: dict) -> dict[str, Any]:
+    return {k: v for k, v in saved.items() if k not in NOT_CONFIG}
+
+
+def _checkpoint_config(run_dir: Path) -> dict | None:
+    """The config recorded by the newest checkpoint whose manifest parses."""
+    for _, manifest in reversed(checkpoint.list_checkpoints(run_dir)):
+        try:
+            meta = json.loads(Path(manifest).read_text()).get("meta", {})
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta.get("config"), dict):
+            return _options(meta["config"])
+    return None
+
+
+def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None,
+                  allow_changes: tuple[str, ...] = ()) -> ExperimentConfig:
+    """The config to continue `run_dir` with.
+
+    Args:
+      run_dir: a run directory written by `Experiment` (config.json and checkpoints/).
+      overrides: options to change, e.g. `{"rounds": 200}` to train longer.
+      allow_changes: option names whose change is accepted.
+
+    Returns:
+      The `ExperimentConfig`, with `out` set to `run_dir`.
+
+    Raises:
+      ConfigError: not a run directory, no checkpoint, an unknown option, or a change
+        (from `overrides` or an edited config.json) that `allow_changes` does not name.
+
+    Example:
+      >>> cfg = resume_config(Path("runs/x"), {"rounds": 200}, allow_changes=("rounds",))
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / rundir.CONFIG_FILE
+    try:
+        raw = json.loads(path.read_text())
+        saved = _options(raw)
+    except FileNotFoundError:
+        raise ConfigError(f"{str(run_dir)!r} is not a run directory (no {rundir.CONFIG_FILE})"
+                          ) from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    if not checkpoint.list_checkpoints(run_dir):
+        raise ConfigError(f"{str(run_dir)!r} has no checkpoint to resume from; start it again "
+                          "with `fedjax run`")
+    fields = attrs.fields_dict(ExperimentConfig)
+    for key in list(overrides or {}) + list(allow_changes):
+        if key not in fields:
+            from fedjax_api.errors import unknown
+            raise unknown("option", key, fields)
+    base = _checkpoint_config(run_dir) or saved
+    new = {**saved, **(overrides or {}), "out": str(run_dir)}
+    changed = sorted(k for k in set(new) | set(base)
+                     if k != "out" and new.get(k) != base.get(k))
+    refused = [k for k in changed if k not in allow_changes]
+    if refused:
+        what = ", ".join(f"{k} {base.get(k)!r} -> {new.get(k)!r}" for k in refused)
+        raise ConfigError(f"the config differs from the checkpoint's ({what}); pass "
+                          f"--allow-changes {','.join(refused)} to resume anyway")
+    calibrated = (raw.get("resolved") or {}).get("noise_multiplier")
+    if new.get("dp_epsilon") is not None and calibrated is not None:
+        # Keep the noise the run was calibrated with (a longer run spends more epsilon).
+        new = {**new, "dp_epsilon": None, "noise_multiplier": calibrated}
+    try:
+        return ExperimentConfig(**new)
+    except TypeError as e:
+        raise ConfigError(f"{path} does not hold a valid config ({e})") from None

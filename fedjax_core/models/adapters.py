@@ -1,0 +1,241 @@
+"""Models written with Flax or Equinox, as a `Model(init, apply, loss, metrics)`.
+
+Neither library is a dependency of fedjax-sim: each adapter imports its library when called
+and says which extra to install when it is missing (`pip install 'fedjax-sim[flax]'`,
+`pip install 'fedjax-sim[equinox]'`). The adapted model is an ordinary `Model`: its params
+are a pytree of arrays that every algorithm, aggregator and optimizer handles like the
+params of the models written in plain JAX.
+
+| adapter | params | `apply(params, batch, key, train)` runs |
+| --- | --- | --- |
+| `from_flax(module, example_batch, loss)` | `variables["params"]` of a `flax.linen.Module` | `module.apply({"params": params}, batch["x"], train=train, rngs={"dropout": key})` |
+| `from_equinox(make_module, loss)` | the floating-point array leaves of `make_module(key)` (`eqx.partition`) | `eqx.combine(params, static)` in inference mode unless `train`, `vmap`ped over the examples with one dropout key each |
+
+Example:
+  >>> import flax.linen as nn
+  >>> class MLP(nn.Module):
+  ...     @nn.compact
+  ...     def __call__(self, x, train: bool = False):
+  ...         x = nn.relu(nn.Dense(64)(x.reshape(x.shape[0], -1)))
+  ...         x = nn.Dropout(0.5, deterministic=not train)(x)
+  ...         return nn.Dense(10)(x)
+  >>> model = from_flax(MLP(), {"x": np.zeros((1, 28, 28, 1), np.float32)},
+  ...                   loss=classification_loss, metrics=classification_metrics)
+"""
+
+import importlib
+import inspect
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_core.models.base import MetricFn, Model
+from fedjax_core.typing import Array, Batch, Params, PRNGKey
+
+LossFn = Callable[[Batch, Array], Array]
+
+
+def loss_metrics(loss: LossFn) -> MetricFn:
+    """The default metrics of an adapted model: `{"loss": (loss(batch, preds), 1)}`.
+
+    Args:
+      loss: the per-example loss, `loss(batch, preds) -> Float[Array, "batch"]`.
+
+    Returns:
+      A `MetricFn`; evaluation reports the mean loss over the real examples.
+    """
+    def metrics(batch: Batch, preds: Array) -> dict[str, tuple[Array, Array]]:
+        per_example = loss(batch, preds)
+        return {"loss": (per_example, jnp.ones_like(per_example))}
+
+    return metrics
+
+
+def _require(module: str, extra: str, caller: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{caller} needs {extra}, which is not installed; install it with "
+                          f"pip install 'fedjax-sim[{extra}]'") from e
+
+
+def _inputs(batch: Batch, inputs: str | None, caller: str) -> Any:
+    if inputs is None:
+        return batch
+    try:
+        return batch[inputs]
+    except KeyError:
+        raise ValueError(f"{caller}: the batch has no feature {inputs!r} (it has {sorted(batch)}); "
+                       "pass inputs= the feature the module reads, or inputs=None for the "
+                       "whole batch") from None
+
+
+def _call_parameters(fn: Callable) -> Mapping[str, inspect.Parameter]:
+    try:
+        return inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or an odd callable: assume nothing
+        return {}
+
+
+def _accepts(params: Mapping[str, inspect.Parameter], name: str) -> bool:
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD
+                                 for p in params.values())
+
+
+def from_flax(module: Any, example_batch: Batch, loss: LossFn,
+              metrics: MetricFn | None = None, *, inputs: str | None = "x") -> Model:
+    """A `flax.linen.Module` as a `Model`.
+
+    `init(key) = module.init({"params": key}, example)["params"]` and
+    `apply(params, batch, key, train) = module.apply({"params": params}, batch[inputs],
+    rngs={"dropout": key})`, where `key` (a client step's key) is passed only when `train`.
+    If the module's `__call__` takes a `train` argument it gets `train=train`; if it takes
+    `deterministic` it gets `deterministic=not train`; otherwise neither. The params are the
+    `"params"` collection as a nested dict (`{"Dense_0": {"kernel": ..., "bias": ...}}`).
+
+    Only the `"params"` collection is trained and averaged. A module that creates other
+    collections (BatchNorm's `"batch_stats"`, `self.sow`) is refused: federated training
+    here has no place for mutable state; use GroupNorm or LayerNorm instead of BatchNorm.
+
+    Args:
+      module: a `flax.linen.Module` instance (not `flax.nnx`); it maps `batch[inputs]`
+        with a leading `batch` axis to predictions with the same leading axis.
+      example_batch: a batch whose `inputs` feature has the shape and dtype of the real
+        ones (only the shape and dtype are kept; any batch size works), e.g.
+        `{"x": np.zeros((1, 28, 28, 1), np.float32)}`.
+      loss: `loss(batch, preds) -> Float[Array, "batch"]`, per example, e.g.
+        `fedjax_core.models.linear.classification_loss`.
+      metrics: `metrics(batch, preds)`, see `MetricFn`; default `loss_metrics(loss)`.
+        `fedjax_core.models.linear.classification_metrics` adds accuracy.
+      inputs: the batch feature passed to the module; `None` passes the whole batch dict.
+
+    Returns:
+      A `Model`.
+
+    Raises:
+      ImportError: flax is not installed (`pip install 'fedjax-sim[flax]'`).
+      TypeError: `module` is not a `flax.linen.Module`.
+      ValueError: `example_batch` has no feature `inputs`; or (at `init`) the module
+        creates variable collections other than `"params"`.
+
+    Example:
+      >>> model = from_flax(MLP(), {"x": np.zeros((1, 3), np.float32)}, classification_loss)
+      >>> params = model.init(jax.random.key(0))
+      >>> logits = model.apply(params, {"x": x}, key=k, train=True)
+    """
+    linen = _require("flax.linen", "flax", "from_flax")
+    if not isinstance(module, linen.Module):
+        raise TypeError(f"from_flax takes a flax.linen.Module instance, got "
+                        f"{type(module).__name__}; for flax.nnx, wrap the module with "
+                        "flax.nnx.bridge.to_linen or write init/apply with nnx.split/merge")
+    call_params = _call_parameters(module.__call__)
+    if "train" in call_params:
+        def mode(train):
+            return {"train": train}
+    elif "deterministic" in call_params:
+        def mode(train):
+            return {"deterministic": not train}
+    else:
+        def mode(train):
+            return {}
+    example = _inputs(example_batch, inputs, "from_flax")
+    spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype),
+                        example)
+
+    def init(key: PRNGKey) -> Params:
+        x = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+        variables = module.init({"params": key}, x, **mode(False))
+        extra = sorted(set(variables) - {"params"})
+        if extra:
+            raise ValueError(
+                f"from_flax: {type(module).__name__} creates the variable collections "
+                f"{extra} besides 'params'; only 'params' can be trained and averaged across "
+                "clients, so use a module without mutable state (e.g. GroupNorm or LayerNorm "
+                "instead of BatchNorm)")
+        return dict(variables.get("params", {}))
+
+    def apply(params: Params, batch: Batch, key: PRNGKey | None = None,
+              train: bool = False) -> Array:
+        rngs = {"dropout": key} if train and key is not None else {}
+        return module.apply({"params": params}, _inputs(batch, inputs, "from_flax"),
+                            rngs=rngs, **mode(train))
+
+    return Model(init=init, apply=apply, loss=loss,
+                 metrics=loss_metrics(loss) if metrics is None else metrics)
+
+
+def from_equinox(make_module: Callable[[PRNGKey], Any], loss: LossFn,
+                 metrics: MetricFn | None = None, *, inputs: str | None = "x",
+                 per_example: bool = True) -> Model:
+    """An Equinox module, built from a key, as a `Model`.
+
+    `params, static = eqx.partition(make_module(key), eqx.is_inexact_array)`: the params
+    are the module's floating-point array leaves (a pytree of the module's own type, `None`
+    where a leaf is static); everything else (integer arrays, activations, sizes) is taken
+    once from `make_module(jax.random.key(0))` and closed over. `apply` rebuilds the module
+    with `eqx.combine(params, static)`, sets `eqx.nn.inference_mode(module, not train)` (so
+    `eqx.nn.Dropout` is off unless `train`) and, with `per_example=True` (Equinox's usual
+    style), maps it over the examples with `jax.vmap`; when `train` and a key is given, each
+    example gets its own dropout key `split(key, batch)[i]`, passed as `key=` if the module's
+    `__call__` takes one.
+
+    Args:
+      make_module: `make_module(key) -> eqx.Module`, e.g.
+        `lambda key: eqx.nn.MLP(784, 10, 64, 1, key=key)`. It is called once here and once
+        per `init`; the module's structure must not depend on the key.
+      loss: `loss(batch, preds) -> Float[Array, "batch"]`, per example.
+      metrics: `metrics(batch, preds)`, see `MetricFn`; default `loss_metrics(loss)`.
+      inputs: the batch feature passed to the module; `None` passes the whole batch dict
+        (then `per_example=True` maps over the leading axis of every feature).
+      per_example: the module takes one example (`vmap` over the batch); `False` when it
+        takes a whole batch itself (it then gets the whole step key).
+
+    Returns:
+      A `Model`.
+
+    Raises:
+      ImportError: equinox is not installed (`pip install 'fedjax-sim[equinox]'`).
+      TypeError: `make_module` does not return an `equinox.Module` (e.g. the `(module,
+        state)` pair of `eqx.nn.make_with_state`: stateful layers such as BatchNorm are not
+        supported).
+
+    Example:
+      >>> model = from_equinox(lambda k: eqx.nn.MLP(3, 4, 5, 1, key=k), classification_loss)
+      >>> params = model.init(jax.random.key(0))
+      >>> logits = model.apply(params, {"x": x})
+    """
+    eqx = _require("equinox", "equinox", "from_equinox")
+    template = make_module(jax.random.key(0))
+    if not isinstance(template, eqx.Module):
+        raise TypeError(f"from_equinox: make_module(key) returned {type(template).__name__}, not "
+                        "an equinox.Module; return the module alone (stateful layers from "
+                        "eqx.nn.make_with_state, such as BatchNorm, are not supported)")
+    _, static = eqx.partition(template, eqx.is_inexact_array)
+    takes_key = _accepts(_call_parameters(template.__call__), "key")
+
+    def init(key: PRNGKey) -> Params:
+        params, _ = eqx.partition(make_module(key), eqx.is_inexact_array)
+        return params
+
+    def call(module, x, key):
+        return module(x, key=key) if takes_key else module(x)
+
+    def apply(params: Params, batch: Batch, key: PRNGKey | None = None,
+              train: bool = False) -> Array:
+        module = eqx.nn.inference_mode(eqx.combine(params, static), value=not train)
+        x = _inputs(batch, inputs, "from_equinox")
+        key = key if train else None
+        if not per_example:
+            return call(module, x, key)
+        if key is None:
+            return jax.vmap(lambda xi: call(module, xi, None))(x)
+        n = jax.tree.leaves(x)[0].shape[0]
+        return jax.vmap(lambda xi, ki: call(module, xi, ki))(x, jax.random.split(key, n))
+
+    return Model(init=init, apply=apply, loss=loss,
+                 metrics=loss_metrics(loss) if metrics is None else metrics)
+
+
+__all__ = ["from_equinox", "from_flax", "loss_metrics"]

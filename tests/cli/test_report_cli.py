@@ -1,0 +1,111 @@
+"""`fedjax plot | report`: the commands print what fedjax_api.report computes; one-line errors."""
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from cli import report
+from tests.fedjax_api.test_report import CONFIG, PNG, RECORDS, make_run, two_runs
+
+runner = CliRunner()
+
+
+def flat(res) -> str:
+    """The output with line wrapping undone (rich wraps at the terminal width)."""
+    return " ".join(res.output.split())
+
+
+def test_report_prints_the_summary(tmp_path):
+    run = make_run(tmp_path / "run", CONFIG, RECORDS)
+    res = runner.invoke(report.app, ["report", str(run)])
+    assert res.exit_code == 0, res.output
+    text = flat(res)
+    assert f"run {run}: task emnist, algorithm fedavg, 4 of 5 rounds done" in text
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in res.output.splitlines() if line.count("│") == 6}
+    assert rows == {  # the header row, drawn with ┃, is not among them
+        "test/accuracy": ["0.5", "4", "0.6", "2"],
+        "test/loss": ["nan", "4", "1.25", "2"],
+        "test/num_examples": ["80", "4", "-", "-"],
+        "train/accuracy": ["0.7", "4", "0.7", "4"],
+        "train/loss": ["0.75", "4", "0.75", "4"],
+    }
+    assert "last train/loss: 1 (round 4)" in text
+    assert "wall time: 8.5 s (rounds 7 s, evaluation 1.5 s)" in text
+    assert "rounds/s: 0.470588 (1 after the first round)" in text
+    assert ("compile time: about 3 s (the first round's time minus the median of the others)"
+            in text)
+    assert "privacy spent: epsilon = 1 at delta = 1e-06 (round 4)" in text
+
+
+def test_report_of_a_fresh_run(tmp_path):
+    run = make_run(tmp_path / "run", {"task": "t", "algorithm": "a"}, [])
+    res = runner.invoke(report.app, ["report", str(run)])
+    assert res.exit_code == 0, res.output
+    assert "0 rounds done" in flat(res) and "no evaluation records yet" in flat(res)
+    assert "privacy" not in flat(res) and "compile" not in flat(res)
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: None, "error: no run directory '{p}'"),
+    (lambda p: p.mkdir(), "error: no metrics.jsonl in '{p}': not a fedjax run directory "
+     "(give the --out of a `fedjax run`)"),
+    (lambda p: make_run(p, CONFIG, []) and (p / "config.json").write_text("{"),
+     "error: '{p}/config.json' is not valid JSON (Expecting property name enclosed in double "
+     "quotes); restore it from the run or delete it"),
+])
+def test_report_errors_are_one_line(tmp_path, setup, message):
+    path = tmp_path / "r"
+    setup(path)
+    res = runner.invoke(report.app, ["report", str(path)])
+    assert res.exit_code == 2
+    assert flat(res) == message.format(p=path)
+    assert "Traceback" not in res.output
+
+
+def test_plot_writes_the_png_and_says_so(tmp_path):
+    pytest.importorskip("matplotlib")
+    a, b = two_runs(tmp_path)
+    out = tmp_path / "curve.png"
+    res = runner.invoke(report.app, ["plot", str(a), str(b), "--metric", "test/accuracy",
+                                     "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert flat(res) == f"wrote {out}: test/accuracy (eval records) of 2 runs"
+    assert out.read_bytes()[:8] == PNG
+    res = runner.invoke(report.app, ["plot", str(a), "--metric", "train/loss", "--kind",
+                                     "train", "-o", str(tmp_path / "loss.pdf")])
+    assert res.exit_code == 0, res.output
+    assert flat(res).endswith("train/loss (train records) of 1 run")
+    assert (tmp_path / "loss.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metric", "test/acc"], "error: unknown metric 'test/acc'; did you mean "
+     "'test/accuracy'? choose one of: "),
+    (["--kind", "both"], "error: unknown kind 'both'; choose one of: eval, train"),
+    (["--metric", "round_time_s", "--kind", "eval"], "error: metric 'round_time_s' is not in "
+     "the eval records of these runs but in their train records: use --kind train"),
+])
+def test_plot_errors_are_one_line(tmp_path, args, message):
+    pytest.importorskip("matplotlib")
+    a, _ = two_runs(tmp_path)
+    res = runner.invoke(report.app, ["plot", str(a), *args, "-o", str(tmp_path / "c.png")])
+    assert res.exit_code == 2
+    assert flat(res).startswith(message) and len(res.output.strip().splitlines()) == 1
+    assert "Traceback" not in res.output and not (tmp_path / "c.png").exists()
+
+
+def test_register_adds_both_commands_to_an_app(tmp_path):
+    main = typer.Typer()
+
+    @main.command()
+    def other() -> None:
+        pass
+
+    report.register(main)
+    run = make_run(tmp_path / "run", CONFIG, RECORDS)
+    res = runner.invoke(main, ["report", str(run)])
+    assert res.exit_code == 0 and "4 of 5 rounds done" in flat(res)
+    assert json.loads((run / "config.json").read_text())["task"] == "emnist"
