@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_api.errors import ConfigError
+from fedjax_api.rundir import fsync_dir
 
 PyTree = Any
 
@@ -128,7 +129,7 @@ def save(run_dir: Path, round_num: int, state: PyTree, meta: dict, keep: int = 3
     if manifest_path.exists() or npz_path.exists():   # an earlier try of this round:
         manifest_path.unlink(missing_ok=True)           # uncommit it, then drop its data
         npz_path.unlink(missing_ok=True)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
 
     npz_renamed = committed = False
     try:
@@ -139,7 +140,7 @@ def save(run_dir: Path, round_num: int, state: PyTree, meta: dict, keep: int = 3
         size, sha256 = _digest(npz_tmp)
         os.replace(npz_tmp, npz_path)
         npz_renamed = True
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
 
         body = {
             "format": FORMAT,
@@ -158,7 +159,7 @@ def save(run_dir: Path, round_num: int, state: PyTree, meta: dict, keep: int = 3
             os.fsync(f.fileno())
         os.replace(manifest_tmp, manifest_path)
         committed = True
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
     finally:
         for p in (npz_tmp, manifest_tmp):
             with suppress(OSError):
@@ -252,20 +253,6 @@ def _manifest_digest(body: dict) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    """Makes renames in `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _prune(ckpt_dir: Path, newest: int, keep: int) -> None:
     found = _scan(ckpt_dir)
     current = [(r, p) for r, p in found if r <= newest]
@@ -282,7 +269,7 @@ def _prune(ckpt_dir: Path, newest: int, keep: int) -> None:
     except OSError as e:
         warnings.warn(f"could not delete old checkpoints in {ckpt_dir}: {e}",
                       CheckpointWarning, stacklevel=3)
-    _fsync_dir(ckpt_dir)
+    fsync_dir(ckpt_dir)
 
 
 # ---------------------------------------------------------------------------- list

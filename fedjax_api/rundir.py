@@ -297,3 +297,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
                               f"({getattr(e, 'msg', e)}); fix or delete that line") from None
         records.append(_from_json(record))
     return records
+
+
+def fsync_dir(path: Path) -> None:
+    """Makes renames in `path` durable (best effort: a no-op where directories cannot be
+    opened or synced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from fedjax_api.errors import ConfigError
+from fedjax_api.rundir import fsync_dir
 
 try:  # POSIX: one process at a time writes a given .partial file.
     import fcntl
@@ -141,7 +142,7 @@ def download(url: str, dest: Path, *, sha256: str | None, size: int | None,
     except _Discard as e:
         part.unlink(missing_ok=True)
         raise DownloadError(str(e)) from None
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return dest
 
 
@@ -303,20 +304,6 @@ def _verify(url: str, state: _Partial, *, sha256: str | None, size: int | None) 
         if got != sha256:
             raise _Discard(f"checksum mismatch for {name}: expected sha256 {sha256}, "
                                 f"got {got}; deleted the download, re-run to try again")
-
-
-def _fsync_dir(path: Path) -> None:
-    """Makes a rename in `path` durable (best effort; not possible on every OS)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _reason(e: BaseException) -> str:

@@ -58,3 +58,31 @@ def plain_local_train(model: Model, params, cohort, c: int, client_opt, grad_fn=
         updates, opt_state = client_opt.update(grad_fn(w, batch), opt_state, w)
         w = optax.apply_updates(w, updates)
     return w
+
+
+def close(a, b, tol=1e-5):
+    """Every leaf of `a` equals `b`'s within `tol` (absolute and relative)."""
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=tol, rtol=tol), a, b)
+
+
+def uniform_mean():
+    """A non-default aggregator: the plain mean over real clients (it checks it is given the
+    cohort's slots)."""
+    import optax
+
+    from fedjax_core import tree
+    from fedjax_core.aggregate.base import Aggregator
+
+    def apply(deltas, weights, state, key=None, clients=None):
+        del key
+        assert clients is not None
+        return tree.weighted_mean(deltas, (weights > 0).astype(jnp.float32)), state, {}
+    return Aggregator(lambda params: optax.EmptyState(), apply)
+
+
+def run_round(step, state, index, cohort, key):
+    """One round of a stateful algorithm: rows assigned on the host, then the jitted step."""
+    from fedjax_core import client_state
+
+    state, slots = client_state.prepare(index, state, cohort.client_index)
+    return step(state, cohort._replace(slots=slots), key)

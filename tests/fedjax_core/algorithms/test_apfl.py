@@ -8,37 +8,24 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_core import client_state, parallel, personalization, tree
+from fedjax_core import client_state, parallel, personalization
 from fedjax_core import evaluate as core_evaluate
-from fedjax_core.aggregate.base import Aggregator
 from fedjax_core.algorithms.apfl import apfl
 from fedjax_core.algorithms.base import EvalClients, jit_round
 from fedjax_core.data import InMemoryFederatedData, pack_clients, pack_cohort
 from fedjax_core.models.base import Model
-from tests.fedjax_core.helpers import tiny_softmax_model, unequal_clients
+from tests.fedjax_core.helpers import (
+    close,
+    run_round,
+    tiny_softmax_model,
+    unequal_clients,
+    uniform_mean,
+)
 
 apfl_module = importlib.import_module("fedjax_core.algorithms.apfl")
 ditto_module = importlib.import_module("fedjax_core.algorithms.ditto")
 
 MODEL = tiny_softmax_model()
-
-
-def close(a, b, tol=1e-5):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=tol, rtol=tol), a, b)
-
-
-def uniform_mean() -> Aggregator:
-    """A non-default aggregator: the plain mean over real clients."""
-    def apply(deltas, weights, state, key=None, clients=None):
-        del key
-        assert clients is not None
-        return tree.weighted_mean(deltas, (weights > 0).astype(jnp.float32)), state, {}
-    return Aggregator(lambda params: optax.EmptyState(), apply)
-
-
-def run_round(step, state, index, cohort, key):
-    state, slots = client_state.prepare(index, state, cohort.client_index)
-    return step(state, cohort._replace(slots=slots), key)
 
 
 def row_of(state, index, cid):
