@@ -255,12 +255,14 @@ def _title(metric: str, kind: str, configs) -> str:
 
 
 def higher_is_better(metric: str) -> bool | None:
-    """Whether a larger value of `metric` is better: False for losses, errors and
-    perplexities, None for counts (`num_...`), True otherwise (accuracies)."""
+    """Whether a larger value of `metric` is better: False for losses, errors,
+    perplexities and the sequence metrics' OOV and truncation rates, None for counts
+    (`num_...`), True otherwise (accuracies)."""
     leaf = metric.rsplit("/", 1)[-1]
     if leaf.startswith("num_") or leaf.endswith("_count"):
         return None
-    return not any(word in leaf for word in ("loss", "error", "perplexity"))
+    return not any(word in leaf for word in ("loss", "error", "perplexity", "oov_rate",
+                                             "truncation_rate"))
 
 
 def _final_and_best(records: list[dict], metric: str) -> dict:
