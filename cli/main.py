@@ -20,6 +20,7 @@ from rich.table import Table
 from cli import data, privacy, report
 from cli.common import console, print_error, user_errors
 from fedjax_api import config, configfile, tasks
+from fedjax_api.compile_cache import enable_compilation_cache
 from fedjax_api.experiment import Experiment, Interrupted
 from fedjax_api.resume import resume_config
 from fedjax_core.aggregate import registry as aggregators
@@ -301,7 +302,11 @@ def list_algorithms() -> None:
 
 
 def main() -> None:
-    """Console-script entry point: also a malformed option prints one line, exit 2."""
+    """Console-script entry point: also a malformed option prints one line, exit 2.
+
+    Turns on JAX's persistent compilation cache under the cache directory first, so a
+    second run of the same task starts warm (`FEDJAX_COMPILATION_CACHE=0` turns it off)."""
+    enable_compilation_cache()
     try:
         code = app(standalone_mode=False)
     except typer.TyperException as e:  # malformed command line (typer >= 0.29 owns its parser)
