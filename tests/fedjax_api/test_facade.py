@@ -139,3 +139,15 @@ def test_client_accuracy_distribution_and_personalization(tmp_path):
     want = client_distribution(tuned["accuracy"], "personalized_accuracy_")
     for k, v in want.items():
         assert test[k] == pytest.approx(v)
+
+
+def test_sampled_cohorts_are_ordered_by_size_and_deterministic():
+    from fedjax_core.data import uniform_without_replacement
+    task = tasks.get(NAME)
+    train = task.train
+    for r in range(5):
+        cohort = train.sample(4, r)
+        drawn = uniform_without_replacement(train.num_clients, 4, train.seed, r)
+        assert sorted(cohort.client_index.tolist()) == sorted(drawn.tolist())  # same clients
+        assert list(cohort.num_examples) == sorted(cohort.num_examples, reverse=True)
+        np.testing.assert_array_equal(cohort.mask, train.sample(4, r).mask)
