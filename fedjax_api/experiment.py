@@ -17,6 +17,7 @@ import optax
 from fedjax_api import checkpoint, privacy, rundir, tasks
 from fedjax_api.config import ExperimentConfig
 from fedjax_api.errors import ConfigError
+from fedjax_api.resume import NOT_CONFIG
 from fedjax_api.server import Server
 from fedjax_core import client_state
 from fedjax_core import evaluate as core_evaluate
@@ -239,7 +240,7 @@ class Experiment:
             if self.config:  # the same config as TOML, to re-run with `fedjax run --config`
                 from fedjax_api import configfile
                 cfg = ExperimentConfig(**{k: v for k, v in self.config.items()
-                                          if k not in ("resolved", "versions")})
+                                          if k not in NOT_CONFIG})
                 rundir.write_text_atomic(self.out_dir / "config.toml", configfile.dump(cfg))
             log = rundir.MetricsLog(self.out_dir, tensorboard=self.tensorboard)
 

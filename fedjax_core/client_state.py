@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_core import tree
 from fedjax_core.typing import Array, PyTree
 
 MIN_CAPACITY = 8
@@ -58,7 +59,7 @@ def gather(store: ClientStore, slots: ClientSlots, fresh: PyTree) -> PyTree:
     state, broadcast)."""
     def pick(table, init):
         rows = table[slots.row]
-        new = slots.is_new.reshape((-1,) + (1,) * (rows.ndim - 1))
+        new = tree.per_client(slots.is_new, rows)
         return jnp.where(new, jnp.broadcast_to(init, rows.shape), rows)
     return jax.tree.map(pick, store.rows, fresh)
 
@@ -69,7 +70,7 @@ def scatter(store: ClientStore, slots: ClientSlots, values: PyTree,
     (e.g. a padding client)."""
     def put(table, v):
         if keep is not None:
-            k = keep.reshape((-1,) + (1,) * (v.ndim - 1))
+            k = tree.per_client(keep, v)
             v = jnp.where(k, v, table[slots.row])
         return table.at[slots.row].set(v)
     return ClientStore(jax.tree.map(put, store.rows, values))

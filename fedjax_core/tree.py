@@ -71,11 +71,25 @@ def l2_norm(tree: PyTree) -> Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
+def clip_factor(norm: ArrayLike, max_norm: ArrayLike) -> Array:
+    """`min(1, max_norm / norm)` (elementwise; 1 for a zero norm): the scale that clips a
+    vector of that norm to `max_norm`."""
+    return jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
+
+
 def clip_by_norm(tree: PyTree, max_norm: ArrayLike) -> PyTree:
     """`tree * min(1, max_norm / ||tree||_2)`: scale down to L2 norm at most `max_norm`."""
-    norm = l2_norm(tree)
-    factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
-    return scale(tree, factor)
+    return scale(tree, clip_factor(l2_norm(tree), max_norm))
+
+
+def per_client(values: ArrayLike, x: Array) -> Array:
+    """`values` `[clients]` reshaped to broadcast against `x` `[clients, ...]`."""
+    return jnp.asarray(values).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def client_norms(stacked: PyTree) -> Array:
+    """`||tree_i||_2` of each client of a stacked pytree (`[clients, ...]` leaves), `[clients]`."""
+    return jax.vmap(l2_norm)(stacked)
 
 
 def num_params(tree: PyTree) -> int:

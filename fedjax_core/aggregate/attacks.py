@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_core import client_state
+from fedjax_core import client_state, tree
 from fedjax_core.aggregate.base import Aggregator, AggregatorEntry
 from fedjax_core.typing import Array, State
 
@@ -54,10 +54,6 @@ def num_attackers_for(fraction: float, num_real: int) -> int:
     Examples: fraction 0.1 of 5 real clients -> 1 (0.5 rounds up), of 4 -> 0, of 15 -> 2.
     """
     return int(Fraction(repr(float(fraction))) * num_real + Fraction(1, 2))
-
-
-def _mask_like(mask, x):
-    return mask.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
 def _per_round_attackers(key, real, m, fraction) -> Array:
@@ -97,7 +93,7 @@ def _poison(deltas, attackers, honest, kind, scale, std, key):
             bad = jnp.full_like(x32, scale)
         else:  # random
             if std is None:
-                h = _mask_like(honest, x32)
+                h = tree.per_client(honest, x32)
                 mu = jnp.sum(jnp.where(h, x32, 0.0), axis=0) / n_honest
                 sigma = jnp.sqrt(jnp.sum(jnp.where(h, jnp.square(x32 - mu), 0.0), axis=0)
                                  / n_honest)
@@ -105,7 +101,7 @@ def _poison(deltas, attackers, honest, kind, scale, std, key):
                 sigma = jnp.float32(std)
             noise = jax.random.normal(jax.random.fold_in(key, idx), x32.shape, jnp.float32)
             bad = scale * sigma * noise
-        out.append(jnp.where(_mask_like(attackers, x32), bad, x32).astype(x.dtype))
+        out.append(jnp.where(tree.per_client(attackers, x32), bad, x32).astype(x.dtype))
     return jax.tree.unflatten(treedef, out)
 
 

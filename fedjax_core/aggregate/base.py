@@ -2,7 +2,9 @@
 
 from typing import Callable, NamedTuple
 
-from fedjax_core.typing import Params, State
+import jax.numpy as jnp
+
+from fedjax_core.typing import Array, Params, State
 
 
 class Aggregator(NamedTuple):
@@ -20,6 +22,13 @@ class Aggregator(NamedTuple):
 
     init: Callable[[Params], State]
     apply: Callable[..., tuple[Params, State, dict]]
+
+
+def real_clients(weights) -> tuple[Array, Array]:
+    """`(is_real [clients] bool, m int32 scalar)`: the slots holding real clients (weight
+    > 0; padding clients have weight 0) and how many there are."""
+    real = jnp.asarray(weights) > 0
+    return real, jnp.sum(real.astype(jnp.int32))
 
 
 class AggregatorEntry(NamedTuple):

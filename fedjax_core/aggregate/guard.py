@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 
+from fedjax_core import tree
 from fedjax_core.aggregate.base import Aggregator
 from fedjax_core.aggregate.mean import mean
 
@@ -32,7 +33,7 @@ def skip_nonfinite(inner: Aggregator | None = None) -> Aggregator:
         for x in leaves:
             ok &= jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
         clean = jax.tree.map(
-            lambda x: jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x)),
+            lambda x: jnp.where(tree.per_client(ok, x), x, jnp.zeros_like(x)),
             deltas)
         out, state, metrics = inner.apply(clean, jnp.where(ok, weights, 0.0), state, key, clients)
         dropped = jnp.sum((weights > 0) & ~ok).astype(jnp.float32)

@@ -37,7 +37,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from fedjax_core import tree
-from fedjax_core.aggregate.base import Aggregator, AggregatorEntry
+from fedjax_core.aggregate.base import Aggregator, AggregatorEntry, real_clients
 from fedjax_core.typing import Array, PRNGKey, PyTree
 
 DELTA_NOISE_KEY = 0
@@ -49,34 +49,18 @@ COUNT_NOISE_KEY = 1
 
 # ----------------------------------------------------------------------------- helpers
 
-def _real(weights) -> tuple[Array, Array]:
-    """`(is_real [clients] bool, m_real int32 scalar)`."""
-    real = jnp.asarray(weights) > 0
-    return real, jnp.sum(real.astype(jnp.int32))
-
-
-def _mask_like(mask, x):
-    """`mask` `[clients]` reshaped to broadcast against `x` `[clients, ...]`."""
-    return mask.reshape((-1,) + (1,) * (x.ndim - 1))
-
-
-def _client_norms(deltas) -> Array:
-    """`||Delta_i||_2` over all leaves of each client, `Float[Array, "clients"]`."""
-    return jax.vmap(tree.l2_norm)(deltas)
-
-
 def _scaled_sum(deltas, factor) -> PyTree:
     """`sum_i factor_i Delta_i` in float32, a masked sum: clients with factor 0 (padding)
     contribute exactly 0 even when their delta holds inf or nan."""
     def leaf(x):
-        f = _mask_like(factor, x)
+        f = tree.per_client(factor, x)
         return jnp.sum(jnp.where(f != 0, x.astype(jnp.float32) * f, 0.0), axis=0)
     return jax.tree.map(leaf, deltas)
 
 
 def _clip_factors(norms, real, clip_norm) -> Array:
     """`min(1, C / ||Delta_i||)` for real clients, 0 for padding."""
-    return jnp.where(real, jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12)), 0.0)
+    return jnp.where(real, tree.clip_factor(norms, clip_norm), 0.0)
 
 
 def _normal_like(key: PRNGKey, like: PyTree, std) -> PyTree:
@@ -181,8 +165,8 @@ def gaussian(clip_norm: float = 1.0, noise_multiplier: float = 1.0,
         del clients
         _need_key("gaussian", key, noise_multiplier > 0)
         m, m_noise = _denominators(weights, expected_clients, noise_cohort_size)
-        real, m_real = _real(weights)
-        norms = _client_norms(deltas)
+        real, m_real = real_clients(weights)
+        norms = tree.client_norms(deltas)
         total = _scaled_sum(deltas, _clip_factors(norms, real, clip_norm))
         if noise_multiplier > 0:
             noise = _normal_like(key, total, noise_multiplier * clip_norm * m / m_noise)
@@ -350,8 +334,8 @@ def adaptive_gaussian(initial_clip_norm: float = 0.1, noise_multiplier: float = 
         m, m_noise = _denominators(weights, expected_clients, noise_cohort_size)
         sigma_delta, sigma_b = multipliers(m_noise)
         c = state.clip_norm
-        real, m_real = _real(weights)
-        norms = _client_norms(deltas)
+        real, m_real = real_clients(weights)
+        norms = tree.client_norms(deltas)
         total = _scaled_sum(deltas, _clip_factors(norms, real, c))
         centered = jnp.sum(jnp.where(real, (norms <= c).astype(jnp.float32) - 0.5, 0.0))
         if sigma_delta > 0:
@@ -442,7 +426,7 @@ def local(mechanism: str = "gaussian", clip_norm: float = 1.0, noise_multiplier:
     def apply(deltas, weights, state, key=None, clients=None):
         del clients
         _need_key("local", key, noisy)
-        real, m_real = _real(weights)
+        real, m_real = real_clients(weights)
         n = jnp.shape(weights)[0]
         _, unravel = ravel_pytree(jax.tree.map(lambda x: jnp.zeros(x.shape[1:], jnp.float32),
                                                deltas))
@@ -453,7 +437,7 @@ def local(mechanism: str = "gaussian", clip_norm: float = 1.0, noise_multiplier:
                 norm = jnp.sqrt(jnp.sum(jnp.square(x)))
             else:
                 norm = jnp.sum(jnp.abs(x))
-            y = x * jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12))
+            y = x * tree.clip_factor(norm, clip_norm)
             if noisy:
                 k = jax.random.fold_in(key, slot)
                 if mechanism == "gaussian":
@@ -597,8 +581,8 @@ def tree_ftrl(clip_norm: float = 1.0, noise_multiplier: float = 1.0,
         _need_key("tree_ftrl", key, noise_multiplier > 0)
         m, _ = _denominators(weights, expected_clients, None)
         t = state.round + 1
-        real, m_real = _real(weights)
-        norms = _client_norms(deltas)
+        real, m_real = real_clients(weights)
+        norms = tree.client_norms(deltas)
         total = _scaled_sum(deltas, _clip_factors(norms, real, clip_norm))
         key_data = state.key_data
         if key is not None:

@@ -28,28 +28,17 @@ import numpy as np
 import optax
 
 from fedjax_core import tree
-from fedjax_core.aggregate.base import Aggregator, AggregatorEntry
+from fedjax_core.aggregate.base import Aggregator, AggregatorEntry, real_clients
 from fedjax_core.aggregate.mean import mean
 from fedjax_core.typing import Array
 
 
 # ----------------------------------------------------------------------------- helpers
 
-def _real(weights) -> tuple[Array, Array]:
-    """`(is_real [clients] bool, m int32 scalar)`: which slots are real clients, how many."""
-    real = jnp.asarray(weights) > 0
-    return real, jnp.sum(real.astype(jnp.int32))
-
-
-def _mask_like(mask, x):
-    """`mask` `[clients]` reshaped to broadcast against `x` `[clients, ...]`."""
-    return mask.reshape((-1,) + (1,) * (x.ndim - 1))
-
-
 def _sorted_real(x, real):
     """Sorts `x` `[clients, ...]` along clients in float32, padding clients last (+inf)."""
     x32 = x.astype(jnp.float32)
-    return jnp.sort(jnp.where(_mask_like(real, x32), x32, jnp.inf), axis=0)
+    return jnp.sort(jnp.where(tree.per_client(real, x32), x32, jnp.inf), axis=0)
 
 
 def _count_table(rate: float, max_clients: int, rounding: str) -> Array:
@@ -104,7 +93,7 @@ def coordinate_median() -> Aggregator:
 
     def apply(deltas, weights, state, key=None, clients=None):
         del key, clients
-        real, m = _real(weights)
+        real, m = real_clients(weights)
         lo, hi = jnp.maximum(m - 1, 0) // 2, m // 2
 
         def leaf(x):
@@ -148,7 +137,7 @@ def trimmed_mean(beta: float = 0.1) -> Aggregator:
 
     def apply(deltas, weights, state, key=None, clients=None):
         del key, clients
-        real, m = _real(weights)
+        real, m = real_clients(weights)
         num_slots = jnp.shape(weights)[0]
         b = _count_table(beta, num_slots, "floor")[m]
         pos = jnp.arange(num_slots)
@@ -157,7 +146,7 @@ def trimmed_mean(beta: float = 0.1) -> Aggregator:
 
         def leaf(x):
             s = _sorted_real(x, real)
-            total = jnp.sum(jnp.where(_mask_like(keep, s), s, 0.0), axis=0)
+            total = jnp.sum(jnp.where(tree.per_client(keep, s), s, 0.0), axis=0)
             return (total / count).astype(x.dtype)
 
         return jax.tree.map(leaf, deltas), state, {
@@ -235,7 +224,7 @@ def krum(num_byzantine: int = 1, multi: int | None = 1) -> Aggregator:
             raise ValueError(
                 f"krum(num_byzantine={num_byzantine}) needs at least {num_byzantine + 3} "
                 f"clients per round (m - f - 2 >= 1); the cohort has {num_slots} slots")
-        real, m = _real(weights)
+        real, m = real_clients(weights)
         k = m - num_byzantine - 2
         degenerate = k < 1
         k = jnp.maximum(k, 1)
@@ -255,7 +244,7 @@ def krum(num_byzantine: int = 1, multi: int | None = 1) -> Aggregator:
         num_chosen = jnp.sum(chosen.astype(jnp.int32))
 
         def leaf(x):  # a masked sum, not a matmul: no reduced-precision dot on GPU
-            total = jnp.sum(jnp.where(_mask_like(chosen, x), x.astype(jnp.float32), 0.0), axis=0)
+            total = jnp.sum(jnp.where(tree.per_client(chosen, x), x.astype(jnp.float32), 0.0), axis=0)
             return (total / jnp.maximum(num_chosen, 1)).astype(x.dtype)
 
         return jax.tree.map(leaf, deltas), state, {
@@ -298,10 +287,10 @@ def norm_bounding(max_norm: float = 1.0, inner: Aggregator | str | None = None) 
     inner = _resolve(inner) if inner is not None else mean()
 
     def apply(deltas, weights, state, key=None, clients=None):
-        real, m = _real(weights)
-        norms = jax.vmap(tree.l2_norm)(deltas)                 # [clients]
-        factor = jnp.minimum(1.0, max_norm / jnp.maximum(norms, 1e-12))
-        clipped = jax.tree.map(lambda x: x * _mask_like(factor, x).astype(x.dtype), deltas)
+        real, m = real_clients(weights)
+        norms = tree.client_norms(deltas)                      # [clients]
+        factor = tree.clip_factor(norms, max_norm)
+        clipped = jax.tree.map(lambda x: x * tree.per_client(factor, x).astype(x.dtype), deltas)
         aggregate, state, metrics = inner.apply(clipped, weights, state, key, clients)
         return aggregate, state, {
             **metrics,

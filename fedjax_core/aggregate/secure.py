@@ -59,8 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_core import parallel
-from fedjax_core.aggregate.base import Aggregator, AggregatorEntry
+from fedjax_core import parallel, tree
+from fedjax_core.aggregate.base import Aggregator, AggregatorEntry, real_clients
 from fedjax_core.typing import Array, ArrayLike, Float, PRNGKey, PyTree
 
 PAIR_KEY = 0x7FFFFFF0
@@ -427,11 +427,10 @@ def secure_sum(clip_norm: float = 1.0, bits: int = 32, dropout_fraction: float =
                 f"(needs 2^(bits-1) - 1 >= clients): raise bits")
         x, unflatten = _flatten(deltas)
         d = x.shape[1]
-        real = jnp.asarray(weights) > 0
-        m = jnp.sum(real.astype(jnp.int32))
+        real, m = real_clients(weights)
 
         norms = jnp.sqrt(jnp.sum(jnp.square(x), axis=1))
-        x = x * jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12))[:, None]
+        x = x * tree.clip_factor(norms, clip_norm)[:, None]
         x = jnp.where(real[:, None], x, 0.0)
         scale, bound = fixed_point_scale(clip_norm, bits, m)
 

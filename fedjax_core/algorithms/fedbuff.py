@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_core import parallel
+from fedjax_core import parallel, tree
 from fedjax_core.aggregate.base import Aggregator
 from fedjax_core.aggregate.mean import mean
 from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
@@ -222,7 +222,7 @@ def fedbuff(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
             deltas, weights = updates.delta, updates.weight * s
         else:
             deltas = jax.tree.map(
-                lambda d: d * s.reshape((-1,) + (1,) * (d.ndim - 1)).astype(d.dtype), updates.delta)
+                lambda d: d * tree.per_client(s, d).astype(d.dtype), updates.delta)
             weights = updates.weight
         delta, aggregator_state, agg_metrics = aggregator.apply(
             deltas, weights, state.aggregator_state,
