@@ -32,8 +32,7 @@ from fedjax_core.aggregate.base import Aggregator
 from fedjax_core.aggregate.mean import mean
 from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
 from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY, round_metrics
-from fedjax_core.client import ClientUpdate, first_epoch_mask
-from fedjax_core.models.base import Model
+from fedjax_core.client import ClientUpdate, first_epoch_mask, full_batch
 from fedjax_core.typing import Params, State
 
 
@@ -43,52 +42,6 @@ class FedSGDState(NamedTuple):
     params: Params
     server_opt_state: optax.OptState
     aggregator_state: State
-
-
-def full_batch(model: Model, with_grad: bool = True, train: bool = True):
-    """Builds `f(params, batches, mask, key) -> (loss_sum, grad_sum, count)` for one client.
-
-    `loss_sum = sum_j m_j loss_j(params)` and `grad_sum = grad_params loss_sum` over
-    every masked slot of every step (`grad_sum` is None when `with_grad` is False);
-    `count = sum_j m_j`. The steps run in a `lax.fori_loop` up to the last non-empty
-    one; step k's dropout key is `fold_in(key, k)`. Pass `first_epoch_mask(...)` as
-    `mask` to get the client's empirical loss `F_i = loss_sum / count`.
-
-    Args:
-      model: the model.
-      with_grad: also accumulate the gradient.
-      train: run the model's training path (dropout on; needs `key`).
-
-    Returns:
-      The function, for `batches` feature -> `[steps, batch, ...]` and `mask`
-      `[steps, batch]` (non-empty steps first).
-    """
-
-    def loss_sum(p, batch, m, k):
-        preds = model.apply(p, batch, key=k, train=train)
-        per_example = model.loss(batch, preds)
-        return jnp.sum(per_example * m.astype(per_example.dtype))
-
-    value_and_grad = jax.value_and_grad(loss_sum)
-
-    def f(params, batches, mask, key=None):
-        steps = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
-
-        def step(k, carry):
-            total, grads = carry
-            batch = jax.tree.map(lambda x: x[k], batches)
-            sub = None if key is None else jax.random.fold_in(key, k)
-            if with_grad:
-                value, g = value_and_grad(params, batch, mask[k], sub)
-                return total + value, tree.add(grads, g)
-            return total + loss_sum(params, batch, mask[k], sub), grads
-
-        zero = jnp.zeros((), jnp.float32)
-        grads0 = tree.zeros_like(params) if with_grad else None
-        total, grads = jax.lax.fori_loop(0, steps, step, (zero, grads0))
-        return total, grads, jnp.sum(mask).astype(jnp.float32)
-
-    return f
 
 
 def fedsgd(server_learning_rate: float, server_momentum: float = 0.0,

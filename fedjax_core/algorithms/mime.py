@@ -38,9 +38,9 @@ from fedjax_core.aggregate.base import Aggregator
 from fedjax_core.aggregate.mean import mean
 from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
 from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY, round_metrics
-from fedjax_core.client import ClientUpdate, first_epoch_mask
+from fedjax_core.client import ClientUpdate, first_epoch_mask, full_batch
 from fedjax_core.models.base import Model, masked_mean_loss
-from fedjax_core.typing import Array, Bool, Float, Params, PyTree
+from fedjax_core.typing import Params, PyTree
 
 FULL_GRAD_KEY = 0x7FFFFFFE
 """Client key `fold_in(client_key, FULL_GRAD_KEY)` keys the full-gradient pass (its step k
@@ -59,26 +59,6 @@ class MimeState(NamedTuple):
     params: Params
     opt_state: optax.OptState
     aggregator_state: PyTree
-
-
-def gradient_sum(model: Model, params: Params, batches: PyTree, mask: Bool[Array, "steps batch"],
-                 key) -> tuple[Params, Float[Array, ""]]:
-    """`(sum_j grad l_j(params), number of j)` over the masked examples of one client.
-
-    Steps with a real example must come first (as in a packed cohort).
-    """
-    grad_fn = jax.grad(lambda p, b, m, k: masked_mean_loss(model, p, b, m, k, train=True))
-    steps = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
-
-    def step(k, carry):
-        g_sum, num = carry
-        batch = jax.tree.map(lambda x: x[k], batches)
-        n = jnp.sum(mask[k]).astype(jnp.float32)
-        g = grad_fn(params, batch, mask[k], jax.random.fold_in(key, k))
-        return tree.add(g_sum, tree.scale(g, n)), num + n
-
-    return jax.lax.fori_loop(0, steps, step,
-                             (tree.zeros_like(params), jnp.zeros((), jnp.float32)))
 
 
 def _local_train(model: Model, base_optimizer: optax.GradientTransformation, corrected: bool):
@@ -119,14 +99,16 @@ def _mime(base_optimizer, server_learning_rate, aggregator, corrected, client_de
     def apply(state, cohort, key, *, model, plan=parallel.Plan()):
         x = state.params
         train = _local_train(model, base_optimizer, corrected)
+        gradient_sum = full_batch(model, with_grad=True, train=True)
         slots = jnp.arange(cohort.mask.shape[0], dtype=jnp.int32)
         inputs = (cohort.batches, cohort.mask, cohort.num_examples, slots)
 
         def full_grad(c):
             batches, mask, n, slot = c
             client_key = jax.random.fold_in(key, slot)
-            return gradient_sum(model, x, batches, first_epoch_mask(mask, n),
-                                jax.random.fold_in(client_key, FULL_GRAD_KEY))
+            _, grad_sum, count = gradient_sum(x, batches, first_epoch_mask(mask, n),
+                                              jax.random.fold_in(client_key, FULL_GRAD_KEY))
+            return grad_sum, count
 
         def local(c, server_grad):
             batches, mask, n, slot = c

@@ -32,8 +32,7 @@ from fedjax_core.aggregate.base import Aggregator
 from fedjax_core.aggregate.mean import mean
 from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
 from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY, round_metrics
-from fedjax_core.algorithms.fedsgd import full_batch
-from fedjax_core.client import client_update, first_epoch_mask
+from fedjax_core.client import client_update, first_epoch_mask, full_batch
 from fedjax_core.typing import Params, State
 
 LOSS_OFFSET = 1e-10
