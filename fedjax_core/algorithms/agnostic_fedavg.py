@@ -50,6 +50,7 @@ from fedjax_core.aggregate.mean import mean
 from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
 from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY, round_metrics
 from fedjax_core.client import client_update, first_epoch_mask
+from fedjax_core.data.device import feature_names
 from fedjax_core.models.base import Model
 from fedjax_core.typing import Array, Float, Params, PyTree
 
@@ -217,9 +218,9 @@ def agnostic_fedavg(client_optimizer: optax.GradientTransformation,
             jnp.tile(jnp.asarray(init_domain_window)[None], (domain_window_size, 1)))
 
     def apply(state, cohort, key, *, model, plan=parallel.Plan()):
-        if "domain_id" not in cohort.batches:
+        if "domain_id" not in feature_names(cohort.batches):
             raise ValueError("agnostic_fedavg needs a 'domain_id' feature in every example "
-                             f"(found {sorted(cohort.batches)})")
+                             f"(found {sorted(feature_names(cohort.batches))})")
         update = client_update(_weighted_model(model), client_optimizer)
         window_mean = jnp.mean(state.domain_window, axis=0)
         # A domain absent from the whole window counts as the initial window (1 example)

@@ -23,7 +23,10 @@ class Cohort(NamedTuple):
     """A packed cohort (numpy on the host; the jitted round takes it as is).
 
     Attributes:
-      batches: feature -> `[clients, steps, batch, ...]`, zeros where masked.
+      batches: feature -> `[clients, steps, batch, ...]`, zeros where masked; or, for
+        data held on the device, a `fedjax_core.data.device.IndexedBatches` (the
+        population's examples and an index `[clients, steps, batch]` into them) that
+        `parallel.map_clients` gathers into the same arrays one chunk at a time.
       mask: `Bool[ndarray, "clients steps batch"]`, True for real examples. Within a
         client, the non-empty steps come first.
       num_examples: `Int[ndarray, "clients"]`, each client's number of examples (its
@@ -69,6 +72,64 @@ def num_steps(num_examples: int, batch_size: int, epochs: int,
     return steps if max_steps is None else min(steps, max_steps)
 
 
+def positions(sizes: Sequence[int], batch_size: int, epochs: int = 1,
+              rngs: Sequence[np.random.Generator] | None = None, bucket: bool = True,
+              steps: int | None = None, max_steps: int | None = None) -> np.ndarray:
+    """Where each slot of a packed cohort reads from: the packing rule without the data.
+
+    Client i's stream is `E` permutations of `range(n_i)` (drawn from `rngs[i]`, or the
+    stored order when `rngs` is None), concatenated, cut after `steps * B` slots, and
+    written into its first slots; the rest are -1. `pack_clients` gathers each client's
+    arrays at these positions on the host; `fedjax_core.data.device` adds each client's
+    offset into the population's examples on the device. Both share this one rule, so
+    they give the same batches.
+
+    Args:
+      sizes: each client's number of examples n_i.
+      batch_size: examples per step B.
+      epochs: passes over each client's data E.
+      rngs: one generator per client for the per-epoch shuffles, or None (stored order).
+      bucket: round the step count up with `step_bucket`.
+      steps: pad every client to exactly this many steps; None: `bucket(max_i
+        min(ceil(n_i E / B), max_steps))` for these clients.
+      max_steps: stop each client after this many batches (None: no cap).
+
+    Returns:
+      `Int[ndarray, "clients steps batch"]` (int64): example positions within each
+      client, -1 for padding slots. At least one step.
+
+    Example:
+      >>> positions([3, 1], batch_size=2, bucket=False).tolist()
+      [[[0, 1], [2, -1]], [[0, -1], [-1, -1]]]
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+    if len(sizes) == 0:
+        raise ValueError("a cohort needs at least one client")
+    needed = max(1, max(num_steps(int(n), batch_size, epochs, max_steps) for n in sizes))
+    if steps is None:
+        steps = step_bucket(needed) if bucket else needed
+    elif steps < needed:
+        raise ValueError(f"a client needs {needed} steps but the cohort is padded to {steps}")
+    slots = steps * batch_size
+    index = np.full((len(sizes), slots), -1, np.int64)
+    for i, n in enumerate(sizes):
+        n = int(n)
+        if n == 0:
+            continue
+        if rngs is None:
+            order = np.tile(np.arange(n), epochs)
+        else:
+            order = np.concatenate([rngs[i].permutation(n) for _ in range(epochs)])
+        order = order[:slots]  # max_steps cuts the stream
+        index[i, :len(order)] = order
+    return index.reshape(len(sizes), steps, batch_size)
+
+
 def pack_clients(clients: Sequence[ClientArrays], batch_size: int, epochs: int = 1,
                  rngs: Sequence[np.random.Generator] | None = None,
                  bucket: bool = True, client_index: Sequence[int] | None = None,
@@ -97,47 +158,25 @@ def pack_clients(clients: Sequence[ClientArrays], batch_size: int, epochs: int =
       >>> c.batches["x"][0], c.mask[0]
       (array([[0., 1.], [2., 3.], [4., 0.]]), array([[ True,  True], [ True,  True], [ True, False]]))
     """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"max_steps must be at least 1, got {max_steps}")
-    if not clients:
-        raise ValueError("a cohort needs at least one client")
     sizes = [len(next(iter(c.values()))) for c in clients]
-    needed = max(1, max(num_steps(n, batch_size, epochs, max_steps) for n in sizes))
-    if steps is None:
-        steps = step_bucket(needed) if bucket else needed
-    elif steps < needed:
-        raise ValueError(f"a client needs {needed} steps but the cohort is padded to {steps}")
-    slots = steps * batch_size
-    # Per client: the example index in each slot, -1 for padding.
-    index = np.full((len(clients), slots), -1, np.int64)
-    for i, n in enumerate(sizes):
-        if n == 0:
-            continue
-        if rngs is None:
-            order = np.tile(np.arange(n), epochs)
-        else:
-            order = np.concatenate([rngs[i].permutation(n) for _ in range(epochs)])
-        order = order[:slots]  # max_steps cuts the stream
-        index[i, :len(order)] = order
-    mask = index >= 0
+    pos = positions(sizes, batch_size, epochs, rngs, bucket, steps, max_steps)
+    mask = pos >= 0
+    index = pos.reshape(len(clients), -1)
+    flat_mask = mask.reshape(len(clients), -1)
     batches = {}
     for name in clients[0]:
         first = np.asarray(clients[0][name])
-        out = np.zeros((len(clients), slots) + first.shape[1:], first.dtype)
+        out = np.zeros(index.shape + first.shape[1:], first.dtype)
         for i, c in enumerate(clients):
-            m = mask[i]
+            m = flat_mask[i]
             if m.any():
                 out[i, m] = np.asarray(c[name])[index[i, m]]
-        batches[name] = out.reshape((len(clients), steps, batch_size) + first.shape[1:])
+        batches[name] = out.reshape(pos.shape + first.shape[1:])
     if client_index is None:
         client_index = range(len(clients))
     return Cohort(
         batches=batches,
-        mask=mask.reshape(len(clients), steps, batch_size),
+        mask=mask,
         num_examples=np.asarray(sizes, np.int32),
         client_index=np.asarray(client_index, np.int32),
     )
@@ -232,7 +271,14 @@ def pad_cohort(cohort: Cohort, num_clients: int) -> Cohort:
     def extend(x, fill=0):
         return np.concatenate([x, np.full((pad,) + x.shape[1:], fill, x.dtype)])
 
+    from fedjax_core.data.device import IndexedBatches  # device.py imports this module
+
+    batches = cohort.batches
+    if isinstance(batches, IndexedBatches):  # padding slots read row 0, masked off
+        batches = batches._replace(index=extend(np.asarray(batches.index)))
+    else:
+        batches = {k: extend(v) for k, v in batches.items()}
     return cohort._replace(
-        batches={k: extend(v) for k, v in cohort.batches.items()},
+        batches=batches,
         mask=extend(cohort.mask, False), num_examples=extend(cohort.num_examples),
         client_index=extend(cohort.client_index, -1))
