@@ -28,8 +28,10 @@ test: $(VENV)/.installed-test
 docs: $(VENV)/.installed-docs
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
+# The benchmark suite (docs/benchmarks.md), 11-20 min on 2 cores; e.g.
+# make bench BENCH_ARGS="--quick" or BENCH_ARGS="emnist-cnn --fedjax-json /tmp/fedjax_emnist.json".
 bench: $(VENV)/.installed-test
-	$(PY) -m benchmarks.round_speed
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache site
