@@ -23,22 +23,29 @@ GROUP_BATCHES = 16
 
 
 def _groups(data: FederatedData, batch_size: int, group: int) -> Iterator[tuple[dict, np.ndarray]]:
-    """Yields `(features [group, batch, ...], client id [group, batch])`, -1 = padding."""
+    """Yields `(features [g, batch, ...], client id [g, batch])`, -1 = padding.
+
+    Full groups have `g = group` batches. The examples left at the end go out in one
+    group of the next power of two of their number of batches (e.g. 5 batches: 8), so a
+    dataset compiles at most two shapes and the last group is at least half full."""
     size = group * batch_size
     buf: dict[str, list[np.ndarray]] = {}
     seg: list[np.ndarray] = []
     filled = 0
 
-    def emit(parts, segs, n):
+    def emit(feats_all, seg_all, start, g):
+        n = min(g * batch_size, len(seg_all) - start)
         feats = {}
-        for name, arrs in parts.items():
-            x = np.concatenate(arrs) if arrs else None
-            out = np.zeros((size,) + x.shape[1:], x.dtype)
-            out[:n] = x
-            feats[name] = out.reshape((group, batch_size) + x.shape[1:])
-        s = np.full(size, -1, np.int32)
-        s[:n] = np.concatenate(segs)
-        return feats, s.reshape(group, batch_size)
+        for name, x in feats_all.items():
+            out = np.zeros((g * batch_size,) + x.shape[1:], x.dtype)
+            out[:n] = x[start:start + n]
+            feats[name] = out.reshape((g, batch_size) + x.shape[1:])
+        s = np.full(g * batch_size, -1, np.int32)
+        s[:n] = seg_all[start:start + n]
+        return feats, s.reshape(g, batch_size)
+
+    def concat(parts, segs):
+        return {name: np.concatenate(arrs) for name, arrs in parts.items()}, np.concatenate(segs)
 
     for ci in range(len(data.client_ids)):
         arrays = data.get_client(ci)
@@ -52,10 +59,12 @@ def _groups(data: FederatedData, batch_size: int, group: int) -> Iterator[tuple[
             filled += take
             start += take
             if filled == size:
-                yield emit(buf, seg, filled)
+                yield emit(*concat(buf, seg), 0, group)
                 buf, seg, filled = {}, [], 0
     if filled:
-        yield emit(buf, seg, filled)
+        feats, segs = concat(buf, seg)
+        batches = -(-filled // batch_size)
+        yield emit(feats, segs, 0, min(group, 1 << (batches - 1).bit_length()))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_clients"))

@@ -34,3 +34,21 @@ def test_per_client_nan_for_empty_client():
         "b": {"x": np.ones((0, 3), np.float32), "y": np.zeros(0, np.int32)}})
     per = evaluate.evaluate_per_client(model, model.init(jax.random.key(0)), data)
     assert np.isnan(per["accuracy"][1]) and not np.isnan(per["accuracy"][0])
+
+
+def test_groups_cover_every_example_once_and_pad_the_last_to_a_power_of_two():
+    # 5 clients, 21 examples, batch 2, groups of 4 batches (8 examples): two full
+    # groups (16), then 5 examples = 3 batches -> one group of 4 batches.
+    data = unequal_clients(sizes=(5, 2, 9, 1, 4))
+    groups = list(evaluate._groups(data, batch_size=2, group=4))
+    assert [g[1].shape for g in groups] == [(4, 2), (4, 2), (4, 2)]
+    groups = list(evaluate._groups(data, batch_size=3, group=16))  # 7 batches -> 8
+    assert [g[1].shape for g in groups] == [(8, 3)]
+    groups = list(evaluate._groups(data, batch_size=2, group=8))  # 11 batches: 8, then 3 -> 4
+    assert [g[1].shape for g in groups] == [(8, 2), (4, 2)]
+    segments = np.concatenate([s.ravel() for _, s in groups])
+    assert (segments == -1).sum() == 24 - 21
+    expected = np.repeat(np.arange(5), (5, 2, 9, 1, 4))
+    np.testing.assert_array_equal(segments[segments >= 0], expected)
+    xs = np.concatenate([g[0]["x"].reshape(-1, 3) for g in groups])[segments >= 0]
+    np.testing.assert_array_equal(xs, np.concatenate([data.get_client(i)["x"] for i in range(5)]))
