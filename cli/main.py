@@ -17,9 +17,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli import data, privacy, report
+from cli import bench, data, privacy, report, sweep
 from cli.common import console, print_error, user_errors
-from fedjax_api import config, configfile, tasks
+from fedjax_api import config, configfile, distributed, tasks
 from fedjax_api.compile_cache import enable_compilation_cache
 from fedjax_api.experiment import Experiment, Interrupted
 from fedjax_api.resume import resume_config
@@ -33,6 +33,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 app.add_typer(data.app, name="data")
 app.add_typer(privacy.app, name="privacy")
 report.register(app)
+bench.register(app)
+sweep.register(app)
 
 
 def _default_out(task: str, algorithm: str) -> Path:
@@ -64,6 +66,22 @@ def run(
         help="Training clients (a fixed sample) evaluated at the end.")] = None,
     chunk_size: Annotated[Optional[int], typer.Option(
         help="Clients trained together under vmap (1: one by one).")] = None,
+    device_data: Annotated[bool, typer.Option(
+        "--device-data", help="Keep every training example on the device; each round "
+        "sends an index (large cohorts of small examples).")] = False,
+    devices: Annotated[Optional[int], typer.Option(
+        help="Devices (per process) each round's clients are split over; 0: all. On a "
+             "CPU-only machine, starts that many CPU devices. Default: 1.")] = None,
+    coordinator: Annotated[Optional[str], typer.Option(
+        metavar="HOST:PORT",
+        help="Several processes: process 0's address and a free port, the same for every "
+             "process; `auto` lets JAX detect a TPU pod, Slurm or Open MPI cluster. "
+             "Default: $FEDJAX_COORDINATOR.")] = None,
+    num_processes: Annotated[Optional[int], typer.Option(
+        help="Several processes: how many. Default: $FEDJAX_NUM_PROCESSES.")] = None,
+    process_id: Annotated[Optional[int], typer.Option(
+        help="Several processes: this one, 0 .. P-1; process 0 writes the run directory. "
+             "Default: $FEDJAX_PROCESS_ID.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(
         help="Cap on each client's local steps per round. Default: the task's.")] = None,
     data: Annotated[Optional[str], typer.Option(
@@ -125,7 +143,8 @@ def run(
         task=task, algorithm=algorithm, rounds=rounds, clients_per_round=clients_per_round,
         client_lr=client_lr, server_lr=server_lr, batch_size=batch_size, epochs=epochs,
         seed=seed, eval_every=eval_every, eval_train_clients=eval_train_clients,
-        chunk_size=chunk_size, max_steps=max_steps, data=data,
+        chunk_size=chunk_size, devices=devices, device_data=device_data or None,
+        max_steps=max_steps, data=data,
         algorithm_options=_name_values("--option", option),
         aggregator=aggregator, aggregator_options=_name_values("--aggregator-option",
                                                                aggregator_option),
@@ -136,6 +155,8 @@ def run(
         keep_checkpoints=keep_checkpoints, skip_nonfinite_clients=skip_nonfinite_clients or None,
         tensorboard=tensorboard or None,
         out=str(out) if out is not None else None), default_task=DEFAULT_TASK)
+    distributed.request_cpu_devices(cfg.devices)  # before JAX starts: no effect after
+    distributed.initialize(coordinator, num_processes, process_id)
     if cfg.out is None:
         cfg = config.ExperimentConfig(**{**cfg.to_dict(),
                                          "out": str(_default_out(cfg.task, cfg.algorithm))})
@@ -160,6 +181,8 @@ def resume(
     allowed = tuple(k.strip().replace("-", "_") for k in (allow_changes or "").split(",")
                     if k.strip())
     cfg = resume_config(run_dir, {"rounds": rounds} if rounds is not None else None, allowed)
+    distributed.request_cpu_devices(cfg.devices)  # before JAX starts: no effect after
+    distributed.initialize()  # several processes: from the FEDJAX_* environment variables
     with console.status(f"loading task {cfg.task}..."):
         exp = Experiment.from_config(cfg, resuming=True)
     _describe(cfg, exp)
@@ -181,6 +204,8 @@ def _describe(cfg, exp) -> None:
     console.print(f"{t.train.num_clients} training clients ({t.train.num_examples} examples), "
                   f"{t.test.num_clients} test clients ({t.test.num_examples} examples); "
                   f"run dir {cfg.out}")
+    if exp.plan.mesh is not None:
+        console.print(distributed.describe(exp.plan), highlight=False)
 
 
 def _name_values(flag: str, items: list[str] | None) -> dict | None:
@@ -253,6 +278,9 @@ def _print_results(exp: Experiment, result) -> None:
             cells.append("-" if v is None else (f"{v:.0f}" if name == "num_examples" else f"{v:.4f}"))
         table.add_row(name, *cells)
     console.print(table)
+    if result.host:
+        console.print(f"host work (sampling, packing): {result.host['host_s']:.1f} s, "
+                      f"{result.host['hidden_fraction']:.0%} of it hidden behind training")
     for name, value in exp.task.baselines.items():
         test_value = result.final["test"].get(name)
         line = f"baseline (most frequent class) {name}: {value:.4f}"

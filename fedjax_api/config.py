@@ -95,6 +95,7 @@ class ExperimentConfig:
     eval_every: int = attrs.field(default=0, validator=_at_least(0))
     eval_train_clients: int = attrs.field(default=100, validator=_at_least(0))
     chunk_size: int = attrs.field(default=1, validator=_at_least(1))
+    devices: int = attrs.field(default=1, validator=_at_least(0))
     max_steps: int | None = attrs.field(default=None,
                                         validator=attrs.validators.optional(_at_least(1)))
     algorithm_options: dict[str, Any] = attrs.field(factory=dict)
@@ -114,6 +115,7 @@ class ExperimentConfig:
     keep_checkpoints: int = attrs.field(default=3, validator=_at_least(1))
     skip_nonfinite_clients: bool = False
     tensorboard: bool = False
+    device_data: bool = False
     data: str | None = None
     out: str | None = None
 

@@ -93,6 +93,12 @@ _KEYS = [
     Key("run.data", "data", "string",
         "where a task reads its files (e.g. the LEAF folder for femnist-leaf)"),
     Key("run.chunk_size", "chunk_size", "integer", "clients trained together under vmap"),
+    Key("run.device_data", "device_data", "boolean",
+        "keep every training example on the device; each round sends an index "
+        "(large cohorts of small examples; no per-round transform)"),
+    Key("run.devices", "devices", "integer",
+        "devices (per process) each round's clients are split over; 0: all "
+        "(docs/scaling.md)"),
     Key("run.checkpoint_every", "checkpoint_every", "integer",
         "write a checkpoint every this many rounds (0: only after the last round)"),
     Key("run.keep_checkpoints", "keep_checkpoints", "integer",

@@ -5,8 +5,10 @@ import numpy as np
 
 from fedjax_api.errors import ConfigError
 from fedjax_core.data import Cohort, FederatedData, pack_cohort, uniform_without_replacement
-from fedjax_core.data.pack import Transform, fixed_steps, pad_cohort, step_bucket
-from fedjax_core.data.sampling import poisson
+from fedjax_core.data.device import DeviceExamples, IndexedBatches, device_examples, index_cohort
+from fedjax_core.data.pack import (Transform, fixed_steps, num_steps, pack_clients, pad_cohort,
+                                   step_bucket)
+from fedjax_core.data.sampling import SHUFFLE_STREAM, TRANSFORM_STREAM, host_rng, poisson
 
 
 def _positive(instance, attribute, value):
@@ -19,6 +21,13 @@ def _non_negative(instance, attribute, value):
         raise ConfigError(f"{attribute.name} must be non-negative, got {value}")
 
 
+def _no_transform_on_device(instance, attribute, value):
+    if value and instance.transform is not None:
+        raise ConfigError("device_resident data cannot be augmented per round (transform): "
+                          "drop the transform or keep the data on the host "
+                          "(device_resident=False)")
+
+
 @attrs.frozen(kw_only=True)
 class FederatedDataset:
     """A federated dataset ready for training rounds.
@@ -29,6 +38,7 @@ class FederatedDataset:
       epochs: local epochs per round.
       seed: seeds client sampling and per-epoch shuffles.
       max_steps: cap on local steps per client and round (None: no cap).
+      device_resident: keep every example on the device and sample cohorts as indices.
 
     Example:
       >>> cohort = task.train.sample(clients=10, round=3)   # same clients and batches every time
@@ -46,7 +56,14 @@ class FederatedDataset:
     max_cohort_bytes: int = attrs.field(default=256 * 2**20, validator=_positive)
     """Pad every cohort to the largest client's step bucket (one compiled shape per run)
     while a cohort padded that way stays under this size; else bucket each cohort."""
+    device_resident: bool = attrs.field(default=False, validator=_no_transform_on_device)
+    """Put every example on the device once (at the first cohort) and make cohorts whose
+    `batches` is an `IndexedBatches` (an index `[clients, steps, batch]` into them): the
+    host packs and sends an index, not the examples, so a round's memory does not grow
+    with the cohort's examples. Same clients, batches and results as the dense cohorts.
+    Needs the population to fit on the device; no `transform`."""
     _steps_cache: dict = attrs.field(init=False, factory=dict, eq=False, repr=False)
+    _device_cache: dict = attrs.field(init=False, factory=dict, eq=False, repr=False)
 
     @property
     def num_clients(self) -> int:
@@ -56,17 +73,30 @@ class FederatedDataset:
     def num_examples(self) -> int:
         return int(np.sum(self.data.client_sizes))
 
+    @property
+    def device_examples(self) -> DeviceExamples:
+        """Every example on the device (`fedjax_core.data.device.device_examples`), put
+        there at the first call and kept."""
+        if "examples" not in self._device_cache:
+            self._device_cache["examples"] = device_examples(self.data)
+        return self._device_cache["examples"]
+
     def sample(self, clients: int, round: int) -> Cohort:  # noqa: A002 - reads like the paper
         """Samples `clients` clients uniformly without replacement for `round` and packs them.
 
         The sampled clients take the cohort's slots largest first (`by_size`), so that
         clients trained together under `vmap` have similar step counts."""
+        return self.cohort(self.sample_indices(clients, round), round)
+
+    def sample_indices(self, clients: int, round: int) -> np.ndarray:  # noqa: A002
+        """The positions `sample` packs, in slot order (`by_size`): the same for the same
+        seed and round, on every process."""
         if not 1 <= clients <= self.num_clients:
             raise ConfigError(
                 f"clients per round must be between 1 and the {self.num_clients} clients "
                 f"of this dataset, got {clients}")
         idx = uniform_without_replacement(self.num_clients, clients, self.seed, round)
-        return self.cohort(self.by_size(idx), round)
+        return self.by_size(idx)
 
     def by_size(self, indices) -> np.ndarray:
         """`indices` ordered by client size, largest first (ties keep their order).
@@ -86,28 +116,80 @@ class FederatedDataset:
         probability `rate` (what the privacy accountants assume). The cohort, of random
         size `Binomial(N, rate)`, is padded with empty clients (weight 0, `client_index`
         -1) up to its size bucket (`step_bucket`), so that rounds share few shapes."""
-        if not 0 < rate <= 1:
-            raise ConfigError(f"the Poisson sampling rate must be in (0, 1], got {rate}")
-        idx = self.by_size(poisson(self.num_clients, rate, self.seed, round))
-        size = step_bucket(max(len(idx), 1))
+        idx, size = self.poisson_indices(rate, round)
         if len(idx) == 0:  # nobody this round: one all-padding cohort
             c = self.cohort([0], round, pad_to=size)
-            return c._replace(batches={k: np.zeros_like(v) for k, v in c.batches.items()},
+            batches = (c.batches._replace(index=np.zeros_like(c.batches.index))  # row 0: zeros
+                       if isinstance(c.batches, IndexedBatches) else
+                       {k: np.zeros_like(v) for k, v in c.batches.items()})
+            return c._replace(batches=batches,
                               mask=np.zeros_like(c.mask), num_examples=np.zeros_like(c.num_examples),
                               client_index=np.full_like(c.client_index, -1))
         return self.cohort(idx, round, pad_to=size)
 
-    def cohort(self, indices, round: int, pad_to: int | None = None) -> Cohort:  # noqa: A002
+    def poisson_indices(self, rate: float, round: int) -> tuple[np.ndarray, int]:  # noqa: A002
+        """The positions `sample_poisson` packs, in slot order, and the cohort size it pads
+        them to (`step_bucket` of their number)."""
+        if not 0 < rate <= 1:
+            raise ConfigError(f"the Poisson sampling rate must be in (0, 1], got {rate}")
+        idx = self.by_size(poisson(self.num_clients, rate, self.seed, round))
+        return idx, step_bucket(max(len(idx), 1))
+
+    def cohort(self, indices, round: int, pad_to: int | None = None,  # noqa: A002
+               slots: range | None = None) -> Cohort:
         """Packs the clients at `indices` (positions) for `round`, padded with empty
-        clients up to `pad_to` clients when given."""
+        clients up to `pad_to` clients when given (indexed when `device_resident`).
+        With `slots` (a range of slot numbers), only those slots of that cohort, as a
+        process of a multi-process run packs its devices' share."""
         n = len(indices) if pad_to is None else pad_to
         if n not in self._steps_cache:
             self._steps_cache[n] = fixed_steps(self.data, n, self.batch_size, self.epochs,
                                                self.max_cohort_bytes, self.max_steps)
         steps = self._steps_cache[n]
-        cohort = pack_cohort(self.data, indices, self.batch_size, self.epochs, self.seed, round,
-                             steps=steps, max_steps=self.max_steps, transform=self.transform)
+        if slots is not None:
+            return self._slots_cohort(indices, round, n, steps, slots)
+        if self.device_resident:
+            cohort = index_cohort(self.device_examples, indices, self.batch_size, self.epochs,
+                                  self.seed, round, steps=steps, max_steps=self.max_steps)
+        else:
+            cohort = pack_cohort(self.data, indices, self.batch_size, self.epochs, self.seed,
+                                 round, steps=steps, max_steps=self.max_steps,
+                                 transform=self.transform)
         return cohort if pad_to is None else pad_cohort(cohort, pad_to)
+
+    def _slots_cohort(self, indices, round: int, n: int, steps: int | None,  # noqa: A002
+                      slots: range) -> Cohort:
+        """Only the slots `slots` (a range of `0 .. n-1`) of the cohort `cohort(indices,
+        round, pad_to=n)` would pack, with the same batches: each slot's shuffle and
+        transform follow its slot number, and the step count the whole cohort's. A process
+        of a multi-process run packs the slots of its own devices this way
+        (`fedjax_api.distributed.sample_cohort`)."""
+        if self.device_resident:
+            raise ConfigError("device_resident data cannot be split over several processes; "
+                              "keep the data on the host (device_resident=False)")
+        indices = np.asarray(indices, np.int64)
+        if not (0 <= slots.start <= slots.stop <= n and slots.step == 1) or len(indices) > n:
+            raise ValueError(f"slots {slots} do not lie in a cohort of {n} clients")
+        if steps is None:  # the whole cohort's bucket, as pack_clients would choose it
+            sizes = np.asarray(self.data.client_sizes)[indices]
+            steps = step_bucket(max([1] + [num_steps(int(s), self.batch_size, self.epochs,
+                                                     self.max_steps) for s in sizes]))
+        real = [s for s in slots if s < len(indices)]
+        read = real or [slots.start]  # only padding here: client 0 gives the shapes
+        clients = [self.data.get_client(int(indices[s]) if s < len(indices) else 0)
+                   for s in read]
+        if self.transform is not None:
+            clients = [self.transform(c, host_rng(self.seed, round, TRANSFORM_STREAM, s))
+                       for s, c in zip(read, clients)]
+        rngs = [host_rng(self.seed, round, SHUFFLE_STREAM, s) for s in read]
+        cohort = pack_clients(clients, self.batch_size, self.epochs, rngs,
+                              client_index=[int(indices[s]) for s in real] or [-1],
+                              steps=steps, max_steps=self.max_steps)
+        if not real:
+            cohort = cohort._replace(
+                batches={k: np.zeros_like(v) for k, v in cohort.batches.items()},
+                mask=np.zeros_like(cohort.mask), num_examples=np.zeros_like(cohort.num_examples))
+        return pad_cohort(cohort, len(slots))
 
     def subset(self, num_clients: int, seed: int = 0) -> "FederatedDataset":
         """A fixed random subset of `num_clients` clients (all if there are fewer)."""

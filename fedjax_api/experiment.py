@@ -14,12 +14,13 @@ import jax
 import numpy as np
 import optax
 
-from fedjax_api import checkpoint, privacy, rundir, tasks
+from fedjax_api import checkpoint, distributed, privacy, rundir, tasks
 from fedjax_api.config import ExperimentConfig
 from fedjax_api.errors import ConfigError
+from fedjax_api.prefetch import Prefetcher
 from fedjax_api.resume import NOT_CONFIG
 from fedjax_api.server import Server
-from fedjax_core import client_state
+from fedjax_core import client_state, parallel
 from fedjax_core import evaluate as core_evaluate
 from fedjax_core import personalization
 from fedjax_core.aggregate import registry as aggregators
@@ -89,6 +90,10 @@ class RunResult:
     server: Server
     history: list[dict]
     final: dict[str, dict[str, float]]
+    host: dict[str, float] = attrs.field(factory=dict)
+    """Host work (sampling, reading, packing) of this run's rounds, done in a background
+    thread: `{"host_s": seconds spent, "wait_s": seconds the round loop waited for it,
+    "hidden_fraction": share of host_s that overlapped other work}`."""
 
 
 @attrs.frozen(kw_only=True)
@@ -109,6 +114,12 @@ class Experiment:
         (0: at the end only). The end of training is always evaluated, train too.
       eval_train_clients: size of the fixed sample of training clients evaluated at the end.
       plan: how a cohort is executed.
+      devices: devices per process each round's cohort is split over (`plan` gets the
+        mesh `distributed.mesh(devices)`); 0: all of them; 1 (the default): one device,
+        unless several processes run together (`distributed.initialize`), whose meshes
+        always span every process. Results equal the one-device run's up to float
+        reassociation (docs/scaling.md). With several processes only process 0 writes
+        `out_dir`.
       out_dir: where `config.json` and `metrics.jsonl` go; None writes nothing.
       config: the resolved config saved in the run dir.
       personalize_steps: when > 0, each evaluation also fine-tunes the global model on
@@ -124,6 +135,9 @@ class Experiment:
       skip_nonfinite_clients: drop clients whose update is NaN or infinite (counted in
         `train/nonfinite_clients`) instead of stopping the run.
       tensorboard: also write TensorBoard event files (`out_dir/tb/`).
+      prefetch_depth: how many rounds ahead a background thread samples and packs
+        cohorts while the device trains (`fedjax_api.prefetch.Prefetcher`); the run's
+        `RunResult.host` says how much of that host time was hidden.
       privacy: a private run's `fedjax_api.privacy.PrivacySetup`; every train record then
         has `privacy/epsilon`, the epsilon spent so far (RDP: every round; PLD: at
         evaluations and the end, as each PLD query takes a fraction of a second).
@@ -145,6 +159,7 @@ class Experiment:
     eval_every: int = 0
     eval_train_clients: int = 100
     plan: Plan = Plan()
+    devices: int = 1
     out_dir: Path | None = None
     config: dict = attrs.field(factory=dict)
     personalize_steps: int = 0
@@ -155,6 +170,7 @@ class Experiment:
     keep_checkpoints: int = 3
     skip_nonfinite_clients: bool = False
     tensorboard: bool = False
+    prefetch_depth: int = attrs.field(default=2, validator=attrs.validators.ge(1))
     _stop: threading.Event = attrs.field(factory=threading.Event, eq=False, repr=False,
                                          alias="_stop")
 
@@ -165,6 +181,9 @@ class Experiment:
         if not 1 <= self.clients_per_round <= n:
             raise ConfigError(f"clients per round must be between 1 and the {n} training "
                               f"clients of task {self.task.name!r}, got {self.clients_per_round}")
+        if self.plan.mesh is None:
+            object.__setattr__(self, "plan",
+                               self.plan._replace(mesh=distributed.mesh(self.devices)))
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, resuming: bool = False) -> "Experiment":
@@ -172,6 +191,8 @@ class Experiment:
         (which must not hold a run unless `resuming`; then call `run(resume=True)`)."""
         task = tasks.get(cfg.task, seed=cfg.seed, batch_size=cfg.batch_size, epochs=cfg.epochs,
                          max_steps=cfg.max_steps, data_path=cfg.data)
+        if cfg.device_data:  # the examples stay on the device; rounds send an index
+            task = attrs.evolve(task, train=attrs.evolve(task.train, device_resident=True))
         dp = privacy.setup(cfg, task.train.num_clients) if cfg.private else None
         algorithm = build_algorithm(cfg, task, None if dp is None else dp.aggregator)
         saved = cfg.to_dict()
@@ -180,13 +201,15 @@ class Experiment:
         exp = cls(task=task, algorithm=algorithm, rounds=cfg.rounds,
                   clients_per_round=cfg.clients_per_round, seed=cfg.seed,
                   eval_every=cfg.eval_every, eval_train_clients=cfg.eval_train_clients,
-                  plan=Plan(cfg.chunk_size), config=saved,
+                  plan=Plan(cfg.chunk_size), devices=cfg.devices, config=saved,
                   personalize_steps=cfg.personalize_steps, personalize_lr=cfg.client_lr,
                   sampling=cfg.sampling, privacy=dp, checkpoint_every=cfg.checkpoint_every,
                   keep_checkpoints=cfg.keep_checkpoints,
                   skip_nonfinite_clients=cfg.skip_nonfinite_clients, tensorboard=cfg.tensorboard)
         # Only a valid experiment creates its run directory.
-        if cfg.out:
+        if cfg.out and not distributed.is_primary():  # process 0 checks and writes it
+            exp = attrs.evolve(exp, out_dir=Path(cfg.out))
+        elif cfg.out:
             if not resuming and (Path(cfg.out) / rundir.METRICS_FILE).exists():
                 raise ConfigError(f"{cfg.out!r} already holds a run ({rundir.METRICS_FILE}); "
                                   "choose a new --out")
@@ -212,6 +235,9 @@ class Experiment:
         is bit-identical to a run that never stopped. Ctrl-C (or `interrupt()`) finishes
         the round, checkpoints and raises `Interrupted`; a NaN or infinite training
         metric raises `NonFiniteError` naming the round and the last good checkpoint.
+
+        With several processes, every process runs this (in step), only process 0 writes
+        `out_dir`, and resuming reads it on every process (a shared file system).
         """
         server = Server.create(self.algorithm, self.task.model, seed=self.seed, plan=self.plan)
         history: list[dict] = []
@@ -231,9 +257,10 @@ class Experiment:
                 raise ConfigError(f"the run in {str(self.out_dir)!r} is complete ({done} "
                                   "rounds); to train longer, resume with --rounds N "
                                   "--allow-changes rounds")
-            log = rundir.MetricsLog(self.out_dir, truncate_after_round=done,
-                                    tensorboard=self.tensorboard)
-        elif self.out_dir is not None:
+            if distributed.is_primary():
+                log = rundir.MetricsLog(self.out_dir, truncate_after_round=done,
+                                        tensorboard=self.tensorboard)
+        elif self.out_dir is not None and distributed.is_primary():
             rundir.check_writable_dir(self.out_dir)
             rundir.write_json_atomic(self.out_dir / rundir.CONFIG_FILE,
                                      {**self.config, "versions": _versions()})
@@ -252,7 +279,7 @@ class Experiment:
                 on_record(record)
 
         def save(round_num):
-            if self.out_dir is None:
+            if self.out_dir is None or not distributed.is_primary():
                 return
             meta = {"config": self.config, "versions": _versions(), "history": history,
                     "client_index": {k: v.tolist()
@@ -264,7 +291,7 @@ class Experiment:
         self._stop.clear()
         run_start = time.perf_counter()
         wall_before = max([r.get("wall_time_s", 0.0) for r in history], default=0.0)
-        with _stop_on_sigint(self._stop):
+        with _stop_on_sigint(self._stop), contextlib.ExitStack() as stack:
             try:
                 train = self.task.train
                 if train.seed != self.seed:  # `seed` governs sampling and shuffles too
@@ -272,12 +299,14 @@ class Experiment:
                 start_round = server.round
                 if self.eval_every and start_round == 0:
                     emit(self._eval_record(server, 0, train_too=False))
-                cohort = self._sample(train, start_round)
+                # Cohorts of the next rounds are sampled and packed in a background
+                # thread while the device trains (and the host logs and evaluates).
+                cohorts = Prefetcher(lambda r: self._sample(train, r), start_round,
+                                     self.rounds, depth=self.prefetch_depth)
+                stack.callback(cohorts.close)
                 for r in range(start_round, self.rounds):
                     start = time.perf_counter()
-                    server = server.step(cohort)  # dispatched asynchronously
-                    if r + 1 < self.rounds:
-                        cohort = self._sample(train, r + 1)  # overlaps the device
+                    server = server.step(cohorts.get(r))  # dispatched asynchronously
                     metrics = {k: float(v) for k, v in server.metrics.items()}
                     self._check_finite(metrics, r + 1)
                     if self.privacy is not None and (
@@ -304,7 +333,9 @@ class Experiment:
         final_record = history[-1]
         final = {split: {k.split("/", 1)[1]: v for k, v in final_record.items()
                          if k.startswith(split + "/")} for split in ("test", "train")}
-        return RunResult(server=server, history=history, final=final)
+        host = {"host_s": cohorts.host_s, "wait_s": cohorts.wait_s,
+                "hidden_fraction": cohorts.hidden_fraction}
+        return RunResult(server=server, history=history, final=final, host=host)
 
     def _check_finite(self, metrics: dict, round_num: int) -> None:
         """Stops the run when training produced NaN or infinity (the aggregate's norm; also
@@ -325,6 +356,7 @@ class Experiment:
 
     def _eval_record(self, server: Server, round_num: int, train_too: bool) -> dict:
         start = time.perf_counter()
+        server = attrs.evolve(server, state=parallel.local_copy(server.state))  # one device
         bs = self.task.defaults.eval_batch_size
         record = {"round": round_num, "kind": "eval"}
         test = self.task.test.data
@@ -343,7 +375,7 @@ class Experiment:
                 self.task.model, server.params, optax.sgd(self.personalize_lr),
                 self.personalize_steps, self._train_of_test(), test,
                 self.task.train.batch_size, bs, seed=self.seed, round_num=round_num,
-                plan=self.plan)
+                plan=self.plan._replace(mesh=None))
             if "accuracy" in tuned:
                 record.update({f"test/{k}": v for k, v in personalization.client_distribution(
                     tuned["accuracy"], "personalized_accuracy_").items()})
@@ -354,6 +386,13 @@ class Experiment:
         return record
 
     def _sample(self, train, round_num: int):
+        if distributed.spans_processes(self.plan):  # this process packs its devices' share
+            if self.sampling == "poisson":
+                idx, size = train.poisson_indices(self.clients_per_round / train.num_clients,
+                                                  round_num)
+            else:
+                idx, size = train.sample_indices(self.clients_per_round, round_num), None
+            return distributed.sample_cohort(train, idx, round_num, self.plan, pad_to=size)
         if self.sampling == "poisson":
             return train.sample_poisson(self.clients_per_round / train.num_clients, round_num)
         return train.sample(self.clients_per_round, round_num)

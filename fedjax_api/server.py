@@ -6,7 +6,7 @@ import attrs
 import jax
 
 from fedjax_api.dataset import FederatedDataset
-from fedjax_core import client_state
+from fedjax_core import client_state, parallel
 from fedjax_core import evaluate as core_evaluate
 from fedjax_core.algorithms.base import EvalClients, FederatedAlgorithm, jit_round
 from fedjax_core.data import Cohort, FederatedData
@@ -28,7 +28,8 @@ class Server:
       state: the algorithm's state (has `.params`).
       key: the experiment key.
       round: rounds done so far.
-      plan: how cohorts are executed (chunk size).
+      plan: how cohorts are executed (chunk size; with a mesh, the devices the clients are
+        split over, the state then being replicated on each of them).
       metrics: metrics of the last round (device arrays until read).
 
     Example:
@@ -62,8 +63,8 @@ class Server:
         key = jax.random.key(seed)
         if params is None:
             params = jax.jit(model.init)(jax.random.fold_in(key, 2**31 - 1))
-        return cls(algorithm=algorithm, model=model, state=algorithm.init(params), key=key,
-                   plan=plan)
+        return cls(algorithm=algorithm, model=model,
+                   state=parallel.replicate(algorithm.init(params), plan), key=key, plan=plan)
 
     @property
     def params(self) -> Params:
@@ -79,6 +80,12 @@ class Server:
             index = index.copy()
             state, slots = client_state.prepare(index, state, cohort.client_index)
             cohort = cohort._replace(slots=slots)
+        if self.plan.mesh is not None:  # state on every device, the clients split over them
+            state = parallel.replicate(state, self.plan)
+            if isinstance(cohort.batches, dict):
+                batches, mask, n = parallel.shard_clients(
+                    (cohort.batches, cohort.mask, cohort.num_examples), self.plan)
+                cohort = cohort._replace(batches=batches, mask=mask, num_examples=n)
         state, metrics = self._round_fn(state, cohort, jax.random.fold_in(self.key, self.round))
         return attrs.evolve(self, state=state, round=self.round + 1, metrics=metrics,
                             client_index=index)
@@ -92,12 +99,14 @@ class Server:
         (`Experiment` supplies it)."""
         if isinstance(data, FederatedDataset):
             data = data.data
+        state = parallel.local_copy(self.state)  # one device evaluates, not every one
         if self.algorithm.evaluate is not None:
-            return self.algorithm.evaluate(self.model, self.state, data, batch_size, clients)
-        return core_evaluate.evaluate(self.model, self.params, data, batch_size)
+            return self.algorithm.evaluate(self.model, state, data, batch_size, clients)
+        return core_evaluate.evaluate(self.model, state.params, data, batch_size)
 
     def evaluate_per_client(self, data: FederatedDataset | FederatedData, batch_size: int = 256):
         """Each client's own metrics, `{name: Float[ndarray, "clients"]}`."""
         if isinstance(data, FederatedDataset):
             data = data.data
-        return core_evaluate.evaluate_per_client(self.model, self.params, data, batch_size)
+        return core_evaluate.evaluate_per_client(self.model, parallel.local_copy(self.params),
+                                                 data, batch_size)

@@ -8,24 +8,235 @@ Which chunk size is fastest depends on the model and the machine (see
 `docs/performance.md`). On XLA:CPU, `chunk_size=1` runs each client's step loop to its
 own length (no padded steps are computed) and suits convolutional and LSTM models;
 small dense models gain from larger chunks.
+
+With a device mesh (`Plan(mesh=client_mesh())`), the cohort is split over the devices of
+the mesh axis `"clients"` with `jax.shard_map`: device d runs the chunked map above over
+its own contiguous share of the clients. The stacked outputs stay sharded over the
+devices, and whatever the caller computes from them in the same jitted round (e.g. the
+aggregator's weighted sum) becomes a cross-device reduction that XLA inserts. The mesh
+may span the devices of several processes (`fedjax_api.distributed`).
 """
 
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fedjax_core.data.device import split_indexed
 from fedjax_core.typing import PyTree
+
+
+CLIENTS = "clients"
+"""Name of the mesh axis the cohort's clients are split over."""
 
 
 class Plan(NamedTuple):
     """How a cohort is executed. Hashable, so it can be a static argument of `jit`.
 
     Attributes:
-      chunk_size: clients trained together under `vmap`; 1 runs them one by one.
+      chunk_size: clients trained together under `vmap` (on each device); 1 runs them
+        one by one.
+      mesh: a `jax.sharding.Mesh` with an axis named `"clients"` (see `client_mesh`):
+        the cohort's clients are split over that axis's devices. None: one device.
     """
 
     chunk_size: int = 1
+    mesh: Mesh | None = None
+
+
+def client_mesh(num_devices: int | None = None, devices=None) -> Mesh:
+    """A one-axis mesh `("clients",)` over the first `num_devices` devices.
+
+    With several processes (`jax.distributed.initialize`), `jax.devices()` lists every
+    process's devices, ordered by process, so each process's devices hold a contiguous
+    share of the cohort.
+
+    Args:
+      num_devices: how many devices; None: all of `devices`.
+      devices: the devices to choose from; None: `jax.devices()` (every process's).
+
+    Returns:
+      The mesh, for `Plan(mesh=...)`.
+
+    Example:
+      >>> plan = Plan(chunk_size=1, mesh=client_mesh(8))   # 8 devices, 1/8 of the cohort each
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if num_devices is None:
+        num_devices = len(devices)
+    if not 1 <= num_devices <= len(devices):
+        raise ValueError(f"asked for {num_devices} devices but {len(devices)} are available "
+                         f"({devices[0].platform if devices else 'none'})")
+    return Mesh(np.array(devices[:num_devices]), (CLIENTS,))
+
+
+def num_shards(plan: Plan) -> int:
+    """How many devices a cohort is split over: the size of the mesh's `"clients"` axis
+    (1 without a mesh)."""
+    return 1 if plan.mesh is None else int(plan.mesh.shape[CLIENTS])
+
+
+def cohort_sharding(plan: Plan) -> NamedSharding | None:
+    """`NamedSharding(mesh, P("clients"))`: stacked client arrays split over the devices
+    (None without a mesh)."""
+    return None if plan.mesh is None else NamedSharding(plan.mesh, PartitionSpec(CLIENTS))
+
+
+def replicated(plan: Plan) -> NamedSharding | None:
+    """`NamedSharding(mesh, P())`: a copy on every device of the mesh, e.g. the server
+    state (None without a mesh)."""
+    return None if plan.mesh is None else NamedSharding(plan.mesh, PartitionSpec())
+
+
+def jit_replicated(fn: Callable, plan: Plan) -> Callable:
+    """`jax.jit(fn)`; with a mesh, every output is replicated on the mesh's devices.
+
+    A round's outputs (the server state and the metrics) then sit whole on every device
+    (and every process), ready for the next round and readable on the host.
+
+    With a mesh, the function is compiled ahead of time for each distinct signature of
+    its arguments (structure, shapes, dtypes, placements), from abstract arguments that
+    carry no sharding, and the placements are given as `in_shardings` instead: arrays
+    already on the mesh keep theirs, everything else is replicated. Traced from
+    arguments placed on the mesh, every value of the round would carry the mesh in its
+    type, and the client kernels, which close over such values (the global params),
+    could not create arrays like them inside `jax.shard_map` (e.g. `jnp.zeros_like(w)`
+    in an optimizer's `init`): JAX refuses a closed-over value typed with the outer mesh
+    there.
+
+    Example:
+      >>> step = jit_replicated(functools.partial(alg.apply, model=model, plan=plan), plan)
+      >>> state, metrics = step(replicate(alg.init(params), plan), cohort, key)
+    """
+    if plan.mesh is None:
+        return jax.jit(fn)
+    return _MeshJit(fn, plan)
+
+
+class _MeshJit:
+    """`jit_replicated` with a mesh: one compiled executable per argument signature."""
+
+    def __init__(self, fn: Callable, plan: Plan):
+        self._jit = lambda in_shardings: jax.jit(fn, in_shardings=in_shardings,
+                                                 out_shardings=replicated(plan))
+        self._plan = plan
+        self._compiled: dict = {}
+
+    def _placement(self, x):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh == self._plan.mesh:
+            return s
+        return replicated(self._plan)
+
+    def __call__(self, *args):
+        leaves, tree = jax.tree.flatten(args)
+        leaves = [x if hasattr(x, "dtype") else np.asarray(x) for x in leaves]
+        leaves = [_put(x, replicated(self._plan))
+                  if isinstance(x, jax.Array) and x.committed
+                  and self._placement(x) == replicated(self._plan) else x for x in leaves]
+        shardings = [self._placement(x) for x in leaves]
+        abstract = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in leaves]
+        signature = (tree, tuple((a.shape, a.dtype) for a in abstract), tuple(shardings))
+        compiled = self._compiled.get(signature)
+        if compiled is None:
+            lowered = self._jit(jax.tree.unflatten(tree, shardings)).lower(
+                *jax.tree.unflatten(tree, abstract))
+            compiled = self._compiled[signature] = lowered.compile()
+        return compiled(*jax.tree.unflatten(tree, leaves))
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _put(x, sharding: NamedSharding):
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    if _is_key(x):
+        return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding),
+                                        impl=jax.random.key_impl(x))
+    if jax.process_count() > 1:
+        x = np.asarray(x)  # the same value on every process: each places its copies
+    return jax.device_put(x, sharding)
+
+
+def replicate(tree: PyTree, plan: Plan) -> PyTree:
+    """`tree` (host or device arrays, the same on every process) copied to every device
+    of the mesh; unchanged without a mesh.
+
+    Example:
+      >>> state = replicate(alg.init(params), plan)
+    """
+    sharding = replicated(plan)
+    return tree if sharding is None else jax.tree.map(lambda x: _put(x, sharding), tree)
+
+
+def shard_clients(tree: PyTree, plan: Plan) -> PyTree:
+    """Stacked client arrays `[clients, ...]` (one process) split over the mesh's devices,
+    each device getting its contiguous share; unchanged without a mesh or when the
+    number of clients is not a multiple of the device count (the round then pads and
+    splits them itself).
+    """
+    sharding = cohort_sharding(plan)
+    if sharding is None or _leading_size(tree) % num_shards(plan):
+        return tree
+    return jax.tree.map(lambda x: _put(x, sharding), tree)
+
+
+def local_slots(num_clients: int, plan: Plan) -> range:
+    """The cohort slots held by this process's devices, for `num_clients` (a multiple of
+    the device count) split with `cohort_sharding(plan)`; every slot without a mesh.
+
+    Example:
+      >>> local_slots(8, plan)        # 2 processes x 2 devices: range(0, 4) on process 0
+    """
+    if plan.mesh is None:
+        return range(num_clients)
+    if num_clients % num_shards(plan):
+        raise ValueError(f"{num_clients} clients do not split evenly over "
+                         f"{num_shards(plan)} devices; pad the cohort first")
+    held = cohort_sharding(plan).addressable_devices_indices_map((num_clients,)).values()
+    rows = sorted({i for index in held for i in range(num_clients)[index[0]]})
+    if not rows or rows != list(range(rows[0], rows[-1] + 1)):
+        raise ValueError("this process's devices do not hold one contiguous share of the "
+                         "cohort; build the mesh with client_mesh() over jax.devices()")
+    return range(rows[0], rows[-1] + 1)
+
+
+def global_clients(local: PyTree, plan: Plan, num_clients: int) -> PyTree:
+    """One global array per leaf, `[num_clients, ...]` split over the mesh's devices (of
+    every process), from this process's share `local` (its `local_slots`, in order).
+
+    Every process calls it with its own share; no data moves between processes.
+
+    Example:
+      >>> part = {"x": x_all[local_slots(8, plan)]}
+      >>> full = global_clients(part, plan, 8)      # x_all, split over every device
+    """
+    sharding = cohort_sharding(plan)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(
+            sharding, np.asarray(x), (num_clients,) + np.shape(x)[1:]), local)
+
+
+def local_copy(tree: PyTree) -> PyTree:
+    """Arrays replicated over several devices (or processes) as single-device arrays on
+    this process: for work that must not run on every device again, e.g. evaluation.
+
+    Replicated arrays give their local copy; arrays split over this process's devices
+    are gathered to the first one. Others are returned as they are.
+    """
+    def one(x):
+        if not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1:
+            return x
+        if x.is_fully_replicated:
+            return x.addressable_data(0)
+        if x.is_fully_addressable:
+            return jax.device_put(x, jax.local_devices()[0])
+        raise ValueError("an array split over several processes has no local copy")
+    return jax.tree.map(one, tree)
 
 
 def _leading_size(tree: PyTree) -> int:
@@ -39,36 +250,73 @@ def map_clients(fn: Callable[[PyTree], PyTree], inputs: PyTree, plan: Plan = Pla
     """Applies the one-client `fn` to every client of `inputs` and stacks the results.
 
     `out[i] = fn(inputs[i])` for each client i. The result does not depend on
-    `plan.chunk_size`, up to floating-point reassociation inside `vmap`.
+    `plan.chunk_size` or the mesh, up to floating-point reassociation inside `vmap`
+    and across devices.
 
     Args:
       fn: maps one client's inputs (leaves without the `clients` axis) to a pytree.
-      inputs: pytree whose leaves are `[clients, ...]`. When the cohort is not a
-        multiple of the chunk size it is padded with zero-filled clients, whose
-        outputs are dropped; `fn` must accept an all-zero input (an all-False mask).
+      inputs: pytree whose leaves are `[clients, ...]`; an `IndexedBatches` in it
+        (device-resident data) reaches `fn` gathered, as a feature dict. When the
+        cohort is not a multiple of the chunk size (or, with a mesh, of the device
+        count) it is padded with zero-filled clients, whose outputs are dropped; `fn`
+        must accept an all-zero input (an all-False mask).
       plan: execution plan.
 
     Returns:
-      Pytree of `[clients, ...]` leaves.
+      Pytree of `[clients, ...]` leaves (with a mesh, split over its devices).
 
     Example:
       >>> out = map_clients(lambda c: c["x"].sum(), {"x": jnp.ones((5, 3))}, Plan(chunk_size=2))
       >>> out
       Array([3., 3., 3., 3., 3.], dtype=float32)
     """
+    fn, inputs = split_indexed(fn, inputs)  # device-resident data: gathered chunk by chunk
     if plan.chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {plan.chunk_size}")
+    if plan.mesh is not None:
+        return _map_sharded(fn, inputs, plan)
+    return _map_chunks(fn, inputs, plan.chunk_size)
+
+
+def _pad_clients(inputs: PyTree, pad: int) -> PyTree:
+    if not pad:
+        return inputs
+    return jax.tree.map(
+        lambda x: jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]), inputs)
+
+
+def _map_chunks(fn: Callable[[PyTree], PyTree], inputs: PyTree, chunk_size: int) -> PyTree:
+    """One device: chunks of `chunk_size` clients, one after another (`lax.map`), the
+    clients of a chunk together (`vmap`)."""
     n = _leading_size(inputs)
-    c = min(plan.chunk_size, n)
+    c = min(chunk_size, n)
     if c == 1:
         return jax.lax.map(fn, inputs)
     chunks = -(-n // c)
-    pad = chunks * c - n
-
-    def split(x):
-        if pad:
-            x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-        return x.reshape((chunks, c) + x.shape[1:])
-
-    out = jax.lax.map(jax.vmap(fn), jax.tree.map(split, inputs))
+    inputs = _pad_clients(inputs, chunks * c - n)
+    out = jax.lax.map(jax.vmap(fn),
+                      jax.tree.map(lambda x: x.reshape((chunks, c) + x.shape[1:]), inputs))
     return jax.tree.map(lambda y: y.reshape((chunks * c,) + y.shape[2:])[:n], out)
+
+
+def _map_sharded(fn: Callable[[PyTree], PyTree], inputs: PyTree, plan: Plan) -> PyTree:
+    """The mesh's devices each run `_map_chunks` over their contiguous share of the
+    clients (`jax.shard_map`, `P("clients")` in and out).
+
+    `check_vma=False`: `fn` closes over replicated values (the global params), and with
+    varying-manual-axes checking on, the gradient of a replicated value taken inside
+    the body is summed over the devices (the transpose of its implicit cast to
+    "varying" is a `psum`), which would hand every client the cohort's summed gradient.
+    The body has no collectives of its own, so nothing else depends on the check.
+    """
+    if CLIENTS not in plan.mesh.axis_names:
+        raise ValueError(f"the mesh needs an axis named {CLIENTS!r}; it has "
+                         f"{plan.mesh.axis_names} (build it with parallel.client_mesh)")
+    d = num_shards(plan)
+    n = _leading_size(inputs)
+    padded = -(-n // d) * d
+    spec = PartitionSpec(CLIENTS)
+    local = jax.shard_map(lambda x: _map_chunks(fn, x, plan.chunk_size), mesh=plan.mesh,
+                          in_specs=(spec,), out_specs=spec, check_vma=False)
+    out = local(_pad_clients(inputs, padded - n))
+    return out if padded == n else jax.tree.map(lambda y: y[:n], out)

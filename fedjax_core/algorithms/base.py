@@ -7,6 +7,7 @@ import jax
 
 from fedjax_core.data.pack import Cohort
 from fedjax_core.models.base import Model
+from fedjax_core import parallel
 from fedjax_core.parallel import Plan
 from fedjax_core.typing import Metrics, Params, PRNGKey, State
 
@@ -74,11 +75,14 @@ class AlgorithmEntry(NamedTuple):
 def jit_round(algorithm: FederatedAlgorithm, model: Model, plan: Plan = Plan()):
     """The round as one jitted call: `round(state, cohort, round_key) -> (state, metrics)`.
 
-    It compiles once per distinct cohort shape (clients, bucketed steps, batch).
+    It compiles once per distinct cohort shape (clients, bucketed steps, batch). With a
+    device mesh in `plan`, the cohort's clients are split over the devices and the
+    outputs replicated on all of them (`parallel.jit_replicated`).
 
     Example:
       >>> step = jit_round(fedavg(), model)
       >>> for r in range(rounds):
       ...     state, metrics = step(state, cohorts[r], jax.random.fold_in(key, r))
     """
-    return jax.jit(functools.partial(algorithm.apply, model=model, plan=plan))
+    return parallel.jit_replicated(functools.partial(algorithm.apply, model=model, plan=plan),
+                                   plan)

@@ -151,3 +151,19 @@ def test_sampled_cohorts_are_ordered_by_size_and_deterministic():
         assert sorted(cohort.client_index.tolist()) == sorted(drawn.tolist())  # same clients
         assert list(cohort.num_examples) == sorted(cohort.num_examples, reverse=True)
         np.testing.assert_array_equal(cohort.mask, train.sample(4, r).mask)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_prefetched_experiment_equals_a_plain_server_loop(depth):
+    # Cohorts come from a background thread; the rounds must be exactly those of a
+    # loop that samples each cohort right before its round.
+    task = tasks.get(NAME)
+    exp = Experiment(task=task, algorithm=fedavg(optax.sgd(0.5)), rounds=4,
+                     clients_per_round=3, prefetch_depth=depth)
+    result = exp.run()
+    server = Server.create(fedavg(optax.sgd(0.5)), task.model, seed=0)
+    for r in range(4):
+        server = server.step(task.train.sample(clients=3, round=r))
+    jax.tree.map(np.testing.assert_array_equal, result.server.params, server.params)
+    assert set(result.host) == {"host_s", "wait_s", "hidden_fraction"}
+    assert result.host["host_s"] > 0 and 0.0 <= result.host["hidden_fraction"] <= 1.0
