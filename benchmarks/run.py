@@ -173,9 +173,11 @@ def _ours_train(setup, options: Options) -> dict:
 
 
 def _eval_padded(total: int, batch_size: int, group: int = 16) -> float:
-    group = max(1, min(group, -(-total // batch_size)))
-    slots = -(-total // (group * batch_size)) * group * batch_size
-    return 1.0 - total / slots
+    """Padded share of the example slots `fedjax_core.evaluate` computes: full groups of
+    `group` batches, then the remainder's batches rounded up to a power of two."""
+    full, rest = divmod(total, group * batch_size)
+    last = min(group, 1 << (-(-rest // batch_size) - 1).bit_length()) if rest else 0
+    return 1.0 - total / ((full * group + last) * batch_size)
 
 
 def _time_eval(fn, options: Options) -> list[dict]:
