@@ -81,6 +81,18 @@ class FederatedDataset:
             self._device_cache["examples"] = device_examples(self.data)
         return self._device_cache["examples"]
 
+    def with_seed(self, seed: int) -> "FederatedDataset":
+        """The same dataset with another sampling/shuffling seed, sharing this one's
+        examples on the device (`device_examples`) and its step-count cache.
+
+        Example:
+          >>> rows = [task.train.with_seed(s) for s in (0, 1, 2)]   # one device copy
+        """
+        other = attrs.evolve(self, seed=seed)
+        other._steps_cache.update(self._steps_cache)
+        other._device_cache.update(self._device_cache)
+        return other
+
     def sample(self, clients: int, round: int) -> Cohort:  # noqa: A002 - reads like the paper
         """Samples `clients` clients uniformly without replacement for `round` and packs them.
 

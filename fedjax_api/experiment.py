@@ -295,7 +295,7 @@ class Experiment:
             try:
                 train = self.task.train
                 if train.seed != self.seed:  # `seed` governs sampling and shuffles too
-                    train = attrs.evolve(train, seed=self.seed)
+                    train = train.with_seed(self.seed)
                 start_round = server.round
                 if self.eval_every and start_round == 0:
                     emit(self._eval_record(server, 0, train_too=False))

@@ -396,11 +396,9 @@ class Sweep:
                               "unset")
         if not on_device:
             return [attrs.evolve(train, seed=s, device_resident=False) for s in seeds]
-        rows = [attrs.evolve(train, seed=s, device_resident=True) for s in seeds]
-        examples = rows[0].device_examples
-        for row in rows[1:]:  # one copy on the device for every row
-            row._device_cache["examples"] = examples
-        return rows
+        first = attrs.evolve(train, device_resident=True)
+        first.device_examples  # put on the device once; with_seed shares it with every row
+        return [first.with_seed(s) for s in seeds]
 
     def _sample(self, rows, trains, round_num):
         return core.stack_cohorts([e._sample(t, round_num) for e, t in zip(rows, trains)])

@@ -95,3 +95,15 @@ def test_experiment_with_a_device_resident_task(sampling):
     np.testing.assert_allclose(losses[1], losses[0], atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(results[1].final["test"]["accuracy"],
                                results[0].final["test"]["accuracy"], atol=1e-6)
+
+
+def test_with_seed_shares_the_device_copy_and_samples_like_a_new_dataset():
+    dense, resident = datasets()
+    first = resident.device_examples
+    other = resident.with_seed(7)
+    assert other.seed == 7 and resident.seed != 7
+    assert other.device_examples is first  # not put on the device again
+    same(attrs.evolve(dense, seed=7).sample(3, round=2), other.sample(3, round=2))
+    a, b = resident.sample(3, round=2), other.sample(3, round=2)  # another seed, other draws
+    assert not (np.array_equal(a.client_index, b.client_index)
+                and np.array_equal(a.batches.index, b.batches.index))
