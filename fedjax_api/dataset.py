@@ -6,9 +6,9 @@ import numpy as np
 from fedjax_api.errors import ConfigError
 from fedjax_core.data import Cohort, FederatedData, pack_cohort, uniform_without_replacement
 from fedjax_core.data.device import DeviceExamples, IndexedBatches, device_examples, index_cohort
-from fedjax_core.data.pack import (Transform, fixed_steps, num_steps, pack_clients, pad_cohort,
+from fedjax_core.data.pack import (Transform, fixed_steps, num_steps, pad_cohort,
                                    step_bucket)
-from fedjax_core.data.sampling import SHUFFLE_STREAM, TRANSFORM_STREAM, host_rng, poisson
+from fedjax_core.data.sampling import poisson
 
 
 def _positive(instance, attribute, value):
@@ -186,21 +186,16 @@ class FederatedDataset:
             sizes = np.asarray(self.data.client_sizes)[indices]
             steps = step_bucket(max([1] + [num_steps(int(s), self.batch_size, self.epochs,
                                                      self.max_steps) for s in sizes]))
-        real = [s for s in slots if s < len(indices)]
-        read = real or [slots.start]  # only padding here: client 0 gives the shapes
-        clients = [self.data.get_client(int(indices[s]) if s < len(indices) else 0)
-                   for s in read]
-        if self.transform is not None:
-            clients = [self.transform(c, host_rng(self.seed, round, TRANSFORM_STREAM, s))
-                       for s, c in zip(read, clients)]
-        rngs = [host_rng(self.seed, round, SHUFFLE_STREAM, s) for s in read]
-        cohort = pack_clients(clients, self.batch_size, self.epochs, rngs,
-                              client_index=[int(indices[s]) for s in real] or [-1],
-                              steps=steps, max_steps=self.max_steps)
-        if not real:
+        real = indices[slots.start:min(slots.stop, len(indices))]
+        cohort = pack_cohort(self.data, real if len(real) else [0], self.batch_size,
+                             self.epochs, self.seed, round, steps=steps,
+                             max_steps=self.max_steps, transform=self.transform,
+                             first_slot=slots.start)
+        if not len(real):  # only padding here: client 0 gave the shapes
             cohort = cohort._replace(
                 batches={k: np.zeros_like(v) for k, v in cohort.batches.items()},
-                mask=np.zeros_like(cohort.mask), num_examples=np.zeros_like(cohort.num_examples))
+                mask=np.zeros_like(cohort.mask), num_examples=np.zeros_like(cohort.num_examples),
+                client_index=np.full_like(cohort.client_index, -1))
         return pad_cohort(cohort, len(slots))
 
     def subset(self, num_clients: int, seed: int = 0) -> "FederatedDataset":

@@ -119,8 +119,9 @@ class _MeshJit:
     """`jit_replicated` with a mesh: one compiled executable per argument signature."""
 
     def __init__(self, fn: Callable, plan: Plan):
+        self._replicated = replicated(plan)
         self._jit = lambda in_shardings: jax.jit(fn, in_shardings=in_shardings,
-                                                 out_shardings=replicated(plan))
+                                                 out_shardings=self._replicated)
         self._plan = plan
         self._compiled: dict = {}
 
@@ -128,14 +129,14 @@ class _MeshJit:
         s = getattr(x, "sharding", None)
         if isinstance(s, NamedSharding) and s.mesh == self._plan.mesh:
             return s
-        return replicated(self._plan)
+        return self._replicated
 
     def __call__(self, *args):
         leaves, tree = jax.tree.flatten(args)
         leaves = [x if hasattr(x, "dtype") else np.asarray(x) for x in leaves]
-        leaves = [_put(x, replicated(self._plan))
+        leaves = [_put(x, self._replicated)
                   if isinstance(x, jax.Array) and x.committed
-                  and self._placement(x) == replicated(self._plan) else x for x in leaves]
+                  and self._placement(x) == self._replicated else x for x in leaves]
         shardings = [self._placement(x) for x in leaves]
         abstract = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in leaves]
         signature = (tree, tuple((a.shape, a.dtype) for a in abstract), tuple(shardings))

@@ -185,7 +185,7 @@ def pack_clients(clients: Sequence[ClientArrays], batch_size: int, epochs: int =
 def pack_cohort(data: FederatedData, indices: Sequence[int], batch_size: int, epochs: int,
                 seed: int, round_num: int, shuffle: bool = True, bucket: bool = True,
                 steps: int | None = None, max_steps: int | None = None,
-                transform: Transform | None = None) -> Cohort:
+                transform: Transform | None = None, first_slot: int = 0) -> Cohort:
     """Reads the clients at `indices` and packs them, shuffled per epoch.
 
     The shuffle of the client in cohort slot `s` is drawn from
@@ -206,6 +206,9 @@ def pack_cohort(data: FederatedData, indices: Sequence[int], batch_size: int, ep
       transform: augmentation applied to each client before packing (e.g. random crops),
         with the generator `host_rng(seed, round_num, TRANSFORM_STREAM, s)`; every epoch
         of the round sees the same transformed examples.
+      first_slot: the cohort slot of `indices[0]` (its shuffle and transform streams),
+        for packing one contiguous share of a larger cohort (a process of a
+        multi-process run packs its devices' slots).
 
     Returns:
       A `Cohort` of `len(indices)` clients.
@@ -213,9 +216,9 @@ def pack_cohort(data: FederatedData, indices: Sequence[int], batch_size: int, ep
     clients = [data.get_client(int(i)) for i in indices]
     if transform is not None:
         clients = [transform(c, host_rng(seed, round_num, TRANSFORM_STREAM, s))
-                   for s, c in enumerate(clients)]
-    rngs = ([host_rng(seed, round_num, SHUFFLE_STREAM, s) for s in range(len(clients))]
-            if shuffle else None)
+                   for s, c in enumerate(clients, start=first_slot)]
+    rngs = ([host_rng(seed, round_num, SHUFFLE_STREAM, first_slot + s)
+             for s in range(len(clients))] if shuffle else None)
     return pack_clients(clients, batch_size, epochs, rngs, bucket, client_index=indices,
                         steps=steps, max_steps=max_steps)
 
