@@ -288,7 +288,7 @@ def _cohort_mlp(name: str, cohort_size: int, options: Options) -> Setup:
         return (host if dense else ours).sample(k, r)
 
     flops = measure.mlp_flops([MLP_FEATURES, MLP_HIDDEN, MLP_CLASSES])
-    chunks = (100, 10, 1000, 1)
+    chunks = (25, 10, 50, 100, 1)
     info = {"data": f"{population:,} clients, EMNIST-like gamma sizes (mean 226.8, std 88.9), "
                     f"{MLP_FEATURES} float32 features = class template + N(0, 1) noise, "
                     f"{MLP_CLASSES} classes; MLP {MLP_FEATURES}-{MLP_HIDDEN}-{MLP_CLASSES}; "
