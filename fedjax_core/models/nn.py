@@ -8,6 +8,10 @@ Convolutions have two implementations (see `conv2d`): `lax.conv_general_dilated`
 im2col (patches gathered by slicing, then one matmul). The second exists because on
 XLA:CPU the kernel-gradient of `lax.conv_general_dilated` is 25-50x slower inside
 `lax.scan` / `fori_loop` / `while_loop` (jax-ml/jax#12868).
+
+Dense layers and im2col convolutions multiply through `matmul`, whose gradient on CPU is
+arranged for XLA:CPU's fast dot, and `dropout` draws its mask with the Threefry hash
+written out (bit for bit `jax.random.bernoulli`); see performance.md for the measurements.
 """
 
 import math
