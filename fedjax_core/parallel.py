@@ -15,6 +15,10 @@ its own contiguous share of the clients. The stacked outputs stay sharded over t
 devices, and whatever the caller computes from them in the same jitted round (e.g. the
 aggregator's weighted sum) becomes a cross-device reduction that XLA inserts. The mesh
 may span the devices of several processes (`fedjax_api.distributed`).
+
+`sum_clients` runs the same chunks but adds their outputs into a running total instead
+of stacking them (FedAvg's weighted mean), so its memory does not grow with the cohort;
+with a mesh each device sums its share and one `psum` adds the totals.
 """
 
 from typing import Callable, NamedTuple
@@ -321,3 +325,86 @@ def _map_sharded(fn: Callable[[PyTree], PyTree], inputs: PyTree, plan: Plan) -> 
                           in_specs=(spec,), out_specs=spec, check_vma=False)
     out = local(_pad_clients(inputs, padded - n))
     return out if padded == n else jax.tree.map(lambda y: y[:n], out)
+
+
+def sum_clients(fn: Callable[[PyTree], PyTree], inputs: PyTree, plan: Plan = Plan()) -> PyTree:
+    """`sum_i fn(inputs[i])` over the cohort's clients, without stacking the outputs.
+
+    Where `map_clients` keeps one output per client (`[clients, ...]`, which grows with
+    the cohort: 1,000 clients of a 1.2M-parameter CNN stack 4.8 GB of deltas), this adds
+    each chunk's outputs into a running total carried by a `lax.scan` over the chunks, so
+    memory holds one chunk's outputs and one total. With a mesh, every device sums its
+    share and one `psum` adds the devices' totals. Padding clients (added when the cohort
+    is not a multiple of the chunk size or device count) do not count.
+
+    The total equals `jax.tree.map(lambda y: y.sum(0), map_clients(fn, inputs, plan))` up
+    to floating-point summation order (chunk by chunk here).
+
+    Args:
+      fn: maps one client's inputs (leaves without the `clients` axis) to a pytree of
+        arrays to add up, e.g. `(n_i * delta_i, n_i)`.
+      inputs: pytree whose leaves are `[clients, ...]` (an `IndexedBatches` in it reaches
+        `fn` gathered, as in `map_clients`).
+      plan: execution plan.
+
+    Returns:
+      A pytree shaped like one client's output (replicated over the mesh, if any).
+
+    Example:
+      >>> sum_clients(lambda c: c["x"].sum(), {"x": jnp.ones((5, 3))}, Plan(chunk_size=2))
+      Array(15., dtype=float32)
+
+    References:
+      McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
+      Decentralized Data" (the server's weighted sum of client updates, Algorithm 1).
+    """
+    fn, inputs = split_indexed(fn, inputs)
+    if plan.chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {plan.chunk_size}")
+    n = _leading_size(inputs)
+    if plan.mesh is None:
+        return _sum_chunks(fn, inputs, plan.chunk_size, n, 0)
+    if CLIENTS not in plan.mesh.axis_names:
+        raise ValueError(f"the mesh needs an axis named {CLIENTS!r}; it has "
+                         f"{plan.mesh.axis_names} (build it with parallel.client_mesh)")
+    d = num_shards(plan)
+    share = -(-n // d)
+    spec = PartitionSpec(CLIENTS)
+
+    def local(x):  # see _map_sharded for check_vma=False
+        first = jax.lax.axis_index(CLIENTS) * share
+        return jax.lax.psum(_sum_chunks(fn, x, plan.chunk_size, n, first), CLIENTS)
+
+    summed = jax.shard_map(local, mesh=plan.mesh, in_specs=(spec,), out_specs=PartitionSpec(),
+                           check_vma=False)
+    return summed(_pad_clients(inputs, share * d - n))
+
+
+def _sum_chunks(fn: Callable[[PyTree], PyTree], inputs: PyTree, chunk_size: int,
+                num_real: int, first) -> PyTree:
+    """The sum over one device's `m` clients, chunk by chunk; client j of this share is
+    real when `j < m` (not padding to a whole chunk) and `first + j < num_real` (not
+    padding of the cohort to a multiple of the device count)."""
+    m = _leading_size(inputs)
+    c = min(chunk_size, m)
+    chunks = -(-m // c)
+    inputs = _pad_clients(inputs, chunks * c - m)
+    j = jnp.arange(chunks * c)
+    real = (j < m) & (first + j < num_real)  # not chunk padding, not cohort padding
+    xs = jax.tree.map(lambda x: x.reshape((chunks, c) + x.shape[1:]), inputs)
+    one = jax.tree.map(lambda x: x[0, 0], xs)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, one))
+
+    def add_chunk(total, chunk):
+        x, ok = chunk
+        if c == 1:  # no vmap: each client's loop runs to its own length
+            out = jax.tree.map(lambda y: y[None], fn(jax.tree.map(lambda v: v[0], x)))
+        else:
+            out = jax.vmap(fn)(x)
+        return jax.tree.map(
+            lambda t, y: t + jnp.sum(jnp.where(ok.reshape((c,) + (1,) * (y.ndim - 1)), y,
+                                               jnp.zeros((), y.dtype)), axis=0),
+            total, out), None
+
+    total, _ = jax.lax.scan(add_chunk, zeros, (xs, real.reshape(chunks, c)))
+    return total

@@ -18,10 +18,15 @@ class Aggregator(NamedTuple):
         aggregators, `clients` the cohort's `ClientSlots` (for per-client state; None
         when the algorithm keeps none), `aggregate` shaped like the params and
         `metrics` a dict of scalars (e.g. `aggregate/bits_per_client`).
+      weighted_mean: True when `apply` is exactly `(sum_i w_i Delta_i / sum_i w_i, state,
+        {})` (0 when all weights are 0): algorithms may then add the weighted deltas up
+        chunk by chunk (`parallel.sum_clients`) instead of stacking them, which keeps a
+        round's memory independent of the cohort size.
     """
 
     init: Callable[[Params], State]
     apply: Callable[..., tuple[Params, State, dict]]
+    weighted_mean: bool = False
 
 
 def real_clients(weights) -> tuple[Array, Array]:

@@ -32,4 +32,4 @@ def mean() -> Aggregator:
         del key, clients
         return tree.weighted_mean(deltas, weights), state, {}
 
-    return Aggregator(init, apply)
+    return Aggregator(init, apply, weighted_mean=True)

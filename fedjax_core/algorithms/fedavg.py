@@ -86,15 +86,30 @@ def fedavg(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
                           context=state.params)
 
         slots = jnp.arange(cohort.mask.shape[0], dtype=jnp.int32)
-        updates = parallel.map_clients(
-            one_client, (cohort.batches, cohort.mask, cohort.num_examples, slots), plan)
-        delta, aggregator_state, agg_metrics = aggregator.apply(
-            updates.delta, updates.weight, state.aggregator_state,
-            jax.random.fold_in(key, AGGREGATOR_KEY), cohort.slots)
+        inputs = (cohort.batches, cohort.mask, cohort.num_examples, slots)
+        if aggregator.weighted_mean:
+            # The mean needs only sums: add n_i * Delta_i chunk by chunk instead of
+            # stacking every client's delta (memory independent of the cohort size).
+            def contribution(c):
+                u = one_client(c)
+                return u._replace(delta=jax.tree.map(lambda d: u.weight * d, u.delta))
+
+            total = parallel.sum_clients(contribution, inputs, plan)
+            divisor = jnp.where(total.weight > 0, total.weight, 1.0)
+            delta = jax.tree.map(lambda t, p: (t / divisor).astype(p.dtype), total.delta,
+                                 state.params)
+            aggregator_state, agg_metrics = state.aggregator_state, {}
+            metrics = _metrics(total.loss_sum, total.examples_seen, total.weight, delta)
+        else:
+            updates = parallel.map_clients(one_client, inputs, plan)
+            delta, aggregator_state, agg_metrics = aggregator.apply(
+                updates.delta, updates.weight, state.aggregator_state,
+                jax.random.fold_in(key, AGGREGATOR_KEY), cohort.slots)
+            metrics = round_metrics(updates, delta)
         server_updates, server_opt_state = server_optimizer.update(
             delta, state.server_opt_state, state.params)
         params = optax.apply_updates(state.params, server_updates)
-        metrics = {**round_metrics(updates, delta), **agg_metrics}
+        metrics = {**metrics, **agg_metrics}
         return FedAvgState(params, server_opt_state, aggregator_state), metrics
 
     return FederatedAlgorithm(init, apply)
@@ -102,9 +117,13 @@ def fedavg(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
 
 def round_metrics(updates, delta) -> dict:
     """Standard training metrics of a round from the stacked `ClientUpdate`s."""
-    seen = jnp.sum(updates.examples_seen)
+    return _metrics(jnp.sum(updates.loss_sum), jnp.sum(updates.examples_seen),
+                    jnp.sum(updates.weight), delta)
+
+
+def _metrics(loss_sum, seen, weight, delta) -> dict:
     return {
-        "train/loss": jnp.sum(updates.loss_sum) / jnp.maximum(seen, 1.0),
-        "train/num_examples": jnp.sum(updates.weight),
+        "train/loss": loss_sum / jnp.maximum(seen, 1.0),
+        "train/num_examples": weight,
         "train/delta_norm": tree.l2_norm(delta),
     }
