@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_core import tree
+from fedjax_core.data.device import step_batch
 from fedjax_core.models.base import Model, masked_mean_loss
 from fedjax_core.typing import Array, Float, Params, PyTree
 
@@ -72,7 +73,8 @@ def local_train(model: Model, optimizer: optax.GradientTransformation,
       grad_correction: `C(g, w, context)`, or None.
 
     Returns:
-      `train` with `batches` feature -> `[steps, batch, ...]`, `mask` `[steps, batch]`
+      `train` with `batches` feature -> `[steps, batch, ...]` (or one client's
+        `IndexedBatches`, read one step at a time), `mask` `[steps, batch]`
       (non-empty steps first), `key` the client key, `context` any pytree the
       regularizer and correction read.
 
@@ -96,7 +98,7 @@ def local_train(model: Model, optimizer: optax.GradientTransformation,
 
         def step(k, carry):
             w, opt_state, loss_sum, seen = carry
-            batch = jax.tree.map(lambda x: x[k], batches)
+            batch = step_batch(batches, k)
             m = mask[k]
             (_, loss), grads = grad_fn(w, batch, m, jax.random.fold_in(key, k), context)
             if grad_correction is not None:

@@ -80,7 +80,7 @@ def fedavg(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
     def apply(state, cohort, key, *, model, plan=parallel.Plan()):
         update = client_update(model, client_optimizer, regularizer=regularizer)
 
-        def one_client(c):
+        def one_client(c):  # batches may be IndexedBatches: local_train reads step by step
             batches, mask, n, slot = c
             return update(state.params, batches, mask, n, jax.random.fold_in(key, slot),
                           context=state.params)
@@ -94,14 +94,14 @@ def fedavg(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
                 u = one_client(c)
                 return u._replace(delta=jax.tree.map(lambda d: u.weight * d, u.delta))
 
-            total = parallel.sum_clients(contribution, inputs, plan)
+            total = parallel.sum_clients(contribution, inputs, plan, gather_batches=False)
             divisor = jnp.where(total.weight > 0, total.weight, 1.0)
             delta = jax.tree.map(lambda t, p: (t / divisor).astype(p.dtype), total.delta,
                                  state.params)
             aggregator_state, agg_metrics = state.aggregator_state, {}
             metrics = _metrics(total.loss_sum, total.examples_seen, total.weight, delta)
         else:
-            updates = parallel.map_clients(one_client, inputs, plan)
+            updates = parallel.map_clients(one_client, inputs, plan, gather_batches=False)
             delta, aggregator_state, agg_metrics = aggregator.apply(
                 updates.delta, updates.weight, state.aggregator_state,
                 jax.random.fold_in(key, AGGREGATOR_KEY), cohort.slots)

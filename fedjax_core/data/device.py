@@ -7,7 +7,9 @@ gigabytes a round). Here the examples of every client are concatenated once into
 arrays `[N + 1, ...]` (`device_examples`), and a cohort carries only where each slot
 reads from, `IndexedBatches(source, index)` with `index` `Int32[clients, steps, batch]`
 (`index_cohort`). `parallel.map_clients` gathers `source[k][index]` one chunk at a time
-inside the jitted round, so the gathered batches exist for one chunk, not the cohort.
+inside the jitted round, so the gathered batches exist for one chunk, not the cohort; with
+`gather_batches=False` a kernel receives its client's index and reads each step's rows
+itself (`step_batch`, as `client.local_train` does).
 
 Row 0 of every source array is zeros; client i's examples are rows
 `offsets[i] .. offsets[i] + sizes[i] - 1`; padded slots read row 0. The slot order
@@ -210,7 +212,22 @@ def index_cohort(examples: DeviceExamples, indices: Sequence[int], batch_size: i
     return index_clients(examples, indices, batch_size, epochs, rngs, bucket, steps, max_steps)
 
 
-def split_indexed(fn, inputs: PyTree):
+def step_batch(batches: "IndexedBatches | dict", k) -> dict:
+    """One step's batch of one client: `{name: x[k]}` of a dense feature dict, or the
+    rows `source[name][index[k]]` of an `IndexedBatches` whose `index` is one client's
+    `[steps, batch]` (gathered straight from the population, one step at a time).
+
+    Example:
+      >>> batch = step_batch(batches, k)    # inside a client's step loop
+    """
+    if isinstance(batches, IndexedBatches):
+        rows = batches.index[k]
+        return {name: jnp.take(v, rows, axis=0, mode="clip")
+                for name, v in batches.source.items()}
+    return jax.tree.map(lambda x: x[k], batches)
+
+
+def split_indexed(fn, inputs: PyTree, gather_batches: bool = True):
     """Splits the `IndexedBatches` of `inputs` for a map over clients.
 
     Returns `(fn2, inputs2)`: `inputs2` is `inputs` with each `IndexedBatches` replaced
@@ -234,7 +251,9 @@ def split_indexed(fn, inputs: PyTree):
     def gathered(client):
         parts = treedef.flatten_up_to(client)
         return fn(treedef.unflatten([
-            part if src is None else gather(IndexedBatches(src, part))
+            part if src is None
+            else gather(IndexedBatches(src, part)) if gather_batches
+            else IndexedBatches(src, part)
             for part, src in zip(parts, sources)]))
 
     return gathered, split

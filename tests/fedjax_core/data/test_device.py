@@ -162,22 +162,33 @@ def _avals(jaxpr):
                     yield from _avals(sub)
 
 
-def test_the_round_gathers_one_chunk_at_a_time(data, examples):
-    # Inside the jitted round, gathered batches have the chunk's shape, never the cohort's.
-    model = tiny_softmax_model()
-    alg = fedavg(optax.sgd(0.3))
+def _source_gathers(alg, model, cohort, plan):
     state = alg.init(model.init(jax.random.key(0)))
+    apply = functools.partial(alg.apply, model=model, plan=plan)
+    shapes = list(_avals(jax.make_jaxpr(apply)(state, cohort, jax.random.key(0))))
+    return {shape for shape, prim in shapes if prim == "gather" and shape[-1:] == (3,)}, shapes
+
+
+def test_the_round_gathers_one_chunk_or_one_step_at_a_time(data, examples):
+    # Inside the jitted round, gathered batches have a chunk's or a step's shape, never the
+    # cohort's. FedAvg's local_train reads each step's rows straight from the source
+    # (gather_batches=False); FedSGD's full-batch kernel gets its chunk's batches gathered.
+    model = tiny_softmax_model()
     indices = [0, 1, 3, 4, 5, 6]
     indexed = index_cohort(examples, indices, 2, 1, seed=0, round_num=0)
     dense = pack_cohort(data, indices, 2, 1, seed=0, round_num=0)
     c, s, b = indexed.mask.shape
     for chunk in (1, 2):
         plan = parallel.Plan(chunk_size=chunk)
-        apply = functools.partial(alg.apply, model=model, plan=plan)
-        shapes = list(_avals(jax.make_jaxpr(apply)(state, indexed, jax.random.key(0))))
-        gathers = {shape for shape, prim in shapes if prim == "gather" and shape[-3:] == (s, b, 3)}
-        assert gathers == {(s, b, 3) if chunk == 1 else (chunk, s, b, 3)}  # from the source
+        gathers, shapes = _source_gathers(fedavg(optax.sgd(0.3)), model, indexed, plan)
+        assert gathers == {(b, 3) if chunk == 1 else (chunk, b, 3)}  # one step
         assert (c, s, b, 3) not in {shape for shape, _ in shapes}
+        gathers, shapes = _source_gathers(fedsgd(0.5), model, indexed, plan)
+        assert {g for g in gathers if g[-3:] == (s, b, 3)} == {
+            (s, b, 3) if chunk == 1 else (chunk, s, b, 3)}  # one chunk
+        assert (c, s, b, 3) not in {shape for shape, _ in shapes}
+    alg = fedavg(optax.sgd(0.3))
+    state = alg.init(model.init(jax.random.key(0)))
     # The check can fail: the dense round does hold the whole cohort's batches.
     dense_apply = functools.partial(alg.apply, model=model, plan=parallel.Plan(2))
     dense_jaxpr = jax.make_jaxpr(dense_apply)(state, dense, jax.random.key(0))
@@ -257,3 +268,16 @@ def test_indexed_cohorts_on_a_device_mesh(data, examples):
     mesh = parallel.Plan(2, mesh=parallel.client_mesh(4))
     got, _ = run_rounds(ALGORITHMS["fedavg"](), model, indexed, mesh)
     jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6, rtol=1e-6), got, want)
+
+
+def test_step_batch_reads_one_step_as_the_dense_batch(data, examples):
+    from fedjax_core.data.device import step_batch
+    indexed = index_cohort(examples, [3, 0, 5], 2, 2, seed=1, round_num=4)
+    dense = pack_cohort(data, [3, 0, 5], 2, 2, seed=1, round_num=4)
+    for client in range(3):
+        one = IndexedBatches(indexed.batches.source, indexed.batches.index[client])
+        mine = {k: v[client] for k, v in dense.batches.items()}
+        for k in range(indexed.mask.shape[1]):
+            got = jax.jit(step_batch)(one, k)
+            jax.tree.map(np.testing.assert_array_equal, got, step_batch(mine, k))
+            np.testing.assert_array_equal(got["x"], dense.batches["x"][client, k])
