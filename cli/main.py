@@ -17,7 +17,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli import bench, data, privacy, report, sweep
+from cli import bench, data, options, privacy, report, sweep
 from cli.common import console, print_error, user_errors
 from fedjax_api import config, configfile, distributed, tasks
 from fedjax_api.compile_cache import enable_compilation_cache
@@ -51,19 +51,18 @@ def run(
     algorithm: Annotated[Optional[str], typer.Option(
         help=f"Federated algorithm: {', '.join(sorted(registry.ALGORITHMS))} (options: "
              "`fedjax algorithms`). Default: the task's.")] = None,
-    rounds: Annotated[Optional[int], typer.Option(help="Training rounds.")] = None,
-    clients_per_round: Annotated[Optional[int], typer.Option(help="Clients sampled per round.")] = None,
+    rounds: options.Rounds = None,
+    clients_per_round: options.ClientsPerRound = None,
     client_lr: Annotated[Optional[float], typer.Option(help="Client SGD learning rate.")] = None,
     server_lr: Annotated[Optional[float], typer.Option(
         help="Server learning rate. Default: the task's value for the algorithm.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Client batch size.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Local epochs per round.")] = None,
+    batch_size: options.BatchSize = None,
+    epochs: options.Epochs = None,
     seed: Annotated[Optional[int], typer.Option(
         help="Seed of sampling, shuffling, init and client keys. Default: 0.")] = None,
     eval_every: Annotated[Optional[int], typer.Option(
         help="Evaluate on the test set at round 0 and every N rounds (0: only at the end).")] = None,
-    eval_train_clients: Annotated[Optional[int], typer.Option(
-        help="Training clients (a fixed sample) evaluated at the end.")] = None,
+    eval_train_clients: options.EvalTrainClients = None,
     chunk_size: Annotated[Optional[int], typer.Option(
         help="Clients trained together under vmap (1: one by one).")] = None,
     device_data: Annotated[bool, typer.Option(
@@ -72,20 +71,11 @@ def run(
     devices: Annotated[Optional[int], typer.Option(
         help="Devices (per process) each round's clients are split over; 0: all. On a "
              "CPU-only machine, starts that many CPU devices. Default: 1.")] = None,
-    coordinator: Annotated[Optional[str], typer.Option(
-        metavar="HOST:PORT",
-        help="Several processes: process 0's address and a free port, the same for every "
-             "process; `auto` lets JAX detect a TPU pod, Slurm or Open MPI cluster. "
-             "Default: $FEDJAX_COORDINATOR.")] = None,
-    num_processes: Annotated[Optional[int], typer.Option(
-        help="Several processes: how many. Default: $FEDJAX_NUM_PROCESSES.")] = None,
-    process_id: Annotated[Optional[int], typer.Option(
-        help="Several processes: this one, 0 .. P-1; process 0 writes the run directory. "
-             "Default: $FEDJAX_PROCESS_ID.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(
-        help="Cap on each client's local steps per round. Default: the task's.")] = None,
-    data: Annotated[Optional[str], typer.Option(
-        help="Where a task reads its files (e.g. the LEAF folder for femnist-leaf).")] = None,
+    coordinator: options.Coordinator = None,
+    num_processes: options.NumProcesses = None,
+    process_id: options.ProcessId = None,
+    max_steps: options.MaxSteps = None,
+    data: options.DataDir = None,
     option: Annotated[Optional[list[str]], typer.Option(
         "--option", metavar="NAME=VALUE",
         help="An algorithm option, repeatable, e.g. --option proximal_weight=0.1 "
@@ -176,13 +166,20 @@ def resume(
     allow_changes: Annotated[Optional[str], typer.Option(
         help="Comma-separated options allowed to differ from the checkpoint's config, "
              "e.g. rounds.")] = None,
+    coordinator: options.Coordinator = None,
+    num_processes: options.NumProcesses = None,
+    process_id: options.ProcessId = None,
 ) -> None:
-    """Continue a run from its newest good checkpoint; the same seed gives the same result."""
+    """Continue a run from its newest good checkpoint; the same seed gives the same result.
+
+    A run of several processes resumes with the same processes: start each again with
+    `fedjax resume RUN_DIR` and its own --process-id (or the FEDJAX_* variables).
+    """
     allowed = tuple(k.strip().replace("-", "_") for k in (allow_changes or "").split(",")
                     if k.strip())
     cfg = resume_config(run_dir, {"rounds": rounds} if rounds is not None else None, allowed)
     distributed.request_cpu_devices(cfg.devices)  # before JAX starts: no effect after
-    distributed.initialize()  # several processes: from the FEDJAX_* environment variables
+    distributed.initialize(coordinator, num_processes, process_id)
     with console.status(f"loading task {cfg.task}..."):
         exp = Experiment.from_config(cfg, resuming=True)
     _describe(cfg, exp)

@@ -16,6 +16,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli import options
 from cli.common import console, user_errors
 from fedjax_api import config, configfile, tasks
 from fedjax_api.errors import ConfigError
@@ -88,22 +89,18 @@ def sweep(
     algorithm: Annotated[Optional[str], typer.Option(
         help=f"Federated algorithm: {', '.join(sorted(registry.ALGORITHMS))}. "
              "Default: the task's.")] = None,
-    rounds: Annotated[Optional[int], typer.Option(help="Training rounds.")] = None,
-    clients_per_round: Annotated[Optional[int], typer.Option(
-        help="Clients sampled per round.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Client batch size.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Local epochs per round.")] = None,
+    rounds: options.Rounds = None,
+    clients_per_round: options.ClientsPerRound = None,
+    batch_size: options.BatchSize = None,
+    epochs: options.Epochs = None,
     eval_every: Annotated[Optional[int], typer.Option(
         help="Evaluate every member on the test set at round 0 and every N rounds "
              "(0: only at the end).")] = None,
-    eval_train_clients: Annotated[Optional[int], typer.Option(
-        help="Training clients (a fixed sample) evaluated at the end.")] = None,
+    eval_train_clients: options.EvalTrainClients = None,
     chunk_size: Annotated[Optional[int], typer.Option(
         help="Clients of a member trained together under vmap (1: one by one).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(
-        help="Cap on each client's local steps per round. Default: the task's.")] = None,
-    data: Annotated[Optional[str], typer.Option(
-        help="Where a task reads its files (e.g. the LEAF folder for femnist-leaf).")] = None,
+    max_steps: options.MaxSteps = None,
+    data: options.DataDir = None,
     option: Annotated[Optional[list[str]], typer.Option(
         "--option", metavar="NAME=V1,V2",
         help="An algorithm option, repeatable; several comma-separated values sweep it, "

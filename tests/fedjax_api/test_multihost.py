@@ -111,3 +111,25 @@ def test_cli_two_processes_write_one_run_dir(tmp_path):
         assert final[f"test/{name}"] == pytest.approx(one.final["test"][name], abs=TOL)
     saved = json.loads((out / "config.json").read_text())
     assert saved["devices"] == 2 and "coordinator" not in saved
+
+
+def test_cli_two_processes_resume_with_the_cli_options(tmp_path):
+    """`fedjax resume RUN --coordinator ... --num-processes 2 --process-id I` continues a
+    two-process run (no FEDJAX_* variables) to the one-process run's round 4."""
+    out = tmp_path / "run"
+    common = ["--devices", "2", "--num-processes", "2"]
+    port = free_port()
+    wait([["cli", "run", NAME, "--rounds", "3", "--clients-per-round", "5", *common,
+           "--coordinator", f"127.0.0.1:{port}", "--process-id", str(i), "--out", str(out)]
+          for i in range(2)])
+    port = free_port()
+    outputs = wait([["cli", "resume", str(out), "--rounds", "4", "--allow-changes", "rounds",
+                     "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                     "--process-id", str(i)] for i in range(2)])
+    for i, text in enumerate(outputs):
+        assert f"2 process(es); this is process {i}" in text
+    one = Experiment.from_config(config.resolve(NAME, rounds=4, clients_per_round=5)).run()
+    got = {r["round"]: r for r in read_metrics(out) if r["kind"] == "train"}
+    want = {r["round"]: r for r in one.history if r["kind"] == "train"}
+    assert sorted(got) == [1, 2, 3, 4]
+    assert got[4]["train/loss"] == pytest.approx(want[4]["train/loss"], abs=TOL)
