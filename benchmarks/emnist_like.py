@@ -154,7 +154,47 @@ def batches_per_client(sizes: np.ndarray, batch_size: int = 20, num_epochs: int 
     return (np.asarray(sizes) * num_epochs + batch_size - 1) // batch_size
 
 
-class EmnistLikeData:
+class ArraysData:
+    """A `FederatedData` over concatenated arrays: client i is rows
+    `offsets[i] .. offsets[i] + sizes[i] - 1` of every feature (views, no copies).
+
+    Args:
+      sizes: every client's number of examples.
+      features: name -> concatenated examples.
+      offsets: each client's first row (default: the clients back to back, in order); a
+        negative offset marks a client whose examples are not stored.
+      ids: client ids (default `c000000`, `c000001`, ...).
+    """
+
+    def __init__(self, sizes: np.ndarray, features: dict[str, np.ndarray],
+                 offsets: np.ndarray | None = None, ids: Sequence[str] | None = None):
+        self._sizes = np.asarray(sizes, np.int64)
+        self._offsets = offsets_of(self._sizes) if offsets is None else np.asarray(offsets)
+        self._features = features
+        self._ids = tuple(ids) if ids is not None else tuple(
+            f"c{i:06d}" for i in range(len(self._sizes)))
+
+    @property
+    def client_ids(self) -> tuple[str, ...]:
+        return self._ids
+
+    @property
+    def client_sizes(self) -> np.ndarray:
+        return self._sizes
+
+    def get_client(self, index: int) -> dict[str, np.ndarray]:
+        s, n = int(self._offsets[index]), int(self._sizes[index])
+        if s < 0:
+            raise KeyError(f"client {index} was not materialised; pass it in `keep`")
+        return {k: v[s:s + n] for k, v in self._features.items()}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored examples."""
+        return sum(v.nbytes for v in self._features.values())
+
+
+class EmnistLikeData(ArraysData):
     """A `FederatedData` of EMNIST-like clients, holding only the clients it will serve.
 
     `client_sizes` and `client_ids` cover the whole population (so samplers and padding
@@ -175,68 +215,18 @@ class EmnistLikeData:
     """
 
     def __init__(self, sizes: np.ndarray, keep: Sequence[int] | None = None, seed: int = 1):
-        self._sizes = np.asarray(sizes, np.int64)
-        offsets = offsets_of(self._sizes)
-        keep = (np.arange(len(self._sizes)) if keep is None else  # + the largest (fixed_steps reads it)
-                np.unique(np.append(np.asarray(keep, np.int64), np.argmax(self._sizes))))
-        rows = np.concatenate([np.arange(offsets[i], offsets[i] + self._sizes[i]) for i in keep]
+        sizes = np.asarray(sizes, np.int64)
+        offsets = offsets_of(sizes)
+        keep = (np.arange(len(sizes)) if keep is None else  # + the largest (fixed_steps reads it)
+                np.unique(np.append(np.asarray(keep, np.int64), np.argmax(sizes))))
+        rows = np.concatenate([np.arange(offsets[i], offsets[i] + sizes[i]) for i in keep]
                               ) if len(keep) else np.zeros(0, np.int64)
-        pixels, labels = make_examples(int(self._sizes.sum()), seed=seed, rows=rows)
+        pixels, labels = make_examples(int(sizes.sum()), seed=seed, rows=rows)
         np.subtract(np.float32(1.0), pixels, out=pixels)  # FedJAX: x = 1 - pixels
-        x = pixels[..., None]
-        self._clients = {}
-        start = 0
-        for i in keep:
-            n = int(self._sizes[i])
-            self._clients[int(i)] = {"x": x[start:start + n], "y": labels[start:start + n]}
-            start += n
-        self._ids = tuple(client_id(i) for i in range(len(self._sizes)))
-
-    @property
-    def client_ids(self) -> tuple[str, ...]:
-        return self._ids
-
-    @property
-    def client_sizes(self) -> np.ndarray:
-        return self._sizes
-
-    def get_client(self, index: int) -> dict[str, np.ndarray]:
-        try:
-            return self._clients[int(index)]
-        except KeyError:
-            raise KeyError(f"client {index} was not materialised; pass it in `keep`") from None
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the stored examples."""
-        return sum(v.nbytes for c in self._clients.values() for v in c.values())
-
-
-class ArraysData:
-    """A `FederatedData` over concatenated arrays: client i is rows
-    `offsets[i] .. offsets[i] + sizes[i] - 1` of every feature (views, no copies)."""
-
-    def __init__(self, sizes: np.ndarray, features: dict[str, np.ndarray]):
-        self._sizes = np.asarray(sizes, np.int64)
-        self._offsets = offsets_of(self._sizes)
-        self._features = features
-        self._ids = tuple(f"c{i:06d}" for i in range(len(self._sizes)))
-
-    @property
-    def client_ids(self) -> tuple[str, ...]:
-        return self._ids
-
-    @property
-    def client_sizes(self) -> np.ndarray:
-        return self._sizes
-
-    def get_client(self, index: int) -> dict[str, np.ndarray]:
-        s, n = int(self._offsets[index]), int(self._sizes[index])
-        return {k: v[s:s + n] for k, v in self._features.items()}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(v.nbytes for v in self._features.values())
+        stored = np.full(len(sizes), -1, np.int64)  # the kept clients, back to back
+        stored[keep] = offsets_of(sizes[keep]) if len(keep) else []
+        super().__init__(sizes, {"x": pixels[..., None], "y": labels}, stored,
+                         ids=[client_id(i) for i in range(len(sizes))])
 
 
 def emnist_test(total: int = 10000, seed: int = 100) -> ArraysData:

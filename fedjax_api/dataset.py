@@ -6,7 +6,7 @@ import numpy as np
 from fedjax_api.errors import ConfigError
 from fedjax_core.data import Cohort, FederatedData, pack_cohort, uniform_without_replacement
 from fedjax_core.data.device import DeviceExamples, IndexedBatches, device_examples, index_cohort
-from fedjax_core.data.pack import (Transform, fixed_steps, num_steps, pad_cohort,
+from fedjax_core.data.pack import (Transform, cohort_steps, fixed_steps, pad_cohort,
                                    step_bucket)
 from fedjax_core.data.sampling import poisson
 
@@ -26,6 +26,17 @@ def _no_transform_on_device(instance, attribute, value):
         raise ConfigError("device_resident data cannot be augmented per round (transform): "
                           "drop the transform or keep the data on the host "
                           "(device_resident=False)")
+
+
+def _all_padding(cohort: Cohort) -> Cohort:
+    """`cohort` with every slot turned into an empty client (zero examples, weight 0,
+    `client_index` -1), keeping its shapes; indexed slots read row 0, the zero row."""
+    batches = (cohort.batches._replace(index=np.zeros_like(cohort.batches.index))
+               if isinstance(cohort.batches, IndexedBatches) else
+               {k: np.zeros_like(v) for k, v in cohort.batches.items()})
+    return cohort._replace(batches=batches, mask=np.zeros_like(cohort.mask),
+                           num_examples=np.zeros_like(cohort.num_examples),
+                           client_index=np.full_like(cohort.client_index, -1))
 
 
 @attrs.frozen(kw_only=True)
@@ -129,14 +140,8 @@ class FederatedDataset:
         size `Binomial(N, rate)`, is padded with empty clients (weight 0, `client_index`
         -1) up to its size bucket (`step_bucket`), so that rounds share few shapes."""
         idx, size = self.poisson_indices(rate, round)
-        if len(idx) == 0:  # nobody this round: one all-padding cohort
-            c = self.cohort([0], round, pad_to=size)
-            batches = (c.batches._replace(index=np.zeros_like(c.batches.index))  # row 0: zeros
-                       if isinstance(c.batches, IndexedBatches) else
-                       {k: np.zeros_like(v) for k, v in c.batches.items()})
-            return c._replace(batches=batches,
-                              mask=np.zeros_like(c.mask), num_examples=np.zeros_like(c.num_examples),
-                              client_index=np.full_like(c.client_index, -1))
+        if len(idx) == 0:  # nobody this round: client 0 gives the shapes, then emptied
+            return _all_padding(self.cohort([0], round, pad_to=size))
         return self.cohort(idx, round, pad_to=size)
 
     def poisson_indices(self, rate: float, round: int) -> tuple[np.ndarray, int]:  # noqa: A002
@@ -183,19 +188,15 @@ class FederatedDataset:
         if not (0 <= slots.start <= slots.stop <= n and slots.step == 1) or len(indices) > n:
             raise ValueError(f"slots {slots} do not lie in a cohort of {n} clients")
         if steps is None:  # the whole cohort's bucket, as pack_clients would choose it
-            sizes = np.asarray(self.data.client_sizes)[indices]
-            steps = step_bucket(max([1] + [num_steps(int(s), self.batch_size, self.epochs,
-                                                     self.max_steps) for s in sizes]))
+            steps = cohort_steps(np.asarray(self.data.client_sizes)[indices], self.batch_size,
+                                 self.epochs, max_steps=self.max_steps)
         real = indices[slots.start:min(slots.stop, len(indices))]
         cohort = pack_cohort(self.data, real if len(real) else [0], self.batch_size,
                              self.epochs, self.seed, round, steps=steps,
                              max_steps=self.max_steps, transform=self.transform,
                              first_slot=slots.start)
         if not len(real):  # only padding here: client 0 gave the shapes
-            cohort = cohort._replace(
-                batches={k: np.zeros_like(v) for k, v in cohort.batches.items()},
-                mask=np.zeros_like(cohort.mask), num_examples=np.zeros_like(cohort.num_examples),
-                client_index=np.full_like(cohort.client_index, -1))
+            cohort = _all_padding(cohort)
         return pad_cohort(cohort, len(slots))
 
     def subset(self, num_clients: int, seed: int = 0) -> "FederatedDataset":

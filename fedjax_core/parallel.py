@@ -138,10 +138,9 @@ class _MeshJit:
     def __call__(self, *args):
         leaves, tree = jax.tree.flatten(args)
         leaves = [x if hasattr(x, "dtype") else np.asarray(x) for x in leaves]
-        leaves = [_put(x, self._replicated)
-                  if isinstance(x, jax.Array) and x.committed
-                  and self._placement(x) == self._replicated else x for x in leaves]
         shardings = [self._placement(x) for x in leaves]
+        leaves = [_put(x, p) if isinstance(x, jax.Array) and x.committed
+                  and p == self._replicated else x for x, p in zip(leaves, shardings)]
         abstract = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in leaves]
         signature = (tree, tuple((a.shape, a.dtype) for a in abstract), tuple(shardings))
         compiled = self._compiled.get(signature)
@@ -281,12 +280,20 @@ def map_clients(fn: Callable[[PyTree], PyTree], inputs: PyTree, plan: Plan = Pla
       >>> out
       Array([3., 3., 3., 3., 3.], dtype=float32)
     """
-    fn, inputs = split_indexed(fn, inputs, gather_batches)  # device-resident data
-    if plan.chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {plan.chunk_size}")
+    fn, inputs = _prepare(fn, inputs, plan, gather_batches)
     if plan.mesh is not None:
         return _map_sharded(fn, inputs, plan)
     return _map_chunks(fn, inputs, plan.chunk_size)
+
+
+def _prepare(fn, inputs: PyTree, plan: Plan, gather_batches: bool):
+    """Checks `plan` and splits device-resident batches out of `inputs` (`split_indexed`)."""
+    if plan.chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {plan.chunk_size}")
+    if plan.mesh is not None and CLIENTS not in plan.mesh.axis_names:
+        raise ValueError(f"the mesh needs an axis named {CLIENTS!r}; it has "
+                         f"{plan.mesh.axis_names} (build it with parallel.client_mesh)")
+    return split_indexed(fn, inputs, gather_batches)
 
 
 def _pad_clients(inputs: PyTree, pad: int) -> PyTree:
@@ -320,9 +327,6 @@ def _map_sharded(fn: Callable[[PyTree], PyTree], inputs: PyTree, plan: Plan) -> 
     "varying" is a `psum`), which would hand every client the cohort's summed gradient.
     The body has no collectives of its own, so nothing else depends on the check.
     """
-    if CLIENTS not in plan.mesh.axis_names:
-        raise ValueError(f"the mesh needs an axis named {CLIENTS!r}; it has "
-                         f"{plan.mesh.axis_names} (build it with parallel.client_mesh)")
     d = num_shards(plan)
     n = _leading_size(inputs)
     padded = -(-n // d) * d
@@ -366,15 +370,10 @@ def sum_clients(fn: Callable[[PyTree], PyTree], inputs: PyTree, plan: Plan = Pla
       McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
       Decentralized Data" (the server's weighted sum of client updates, Algorithm 1).
     """
-    fn, inputs = split_indexed(fn, inputs, gather_batches)
-    if plan.chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {plan.chunk_size}")
+    fn, inputs = _prepare(fn, inputs, plan, gather_batches)
     n = _leading_size(inputs)
     if plan.mesh is None:
         return _sum_chunks(fn, inputs, plan.chunk_size, n, 0)
-    if CLIENTS not in plan.mesh.axis_names:
-        raise ValueError(f"the mesh needs an axis named {CLIENTS!r}; it has "
-                         f"{plan.mesh.axis_names} (build it with parallel.client_mesh)")
     d = num_shards(plan)
     share = -(-n // d)
     spec = PartitionSpec(CLIENTS)

@@ -72,6 +72,19 @@ def num_steps(num_examples: int, batch_size: int, epochs: int,
     return steps if max_steps is None else min(steps, max_steps)
 
 
+def cohort_steps(sizes: Sequence[int], batch_size: int, epochs: int = 1, bucket: bool = True,
+                 max_steps: int | None = None) -> int:
+    """Steps of a cohort packed without a fixed `steps`: `bucket(max_i min(ceil(n_i E / B),
+    max_steps))`, at least 1 (what `positions` and `pack_clients` pad to).
+
+    Example:
+      >>> cohort_steps([45, 3], batch_size=10)   # 5 steps, bucketed to 6
+      6
+    """
+    needed = max([1] + [num_steps(int(n), batch_size, epochs, max_steps) for n in sizes])
+    return step_bucket(needed) if bucket else needed
+
+
 def positions(sizes: Sequence[int], batch_size: int, epochs: int = 1,
               rngs: Sequence[np.random.Generator] | None = None, bucket: bool = True,
               steps: int | None = None, max_steps: int | None = None) -> np.ndarray:
@@ -110,7 +123,7 @@ def positions(sizes: Sequence[int], batch_size: int, epochs: int = 1,
         raise ValueError(f"max_steps must be at least 1, got {max_steps}")
     if len(sizes) == 0:
         raise ValueError("a cohort needs at least one client")
-    needed = max(1, max(num_steps(int(n), batch_size, epochs, max_steps) for n in sizes))
+    needed = cohort_steps(sizes, batch_size, epochs, bucket=False, max_steps=max_steps)
     if steps is None:
         steps = step_bucket(needed) if bucket else needed
     elif steps < needed:
