@@ -1,15 +1,18 @@
 """Per-client state across rounds (SCAFFOLD's control variates, Ditto's personal models, ...).
 
-Device memory grows with the clients seen, not with the population: a `ClientStore`
-holds one row per client seen so far, in a table whose capacity doubles as needed (so a
-run recompiles O(log clients) times). A host-side `StateIndex` maps dataset positions to
-rows. Before a round, `prepare` gives the cohort its rows (`ClientSlots`) and grows every
-store in the algorithm state; inside the jitted round the algorithm `gather`s its
-cohort's rows, initialises the new ones, and `scatter`s the updated rows back.
+Owned by the framework: an algorithm declares what one client's state looks like, and
+the round skeleton keeps it. Device memory grows with the clients seen, not with the
+population: a `ClientStore` holds one row per client seen so far, in a table whose
+capacity doubles as needed (so a run recompiles O(log clients) times). A `ClientIndex`,
+part of the algorithm state on the device, maps dataset positions to rows.
 
-    index = StateIndex()
-    state, slots = prepare(index, state, cohort.client_index)      # host, before the round
-    state, metrics = round_fn(state, cohort._replace(slots=slots), key)
+Inside the jitted round, `assign` gives the cohort its rows (`ClientSlots`), the round
+reads and rewrites those rows, and the updated index is returned with the state. On the
+host, before the round, `fit` grows the index and every store in the state so that the
+cohort fits (`jit_round` does this; nobody else needs to).
+
+    state = client_state.fit(state, cohort.client_index)          # jit_round, on the host
+    index, slots = client_state.assign(state.clients.index, cohort.client_index)   # jitted
 """
 
 from typing import NamedTuple
@@ -23,12 +26,15 @@ from fedjax_core.typing import Array, PyTree
 
 MIN_CAPACITY = 8
 
+NO_ROW = np.iinfo(np.int32).max
+"""The row of a padding client: past the end of every store (reads clamp, writes drop)."""
+
 
 class ClientSlots(NamedTuple):
     """Rows of a cohort's clients in every `ClientStore`.
 
     Attributes:
-      row: `Int[Array, "clients"]`, each client's row.
+      row: `Int[Array, "clients"]`, each client's row (`NO_ROW` for a padding client).
       is_new: `Bool[Array, "clients"]`, True where the client has never been seen, so
         its row holds no state yet and must be initialised.
     """
@@ -43,6 +49,24 @@ class ClientStore(NamedTuple):
     rows: PyTree
 
 
+class ClientIndex(NamedTuple):
+    """Which store row holds which client, on the device.
+
+    Attributes:
+      row_of: `Int[Array, "positions"]`, the row of dataset position p (-1: never seen);
+        its length grows (powers of two) with the largest position seen.
+      size: `Int[Array, ""]`, the number of rows in use.
+    """
+
+    row_of: Array
+    size: Array
+
+
+def empty_index(positions: int = MIN_CAPACITY) -> ClientIndex:
+    """An index with no client, covering dataset positions below `positions`."""
+    return ClientIndex(jnp.full((positions,), -1, jnp.int32), jnp.zeros((), jnp.int32))
+
+
 def empty_store(example_row: PyTree, capacity: int = MIN_CAPACITY) -> ClientStore:
     """A zero store shaped like `capacity` copies of one client's state."""
     return ClientStore(jax.tree.map(
@@ -52,6 +76,40 @@ def empty_store(example_row: PyTree, capacity: int = MIN_CAPACITY) -> ClientStor
 def capacity(store: ClientStore) -> int:
     leaves = jax.tree.leaves(store.rows)
     return leaves[0].shape[0] if leaves else 0
+
+
+def assign(index: ClientIndex, client_index: Array) -> tuple[ClientIndex, ClientSlots]:
+    """Rows of a cohort's clients, new rows for the clients never seen (inside jit).
+
+    New clients get the next free rows in cohort-slot order. A negative position is a
+    padding client: it gets `NO_ROW`, counts as new and is not recorded. The stores
+    must have room (`fit` before the round).
+
+    Args:
+      index: the `ClientIndex` (covering every position of the cohort).
+      client_index: `Int[Array, "clients"]`, dataset positions (-1 for padding).
+
+    Returns:
+      `(index, slots)`, the index with the new clients recorded and their `ClientSlots`.
+
+    Example:
+      >>> index, slots = assign(empty_index(), jnp.array([17 % 8, 4]))   # rows 0, 1; new
+    """
+    pos = jnp.asarray(client_index, jnp.int32)
+    real = pos >= 0
+    safe = jnp.where(real, pos, 0)
+    known = real & (index.row_of[safe] >= 0)
+    slot = jnp.arange(pos.shape[0], dtype=jnp.int32)
+    # The first slot of each position, so that a client twice in a cohort gets one row.
+    first = jnp.full(index.row_of.shape, pos.shape[0], jnp.int32).at[safe].min(
+        jnp.where(real, slot, pos.shape[0]))
+    fresh = real & ~known & (first[safe] == slot)
+    new_rows = index.size + jnp.cumsum(fresh.astype(jnp.int32)) - 1
+    row_of = index.row_of.at[jnp.where(fresh, safe, index.row_of.shape[0])].set(
+        new_rows, mode="drop")
+    rows = jnp.where(real, row_of[safe], NO_ROW)
+    size = index.size + jnp.sum(fresh.astype(jnp.int32))
+    return ClientIndex(row_of, size), ClientSlots(rows, ~known)
 
 
 def gather(store: ClientStore, slots: ClientSlots, fresh: PyTree) -> PyTree:
@@ -76,56 +134,30 @@ def scatter(store: ClientStore, slots: ClientSlots, values: PyTree,
     return ClientStore(jax.tree.map(put, store.rows, values))
 
 
-class StateIndex:
-    """Host-side map from dataset position to store row; grows with the clients seen.
-
-    Example:
-      >>> index = StateIndex()
-      >>> rows, is_new = index.assign(np.array([17, 4]))     # rows 0, 1; both new
-    """
-
-    def __init__(self, row_of: dict[int, int] | None = None):
-        self.row_of: dict[int, int] = dict(row_of or {})
-
-    @property
-    def size(self) -> int:
-        return len(self.row_of)
-
-    def copy(self) -> "StateIndex":
-        return StateIndex(self.row_of)
-
-    def assign(self, client_index) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of the given clients, and which of them are seen for the first time.
-
-        A negative position is a padding client (e.g. filling a Poisson-sampled cohort up
-        to its bucket): it gets row -1, counts as new and is not recorded."""
-        idx = [int(i) for i in np.asarray(client_index).reshape(-1)]
-        is_new = np.array([i < 0 or i not in self.row_of for i in idx], bool)
-        for i in idx:
-            if i >= 0:
-                self.row_of.setdefault(i, len(self.row_of))
-        return np.array([self.row_of[i] if i >= 0 else -1 for i in idx], np.int32), is_new
-
-    def capacity_needed(self) -> int:
-        cap = MIN_CAPACITY
-        while cap < self.size:
-            cap *= 2
-        return cap
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Arrays that restore this index (for checkpoints): positions in row order."""
-        positions = np.empty(self.size, np.int64)
-        for pos, row in self.row_of.items():
-            positions[row] = pos
-        return {"positions": positions}
-
-    @classmethod
-    def from_state_dict(cls, d: dict[str, np.ndarray]) -> "StateIndex":
-        return cls({int(p): r for r, p in enumerate(np.asarray(d["positions"]))})
-
-
 def _is_store(x) -> bool:
     return isinstance(x, ClientStore)
+
+
+def _is_index(x) -> bool:
+    return isinstance(x, ClientIndex)
+
+
+def has_stores(state: PyTree) -> bool:
+    """Whether `state` holds any `ClientStore`."""
+    return any(_is_store(x) for x in jax.tree.leaves(state, is_leaf=_is_store))
+
+
+def find_index(state: PyTree) -> ClientIndex | None:
+    """The `ClientIndex` in `state`, or None (an algorithm state holds at most one)."""
+    found = [x for x in jax.tree.leaves(state, is_leaf=_is_index) if _is_index(x)]
+    return found[0] if found else None
+
+
+def _pow2(n: int) -> int:
+    cap = MIN_CAPACITY
+    while cap < n:
+        cap *= 2
+    return cap
 
 
 def grow(state: PyTree, new_capacity: int) -> PyTree:
@@ -139,28 +171,55 @@ def grow(state: PyTree, new_capacity: int) -> PyTree:
     return jax.tree.map(pad, state, is_leaf=_is_store)
 
 
-def has_stores(state: PyTree) -> bool:
-    return any(_is_store(x) for x in jax.tree.leaves(state, is_leaf=_is_store))
+def _grow_index(state: PyTree, positions: int) -> PyTree:
+    def pad(x):
+        if not _is_index(x) or x.row_of.shape[0] >= positions:
+            return x
+        extra = jnp.full((positions - x.row_of.shape[0],), -1, jnp.int32)
+        return x._replace(row_of=jnp.concatenate([x.row_of, extra]))
+    return jax.tree.map(pad, state, is_leaf=_is_index)
 
 
-def prepare(index: StateIndex, state: PyTree, client_index) -> tuple[PyTree, ClientSlots]:
-    """Assigns the cohort's rows and grows the stores in `state` to fit them.
+def fit(state: PyTree, client_index) -> PyTree:
+    """`state` with its index and stores grown so that the cohort `client_index` fits.
 
-    Padding clients (negative `client_index`) get the row `capacity`, one past the end:
-    `gather` reads a clamped row that `is_new` replaces with the fresh state, and
-    `scatter` drops their writes (JAX drops out-of-bounds scatter updates)."""
-    rows, is_new = index.assign(client_index)
-    cap = index.capacity_needed()
-    state = grow(state, cap)
-    rows = np.where(rows < 0, cap, rows).astype(np.int32)
-    return state, ClientSlots(jnp.asarray(rows), jnp.asarray(is_new))
+    Host side, before a round (`jit_round` calls it): the index covers the largest
+    position (rounded up to a power of two), and every store has a row for each client
+    seen so far plus each of the cohort's clients. Reads the number of rows in use
+    from the device only when the stores might be too small. A state without a
+    `ClientIndex` is returned as it is.
+
+    Example:
+      >>> state = fit(state, cohort.client_index)
+    """
+    index = find_index(state)
+    if index is None:
+        return state
+    positions = np.asarray(client_index)
+    largest = int(positions.max(initial=-1))
+    if largest >= index.row_of.shape[0]:
+        state = _grow_index(state, _pow2(largest + 1))
+    stores = [x for x in jax.tree.leaves(state, is_leaf=_is_store) if _is_store(x)]
+    if not stores:
+        return state
+    have = min(capacity(s) for s in stores)
+    cohort = int(np.sum(positions >= 0))
+    if have >= find_index(state).row_of.shape[0]:
+        return state  # a row for every position there can be
+    if have >= int(index.size) + cohort:
+        return state
+    return grow(state, _pow2(int(index.size) + cohort))
 
 
-def require_slots(cohort, name: str):
-    """The cohort's `ClientSlots`; a clear error when the host did not prepare them."""
-    if cohort.slots is None:
-        raise ValueError(
-            f"{name} keeps per-client state: give the cohort its store rows first, "
-            "`state, slots = client_state.prepare(index, state, cohort.client_index)` and "
-            "`cohort = cohort._replace(slots=slots)` (the facade's Server.step does this)")
-    return cohort.slots
+def rows_of(state: PyTree, positions) -> np.ndarray:
+    """`Int[ndarray, "clients"]`: the store row of each dataset position (-1 for a
+    position never trained or negative), read from the state's `ClientIndex`; all -1
+    when the state has none (e.g. for `EvalClients.rows`)."""
+    positions = np.asarray(positions, np.int64)
+    index = find_index(state)
+    if index is None:
+        return np.full(positions.shape, -1, np.int32)
+    row_of = np.asarray(index.row_of)
+    inside = (positions >= 0) & (positions < row_of.shape[0])
+    return np.where(inside, row_of[np.clip(positions, 0, row_of.shape[0] - 1)], -1).astype(
+        np.int32)

@@ -16,9 +16,12 @@ devices, and whatever the caller computes from them in the same jitted round (e.
 aggregator's weighted sum) becomes a cross-device reduction that XLA inserts. The mesh
 may span the devices of several processes (`fedjax_api.distributed`).
 
-`sum_clients` runs the same chunks but adds their outputs into a running total instead
-of stacking them (FedAvg's weighted mean), so its memory does not grow with the cohort;
-with a mesh each device sums its share and one `psum` adds the totals.
+`run_clients` is the one loop over clients under every round: it adds some of each
+client's outputs into a running total (e.g. `n_i Delta_i` for the weighted mean), so
+that memory does not grow with the cohort, stacks others, and reads and rewrites each
+client's row of a per-client table inside the same loop. With a mesh each device sums
+its share and one `psum` adds the totals. `map_clients` (stack only) and `sum_clients`
+(sum only) are its two special cases.
 """
 
 from typing import Callable, NamedTuple
@@ -268,9 +271,9 @@ def map_clients(fn: Callable[[PyTree], PyTree], inputs: PyTree, plan: Plan = Pla
       plan: execution plan.
       gather_batches: with False, an `IndexedBatches` reaches `fn` as it is, with the
         client's own `[steps, batch]` index, for kernels that read one step at a time
-        with `data.device.step_batch` (`client.local_train` does): each step's rows are
-        then gathered straight from the population, without first copying the chunk's
-        batches (about 5 % of a small MLP's round).
+        with `data.device.step_batch` (`client.ClientContext.loop` does): each step's
+        rows are then gathered straight from the population, without first copying the
+        chunk's batches (about 5 % of a small MLP's round).
 
     Returns:
       Pytree of `[clients, ...]` leaves (with a mesh, split over its devices).
@@ -280,61 +283,8 @@ def map_clients(fn: Callable[[PyTree], PyTree], inputs: PyTree, plan: Plan = Pla
       >>> out
       Array([3., 3., 3., 3., 3.], dtype=float32)
     """
-    fn, inputs = _prepare(fn, inputs, plan, gather_batches)
-    if plan.mesh is not None:
-        return _map_sharded(fn, inputs, plan)
-    return _map_chunks(fn, inputs, plan.chunk_size)
-
-
-def _prepare(fn, inputs: PyTree, plan: Plan, gather_batches: bool):
-    """Checks `plan` and splits device-resident batches out of `inputs` (`split_indexed`)."""
-    if plan.chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {plan.chunk_size}")
-    if plan.mesh is not None and CLIENTS not in plan.mesh.axis_names:
-        raise ValueError(f"the mesh needs an axis named {CLIENTS!r}; it has "
-                         f"{plan.mesh.axis_names} (build it with parallel.client_mesh)")
-    return split_indexed(fn, inputs, gather_batches)
-
-
-def _pad_clients(inputs: PyTree, pad: int) -> PyTree:
-    if not pad:
-        return inputs
-    return jax.tree.map(
-        lambda x: jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]), inputs)
-
-
-def _map_chunks(fn: Callable[[PyTree], PyTree], inputs: PyTree, chunk_size: int) -> PyTree:
-    """One device: chunks of `chunk_size` clients, one after another (`lax.map`), the
-    clients of a chunk together (`vmap`)."""
-    n = _leading_size(inputs)
-    c = min(chunk_size, n)
-    if c == 1:
-        return jax.lax.map(fn, inputs)
-    chunks = -(-n // c)
-    inputs = _pad_clients(inputs, chunks * c - n)
-    out = jax.lax.map(jax.vmap(fn),
-                      jax.tree.map(lambda x: x.reshape((chunks, c) + x.shape[1:]), inputs))
-    return jax.tree.map(lambda y: y.reshape((chunks * c,) + y.shape[2:])[:n], out)
-
-
-def _map_sharded(fn: Callable[[PyTree], PyTree], inputs: PyTree, plan: Plan) -> PyTree:
-    """The mesh's devices each run `_map_chunks` over their contiguous share of the
-    clients (`jax.shard_map`, `P("clients")` in and out).
-
-    `check_vma=False`: `fn` closes over replicated values (the global params), and with
-    varying-manual-axes checking on, the gradient of a replicated value taken inside
-    the body is summed over the devices (the transpose of its implicit cast to
-    "varying" is a `psum`), which would hand every client the cohort's summed gradient.
-    The body has no collectives of its own, so nothing else depends on the check.
-    """
-    d = num_shards(plan)
-    n = _leading_size(inputs)
-    padded = -(-n // d) * d
-    spec = PartitionSpec(CLIENTS)
-    local = jax.shard_map(lambda x: _map_chunks(fn, x, plan.chunk_size), mesh=plan.mesh,
-                          in_specs=(spec,), out_specs=spec, check_vma=False)
-    out = local(_pad_clients(inputs, padded - n))
-    return out if padded == n else jax.tree.map(lambda y: y[:n], out)
+    return run_clients(lambda c, _: ((), fn(c), None), inputs, plan,
+                       gather_batches=gather_batches).stacked
 
 
 def sum_clients(fn: Callable[[PyTree], PyTree], inputs: PyTree, plan: Plan = Plan(),
@@ -370,48 +320,177 @@ def sum_clients(fn: Callable[[PyTree], PyTree], inputs: PyTree, plan: Plan = Pla
       McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
       Decentralized Data" (the server's weighted sum of client updates, Algorithm 1).
     """
-    fn, inputs = _prepare(fn, inputs, plan, gather_batches)
+    return run_clients(lambda c, _: (fn(c), (), None), inputs, plan,
+                       gather_batches=gather_batches).total
+
+
+class ClientsRun(NamedTuple):
+    """What `run_clients` returns.
+
+    Attributes:
+      total: the sum over the real clients of the `summed` outputs (shaped like one).
+      stacked: the `stacked` outputs, `[clients, ...]` leaves (split over the mesh, if any).
+      table: the per-client table with the clients' rows rewritten (None without one).
+    """
+
+    total: PyTree
+    stacked: PyTree
+    table: PyTree
+
+
+NO_ROW = np.iinfo(np.int32).max
+"""A row index past the end of every table: reads clamp to the last row, writes are dropped."""
+
+
+def run_clients(fn: Callable[[PyTree, PyTree], tuple[PyTree, PyTree, PyTree]], inputs: PyTree,
+                plan: Plan = Plan(), *, table: PyTree = None, rows=None,
+                gather_batches: bool = True) -> ClientsRun:
+    """Runs the one-client `fn` over a cohort: sums some outputs, stacks others, and
+    rewrites each client's row of a per-client table. The core of every round.
+
+    For each client i: `summed_i, stacked_i, new_row_i = fn(inputs[i], table[rows[i]])`;
+    then `total = sum_i summed_i` (a running sum carried chunk by chunk, so its memory
+    does not grow with the cohort), `stacked = [stacked_i]`, and `table[rows[i]] =
+    new_row_i`. Without a mesh the rows are read and written inside the loop over chunks,
+    so a round holds one chunk of rows; with a mesh each device sums its share (one
+    `psum`), and the new rows come back split over the devices before being written.
+
+    Args:
+      fn: `fn(client, row) -> (summed, stacked, new_row)` for ONE client: `client` its
+        leaves of `inputs`, `row` its row of `table` (None without a table); `new_row`
+        shaped like `row` (None without a table). Any output may be an empty tuple.
+      inputs: pytree whose leaves are `[clients, ...]` (an `IndexedBatches` in it
+        reaches `fn` as in `map_clients`).
+      plan: execution plan.
+      table: pytree of `[capacity, ...]` leaves, or None.
+      rows: `Int[Array, "clients"]`, each client's row of `table`; `NO_ROW` (or any row
+        past the end) for a client without one: it reads the last row and its write is
+        dropped.
+      gather_batches: as in `map_clients`.
+
+    Returns:
+      `ClientsRun(total, stacked, table)`. Padding clients (added to fill a chunk or a
+      device's share) add nothing and are dropped.
+
+    Example:
+      >>> run = run_clients(lambda c, r: (c["x"].sum(), c["x"][0], r + 1),
+      ...                   {"x": jnp.ones((2, 3))}, table=jnp.zeros(4), rows=jnp.array([3, 1]))
+      >>> run.total, run.table
+      (Array(6., dtype=float32), Array([0., 1., 0., 1.], dtype=float32))
+    """
+    _check_plan(plan)
+    convert, inputs = split_indexed(lambda c: c, inputs, gather_batches)
+
+    def one(client, row):
+        return fn(convert(client), row)
+
     n = _leading_size(inputs)
+    if table is not None:
+        rows = jnp.asarray(rows, jnp.int32)
     if plan.mesh is None:
-        return _sum_chunks(fn, inputs, plan.chunk_size, n, 0)
+        return _run_chunks(one, inputs, rows, table, plan.chunk_size, n, 0, write=True)
     d = num_shards(plan)
     share = -(-n // d)
     spec = PartitionSpec(CLIENTS)
 
-    def local(x):  # see _map_sharded for check_vma=False
+    # check_vma=False: `fn` closes over replicated values (the global params), and with
+    # varying-manual-axes checking on, the gradient of a replicated value taken inside the
+    # body is summed over the devices (the transpose of its implicit cast to "varying" is
+    # a `psum`), which would hand every client the cohort's summed gradient. The body's
+    # only collective is the final psum, which does not depend on the check.
+    def local(x, r, tab):
         first = jax.lax.axis_index(CLIENTS) * share
-        return jax.lax.psum(_sum_chunks(fn, x, plan.chunk_size, n, first), CLIENTS)
+        run = _run_chunks(one, x, r, tab, plan.chunk_size, n, first, write=False)
+        return jax.lax.psum(run.total, CLIENTS), run.stacked, run.table
 
-    summed = jax.shard_map(local, mesh=plan.mesh, in_specs=(spec,), out_specs=PartitionSpec(),
-                           check_vma=False)
-    return summed(_pad_clients(inputs, share * d - n))
+    padded_rows = None if table is None else _pad_rows(rows, share * d - n)
+    total, stacked, new_rows = jax.shard_map(
+        local, mesh=plan.mesh, in_specs=(spec, spec, PartitionSpec()),
+        out_specs=(PartitionSpec(), spec, spec), check_vma=False)(
+            _pad_clients(inputs, share * d - n), padded_rows, table)
+    if share * d != n:
+        stacked = jax.tree.map(lambda y: y[:n], stacked)
+    if table is not None:
+        table = jax.tree.map(lambda t, v: t.at[padded_rows].set(v), table, new_rows)
+    return ClientsRun(total, stacked, table)
 
 
-def _sum_chunks(fn: Callable[[PyTree], PyTree], inputs: PyTree, chunk_size: int,
-                num_real: int, first) -> PyTree:
-    """The sum over one device's `m` clients, chunk by chunk; client j of this share is
-    real when `j < m` (not padding to a whole chunk) and `first + j < num_real` (not
-    padding of the cohort to a multiple of the device count)."""
+def _check_plan(plan: Plan) -> None:
+    if plan.chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {plan.chunk_size}")
+    if plan.mesh is not None and CLIENTS not in plan.mesh.axis_names:
+        raise ValueError(f"the mesh needs an axis named {CLIENTS!r}; it has "
+                         f"{plan.mesh.axis_names} (build it with parallel.client_mesh)")
+
+
+def _pad_clients(inputs: PyTree, pad: int) -> PyTree:
+    if not pad:
+        return inputs
+    return jax.tree.map(
+        lambda x: jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]), inputs)
+
+
+def _pad_rows(rows, pad: int):
+    if rows is None or not pad:
+        return rows
+    return jnp.concatenate([rows, jnp.full((pad,), NO_ROW, jnp.int32)])
+
+
+def _run_chunks(one, inputs: PyTree, rows, table: PyTree, chunk_size: int, num_real: int,
+                first, write: bool) -> ClientsRun:
+    """One device's `m` clients, chunk by chunk (`lax.scan`), the clients of a chunk
+    together (`vmap`; with chunks of 1, each client's loop runs to its own length).
+    Client j of this share is real when `j < m` (not padding to a whole chunk) and
+    `first + j < num_real` (not padding of the cohort to a multiple of the device count).
+    With `write`, new rows go into the table inside the loop; otherwise they are stacked
+    and returned in place of the table."""
     m = _leading_size(inputs)
     c = min(chunk_size, m)
     chunks = -(-m // c)
     inputs = _pad_clients(inputs, chunks * c - m)
+    rows = _pad_rows(rows, chunks * c - m)
     j = jnp.arange(chunks * c)
     real = (j < m) & (first + j < num_real)  # not chunk padding, not cohort padding
-    xs = jax.tree.map(lambda x: x.reshape((chunks, c) + x.shape[1:]), inputs)
-    one = jax.tree.map(lambda x: x[0, 0], xs)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, one))
 
-    def add_chunk(total, chunk):
-        x, ok = chunk
+    def split(x):
+        return x.reshape((chunks, c) + x.shape[1:])
+
+    xs = jax.tree.map(split, inputs)
+    rs = None if table is None else split(rows)
+
+    def read(tab, r):
+        return None if tab is None else jax.tree.map(lambda t: t[r], tab)
+
+    one_row = read(table, jnp.int32(0))
+    summed0, _, _ = jax.eval_shape(one, jax.tree.map(lambda x: x[0, 0], xs), one_row)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), summed0)
+
+    def body(carry, chunk):
+        total, tab = carry
+        x, ok, r = chunk
+        values = read(tab, r)
         if c == 1:  # no vmap: each client's loop runs to its own length
-            out = jax.tree.map(lambda y: y[None], fn(jax.tree.map(lambda v: v[0], x)))
+            first_one = jax.tree.map(lambda v: v[0], (x, values))
+            out = jax.tree.map(lambda y: y[None], one(*first_one))
         else:
-            out = jax.vmap(fn)(x)
-        return jax.tree.map(
+            out = jax.vmap(one)(x, values)
+        summed, stacked, new_rows = out
+        total = jax.tree.map(
             lambda t, y: t + jnp.sum(jnp.where(ok.reshape((c,) + (1,) * (y.ndim - 1)), y,
                                                jnp.zeros((), y.dtype)), axis=0),
-            total, out), None
+            total, summed)
+        if tab is None:
+            return (total, tab), stacked
+        if write:
+            return (total, jax.tree.map(lambda t, v: t.at[r].set(v), tab, new_rows)), stacked
+        return (total, tab), (stacked, new_rows)
 
-    total, _ = jax.lax.scan(add_chunk, zeros, (xs, real.reshape(chunks, c)))
-    return total
+    (total, table_out), ys = jax.lax.scan(body, (zeros, table), (xs, real.reshape(chunks, c), rs))
+
+    def unsplit(y):
+        return y.reshape((chunks * c,) + y.shape[2:])[:m]
+
+    if table is not None and not write:
+        stacked, new_rows = jax.tree.map(unsplit, ys)
+        return ClientsRun(total, stacked, new_rows)
+    return ClientsRun(total, jax.tree.map(unsplit, ys), table_out)

@@ -4,11 +4,26 @@ from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 
-from fedjax_core.typing import Array, Params, State
+from fedjax_core.typing import Array, Params, PyTree, State
+
+
+class Stream(NamedTuple):
+    """How an aggregator adds clients up one at a time, so that a round never holds
+    every client's delta (its memory does not grow with the cohort).
+
+    Attributes:
+      contribution: `contribution(delta, weight) -> addend`, one client's part (a pytree
+        of arrays); the round sums the real clients' addends chunk by chunk.
+      finalize: `finalize(total, params, state, key) -> (aggregate, state, metrics)`,
+        from the summed addends (`params` gives the aggregate's structure and dtypes).
+    """
+
+    contribution: Callable[[Params, Array], PyTree]
+    finalize: Callable[..., tuple[Params, State, dict]]
 
 
 class Aggregator(NamedTuple):
-    """Combines a cohort's stacked deltas into one, possibly with state across rounds.
+    """Combines a cohort's deltas into one, possibly with state across rounds.
 
     Attributes:
       init: `init(params) -> state`.
@@ -16,17 +31,18 @@ class Aggregator(NamedTuple):
         with `deltas` a pytree of `[clients, ...]` leaves, `weights` `[clients]` (0 for
         clients that must not count, e.g. padding), `key` a PRNG key for randomised
         aggregators, `clients` the cohort's `ClientSlots` (for per-client state; None
-        when the algorithm keeps none), `aggregate` shaped like the params and
-        `metrics` a dict of scalars (e.g. `aggregate/bits_per_client`).
-      weighted_mean: True when `apply` is exactly `(sum_i w_i Delta_i / sum_i w_i, state,
-        {})` (0 when all weights are 0): algorithms may then add the weighted deltas up
-        chunk by chunk (`parallel.sum_clients`) instead of stacking them, which keeps a
-        round's memory independent of the cohort size.
+        when the state keeps none), `aggregate` shaped like the params and `metrics` a
+        dict of scalars (e.g. `aggregate/bits_per_client`).
+      stream: how to accumulate clients one at a time and finalize (`Stream`), when the
+        aggregator can (a mean, a clipped sum); the round skeleton then streams the
+        deltas and never stacks them. None: the aggregator needs every delta at once
+        (median, Krum, trimmed mean, ...), and the skeleton stacks them for `apply`.
+        Both must give the same aggregate.
     """
 
     init: Callable[[Params], State]
     apply: Callable[..., tuple[Params, State, dict]]
-    weighted_mean: bool = False
+    stream: Stream | None = None
 
 
 def real_clients(weights) -> tuple[Array, Array]:

@@ -1,9 +1,11 @@
 """Example-weighted mean of client deltas."""
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from fedjax_core import tree
-from fedjax_core.aggregate.base import Aggregator
+from fedjax_core.aggregate.base import Aggregator, Stream
 
 
 def mean() -> Aggregator:
@@ -12,7 +14,8 @@ def mean() -> Aggregator:
     Clients with weight 0 (padding) do not count; an all-zero cohort gives 0.
 
     Returns:
-      A stateless `Aggregator`.
+      A stateless `Aggregator` that streams: each client adds `(n_i Delta_i, n_i)` to a
+      running sum, so a round's memory does not grow with the cohort.
 
     Example:
       >>> agg = mean()
@@ -32,4 +35,14 @@ def mean() -> Aggregator:
         del key, clients
         return tree.weighted_mean(deltas, weights), state, {}
 
-    return Aggregator(init, apply, weighted_mean=True)
+    def contribution(delta, weight):
+        return jax.tree.map(lambda d: weight * d, delta), weight
+
+    def finalize(total, params, state, key=None):
+        del key
+        weighted, weight = total
+        divisor = jnp.where(weight > 0, weight, 1.0)
+        return (jax.tree.map(lambda t, p: (t / divisor).astype(p.dtype), weighted, params),
+                state, {})
+
+    return Aggregator(init, apply, Stream(contribution, finalize))

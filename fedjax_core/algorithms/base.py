@@ -7,7 +7,7 @@ import jax
 
 from fedjax_core.data.pack import Cohort
 from fedjax_core.models.base import Model
-from fedjax_core import parallel
+from fedjax_core import client_state, parallel
 from fedjax_core.parallel import Plan
 from fedjax_core.typing import Metrics, Params, PRNGKey, State
 
@@ -25,7 +25,8 @@ class FederatedAlgorithm(NamedTuple):
         model that evaluation uses.
       apply: `apply(state, cohort, key, *, model, plan) -> (state, metrics)`, one
         round on a packed cohort. `key` is the round key; client `s` of the cohort
-        uses `fold_in(key, s)`. Pure and jittable (`model` and `plan` static).
+        uses `fold_in(key, s)`. Pure and jittable (`model` and `plan` static). Run it
+        through `jit_round`, which also fits per-client stores to the cohort.
       evaluate: optional `evaluate(model, state, data, batch_size, clients=None) ->
         {name: float}` for algorithms whose model is not one global `state.params`
         (HypCluster's clusters, Ditto's and APFL's personal models); `clients` is an
@@ -72,17 +73,36 @@ class AlgorithmEntry(NamedTuple):
     needs: tuple[str, ...] = ()
 
 
-def jit_round(algorithm: FederatedAlgorithm, model: Model, plan: Plan = Plan()):
+def jit_round(algorithm: FederatedAlgorithm, model: Model, plan: Plan = Plan(),
+              per_client: bool = False):
     """The round as one jitted call: `round(state, cohort, round_key) -> (state, metrics)`.
 
-    It compiles once per distinct cohort shape (clients, bucketed steps, batch). With a
-    device mesh in `plan`, the cohort's clients are split over the devices and the
-    outputs replicated on all of them (`parallel.jit_replicated`).
+    It compiles once per distinct cohort shape (clients, bucketed steps, batch). Before
+    each call it grows the state's per-client index and stores on the host when the
+    cohort would not fit (`client_state.fit`; a recompile each time a store doubles).
+    With a device mesh in `plan`, the cohort's clients are split over the devices and
+    the outputs replicated on all of them (`parallel.jit_replicated`).
+
+    Args:
+      algorithm: the algorithm.
+      model: the model.
+      plan: how the cohort is executed.
+      per_client: also return per-client outputs, `(state, metrics, per_client)` with
+        `per_client` a dict of `[clients]` arrays (algorithms built on the round
+        skeleton: `num_examples`, `weight`, `loss`, `delta_norm` and their own).
 
     Example:
       >>> step = jit_round(fedavg(), model)
       >>> for r in range(rounds):
       ...     state, metrics = step(state, cohorts[r], jax.random.fold_in(key, r))
     """
-    return parallel.jit_replicated(functools.partial(algorithm.apply, model=model, plan=plan),
-                                   plan)
+    options = {"model": model, "plan": plan, **({"per_client": True} if per_client else {})}
+    jitted = parallel.jit_replicated(functools.partial(algorithm.apply, **options), plan)
+
+    def round_fn(state, cohort, key):
+        grown = client_state.fit(state, cohort.client_index)
+        if grown is not state and plan.mesh is not None:
+            grown = parallel.replicate(grown, plan)
+        return jitted(grown, cohort, key)
+
+    return round_fn

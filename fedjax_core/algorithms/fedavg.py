@@ -13,36 +13,26 @@ Adam, Yogi, Adagrad or momentum SGD it is FedAdam, FedYogi, FedAdagrad and FedAv
 (Reddi et al. 2021, Algorithms 1-2).
 """
 
-from typing import NamedTuple
+from typing import Callable
 
-import jax
-import jax.numpy as jnp
 import optax
 
-from fedjax_core import parallel, tree
+from fedjax_core import tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.aggregate.mean import mean
 from fedjax_core.algorithms.base import FederatedAlgorithm
-from fedjax_core.client import Regularizer, client_update
-from fedjax_core.typing import Params, State
+from fedjax_core.client import ClientContext, ClientReport
+from fedjax_core.skeleton import RoundResult, algorithm
+from fedjax_core.typing import Array, Params
 
-
-AGGREGATOR_KEY = -1 & 0x7FFFFFFF
-"""`fold_in(round_key, AGGREGATOR_KEY)` is the aggregator's key; clients use their slots."""
-
-
-class FedAvgState(NamedTuple):
-    """Server state of FedAvg / FedOpt."""
-
-    params: Params
-    server_opt_state: optax.OptState
-    aggregator_state: State
+ProximalTerm = Callable[[Params, Params], Array]
+"""`R(w, w_t) -> scalar` added to every local step's loss, with the round's global model
+w_t as context (FedProx's `mu/2 ||w - w_t||^2`)."""
 
 
 def fedavg(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
            server_optimizer: optax.GradientTransformation = optax.sgd(1.0),
            aggregator: Aggregator | None = None,
-           regularizer: Regularizer | None = None) -> FederatedAlgorithm:
+           regularizer: ProximalTerm | None = None) -> FederatedAlgorithm:
     """Federated Averaging with pluggable client optimizer, server optimizer and aggregator.
 
     Update rule (round t, cohort S):
@@ -59,71 +49,27 @@ def fedavg(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
         round's global model as context (FedProx's proximal term); None for FedAvg.
 
     Returns:
-      A `FederatedAlgorithm`. Round metrics: `train/loss` (example-weighted loss over
-      the cohort's local steps), `train/num_examples`, `train/delta_norm`.
+      A `FederatedAlgorithm` (state: `RoundState`, server part the server optimizer's
+      state). Round metrics: `train/loss` (example-weighted loss over the cohort's local
+      steps), `train/num_examples`, `train/delta_norm`, and the aggregator's.
 
     Example:
       >>> alg = fedavg(optax.sgd(1.0), optax.adam(1e-2))
       >>> state = alg.init(model.init(jax.random.key(0)))
-      >>> state, metrics = alg.apply(state, cohort, round_key, model=model)
+      >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
 
     References:
       McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
       Decentralized Data" (AISTATS). Reddi et al. 2021, "Adaptive Federated
       Optimization" (ICLR).
     """
-    aggregator = aggregator or mean()
+    def client(c: ClientContext) -> ClientReport:
+        proximal = None if regularizer is None else (lambda w: regularizer(w, c.params))
+        w, stats = c.train(c.params, client_optimizer, regularizer=proximal)
+        return ClientReport(tree.sub(c.params, w), stats)
 
-    def init(params):
-        return FedAvgState(params, server_optimizer.init(params), aggregator.init(params))
+    def server(w, opt_state, r: RoundResult):
+        updates, opt_state = server_optimizer.update(r.delta, opt_state, w)
+        return optax.apply_updates(w, updates), opt_state, {}
 
-    def apply(state, cohort, key, *, model, plan=parallel.Plan()):
-        update = client_update(model, client_optimizer, regularizer=regularizer)
-
-        def one_client(c):  # batches may be IndexedBatches: local_train reads step by step
-            batches, mask, n, slot = c
-            return update(state.params, batches, mask, n, jax.random.fold_in(key, slot),
-                          context=state.params)
-
-        slots = jnp.arange(cohort.mask.shape[0], dtype=jnp.int32)
-        inputs = (cohort.batches, cohort.mask, cohort.num_examples, slots)
-        if aggregator.weighted_mean:
-            # The mean needs only sums: add n_i * Delta_i chunk by chunk instead of
-            # stacking every client's delta (memory independent of the cohort size).
-            def contribution(c):
-                u = one_client(c)
-                return u._replace(delta=jax.tree.map(lambda d: u.weight * d, u.delta))
-
-            total = parallel.sum_clients(contribution, inputs, plan, gather_batches=False)
-            divisor = jnp.where(total.weight > 0, total.weight, 1.0)
-            delta = jax.tree.map(lambda t, p: (t / divisor).astype(p.dtype), total.delta,
-                                 state.params)
-            aggregator_state, agg_metrics = state.aggregator_state, {}
-            metrics = _metrics(total.loss_sum, total.examples_seen, total.weight, delta)
-        else:
-            updates = parallel.map_clients(one_client, inputs, plan, gather_batches=False)
-            delta, aggregator_state, agg_metrics = aggregator.apply(
-                updates.delta, updates.weight, state.aggregator_state,
-                jax.random.fold_in(key, AGGREGATOR_KEY), cohort.slots)
-            metrics = round_metrics(updates, delta)
-        server_updates, server_opt_state = server_optimizer.update(
-            delta, state.server_opt_state, state.params)
-        params = optax.apply_updates(state.params, server_updates)
-        metrics = {**metrics, **agg_metrics}
-        return FedAvgState(params, server_opt_state, aggregator_state), metrics
-
-    return FederatedAlgorithm(init, apply)
-
-
-def round_metrics(updates, delta) -> dict:
-    """Standard training metrics of a round from the stacked `ClientUpdate`s."""
-    return _metrics(jnp.sum(updates.loss_sum), jnp.sum(updates.examples_seen),
-                    jnp.sum(updates.weight), delta)
-
-
-def _metrics(loss_sum, seen, weight, delta) -> dict:
-    return {
-        "train/loss": loss_sum / jnp.maximum(seen, 1.0),
-        "train/num_examples": weight,
-        "train/delta_norm": tree.l2_norm(delta),
-    }
+    return algorithm(client, server, init=server_optimizer.init, aggregator=aggregator)
