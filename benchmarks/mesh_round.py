@@ -38,7 +38,7 @@ def main() -> None:
     import optax
 
     from fedjax_core import parallel
-    from fedjax_core.algorithms import fedavg
+    from fedjax_core.algorithms.fedavg import fedavg
     from fedjax_core.data import pack_cohort, uniform_without_replacement
     from fedjax_core.data.pack import step_bucket
     from fedjax_core.data.synthetic import synthetic

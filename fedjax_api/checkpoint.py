@@ -99,9 +99,7 @@ def save(run_dir: Path, round_num: int, state: PyTree, meta: dict, keep: int = 3
       The manifest's path.
 
     Example:
-      >>> checkpoint.save(run_dir, server.round, server.state,
-      ...                 {"client_index": {k: v.tolist() for k, v in
-      ...                                   server.client_index.state_dict().items()}})
+      >>> checkpoint.save(run_dir, server.round, server.state, {"history": history})
       PosixPath('runs/x/checkpoints/ckpt-00000020.json')
     """
     round_num = operator.index(round_num)

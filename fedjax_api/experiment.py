@@ -20,7 +20,7 @@ from fedjax_api.errors import ConfigError
 from fedjax_api.prefetch import Prefetcher
 from fedjax_api.resume import NOT_CONFIG
 from fedjax_api.server import Server
-from fedjax_core import client_state, parallel
+from fedjax_core import parallel
 from fedjax_core import evaluate as core_evaluate
 from fedjax_core import personalization
 from fedjax_core.aggregate import registry as aggregators
@@ -248,10 +248,7 @@ class Experiment:
             done, state, meta = checkpoint.load(self.out_dir, template=server.state)
             for reason in meta.get("skipped", []):
                 warnings.warn(f"skipped a damaged checkpoint: {reason}", stacklevel=2)
-            server = attrs.evolve(
-                server, state=state, round=done,
-                client_index=client_state.StateIndex.from_state_dict(
-                    {k: np.asarray(v, np.int64) for k, v in meta["client_index"].items()}))
+            server = attrs.evolve(server, state=state, round=done)
             history = list(meta["history"])
             if done >= self.rounds:
                 raise ConfigError(f"the run in {str(self.out_dir)!r} is complete ({done} "
@@ -282,8 +279,6 @@ class Experiment:
             if self.out_dir is None or not distributed.is_primary():
                 return
             meta = {"config": self.config, "versions": _versions(), "history": history,
-                    "client_index": {k: v.tolist()
-                                     for k, v in server.client_index.state_dict().items()},
                     "sampler": {"seed": self.seed, "next_round": round_num}}
             checkpoint.save(self.out_dir, round_num, server.state, meta,
                             keep=self.keep_checkpoints)
@@ -403,9 +398,7 @@ class Experiment:
 
     def _eval_clients(self, server: Server, test) -> EvalClients:
         train = self._train_of_test()
-        rows = np.array([server.client_index.row_of.get(int(p), -1) if p >= 0 else -1
-                         for p in train.positions], np.int64)
-        return EvalClients(rows=rows, train=train)
+        return EvalClients(rows=server.store_rows(train.positions), train=train)
 
 
 def build_algorithm(cfg: ExperimentConfig, task: tasks.Task,

@@ -4,9 +4,10 @@ from typing import Any, Callable
 
 import attrs
 import jax
+import numpy as np
 
 from fedjax_api.dataset import FederatedDataset
-from fedjax_core import client_state, parallel
+from fedjax_core import client_state, keys, parallel
 from fedjax_core import evaluate as core_evaluate
 from fedjax_core.algorithms.base import EvalClients, FederatedAlgorithm, jit_round
 from fedjax_core.data import Cohort, FederatedData
@@ -46,9 +47,6 @@ class Server:
     round: int = 0
     plan: Plan = Plan()
     metrics: dict = attrs.field(factory=dict, repr=False)
-    client_index: client_state.StateIndex = attrs.field(
-        factory=client_state.StateIndex, repr=False, eq=False)
-    """Rows of the clients seen so far in the algorithm's per-client stores, if any."""
     _round_fn: Callable = attrs.field(default=None, repr=False, eq=False, alias="round_fn")
 
     def __attrs_post_init__(self):
@@ -58,11 +56,11 @@ class Server:
     @classmethod
     def create(cls, algorithm: FederatedAlgorithm, model: Model, seed: int = 0,
                params: Params | None = None, plan: Plan = Plan()) -> "Server":
-        """A server at round 0. Parameters come from `model.init(fold_in(key, 2**31 - 1))`
+        """A server at round 0. Parameters come from `model.init(keys.init_key(key))`
         unless given."""
         key = jax.random.key(seed)
         if params is None:
-            params = jax.jit(model.init)(jax.random.fold_in(key, 2**31 - 1))
+            params = jax.jit(model.init)(keys.init_key(key))
         return cls(algorithm=algorithm, model=model,
                    state=parallel.replicate(algorithm.init(params), plan), key=key, plan=plan)
 
@@ -71,15 +69,10 @@ class Server:
         return self.state.params
 
     def step(self, cohort: Cohort) -> "Server":
-        """Runs one round on `cohort` (one jitted call) and returns the next server.
-
-        For algorithms with per-client state, the cohort first gets its rows in the
-        stores (`client_state.prepare`); this server is left unchanged."""
-        state, index = self.state, self.client_index
-        if client_state.has_stores(state):
-            index = index.copy()
-            state, slots = client_state.prepare(index, state, cohort.client_index)
-            cohort = cohort._replace(slots=slots)
+        """Runs one round on `cohort` (one jitted call) and returns the next server; this
+        server is left unchanged. Per-client state is the algorithm's business: its
+        stores grow with the clients seen (`algorithms.base.jit_round`)."""
+        state = self.state
         if self.plan.mesh is not None:  # state on every device, the clients split over them
             state = parallel.replicate(state, self.plan)
             if isinstance(cohort.batches, dict):
@@ -87,8 +80,12 @@ class Server:
                     (cohort.batches, cohort.mask, cohort.num_examples), self.plan)
                 cohort = cohort._replace(batches=batches, mask=mask, num_examples=n)
         state, metrics = self._round_fn(state, cohort, jax.random.fold_in(self.key, self.round))
-        return attrs.evolve(self, state=state, round=self.round + 1, metrics=metrics,
-                            client_index=index)
+        return attrs.evolve(self, state=state, round=self.round + 1, metrics=metrics)
+
+    def store_rows(self, positions) -> np.ndarray:
+        """`Int[ndarray, "clients"]`: each training-data position's row in the algorithm's
+        per-client stores, -1 where the client never trained (e.g. for `EvalClients`)."""
+        return client_state.rows_of(parallel.local_copy(self.state), positions)
 
     def evaluate(self, data: FederatedDataset | FederatedData, batch_size: int = 256,
                  clients: EvalClients | None = None) -> dict[str, float]:

@@ -77,3 +77,24 @@ def aggregator_key(round_key: PRNGKey) -> PRNGKey:
 def stream(parent: PRNGKey, name: int) -> PRNGKey:
     """`fold_in(parent, name)` for one of this module's named streams."""
     return jax.random.fold_in(parent, name)
+
+
+# Streams under an aggregator's key (`fold_in(aggregator_key, X)`), one family per aggregator.
+
+NOISE = 0
+"""DP aggregators: the noise on the clipped sum."""
+
+COUNT_NOISE = 1
+"""Adaptive clipping: the noise on the clipped-count estimate."""
+
+ATTACK_CHOICE, ATTACK_NOISE, ATTACK_INNER = 0, 1, 2
+"""Simulated attacks: which clients attack, their noise, the wrapped aggregator's key."""
+
+SECURE_PAIR = 0x7FFFFFF0
+"""Secure aggregation: the root of the pairwise mask seeds `s_ij`."""
+
+SECURE_SELF_MASK = 0x7FFFFFF1
+"""Secure aggregation: the root of the self-mask seeds `b_i`."""
+
+SECURE_DROPOUT = 0x7FFFFFF2
+"""Secure aggregation: which clients drop out."""

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_core import keys
 from fedjax_core.algorithms.base import FederatedAlgorithm
 from fedjax_core.data.device import IndexedBatches
 from fedjax_core.data.pack import Cohort, pad_cohort
@@ -41,7 +42,7 @@ from fedjax_core.models.base import Model
 from fedjax_core.parallel import Plan
 from fedjax_core.typing import Array, Float, PyTree, State
 
-INIT_KEY = 2**31 - 1
+INIT_KEY = keys.INIT
 """`model.init(fold_in(key(seed), INIT_KEY))`, as `fedjax_api.Server.create` does."""
 
 Build = Callable[[dict[str, Array]], FederatedAlgorithm]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_api import Experiment, tasks
-from fedjax_core.algorithms import fedavg
+from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.models.adapters import from_equinox
 from fedjax_core.models.linear import classification_loss, classification_metrics
 

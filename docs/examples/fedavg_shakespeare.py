@@ -13,7 +13,7 @@ Run from the repository root (offline; needs the `plays` extra, which `make run`
 import optax
 
 from fedjax_api import Server, tasks
-from fedjax_core.algorithms import fedavg
+from fedjax_core.algorithms.fedavg import fedavg
 
 TASK = "shakespeare-plays"
 ROUNDS = 300

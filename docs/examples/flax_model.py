@@ -19,7 +19,7 @@ import flax.linen as nn
 import optax
 
 from fedjax_api import Experiment, tasks
-from fedjax_core.algorithms import fedavg
+from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.models.adapters import from_flax
 from fedjax_core.models.linear import classification_loss, classification_metrics
 

@@ -30,14 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_core import client_state, tree
+from fedjax_core import client_state, keys, tree
 from fedjax_core.aggregate.base import Aggregator, AggregatorEntry
 from fedjax_core.typing import Array, State
 
 KINDS = ("sign_flip", "scale", "random", "same_value")
 DEFAULT_SCALE = {"sign_flip": 1.0, "scale": 10.0, "random": 1.0, "same_value": 100.0}
 
-_CHOICE_STREAM, _NOISE_STREAM, _INNER_STREAM = 0, 1, 2
+_CHOICE_STREAM, _NOISE_STREAM, _INNER_STREAM = keys.ATTACK_CHOICE, keys.ATTACK_NOISE, keys.ATTACK_INNER
 
 
 class AttackState(NamedTuple):
@@ -115,7 +115,7 @@ def attack(inner: Aggregator | str = "mean", fraction: float = 0.1, kind: str = 
     ("random"), or `scale` in every coordinate ("same_value") for i in A, `Delta_i`
     otherwise; the aggregate is `inner({Delta'_i}, {n_i})`. Attackers keep their weights.
 
-    Choice of attackers, from the aggregator key `fold_in(round_key, AGGREGATOR_KEY)`:
+    Choice of attackers, from the aggregator key `keys.aggregator_key(round_key)`:
       - `persistent=False`: exactly `num_attackers_for(fraction, m)` =
         `round(fraction * m)` of the round's m real clients (halves round up, exactly
         on the decimal fraction: 0.1 of 5 clients is 1 attacker, of 4 clients 0),

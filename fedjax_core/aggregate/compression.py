@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from fedjax_core import client_state, parallel
+from fedjax_core import client_state, keys, parallel
 from fedjax_core.aggregate.base import Aggregator, AggregatorEntry
 from fedjax_core.aggregate.mean import mean
 from fedjax_core.typing import Array, ArrayLike, Float, Int, PRNGKey, State
@@ -41,7 +41,7 @@ from fedjax_core.typing import Array, ArrayLike, Float, Int, PRNGKey, State
 FLOAT_BITS = 32
 """Bits of one transmitted float (a scale, a min/max, a top-k value)."""
 
-INNER_KEY = 0x7FFFFFFE
+INNER_KEY = keys.INNER
 """`fold_in(key, INNER_KEY)` is the inner aggregator's key; client i's is `fold_in(key, slot_i)`."""
 
 

@@ -22,7 +22,7 @@ accounting of the rounds (sampling rate, number of rounds, delta) is left to
 `zcdp_to_dp` give it the numbers these aggregators use.
 
 Everything random derives from the key handed to `apply` (FedAvg passes
-`fold_in(round_key, AGGREGATOR_KEY)`); local DP gives client slot s the key
+`keys.aggregator_key(round_key)`); local DP gives client slot s the key
 `fold_in(key, s)`. The noise is drawn in float32 over the flattened delta and the
 result is cast back to the deltas' dtype. Noise in floating point is not the exact
 mechanism of the proofs (Mironov 2012); this is a simulator.
@@ -36,14 +36,14 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from fedjax_core import tree
+from fedjax_core import keys, tree
 from fedjax_core.aggregate.base import Aggregator, AggregatorEntry, real_clients
 from fedjax_core.typing import Array, PRNGKey, PyTree
 
-DELTA_NOISE_KEY = 0
+DELTA_NOISE_KEY = keys.NOISE
 """`fold_in(key, DELTA_NOISE_KEY)` draws the adaptive aggregator's noise on the delta sum."""
 
-COUNT_NOISE_KEY = 1
+COUNT_NOISE_KEY = keys.COUNT_NOISE
 """`fold_in(key, COUNT_NOISE_KEY)` draws the adaptive aggregator's noise on the clip count."""
 
 

@@ -59,17 +59,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_core import parallel, tree
+from fedjax_core import keys, parallel, tree
 from fedjax_core.aggregate.base import Aggregator, AggregatorEntry, real_clients
 from fedjax_core.typing import Array, ArrayLike, Float, PRNGKey, PyTree
 
-PAIR_KEY = 0x7FFFFFF0
+PAIR_KEY = keys.SECURE_PAIR
 """`fold_in(key, PAIR_KEY)` is the root of the pairwise seeds `s_ij`."""
 
-SELF_MASK_KEY = 0x7FFFFFF1
+SELF_MASK_KEY = keys.SECURE_SELF_MASK
 """`fold_in(key, SELF_MASK_KEY)` is the root of the self-mask seeds `b_i`."""
 
-DROPOUT_KEY = 0x7FFFFFF2
+DROPOUT_KEY = keys.SECURE_DROPOUT
 """`fold_in(key, DROPOUT_KEY)` decides which clients drop."""
 
 

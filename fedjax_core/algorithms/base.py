@@ -97,12 +97,25 @@ def jit_round(algorithm: FederatedAlgorithm, model: Model, plan: Plan = Plan(),
       ...     state, metrics = step(state, cohorts[r], jax.random.fold_in(key, r))
     """
     options = {"model": model, "plan": plan, **({"per_client": True} if per_client else {})}
-    jitted = parallel.jit_replicated(functools.partial(algorithm.apply, **options), plan)
+    return _Round(parallel.jit_replicated(functools.partial(algorithm.apply, **options), plan),
+                  plan)
 
-    def round_fn(state, cohort, key):
+
+class _Round:
+    """`jit_round`'s callable: fits the per-client stores, then runs the jitted round;
+    `lower(...)` lowers it (one device) for inspection, e.g. `memory_analysis()`."""
+
+    def __init__(self, jitted, plan: Plan):
+        self._jitted, self._plan = jitted, plan
+
+    def _fit(self, state, cohort):
         grown = client_state.fit(state, cohort.client_index)
-        if grown is not state and plan.mesh is not None:
-            grown = parallel.replicate(grown, plan)
-        return jitted(grown, cohort, key)
+        if grown is not state and self._plan.mesh is not None:
+            grown = parallel.replicate(grown, self._plan)
+        return grown
 
-    return round_fn
+    def __call__(self, state, cohort, key):
+        return self._jitted(self._fit(state, cohort), cohort, key)
+
+    def lower(self, state, cohort, key):
+        return self._jitted.lower(self._fit(state, cohort), cohort, key)

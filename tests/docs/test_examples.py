@@ -144,7 +144,7 @@ def test_custom_algorithm_tutorial_is_short_and_correct(capsys):
     import numpy as np
     import optax
     from fedjax_api import tasks
-    from fedjax_core.algorithms import fedavg
+    from fedjax_core.algorithms.fedavg import fedavg
     from fedjax_core.algorithms.base import jit_round
     ns = run_example("custom_algorithm.py", main=False)
     task = tasks.get(tiny_task.NAME)
@@ -188,7 +188,7 @@ def test_equinox_model_checkpoint_resumes_bit_identically(tmp_path):
     import jax
     import optax
     from fedjax_api import Experiment, checkpoint
-    from fedjax_core.algorithms import fedadam
+    from fedjax_core.algorithms.fedopt import fedadam
     from fedjax_core.models.adapters import from_equinox
     from fedjax_core.models.linear import classification_loss
 

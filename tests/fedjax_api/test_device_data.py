@@ -8,7 +8,7 @@ import pytest
 
 from fedjax_api import ConfigError, Experiment, Server, tasks
 from fedjax_api.dataset import FederatedDataset
-from fedjax_core.algorithms import fedavg
+from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.scaffold import scaffold
 from fedjax_core.data.device import IndexedBatches, gather
 from fedjax_core.parallel import Plan

@@ -51,7 +51,7 @@ def test_experiment_over_devices_matches_one_device(algorithm, sampling, tmp_pat
 
 def test_devices_zero_means_all_and_too_many_is_one_clear_error():
     task = tasks.get(NAME)
-    from fedjax_core.algorithms import fedavg
+    from fedjax_core.algorithms.fedavg import fedavg
     exp = Experiment(task=task, algorithm=fedavg(), rounds=1, clients_per_round=2, devices=0)
     assert exp.plan.mesh.size == len(jax.local_devices()) == 8
     one = Experiment(task=task, algorithm=fedavg(), rounds=1, clients_per_round=2)

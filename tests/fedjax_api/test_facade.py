@@ -8,7 +8,7 @@ import pytest
 
 from fedjax_api import Client, ConfigError, Experiment, Server, config, tasks
 from fedjax_api.rundir import read_metrics
-from fedjax_core.algorithms import fedavg
+from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.base import jit_round
 from tests.fedjax_api.tiny_task import NAME
 
@@ -106,7 +106,7 @@ def test_options_and_aggregator_reach_the_algorithm():
     exp = Experiment.from_config(cfg)
     result = exp.run()
     # Reproduce by hand: fedavgm with momentum 0.5 from the core.
-    from fedjax_core.algorithms import fedavgm
+    from fedjax_core.algorithms.fedopt import fedavgm
     alg = fedavgm(optax.sgd(cfg.client_lr), cfg.server_lr, momentum=0.5)
     server = Server.create(alg, exp.task.model, seed=0)
     for r in range(2):

@@ -43,7 +43,7 @@ def test_private_round_equals_dp_aggregator_by_hand():
     exp = Experiment.from_config(cfg)
     result = exp.run()
     from fedjax_api import Server, tasks
-    from fedjax_core.algorithms import fedavg
+    from fedjax_core.algorithms.fedavg import fedavg
     import optax
     task = tasks.get(NAME)
     alg = fedavg(optax.sgd(cfg.client_lr), optax.sgd(cfg.server_lr),

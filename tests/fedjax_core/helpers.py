@@ -80,9 +80,23 @@ def uniform_mean():
     return Aggregator(lambda params: optax.EmptyState(), apply)
 
 
-def run_round(step, state, index, cohort, key):
-    """One round of a stateful algorithm: rows assigned on the host, then the jitted step."""
-    from fedjax_core import client_state
+class Rows:
+    """Store rows for tests that drive an aggregator's `apply` by hand (inside a round,
+    the skeleton does this): `state, slots = rows.prepare(state, ids)`."""
 
-    state, slots = client_state.prepare(index, state, cohort.client_index)
-    return step(state, cohort._replace(slots=slots), key)
+    def __init__(self):
+        from fedjax_core import client_state
+        self._cs = client_state
+        self.index = client_state.empty_index()
+
+    def prepare(self, state, ids):
+        ids = np.asarray(ids, np.int32)
+        state, index = self._cs.fit((state, self.index), ids)
+        self.index, slots = self._cs.assign(index, jnp.asarray(ids))
+        return state, slots
+
+    @property
+    def row_of(self) -> dict:
+        """`{position: row}` of the clients seen."""
+        rows = np.asarray(self.index.row_of)
+        return {int(p): int(r) for p, r in enumerate(rows) if r >= 0}

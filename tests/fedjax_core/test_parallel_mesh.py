@@ -14,6 +14,7 @@ import pytest
 
 from fedjax_core import client_state, parallel
 from fedjax_core.aggregate import registry as aggregators
+from fedjax_core.algorithms.base import jit_round
 from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.scaffold import scaffold
 from fedjax_core.data import pack_cohort
@@ -138,13 +139,10 @@ def cohorts(data, clients, rounds=3):
 
 def run_rounds(alg, model, plan, cohorts_, stateful=False):
     """Rounds as the facade runs them: the state replicated on the mesh, outputs too."""
-    step = parallel.jit_replicated(functools.partial(alg.apply, model=model, plan=plan), plan)
+    step = jit_round(alg, model, plan)
     state = parallel.replicate(alg.init(model.init(jax.random.key(1))), plan)
-    index = client_state.StateIndex()
     for r, cohort in enumerate(cohorts_):
-        if stateful:
-            state, slots = client_state.prepare(index, state, cohort.client_index)
-            cohort = cohort._replace(slots=slots)
+        assert client_state.has_stores(state) == stateful
         state, metrics = step(state, cohort, jax.random.fold_in(jax.random.key(7), r))
     return state, metrics
 

@@ -11,9 +11,9 @@ from fedjax_core.aggregate import attacks, registry, robust
 from fedjax_core.aggregate.attacks import attack, num_attackers_for
 from fedjax_core.aggregate.base import Aggregator
 from fedjax_core.aggregate.mean import mean
-from fedjax_core.algorithms import fedavg
+from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.base import jit_round
-from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY
+from fedjax_core.keys import AGGREGATOR as AGGREGATOR_KEY
 from fedjax_core.data import pack_cohort
 from tests.fedjax_core.aggregate.test_robust import reference_deltas
 from tests.fedjax_core.helpers import tiny_softmax_model, unequal_clients
@@ -157,14 +157,14 @@ def test_persistent_attackers_stay_malicious_across_rounds():
     agg = attack(spy(), fraction, "same_value", persistent=True)
     apply = jax.jit(agg.apply)
     state = {"agg": agg.init(None)}
-    index = client_state.StateIndex()
+    index = Rows()
     role = {}
     rng = np.random.default_rng(0)
     for r in range(12):
         ids = rng.choice(population, 6, replace=False)
         weights = np.ones(6, np.float32)
         weights[r % 6] = 0                                      # an empty client this round
-        state, slots = client_state.prepare(index, state, ids)
+        state, slots = index.prepare(state, ids)
         deltas = {"w": jnp.zeros((6, 2)), "b": jnp.zeros(6)}
         out, agg_state, metrics = apply(deltas, jnp.asarray(weights), state["agg"],
                                         jax.random.key(r), slots)

@@ -12,7 +12,7 @@ from fedjax_core import client_state as cs
 from fedjax_core import parallel
 from fedjax_core.aggregate import compression as c
 from fedjax_core.aggregate.base import Aggregator, AggregatorEntry
-from fedjax_core.algorithms import fedavg
+from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.base import jit_round
 from fedjax_core.data import pack_cohort
 from tests.fedjax_core.helpers import tiny_softmax_model, unequal_clients
@@ -246,14 +246,14 @@ def test_exact_bit_counts():
 def test_top_k_error_feedback_by_hand():
     agg = c.top_k(k=1)
     state = agg.init({"a": jnp.zeros(4)})
-    index = cs.StateIndex()
-    state, slots = cs.prepare(index, state, [7])
+    index = Rows()
+    state, slots = index.prepare(state, [7])
     out, state, _ = agg.apply({"a": jnp.array([[3.0, -1.0, 0.5, 2.0]])}, jnp.array([1.0]),
                               state, None, slots)
     np.testing.assert_array_equal(out["a"], [3.0, 0.0, 0.0, 0.0])
     np.testing.assert_array_equal(state.residuals.rows[0], [0.0, -1.0, 0.5, 2.0])
     # Round 2: v = [1, 1, 1, 0.5] + [0, -1, 0.5, 2] = [1, 0, 1.5, 2.5]; send the 2.5.
-    state, slots = cs.prepare(index, state, [7])
+    state, slots = index.prepare(state, [7])
     out, state, _ = agg.apply({"a": jnp.array([[1.0, 1.0, 1.0, 0.5]])}, jnp.array([1.0]),
                               state, None, slots)
     np.testing.assert_array_equal(out["a"], [0.0, 0.0, 0.0, 2.5])
@@ -296,14 +296,14 @@ def reference_top_k_round(deltas, weights, ids, residuals, k, error_feedback=Tru
 def test_top_k_matches_python_reference_over_rounds(error_feedback):
     agg = c.top_k(k=2, error_feedback=error_feedback, chunk_size=2)
     state = agg.init({"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)})
-    index, residuals = cs.StateIndex(), {}
+    index, residuals = Rows(), {}
     step = jax.jit(agg.apply)
     cohorts = [[10, 11, 12, 13], [12, 14, 10, 15], [10, 12, 11, 13]]     # last: padding
     for r, ids in enumerate(cohorts):
         deltas, weights = tiny_deltas(num_clients=4, seed=r)
         slots = None
         if error_feedback:
-            state, slots = cs.prepare(index, state, ids)
+            state, slots = index.prepare(state, ids)
         out, state, _ = step(deltas, weights, state, jax.random.key(r), slots)
         want = reference_top_k_round(deltas, weights, ids, residuals, 2, error_feedback)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out, want)
@@ -330,7 +330,7 @@ def test_inner_aggregator_gets_the_decoded_deltas():
         state = agg.init(jax.tree.map(lambda x: x[0], deltas))
         slots = None
         if ef:
-            state, slots = cs.prepare(cs.StateIndex(), state, [0, 1, 2])
+            state, slots = Rows().prepare(state, [0, 1, 2])
         for r in (1, 2):
             out, state, metrics = agg.apply(deltas, weights, state, jax.random.key(0), slots)
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[0], atol=1e-6),
@@ -386,8 +386,8 @@ def test_padding_client_and_chunk_size_change_nothing(name):
     for chunk_size, (ds, ws) in [(1, (deltas, weights)), (None, (padded, padded_weights))]:
         agg = ALL[name](chunk_size=chunk_size)
         state = agg.init(jax.tree.map(lambda x: x[0], deltas))
-        index = cs.StateIndex()
-        state, slots = cs.prepare(index, state, [5, 6, 7, 8][:ws.shape[0]])
+        index = Rows()
+        state, slots = index.prepare(state, [5, 6, 7, 8][:ws.shape[0]])
         out, state, metrics = jax.jit(agg.apply)(ds, ws, state, key, slots)
         results.append((out, metrics))
         if name == "top_k" and ws.shape[0] == 4:
@@ -420,10 +420,10 @@ def test_fedavg_with_top_k_error_feedback_matches_reference():
     params = model.init(jax.random.key(0))
     state = alg.init(params)
     step = jit_round(alg, model, parallel.Plan(2))
-    index, residuals, ref = cs.StateIndex(), {}, params
+    index, residuals, ref = Rows(), {}, params
     for r, ids in enumerate([[4, 0, 2], [2, 1, 0]]):
         cohort = pack_cohort(data, ids, batch_size=2, epochs=1, seed=0, round_num=r)
-        state, slots = cs.prepare(index, state, cohort.client_index)
+        state, slots = index.prepare(state, cohort.client_index)
         state, metrics = step(state, cohort._replace(slots=slots), jax.random.key(r))
         deltas = stack([plain_client_delta(model, ref, cohort, i, 0.3) for i in range(3)])
         mean_delta = reference_top_k_round(deltas, cohort.num_examples, list(ids), residuals, 3)
@@ -450,7 +450,7 @@ def test_fedavg_round_with_each_aggregator():
         state = alg.init(params)
         run = cohort
         if cs.has_stores(state):
-            state, slots = cs.prepare(cs.StateIndex(), state, cohort.client_index)
+            state, slots = Rows().prepare(state, cohort.client_index)
             run = cohort._replace(slots=slots)
         state, metrics = jit_round(alg, model)(state, run, jax.random.key(1))
         got = jax.tree.map(np.subtract, params, state.params)

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from fedjax_core import parallel
-from fedjax_core.algorithms import fedavg
+from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.agnostic_fedavg import (
     ENTRY,
     AgnosticFedAvgState,

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from fedjax_core import parallel
-from fedjax_core.algorithms import fedavg
+from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.base import jit_round
 from fedjax_core.algorithms.mime import ENTRIES, MimeState, mime, mimelite
 from fedjax_core.data import pack_clients, pack_cohort

@@ -8,7 +8,8 @@ import pytest
 
 from fedjax_core import client_state, parallel, tree
 from fedjax_core.algorithms.base import jit_round
-from fedjax_core.algorithms.scaffold import ENTRY, ScaffoldState, scaffold
+from fedjax_core.algorithms.scaffold import ENTRY, scaffold
+from fedjax_core.skeleton import RoundState
 from fedjax_core.data import pack_clients, pack_cohort
 from tests.fedjax_core.helpers import tiny_softmax_model, unequal_clients
 
@@ -52,20 +53,39 @@ def reference_round(model, x, c, controls, cohort, eta_l, eta_g, num_clients, we
     return x, c
 
 
+class IndexView:
+    """The per-client index inside a state, read on the host."""
+
+    def __init__(self, state):
+        self.state = state
+
+    @property
+    def row_of(self) -> dict:
+        rows = np.asarray(self.state.index.row_of)
+        return {int(p): int(r) for p, r in enumerate(rows) if r >= 0}
+
+    @property
+    def size(self) -> int:
+        return int(self.state.index.size)
+
+    def copy(self):
+        return self
+
+
 def run(alg, model, cohorts, plan=parallel.Plan(), state=None, index=None, step=None):
-    """Rounds of `alg` with per-client rows prepared on the host, as the facade does."""
+    """Rounds of `alg`; the state carries its per-client index (`index` is unused)."""
+    del index
     step = step or jit_round(alg, model, plan)
     state = state if state is not None else alg.init(model.init(jax.random.key(1)))
-    index = index if index is not None else client_state.StateIndex()
     metrics = None
     for r, cohort in enumerate(cohorts):
-        state, slots = client_state.prepare(index, state, cohort.client_index)
-        state, metrics = step(state, cohort._replace(slots=slots), jax.random.key(r))
-    return state, index, metrics
+        state, metrics = step(state, cohort, jax.random.key(r))
+    return state, IndexView(state), metrics
 
 
 def row(state, index, cid):
-    return jax.tree.map(lambda t: t[index.row_of[cid]], state.client_controls.rows)
+    del index
+    return jax.tree.map(lambda t: t[client_state.rows_of(state, [cid])[0]], state.store.rows)
 
 
 def with_padding_client(cohort, client_index):
@@ -91,18 +111,19 @@ def test_scaffold_matches_paper_loop(weighting, eta_g):
     x = model.init(jax.random.key(1))
     c = jax.tree.map(jnp.zeros_like, x)
     controls = {}
-    state, index = alg.init(x), client_state.StateIndex()
+    state = alg.init(x)
+    index = IndexView(state)
     step = jit_round(alg, model)
     for r, ids in enumerate(COHORTS):
         cohort = pack_cohort(data, ids, batch_size=2, epochs=2, seed=3, round_num=r)
-        state, slots = client_state.prepare(index, state, cohort.client_index)
-        state, metrics = step(state, cohort._replace(slots=slots), jax.random.key(r))
+        state, metrics = step(state, cohort, jax.random.key(r))
+        index = IndexView(state)
         x, c = reference_round(model, x, c, controls, cohort, eta_l, eta_g, population, weighting)
         close(state.params, x)
-        close(state.control, c)
+        close(state.server, c)
         for cid, c_i in controls.items():
             close(row(state, index, cid), c_i)
-    assert isinstance(state, ScaffoldState)
+    assert isinstance(state, RoundState)
     assert set(index.row_of) == {0, 1, 2, 3, 4}
     np.testing.assert_allclose(metrics["train/control_norm"], tree.l2_norm(c), rtol=1e-5)
     assert float(metrics["train/num_examples"]) == 5 + 4 + 9
@@ -130,14 +151,14 @@ def test_one_full_batch_step_by_hand():
     g0 = softmax_grad(x0, arrays["x"], arrays["y"])
     state, index, _ = run(alg, model, [cohort], state=alg.init(x0))
     close(row(state, index, 2), g0)
-    close(state.control, jax.tree.map(lambda g: g / population, g0))
+    close(state.server, jax.tree.map(lambda g: g / population, g0))
     x1 = jax.tree.map(lambda p, g: p - eta_g * eta_l * g, x0, g0)
     close(state.params, x1)
     # Round 2: the corrected step is g1 - g0 + g0/N, and option II recovers c_i+ = g1.
     g1 = softmax_grad(x1, arrays["x"], arrays["y"])
     state, _, _ = run(alg, model, [cohort], state=state, index=index)
     close(row(state, index, 2), g1)
-    close(state.control, jax.tree.map(lambda g: g / population, g1))
+    close(state.server, jax.tree.map(lambda g: g / population, g1))
     close(state.params, jax.tree.map(
         lambda p, a, b: p - eta_g * eta_l * (a - b + b / population), x1, g1, g0))
 
@@ -173,7 +194,7 @@ def test_padding_client_changes_nothing():
         padded, padded_index, m = run(alg, model, [with_padding], state=state,
                                       index=index.copy(), step=step)
         close(padded.params, plain.params, 1e-6)
-        close(padded.control, plain.control, 1e-6)
+        close(padded.server, plain.server, 1e-6)
         for cid in (0, 1, 2, 3, 4):
             close(row(padded, padded_index, cid), row(plain, plain_index, cid), 1e-6)
         close(row(padded, padded_index, 0), row0, 0)
@@ -187,14 +208,14 @@ def test_store_grows_with_clients_seen_not_population():
     data = unequal_clients(sizes=(3,) * 10)
     alg = scaffold(optax.sgd(0.1), 1.0, client_learning_rate=0.1, num_clients=1_000_000)
     state = alg.init(model.init(jax.random.key(0)))
-    assert client_state.capacity(state.client_controls) == client_state.MIN_CAPACITY
+    assert client_state.capacity(state.store) == client_state.MIN_CAPACITY
     state, index, _ = run(alg, model, [pack_cohort(data, [7, 3, 5], 3, 1, 0, 0)], state=state)
-    assert client_state.capacity(state.client_controls) == client_state.MIN_CAPACITY
-    assert state.client_controls.rows["w"].shape == (client_state.MIN_CAPACITY, 3, 4)
+    assert client_state.capacity(state.store) == client_state.MIN_CAPACITY
+    assert state.store.rows["w"].shape == (client_state.MIN_CAPACITY, 3, 4)
     state, index, _ = run(alg, model, [pack_cohort(data, [0, 1, 2, 4, 6, 8, 9], 3, 1, 0, 1)],
                           state=state, index=index)
     assert index.size == 10
-    assert client_state.capacity(state.client_controls) == 2 * client_state.MIN_CAPACITY
+    assert client_state.capacity(state.store) == 2 * client_state.MIN_CAPACITY
 
 
 def test_errors_are_clear():
@@ -208,8 +229,11 @@ def test_errors_are_clear():
         scaffold(optax.sgd(0.1), 1.0, client_learning_rate=0.1, num_clients=0)
     alg = scaffold(optax.sgd(0.1), 1.0, client_learning_rate=0.1, num_clients=5)
     cohort = pack_clients([data.get_client(0)], batch_size=2)
-    with pytest.raises(ValueError, match="client_state.prepare"):
-        alg.apply(alg.init(model.init(jax.random.key(0))), cohort, jax.random.key(0), model=model)
+    # No host preparation: the state carries its index, and a cohort that fits the
+    # initial store runs through `apply` directly (jit_round grows stores when needed).
+    state, _ = alg.apply(alg.init(model.init(jax.random.key(0))), cohort, jax.random.key(0),
+                         model=model)
+    assert IndexView(state).row_of == {0: 0}
 
 
 def test_registry_entry_builds_with_the_facts_it_needs():

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_core import client_state, parallel
+from fedjax_core import parallel
 from fedjax_core.algorithms.agnostic_fedavg import agnostic_fedavg
 from fedjax_core.algorithms.base import jit_round
 from fedjax_core.algorithms.fedavg import fedavg
@@ -206,12 +206,8 @@ ALGORITHMS = {
 def run_rounds(alg, model, cohorts, plan):
     step = jit_round(alg, model, plan)
     state = alg.init(model.init(jax.random.key(1)))
-    index = client_state.StateIndex()
     history = []
     for r, cohort in enumerate(cohorts):
-        if client_state.has_stores(state):
-            state, slots = client_state.prepare(index, state, cohort.client_index)
-            cohort = cohort._replace(slots=slots)
         state, metrics = step(state, cohort, jax.random.fold_in(jax.random.key(7), r))
         history.append(metrics)
     return state, history
