@@ -1,4 +1,4 @@
-"""Tutorial: a new federated algorithm in under 40 lines of the core API.
+"""Tutorial: a new federated algorithm in a dozen lines of the round skeleton.
 
 FedExP (Jhunjhunwala, Wang and Joshi, "FedExP: Speeding Up Federated Averaging via
 Extrapolation", ICLR 2023) is FedAvg whose server step extrapolates when the clients agree:
@@ -11,16 +11,11 @@ The paper averages uniformly (p_i = 1/M); this version weights by examples like 
 Run it: `python docs/examples/custom_algorithm.py` (about a minute on 2 CPU cores).
 """
 
-from typing import NamedTuple
-
-import jax
 import jax.numpy as jnp
 import optax
 
 from fedjax_api import Server, tasks
-from fedjax_core import parallel, tree
-from fedjax_core.algorithms.base import FederatedAlgorithm
-from fedjax_core.client import client_update
+from fedjax_core import ClientContext, ClientReport, RoundResult, algorithm, tree
 
 TASK = "shakespeare-plays"
 ROUNDS = 20
@@ -28,33 +23,18 @@ CLIENTS_PER_ROUND = 10
 
 
 # --- the algorithm ---
-class FedExPState(NamedTuple):
-    params: dict  # the global model (every state has `params`)
-
-
 def fedexp(client_optimizer, eps=1e-3):
-    def init(params):
-        return FedExPState(params)
+    def client(c: ClientContext) -> ClientReport:
+        w, stats = c.train(c.params, client_optimizer)          # local steps from w_t
+        delta = tree.sub(c.params, w)                            # Delta_i = w_t - w_i
+        return ClientReport(delta, stats, sums={"sq_norm": c.num_examples * tree.l2_norm(delta) ** 2})
 
-    def apply(state, cohort, key, *, model, plan=parallel.Plan()):
-        update = client_update(model, client_optimizer)  # one client's local training
+    def server(w, state, r: RoundResult):                       # r.delta = sum_i p_i Delta_i
+        spread = r.sums["sq_norm"] / jnp.maximum(r.num_examples, 1.0)   # sum_i p_i ||Delta_i||^2
+        eta = jnp.maximum(1.0, spread / (2 * (tree.l2_norm(r.delta) ** 2 + eps)))
+        return tree.sub(w, tree.scale(r.delta, eta)), state, {"fedexp/eta_g": eta}
 
-        def one_client(c):
-            batches, mask, n, slot = c
-            return update(state.params, batches, mask, n, jax.random.fold_in(key, slot))
-
-        slots = jnp.arange(cohort.num_clients)
-        u = parallel.map_clients(one_client, (cohort.batches, cohort.mask,
-                                              cohort.num_examples, slots), plan)
-        p = u.weight / jnp.maximum(jnp.sum(u.weight), 1.0)  # padding clients weigh 0
-        delta = tree.weighted_sum(u.delta, p)
-        sq_norms = jax.vmap(lambda d: tree.l2_norm(d) ** 2)(u.delta)
-        eta = jnp.maximum(1.0, jnp.sum(p * sq_norms) / (2 * (tree.l2_norm(delta) ** 2 + eps)))
-        params = tree.sub(state.params, tree.scale(delta, eta))
-        loss = jnp.sum(u.loss_sum) / jnp.maximum(jnp.sum(u.examples_seen), 1.0)
-        return FedExPState(params), {"train/loss": loss, "fedexp/eta_g": eta}
-
-    return FederatedAlgorithm(init, apply)
+    return algorithm(client, server)
 # --- end of the algorithm ---
 
 

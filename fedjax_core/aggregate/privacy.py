@@ -37,7 +37,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from fedjax_core import keys, tree
-from fedjax_core.aggregate.base import Aggregator, AggregatorEntry, real_clients
+from fedjax_core.aggregate.base import Aggregator, AggregatorEntry, Stream, real_clients
 from fedjax_core.typing import Array, PRNGKey, PyTree
 
 DELTA_NOISE_KEY = keys.NOISE
@@ -145,7 +145,9 @@ def gaussian(clip_norm: float = 1.0, noise_multiplier: float = 1.0,
       deltas with `[clients, ...]` leaves and `weights` `Float[Array, "clients"]`.
       Metrics: `privacy/clip_norm` (C), `privacy/clipped_fraction` (real clients with
       `||Delta_i|| > C` over m_real), `privacy/noise_std` (`z C / m_noise`, the std of
-      the noise on the mean per coordinate), `privacy/num_clients` (m_real).
+      the noise on the mean per coordinate), `privacy/num_clients` (m_real). It
+      streams (`Aggregator.stream`): each client adds its clipped delta to a running
+      sum, so a round never holds every client's delta.
 
     Example:
       >>> agg = gaussian(clip_norm=0.5, noise_multiplier=1.0, expected_clients=100)
@@ -179,7 +181,32 @@ def gaussian(clip_norm: float = 1.0, noise_multiplier: float = 1.0,
             "privacy/num_clients": m_real.astype(jnp.float32),
         }
 
-    return Aggregator(_empty_state, apply)
+    def contribution(delta, weight):
+        real = weight > 0
+        norm = tree.l2_norm(delta)
+        factor = jnp.where(real, tree.clip_factor(norm, clip_norm), 0.0)
+        clipped = jax.tree.map(
+            lambda x: jnp.where(factor != 0, x.astype(jnp.float32) * factor, 0.0), delta)
+        return {"sum": clipped, "slots": jnp.float32(1.0), "real": real.astype(jnp.float32),
+                "clipped": (real & (norm > clip_norm)).astype(jnp.float32)}
+
+    def finalize(total, params, state, key=None):
+        _need_key("gaussian", key, noise_multiplier > 0)
+        m = float(expected_clients) if expected_clients is not None else total["slots"]
+        m_noise = float(noise_cohort_size) if noise_cohort_size is not None else m
+        summed = total["sum"]
+        if noise_multiplier > 0:
+            summed = tree.add(summed, _normal_like(key, summed,
+                                                   noise_multiplier * clip_norm * m / m_noise))
+        out = jax.tree.map(lambda s: s / m, summed)
+        return _cast_like(out, params), state, {
+            "privacy/clip_norm": _f32(clip_norm),
+            "privacy/clipped_fraction": total["clipped"] / jnp.maximum(total["real"], 1.0),
+            "privacy/noise_std": _f32(noise_multiplier * clip_norm / m_noise),
+            "privacy/num_clients": total["real"],
+        }
+
+    return Aggregator(_empty_state, apply, Stream(contribution, finalize))
 
 
 def _clipped_fraction(norms, real, m_real, clip_norm) -> Array:

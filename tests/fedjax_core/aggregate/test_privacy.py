@@ -451,3 +451,23 @@ def test_noisy_fedavg_round_runs(agg):
     state, metrics = jit_round(alg, model)(alg.init(params), cohort, ROUND_KEY)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
     assert metrics["privacy/noise_std"] > 0
+
+
+@pytest.mark.parametrize("expected, noise", [(None, 0.0), (5.0, 0.7), (None, 1.3)])
+def test_gaussian_stream_equals_its_stacked_apply(expected, noise):
+    """Clip-and-sum one client at a time, then finalize == apply on the stacked deltas."""
+    agg = privacy.gaussian(clip_norm=0.5, noise_multiplier=noise, expected_clients=expected)
+    rng = np.random.default_rng(3)
+    deltas = {"w": jnp.asarray(rng.normal(size=(4, 3, 2)), jnp.float32),
+              "b": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)}
+    weights = jnp.array([3.0, 0.0, 1.0, 5.0])                  # slot 1 is padding
+    key = jax.random.key(9)
+    want, _, want_metrics = agg.apply(deltas, weights, agg.init(None), key, None)
+    parts = [agg.stream.contribution(jax.tree.map(lambda x: x[i], deltas), weights[i])
+             for i in range(4)]
+    total = jax.tree.map(lambda *xs: sum(xs), *parts)
+    params = jax.tree.map(lambda x: x[0], deltas)
+    got, _, got_metrics = agg.stream.finalize(total, params, agg.init(None), key)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, want)
+    for name, value in want_metrics.items():
+        np.testing.assert_allclose(got_metrics[name], value, rtol=1e-6)
