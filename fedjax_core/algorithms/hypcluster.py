@@ -15,7 +15,7 @@ optimizer state. Round t, for a cohort S of clients with n_i examples each:
         else:
             w_{t+1}^k = w_t^k                                  # and its optimizer state
 
-Initialisation (k-means++ variant, as FedJAX's `ModelKMeansInitializer`/`kmeans_init`):
+Initialisation (k-means++ variant of FedJAX's `ModelKMeansInitializer`/`kmeans_init`):
 `init(params)` puts `params` in all K slots and marks the state uninitialised. The first
 round with at least one real client then spends its client work on choosing the centers
 instead of a HypCluster update:
@@ -24,18 +24,33 @@ instead of a HypCluster update:
     center_1 = v_j, j drawn uniformly among the real clients
     for m = 2..K:
         b_i = min_{l < m} L_i(center_l)                         # best loss so far
-        center_m = v_j, j = argmax_{i not yet chosen} b_i      # worst-served client
+        center_m = v_j, j = argmax_{i not yet chosen} b_i      # kmeans_init="distinct"
+        center_m = v_j, j = argmax_{i} b_i                     # kmeans_init="fedjax"
     w^k = center_k, fresh server optimizer states
 
 This needs no extra step from the user (the facade just calls `init` then rounds) and
 uses exactly the candidates FedJAX's initializer uses (clients trained from shared
 initial params), drawn from the first round's cohort instead of a separate set of
-clients. Unlike FedJAX, a client already chosen is not chosen again (FedJAX leaves this
-as an open TODO; a repeated center would be a cluster that never wins a client) unless
-the cohort has fewer real clients than K. Losses are `model.loss` with `train=False`.
+clients. With the default `kmeans_init="distinct"`, unlike FedJAX, a client already
+chosen is not chosen again (FedJAX leaves this as an open TODO; a repeated center is a
+cluster that never wins a client) unless the cohort has fewer real clients than K.
+`kmeans_init="fedjax"` is FedJAX 0.0.17's rule: the argmax runs over every client, so a
+client whose own trained model still serves it worst (e.g. noisy labels) is chosen
+again, and ties go to the first client in cohort order (FedJAX's dict order). Given the
+same first center, it reproduces FedJAX's centers
+(`tests/fixtures/fedjax_reference/hypcluster.json`); the first center itself is drawn
+from the round key, not from FedJAX's `jax.random.choice(rng, len(clients))` over
+sorted client ids. Losses are `model.loss` with `train=False`.
 The round runs under `lax.cond` on the state's `initialized` flag, so it is
 still one jitted call with one state shape. With K = 1 there is nothing to choose: the
 single model starts at `params` and every round is FedAvg.
+
+Starting from given cluster params (FedJAX's `hyp_cluster(...).init(cluster_params)`,
+e.g. centers from FedJAX's `kmeans_init` on a separate set of clients, or from a previous
+run): `init(cluster_params=[w^1, ..., w^K])`. The state is marked initialised, so no
+k-means++ round runs and the first round is a HypCluster round. With the facade:
+`Server(algorithm=alg, model=model, state=alg.init(cluster_params=centers),
+key=jax.random.key(seed))`.
 
 `state.params` (what the default evaluation and the facade read) is cluster 0's model;
 the algorithm's own `evaluate` picks a cluster per client instead.
@@ -150,10 +165,15 @@ def _cluster_counts(assign, real, num_clusters) -> dict:
             for k in range(num_clusters)}
 
 
+KMEANS_INIT_RULES = ("distinct", "fedjax")
+"""`kmeans_init` choices: skip chosen clients (default) or FedJAX 0.0.17's rule."""
+
+
 def hypcluster(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
                server_optimizer: optax.GradientTransformation = optax.sgd(1.0),
                num_clusters: int = 2,
-               aggregator: Aggregator | None = None) -> FederatedAlgorithm:
+               aggregator: Aggregator | None = None,
+               kmeans_init: str = "distinct") -> FederatedAlgorithm:
     """HypCluster: each client trains the cluster model with the lowest loss on its data.
 
     Update rule (round t, cohort S, see the module docstring for the initial round):
@@ -168,9 +188,15 @@ def hypcluster(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
       aggregator: how a cluster combines its clients' deltas (each cluster keeps its own
         aggregator state; cluster k's key is `fold_in(fold_in(key, AGGREGATOR_KEY), k)`
         when K > 1); defaults to the example-weighted `mean()`.
+      kmeans_init: how the k-means++ round picks centers 2..K: `"distinct"` (the client
+        with the worst best-loss among those not yet chosen) or `"fedjax"` (FedJAX
+        0.0.17's `kmeans_init`: among all clients, so a center may repeat).
 
     Returns:
-      A `FederatedAlgorithm` with `evaluate` (see `hypcluster_evaluate`). Round metrics:
+      A `FederatedAlgorithm` with `evaluate` (see `hypcluster_evaluate`). Its
+      `init(params=None, *, cluster_params=None)` takes either the initial model
+      (k-means++ in the first round) or `cluster_params`, a sequence of K models with
+      the same structure, to start from them (no k-means++ round). Round metrics:
       `train/loss`, `train/num_examples`, `train/delta_norm` (L2 norm of the K clusters'
       aggregated deltas together; in the k-means round, of the change of the K models),
       `hypcluster/cluster_<k>_clients` (real clients assigned to cluster k),
@@ -182,6 +208,7 @@ def hypcluster(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
       >>> alg = hypcluster(optax.sgd(0.1), optax.sgd(1.0), num_clusters=3)
       >>> state = alg.init(model.init(jax.random.key(0)))
       >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
+      >>> state = alg.init(cluster_params=[w1, w2, w3])   # or start from given clusters
       >>> alg.evaluate(model, state, test_data, 256, EvalClients(rows=None, train=train_data))
 
     References:
@@ -191,10 +218,18 @@ def hypcluster(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
     """
     if num_clusters < 1:
         raise ValueError(f"num_clusters must be at least 1, got {num_clusters}")
+    if kmeans_init not in KMEANS_INIT_RULES:
+        raise ValueError(f"hypcluster: kmeans_init must be one of {', '.join(KMEANS_INIT_RULES)}, "
+                         f"got {kmeans_init!r}")
     aggregator = aggregator or mean()
     K = num_clusters
+    repeat_centers = kmeans_init == "fedjax"
 
-    def init(params):
+    def init(params=None, *, cluster_params=None):
+        if cluster_params is not None:
+            return _init_from_clusters(params, cluster_params)
+        if params is None:
+            raise ValueError("hypcluster init: give the initial params or cluster_params")
         stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (K,) + jnp.shape(x)), params)
         return HypClusterState(
             params=params,
@@ -202,6 +237,28 @@ def hypcluster(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
             server_opt_state=jax.vmap(server_optimizer.init)(stacked),
             aggregator_state=tuple(aggregator.init(params) for _ in range(K)),
             initialized=jnp.asarray(K == 1),
+        )
+
+    def _init_from_clusters(params, cluster_params):
+        # Given clusters: already initialised, so the first round is a HypCluster round
+        # (FedJAX's `init(cluster_params)`); fresh server optimizer and aggregator states.
+        clusters = list(cluster_params)
+        if len(clusters) != K:
+            raise ValueError(f"hypcluster init: cluster_params has {len(clusters)} models but "
+                             f"num_clusters is {K}; give one per cluster")
+        like, what = (clusters[0], "cluster_params[0]") if params is None else (params, "params")
+        for k, c in enumerate(clusters):
+            if jax.tree.structure(c) != jax.tree.structure(like):
+                raise ValueError(f"hypcluster init: cluster_params[{k}] does not have the "
+                                 f"structure of {what}; give K models like it")
+        stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *clusters)
+        first = _take(stacked, 0)
+        return HypClusterState(
+            params=first,
+            cluster_params=stacked,
+            server_opt_state=jax.vmap(server_optimizer.init)(stacked),
+            aggregator_state=tuple(aggregator.init(first) for _ in range(K)),
+            initialized=jnp.asarray(True),
         )
 
     def apply(state, cohort, key, *, model, plan=parallel.Plan()):
@@ -278,10 +335,15 @@ def hypcluster(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
             first = kmeans_first_center(key, cohort.num_examples)
 
             def add_center(m, carry):
-                # Center m: the first draw, then the worst-served client not yet chosen.
+                # Center m: the first draw, then the worst-served client not yet chosen
+                # ("distinct"), or the worst-served client of all ("fedjax": FedJAX's rule,
+                # a chosen client may be chosen again; ties go to the first one).
                 best, taken, chosen, losses = carry
-                score = jnp.where(real & ~taken, best,
-                                  jnp.where(real, jnp.finfo(jnp.float32).min, -jnp.inf))
+                if repeat_centers:
+                    score = jnp.where(real, best, -jnp.inf)
+                else:
+                    score = jnp.where(real & ~taken, best,
+                                      jnp.where(real, jnp.finfo(jnp.float32).min, -jnp.inf))
                 nxt = jnp.where(m == 0, first, jnp.argmax(score))
                 loss = losses_on(_take(candidates, nxt))
                 return (jnp.minimum(best, loss), taken.at[nxt].set(True), chosen.at[m].set(nxt),
@@ -389,8 +451,10 @@ def hypcluster_evaluate(model: Model, state: HypClusterState, data, batch_size: 
     return global_metrics(picked, data)
 
 
-def _build(client_optimizer, server_learning_rate, aggregator=None, num_clusters=2):
-    return hypcluster(client_optimizer, optax.sgd(server_learning_rate), num_clusters, aggregator)
+def _build(client_optimizer, server_learning_rate, aggregator=None, num_clusters=2,
+           kmeans_init="distinct"):
+    return hypcluster(client_optimizer, optax.sgd(server_learning_rate), num_clusters, aggregator,
+                      kmeans_init)
 
 
 ENTRY = AlgorithmEntry(
