@@ -171,7 +171,8 @@ def grow(state: PyTree, new_capacity: int) -> PyTree:
     return jax.tree.map(pad, state, is_leaf=_is_store)
 
 
-def _grow_index(state: PyTree, positions: int) -> PyTree:
+def grow_index(state: PyTree, positions: int) -> PyTree:
+    """Extends the `ClientIndex` in `state` to cover `positions` dataset positions."""
     def pad(x):
         if not _is_index(x) or x.row_of.shape[0] >= positions:
             return x
@@ -198,7 +199,7 @@ def fit(state: PyTree, client_index) -> PyTree:
     positions = np.asarray(client_index)
     largest = int(positions.max(initial=-1))
     if largest >= index.row_of.shape[0]:
-        state = _grow_index(state, _pow2(largest + 1))
+        state = grow_index(state, _pow2(largest + 1))
     stores = [x for x in jax.tree.leaves(state, is_leaf=_is_store) if _is_store(x)]
     if not stores:
         return state
