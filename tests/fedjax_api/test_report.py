@@ -369,14 +369,14 @@ def test_plot_legend_hides_no_curve(tmp_path):
 
 def test_plot_adds_the_training_loss_when_a_run_has_few_evaluations(tmp_path):
     pytest.importorskip("matplotlib")
-    train = [{"round": r, "kind": "train", "train/loss": loss}
-             for r, loss in zip((1, 2, 3, 4), (2.0, 1.5, "nan", 1.0))]
-    end = [{"round": 4, "kind": "eval", "test/accuracy": 0.5}]
-    runs = [make_run(tmp_path / f"s{seed}", {**CONFIG, "seed": seed},
-                     [{**r, "train/loss": r["train/loss"] if seed == 0 or r["train/loss"] == "nan"
-                       else r["train/loss"] + 1.0} for r in train]
-                     + [{**end[0], "test/accuracy": 0.5 + 0.25 * seed}])
-            for seed in (0, 1)]
+    # Two seeds, evaluated once, at the end; seed 1's loss is seed 0's + 1; round 3 is NaN.
+    losses = {0: (2.0, 1.5, "nan", 1.0), 1: (3.0, 2.5, "nan", 2.0)}
+    runs = []
+    for seed, seed_losses in losses.items():
+        records = [{"round": r, "kind": "train", "train/loss": loss}
+                   for r, loss in zip((1, 2, 3, 4), seed_losses)]
+        records.append({"round": 4, "kind": "eval", "test/accuracy": 0.5 + 0.25 * seed})
+        runs.append(make_run(tmp_path / f"s{seed}", {**CONFIG, "seed": seed}, records))
     result = report.plot_runs(runs, "test/accuracy", tmp_path / "end.png")
     assert result.train_loss and result.labels == ("emnist fedavg (2 seeds)",)
     ax, loss_ax = result.figure.axes
