@@ -33,5 +33,12 @@ docs: $(VENV)/.installed-docs
 bench: $(VENV)/.installed-test
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
+# The packages as released: builds the sdist and the wheel, checks what they hold, installs
+# each into a fresh temporary venv and smoke-tests it (scripts/check_dist.sh; needs the
+# package index; 3-7 min on 2 busy cores, so not part of `make test` or CI).
+.PHONY: dist-check
+dist-check:
+	PYTHON=$(PYTHON) scripts/check_dist.sh
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache site

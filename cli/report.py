@@ -32,11 +32,17 @@ def plot(
         help="Records to read: eval or train. Default: those holding the metric most often.")]
         = None,
 ) -> None:
-    """Curves of one metric against the round, one per run, labelled by what differs."""
+    """Curves of one metric against the round, labelled by what differs; runs that differ
+    only in seed as their mean with a min-max band; with fewer than 3 evaluations, the
+    per-round training loss below."""
     result = api.plot_runs(run_dirs, metric, out, kind)
-    n = len(result.labels)
-    console.print(f"wrote {result.path}: {metric} ({result.kind} records) of {n} "
-                  f"run{'s' if n > 1 else ''}", highlight=False)
+    n, curves = sum(len(g) for g in result.runs), len(result.labels)
+    text = f"wrote {result.path}: {metric} ({result.kind} records) of {n} run{'s' if n > 1 else ''}"
+    if curves < n:
+        text += f" as {curves} curve{'s' if curves > 1 else ''} (mean and min-max over seeds)"
+    if result.train_loss:
+        text += f", with their per-round {api.TRAIN_LOSS} below"
+    console.print(text, highlight=False)
 
 
 def _num(value, unit: str = "") -> str:

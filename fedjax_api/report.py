@@ -1,14 +1,18 @@
 """Plots and summaries of run directories: what `fedjax plot` and `fedjax report` show.
 
 `plot_runs` draws one metric against the round for several runs (matplotlib, the `plot`
-extra); `summarize` condenses one run into a dict of plain numbers. Both read only
-`config.json` and `metrics.jsonl`; a missing or malformed run directory is a `ConfigError`.
+extra): runs that differ only in seed as one mean curve with a min-max band, each curve
+labelled by what differs, the legend outside the axes, and the per-round training loss
+below when the runs were evaluated fewer than 3 times. `summarize` condenses one run into a
+dict of plain numbers. Both read only `config.json` and `metrics.jsonl`; a missing or
+malformed run directory is a `ConfigError`.
 """
 
 import json
 import math
 import os
 import statistics
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +25,35 @@ KINDS = ("eval", "train")
 
 # Keys of config.json that never tell runs apart in a legend.
 _NOT_OPTIONS = ("out", "versions")
+# How a run is carried out, not what it computes: named in a label only when nothing else
+# tells two curves apart.
+_MECHANICS = ("checkpoint_every", "keep_checkpoints", "tensorboard", "device_data",
+              "chunk_size", "devices", "eval_every")
+# Paths, shown by the shortest tail that tells them apart.
+_PATHS = ("data",)
 # Shown first, as bare values, when they differ between runs.
 _BARE = ("task", "algorithm", "aggregator")
+# A run with fewer evaluations than this also gets a panel of its per-round training loss.
+MIN_EVALS = 3
+TRAIN_LOSS = "train/loss"
+# Legend labels longer than this many characters wrap onto the next line.
+LEGEND_WRAP = 40
 
 
 @attrs.frozen
 class PlotResult:
-    """What `plot_runs` drew: the file, the matplotlib `Figure` (one line per run), the
-    legend labels in run order and the record kind the values came from."""
+    """What `plot_runs` drew: the file, the matplotlib `Figure`, the legend labels (one per
+    curve), the record kind the values came from, the metric, the run directories of
+    each curve (several for runs that differ only in seed) and whether a second panel
+    shows the per-round training loss."""
 
     path: Path
     figure: Any
     labels: tuple[str, ...]
     kind: str
     metric: str
+    runs: tuple[tuple[Path, ...], ...] = ()
+    train_loss: bool = False
 
 
 def load_run(run_dir) -> tuple[dict | None, list[dict]]:
@@ -109,37 +128,131 @@ def _flat(config: dict) -> dict[str, Any]:
     return out
 
 
+def _same(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _differing(flats: list[dict]) -> list[str]:
+    """The keys whose value (or presence) differs between `flats`, first seen first."""
+    order = {}
+    for f in flats:
+        order.update((k, None) for k in f)
+    return [k for k in order if len({_same(f.get(k, "\0absent")) for f in flats}) > 1]
+
+
+def _paths(values: list) -> dict[str, str]:
+    """`{path: tail}`: each path of `values` by its shortest tail that no other path ends
+    in (`/data/leaf/train`, `/data/leaf-iid/train` -> `leaf/train`, `leaf-iid/train`)."""
+    texts = sorted({_fmt(v) for v in values})
+    parts = {t: Path(t).parts or (t,) for t in texts}
+
+    def tail(t: str, n: int) -> str:
+        return str(Path(*parts[t][-n:]))
+
+    out = {}
+    for t in texts:
+        others = [u for u in texts if u != t]
+        out[t] = next((tail(t, n) for n in range(1, len(parts[t]) + 1)
+                       if all(tail(u, n) != tail(t, n) for u in others)), t)
+    return out if len(set(out.values())) == len(texts) else {t: t for t in texts}
+
+
+def _compose(flats: list[dict | None], keys: list[str]) -> list[str]:
+    """`fedprox proximal_weight=0.1`: the values of `keys`, bare for task, algorithm and
+    aggregator, `name=value` for the others (the dict's name kept when two leaves clash)."""
+    keys = sorted(keys, key=lambda k: _BARE.index(k) if k in _BARE else len(_BARE))
+    leaves = [k.rsplit(".", 1)[-1] for k in keys]
+    shown = {k: leaf if leaves.count(leaf) == 1 else k for k, leaf in zip(keys, leaves)}
+    known = [f for f in flats if f is not None]
+    paths = {k: _paths([f[k] for f in known if k in f]) for k in keys if k in _PATHS}
+    labels = []
+    for f in flats:
+        parts = []
+        for k in keys if f is not None else ():
+            if k in f:
+                value = paths[k][_fmt(f[k])] if k in paths else _fmt(f[k])
+                parts.append(value if k in _BARE else f"{shown[k]}={value}")
+        labels.append(" ".join(parts))
+    return labels
+
+
+def _labels(names: list[str], flats: list[dict | None]) -> list[str]:
+    """A label per config: the options that differ between them, those that change only how
+    a run is carried out (`chunk_size`, `eval_every`, ...) only when needed to tell two
+    apart; `names[i]` when the config is missing or says nothing."""
+    known = [f for f in flats if f is not None]
+    if len(known) == 1 and len(flats) == 1:
+        labels = _compose(flats, [k for k in ("task", "algorithm") if k in known[0]])
+    else:
+        differing = _differing(known)
+        labels = _compose(flats, [k for k in differing if k not in _MECHANICS])
+        if len(set(labels)) < len(labels) and any(k in _MECHANICS for k in differing):
+            labels = _compose(flats, differing)
+    return [label or name for label, name in zip(labels, names)]
+
+
 def run_labels(run_dirs, configs: list[dict | None]) -> list[str]:
     """A legend label per run: its task, algorithm and the options that differ between the
     runs (`fedprox proximal_weight=0.1`); the directory name when that says nothing.
+
+    Options that change only how a run is carried out (`chunk_size`, `devices`,
+    `eval_every`, checkpointing, TensorBoard) appear only when nothing else tells two runs
+    apart; a differing `data` path is shortened to the tail that tells the paths apart.
 
     Example: runs of fedavg and fedprox on one task are labelled "fedavg" and
     "fedprox proximal_weight=0.01"; a single run "TASK ALGORITHM".
     """
     names = [Path(d).name or str(d) for d in run_dirs]
     flats = [None if c is None else _flat(c) for c in configs]
-    known = [f for f in flats if f is not None]
-    order = {}
-    for f in known:
-        order.update((k, None) for k in f)
-    if len(known) == 1 and len(run_dirs) == 1:
-        differing = [k for k in ("task", "algorithm") if k in known[0]]
-    else:
-        differing = [k for k in order if len({json.dumps(f.get(k, "\0absent"), sort_keys=True)
-                                               for f in known}) > 1]
-    differing.sort(key=lambda k: (_BARE.index(k) if k in _BARE else len(_BARE)))
-    leaves = [k.rsplit(".", 1)[-1] for k in differing]
-    shown = {k: leaf if leaves.count(leaf) == 1 else k for k, leaf in zip(differing, leaves)}
-    labels = []
-    for name, f in zip(names, flats):
-        parts = [] if f is None else [
-            _fmt(f[k]) if k in _BARE else f"{shown[k]}={_fmt(f[k])}"
-            for k in differing if k in f]
-        labels.append(" ".join(parts) or name)
+    labels = _labels(names, flats)
     for i, label in enumerate(labels):  # two runs that read the same: add the directory
         if labels.count(label) > 1 and label != names[i]:
             labels[i] = f"{label} ({names[i]})"
     return [label if labels.count(label) == 1 else str(d) for label, d in zip(labels, run_dirs)]
+
+
+def seed_groups(configs: list[dict | None]) -> list[list[int]]:
+    """The runs (indices into `configs`) whose configs differ only in `seed` (or in their
+    `out` directory and recorded versions), in the order each group first appears; a run
+    without a config is a group of its own.
+
+    Example:
+      >>> seed_groups([{"client_lr": 0.1, "seed": 0}, {"client_lr": 0.2, "seed": 0},
+      ...              {"client_lr": 0.1, "seed": 1}])
+      [[0, 2], [1]]
+    """
+    groups: dict[str, list[int]] = {}
+    for i, config in enumerate(configs):
+        if config is None:
+            key = f"\0{i}"
+        else:
+            key = _same({k: v for k, v in _flat(config).items() if k != "seed"})
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def curve_labels(run_dirs, configs: list[dict | None],
+                 groups: list[list[int]]) -> list[str]:
+    """A legend label per group of runs (`seed_groups`): the options that differ between the
+    groups as `run_labels` writes them, and `(3 seeds)` after a group of several runs (`(3
+    runs)` when seeds repeat).
+
+    Example: the members of a sweep over `client_lr` 0.01, 0.1 and seeds 0, 1, 2 make two
+    curves, "client_lr=0.01 (3 seeds)" and "client_lr=0.1 (3 seeds)".
+    """
+    run_dirs = list(run_dirs)
+    if all(len(g) == 1 for g in groups):
+        return run_labels([run_dirs[g[0]] for g in groups], [configs[g[0]] for g in groups])
+    names = [Path(run_dirs[g[0]]).name or str(run_dirs[g[0]]) for g in groups]
+    flats = [None if configs[g[0]] is None else _flat(configs[g[0]]) for g in groups]
+    labels = _labels(names, flats)
+    out = []
+    for label, g in zip(labels, groups):
+        if len(g) > 1:
+            seeds = {_same((configs[i] or {}).get("seed")) for i in g}
+            label += f" ({len(g)} {'seeds' if len(seeds) == len(g) else 'runs'})"
+        out.append(label)
+    return out
 
 
 def _matplotlib():
@@ -174,9 +287,72 @@ def _other(kind: str) -> str:
     return "train" if kind == "eval" else "eval"
 
 
+def aggregate_series(series: list[tuple[list[int], list[float]]]
+                     ) -> tuple[list[int], list[float], list[float], list[float]]:
+    """`(rounds, mean, low, high)` of several runs' `(rounds, values)`: at each round any
+    run logged, the mean, minimum and maximum over the runs that logged it (a NaN value
+    makes all three NaN: a gap).
+
+    Example:
+      >>> aggregate_series([([0, 2], [0.1, 0.5]), ([0, 2, 4], [0.3, 0.7, 0.8])])
+      ([0, 2, 4], [0.2, 0.6, 0.8], [0.1, 0.5, 0.8], [0.3, 0.7, 0.8])
+    """
+    by_round: dict[int, list[float]] = {}
+    for rounds, values in series:
+        for x, v in zip(rounds, values):
+            by_round.setdefault(x, []).append(v)
+    rounds = sorted(by_round)
+    mean, low, high = [], [], []
+    for x in rounds:
+        vs = by_round[x]
+        nan = any(math.isnan(v) for v in vs)
+        mean.append(math.nan if nan else math.fsum(vs) / len(vs))
+        low.append(math.nan if nan else min(vs))
+        high.append(math.nan if nan else max(vs))
+    return rounds, mean, low, high
+
+
+def _style(i: int, colors: list[str]) -> dict:
+    """The i-th curve's colour; after the colour cycle, the next line style."""
+    return {"color": colors[i % len(colors)],
+            "linestyle": ("-", "--", ":", "-.")[i // len(colors) % 4]}
+
+
+def _draw(ax, series, style: dict, label: str | None, markers: bool):
+    """One curve: the mean of `series` and, over several runs, their min-max band."""
+    rounds, mean, low, high = aggregate_series(series)
+    (line,) = ax.plot(rounds, mean, label=label, marker="o" if markers and len(rounds) <= 30
+                      else None, markersize=3, linewidth=1.5, **style)
+    if len(series) > 1:
+        ax.fill_between(rounds, low, high, color=style["color"], alpha=0.2, linewidth=0)
+    return line
+
+
+def _legend(fig, ax, lines, labels: list[str], banded: bool):
+    """The legend outside the axes, to the right of the top one, so it hides no curve;
+    the figure grows by its width (and height, when it is taller than the axes)."""
+    wrapped = [textwrap.fill(label, LEGEND_WRAP, break_on_hyphens=False) for label in labels]
+    legend = ax.legend(lines, wrapped, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                       borderaxespad=0.0, fontsize="small", title_fontsize="small",
+                       ncols=1 + (len(lines) - 1) // 16,
+                       title="shaded: min to max over the runs" if banded else None)
+    box = legend.get_window_extent(fig.canvas.get_renderer())
+    width, height = box.width / fig.dpi, box.height / fig.dpi
+    fig.set_size_inches(fig.get_figwidth() + width + 0.1,
+                        max(fig.get_figheight(), height + 1.0))
+    return legend
+
+
 def plot_runs(run_dirs, metric: str, out, kind: str | None = None) -> PlotResult:
     """Draws `metric` against the round for each run into `out` (PNG, PDF or SVG by its
     suffix), written atomically.
+
+    Runs whose configs differ only in `seed` make one curve: their mean at each round, in
+    a band from their minimum to their maximum. Each curve is labelled by the options
+    that differ between the curves (`curve_labels`), in a legend outside the axes. When
+    the values come from the eval records and a run has fewer than 3 of them (e.g. it was
+    evaluated only at the end), a second panel below shows the per-round `train/loss` of
+    the train records, drawn the same way.
 
     Args:
       run_dirs: run directories (the `--out` of `fedjax run`).
@@ -186,7 +362,8 @@ def plot_runs(run_dirs, metric: str, out, kind: str | None = None) -> PlotResult
         records hold the metric most often (eval on a tie).
 
     Returns:
-      A `PlotResult` with the figure (one line per run, in run order) and the labels.
+      A `PlotResult` with the figure (its first axes holds one line per curve, in the order
+      of the curves' first runs) and the labels.
 
     Example:
       >>> plot_runs(["runs/a", "runs/b"], "test/accuracy", "curve.png").labels
@@ -205,7 +382,11 @@ def plot_runs(run_dirs, metric: str, out, kind: str | None = None) -> PlotResult
         raise ConfigError(f"metric {metric!r} is in no {kind} record of "
                           f"{', '.join(repr(m) for m in missing)}; plot the runs that have it")
 
-    fig = Figure(figsize=(7, 4.5), dpi=150)
+    sparse = kind == "eval" and any(len(_series(records, metric, kind)[0]) < MIN_EVALS
+                                    for _, records in runs)
+    losses = [_series(records, TRAIN_LOSS, "train") for _, records in runs]
+    with_loss = sparse and any(rounds for rounds, _ in losses)
+    fig = Figure(figsize=(5.6, 5.6 if with_loss else 4.0), dpi=150, layout="constrained")
     canvas = FigureCanvasAgg(fig)
     formats = canvas.get_supported_filetypes()
     fmt = out.suffix[1:].lower()
@@ -213,19 +394,33 @@ def plot_runs(run_dirs, metric: str, out, kind: str | None = None) -> PlotResult
         raise ConfigError(f"cannot tell the image format of {str(out)!r}: end the file name "
                           "in .png, .pdf or .svg")
     configs = [config for config, _ in runs]
-    labels = run_labels(run_dirs, configs)
-    ax = fig.add_subplot()
-    for (_, records), label in zip(runs, labels):
-        rounds, values = _series(records, metric, kind)
-        ax.plot(rounds, values, label=label, marker="o" if len(rounds) <= 30 else None,
-                markersize=3, linewidth=1.5)
-    ax.xaxis.get_major_locator().set_params(integer=True)  # rounds are whole numbers
-    ax.set_xlabel("round")
+    groups = seed_groups(configs)
+    labels = curve_labels(run_dirs, configs, groups)
+    if with_loss:
+        ax, loss_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    else:
+        ax, loss_ax = fig.add_subplot(), None
+    colors = _cycle_colors()
+    lines = []
+    for i, (group, label) in enumerate(zip(groups, labels)):
+        style = _style(i, colors)
+        series = [_series(runs[j][1], metric, kind) for j in group]
+        lines.append(_draw(ax, series, style, label, markers=True))
+        if loss_ax is not None:
+            loss_series = [losses[j] for j in group if losses[j][0]]
+            if loss_series:
+                _draw(loss_ax, loss_series, style, None, markers=False)
+    for a in (ax, loss_ax) if loss_ax is not None else (ax,):
+        a.xaxis.get_major_locator().set_params(integer=True)  # rounds are whole numbers
+        a.grid(alpha=0.3)
     ax.set_ylabel(metric)
     ax.set_title(_title(metric, kind, configs))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
+    if loss_ax is not None:
+        loss_ax.set_ylabel(f"{TRAIN_LOSS} (each round)")
+        loss_ax.set_xlabel("round")
+    else:
+        ax.set_xlabel("round")
+    _legend(fig, ax, lines, labels, banded=any(len(g) > 1 for g in groups))
 
     tmp = out.with_name(f".{out.name}.tmp")
     try:
@@ -243,7 +438,14 @@ def plot_runs(run_dirs, metric: str, out, kind: str | None = None) -> PlotResult
             tmp.unlink(missing_ok=True)
         except OSError:  # e.g. its folder does not exist: nothing was written
             pass
-    return PlotResult(path=out, figure=fig, labels=tuple(labels), kind=kind, metric=metric)
+    return PlotResult(path=out, figure=fig, labels=tuple(labels), kind=kind, metric=metric,
+                      runs=tuple(tuple(Path(run_dirs[j]) for j in g) for g in groups),
+                      train_loss=loss_ax is not None)
+
+
+def _cycle_colors() -> list[str]:
+    from matplotlib import rcParams
+    return list(rcParams["axes.prop_cycle"].by_key()["color"])
 
 
 def _title(metric: str, kind: str, configs) -> str:

@@ -7,7 +7,10 @@ import typer
 from typer.testing import CliRunner
 
 from cli import report
-from tests.fedjax_api.test_report import CONFIG, PNG, RECORDS, make_run, two_runs
+from cli.main import app as main_app
+from tests.fedjax_api.test_report import (CONFIG, PNG, RECORDS, make_run, seeded_runs,
+                                          two_runs)
+from tests.fedjax_api.tiny_task import NAME
 
 runner = CliRunner()
 
@@ -109,3 +112,42 @@ def test_register_adds_both_commands_to_an_app(tmp_path):
     res = runner.invoke(main, ["report", str(run)])
     assert res.exit_code == 0 and "4 of 5 rounds done" in flat(res)
     assert json.loads((run / "config.json").read_text())["task"] == "emnist"
+
+
+def test_plot_says_it_drew_seeds_as_one_curve(tmp_path):
+    pytest.importorskip("matplotlib")
+    dirs = seeded_runs(tmp_path)
+    out = tmp_path / "seeds.png"
+    res = runner.invoke(report.app, ["plot", *map(str, dirs), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert flat(res) == (f"wrote {out}: test/accuracy (eval records) of 5 runs as 2 curves "
+                         "(mean and min-max over seeds)")
+
+
+def test_plot_of_real_runs_evaluated_only_at_the_end(tmp_path):
+    """Two seeds of a tiny run evaluated once, at the end: one curve, the training loss
+    below."""
+    pytest.importorskip("matplotlib")
+    from fedjax_api import report as api
+
+    dirs = [tmp_path / f"seed{seed}" for seed in (0, 1)]
+    for seed, run_dir in enumerate(dirs):
+        res = runner.invoke(main_app, ["run", NAME, "--rounds", "3", "--clients-per-round",
+                                       "2", "--eval-every", "0", "--seed", str(seed),
+                                       "--out", str(run_dir)])
+        assert res.exit_code == 0, res.output
+    out = tmp_path / "end.png"
+    res = runner.invoke(main_app, ["plot", *map(str, dirs), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert flat(res) == (f"wrote {out}: test/accuracy (eval records) of 2 runs as 1 curve "
+                         "(mean and min-max over seeds), with their per-round train/loss "
+                         "below")
+    assert out.read_bytes()[:8] == PNG
+    result = api.plot_runs(dirs, "test/accuracy", tmp_path / "again.png")
+    assert result.labels == (f"{NAME} fedavg (2 seeds)",)
+    ax, loss_ax = result.figure.axes
+    assert list(ax.get_lines()[0].get_xdata()) == [3]
+    losses = [[r["train/loss"] for r in map(json.loads, (d / "metrics.jsonl").open())
+               if r["kind"] == "train"] for d in dirs]
+    assert list(loss_ax.get_lines()[0].get_ydata()) == pytest.approx(
+        [(a + b) / 2 for a, b in zip(*losses)])

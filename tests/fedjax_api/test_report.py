@@ -265,3 +265,176 @@ def test_labels_from_the_configs_that_differ(tmp_path):
     # Two directories of one name under different parents: the full paths.
     same = [tmp_path / "p" / "run", tmp_path / "q" / "run"]
     assert report.run_labels(same, [base, base]) == [str(p) for p in same]
+
+
+# --- plots a paper would use: seeds as a band, labels, the legend, the training loss -----
+
+def seeded_runs(tmp_path):
+    """Three seeds of client_lr 0.1 and two of 0.2, evaluated at rounds 0, 2 and 4; the
+    runs of 0.2 also differ in their data folder's parent and their chunk size, neither of
+    which may reach a label."""
+    base = {**CONFIG, "client_lr": 0.1, "seed": 0, "chunk_size": 1,
+            "data": "/very/long/path/to/leaf/train"}
+    accuracies = {(0.1, 0): [0.1, 0.4, 0.6], (0.1, 1): [0.2, 0.5, 0.9],
+                  (0.1, 2): [0.3, 0.3, 0.75], (0.2, 0): [0.1, 0.6, 0.7],
+                  (0.2, 1): [0.3, 0.8, 0.8]}
+    dirs = []
+    for (lr, seed), accs in accuracies.items():
+        config = {**base, "client_lr": lr, "seed": seed, "out": f"runs/{lr}-{seed}"}
+        records = [{"round": r, "kind": "eval", "test/accuracy": a}
+                   for r, a in zip((0, 2, 4), accs)]
+        dirs.append(make_run(tmp_path / f"lr{lr}-s{seed}", config, records))
+    return dirs
+
+
+def band_by_round(collection) -> dict[float, tuple[float, float]]:
+    """{round: (low, high)} of a fill_between band, read off its polygon's vertices."""
+    (path,) = collection.get_paths()
+    by_x = {}
+    for x, y in path.vertices:
+        by_x.setdefault(float(x), set()).add(round(float(y), 12))
+    return {x: (min(ys), max(ys)) for x, ys in by_x.items()}
+
+
+def test_plot_draws_seeds_as_their_mean_and_a_min_max_band(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.collections import PolyCollection
+
+    dirs = seeded_runs(tmp_path)
+    result = report.plot_runs(dirs, "test/accuracy", tmp_path / "seeds.png")
+    assert result.labels == ("client_lr=0.1 (3 seeds)", "client_lr=0.2 (2 seeds)")
+    assert result.runs == (tuple(dirs[:3]), tuple(dirs[3:]))
+    assert not result.train_loss
+    (ax,) = result.figure.axes
+    lines = ax.get_lines()
+    assert len(lines) == 2
+    assert list(lines[0].get_xdata()) == [0, 2, 4]
+    assert list(lines[0].get_ydata()) == pytest.approx([0.2, 0.4, 0.75])
+    assert list(lines[1].get_ydata()) == pytest.approx([0.2, 0.7, 0.75])
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 2
+    assert band_by_round(bands[0]) == {0.0: (0.1, 0.3), 2.0: (0.3, 0.5), 4.0: (0.6, 0.9)}
+    assert band_by_round(bands[1]) == {0.0: (0.1, 0.3), 2.0: (0.6, 0.8), 4.0: (0.7, 0.8)}
+    assert [b.get_facecolor()[0][:3].tolist() for b in bands] == [
+        list(line_rgb(line)) for line in lines]  # each band in its curve's colour
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == list(result.labels)
+    assert legend.get_title().get_text() == "shaded: min to max over the runs"
+
+
+def line_rgb(line):
+    from matplotlib.colors import to_rgb
+    return to_rgb(line.get_color())
+
+
+def test_plot_of_one_run_draws_no_band(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.collections import PolyCollection
+
+    a, b = two_runs(tmp_path)
+    result = report.plot_runs([a, b], "test/accuracy", tmp_path / "c.png")
+    (ax,) = result.figure.axes
+    assert not [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert ax.get_legend().get_title().get_text() == ""
+
+
+def assert_legend_hides_nothing(figure):
+    """The legend lies outside every axes and inside the saved figure."""
+    figure.canvas.draw()
+    (legend,) = [a.get_legend() for a in figure.axes if a.get_legend() is not None]
+    box = legend.get_window_extent()
+    for a in figure.axes:
+        assert not box.overlaps(a.get_window_extent()), (box, a.get_window_extent())
+    fig_box = figure.bbox
+    assert (box.x0 >= fig_box.x0 and box.y0 >= fig_box.y0 and box.x1 <= fig_box.x1
+            and box.y1 <= fig_box.y1), (box, fig_box)
+
+
+def test_plot_legend_hides_no_curve(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = report.plot_runs(seeded_runs(tmp_path), "test/accuracy", tmp_path / "c.png")
+    assert_legend_hides_nothing(result.figure)
+    # Twelve long labels: wrapped, and the figure grows to hold them.
+    dirs = []
+    for i in range(12):
+        config = {**CONFIG, "algorithm_options": {"a_rather_long_option_name": i,
+                                                  "another_long_option": 2 * i}}
+        dirs.append(make_run(tmp_path / f"long{i}", config, RECORDS))
+    result = report.plot_runs(dirs, "test/accuracy", tmp_path / "long.png")
+    assert result.labels[3] == "a_rather_long_option_name=3 another_long_option=6"
+    texts = [t.get_text() for t in result.figure.axes[0].get_legend().get_texts()]
+    assert texts[3] == "a_rather_long_option_name=3\nanother_long_option=6"
+    assert_legend_hides_nothing(result.figure)
+
+
+def test_plot_adds_the_training_loss_when_a_run_has_few_evaluations(tmp_path):
+    pytest.importorskip("matplotlib")
+    # Two seeds, evaluated once, at the end; seed 1's loss is seed 0's + 1; round 3 is NaN.
+    losses = {0: (2.0, 1.5, "nan", 1.0), 1: (3.0, 2.5, "nan", 2.0)}
+    runs = []
+    for seed, seed_losses in losses.items():
+        records = [{"round": r, "kind": "train", "train/loss": loss}
+                   for r, loss in zip((1, 2, 3, 4), seed_losses)]
+        records.append({"round": 4, "kind": "eval", "test/accuracy": 0.5 + 0.25 * seed})
+        runs.append(make_run(tmp_path / f"s{seed}", {**CONFIG, "seed": seed}, records))
+    result = report.plot_runs(runs, "test/accuracy", tmp_path / "end.png")
+    assert result.train_loss and result.labels == ("emnist fedavg (2 seeds)",)
+    ax, loss_ax = result.figure.axes
+    (line,) = ax.get_lines()  # the evaluation at the end: one point
+    assert list(line.get_xdata()) == [4] and list(line.get_ydata()) == [0.625]
+    assert loss_ax.get_ylabel() == "train/loss (each round)"
+    assert loss_ax.get_xlabel() == "round"
+    (loss_line,) = loss_ax.get_lines()
+    assert list(loss_line.get_xdata()) == [1, 2, 3, 4]
+    ys = list(loss_line.get_ydata())
+    assert ys[:2] == [2.5, 2.0] and math.isnan(ys[2]) and ys[3] == 1.5  # mean of 2 seeds
+    assert loss_line.get_color() == line.get_color()
+    assert len(loss_ax.collections) == 1  # the band of the two seeds
+    assert_legend_hides_nothing(result.figure)
+    # Three evaluations, or the train records plotted themselves: no second panel.
+    a, _ = two_runs(tmp_path)
+    assert len(report.plot_runs([a], "test/accuracy", tmp_path / "a.png").figure.axes) == 1
+    result = report.plot_runs(runs, "train/loss", tmp_path / "t.png")
+    assert result.kind == "train" and not result.train_loss and len(result.figure.axes) == 1
+
+
+def test_labels_leave_out_how_a_run_was_carried_out(tmp_path):
+    base = {"task": "t", "algorithm": "fedavg", "seed": 0, "chunk_size": 1, "devices": 1,
+            "eval_every": 10, "data": "/home/me/data/leaf/train", "out": "x"}
+    dirs = [tmp_path / n for n in ("r1", "r2", "r3")]
+    # fedprox ran with another chunk size, device count and eval_every: not in its label.
+    prox = {**base, "algorithm": "fedprox", "chunk_size": 8, "devices": 2, "eval_every": 5}
+    assert report.run_labels(dirs[:2], [base, prox]) == ["fedavg", "fedprox"]
+    # When nothing else differs, they tell the runs apart.
+    assert report.run_labels(dirs[:2], [base, {**base, "chunk_size": 8}]) == [
+        "chunk_size=1", "chunk_size=8"]
+    # Data folders: the shortest tail that tells them apart.
+    other = {**base, "data": "/home/me/data/leaf-iid/train"}
+    assert report.run_labels(dirs[:2], [base, other]) == [
+        "data=leaf/train", "data=leaf-iid/train"]
+    third = {**base, "data": "/scratch/partitions/alpha0.1"}
+    assert report.run_labels(dirs, [base, other, third]) == [
+        "data=leaf/train", "data=leaf-iid/train", "data=alpha0.1"]
+
+
+def test_seed_groups_and_their_labels(tmp_path):
+    base = {"task": "t", "algorithm": "fedavg", "client_lr": 0.1, "seed": 0, "out": "a"}
+    configs = [base, {**base, "client_lr": 0.2}, {**base, "seed": 1, "out": "b"}, None,
+               {**base, "seed": 1, "client_lr": 0.2, "out": "c"}, {**base, "out": "d"}]
+    groups = report.seed_groups(configs)
+    assert groups == [[0, 2, 5], [1, 4], [3]]
+    dirs = [tmp_path / f"r{i}" for i in range(6)]
+    assert report.curve_labels(dirs, configs, groups) == [
+        "client_lr=0.1 (3 runs)",  # seed 0 twice: "runs", not "seeds"
+        "client_lr=0.2 (2 seeds)", "r3"]
+    # One curve of several seeds says what it is.
+    assert report.curve_labels(dirs, configs, [[0, 2]]) == ["t fedavg (2 seeds)"]
+
+
+def test_aggregate_series_over_runs():
+    rounds, mean, low, high = report.aggregate_series(
+        [([0, 2, 4], [0.0, 1.0, math.nan]), ([0, 2, 4, 6], [2.0, 3.0, 4.0, 5.0])])
+    assert rounds == [0, 2, 4, 6]
+    assert mean[:2] == [1.0, 2.0] and low[:2] == [0.0, 1.0] and high[:2] == [2.0, 3.0]
+    assert all(math.isnan(v[2]) for v in (mean, low, high))  # a NaN run: a gap
+    assert (mean[3], low[3], high[3]) == (5.0, 5.0, 5.0)  # only one run logged round 6
