@@ -20,7 +20,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from fedjax_core import client_state, parallel
+from fedjax_core import parallel
 from fedjax_core.aggregate import registry as aggregators
 from fedjax_core.algorithms import registry
 from fedjax_core.algorithms.base import jit_round
@@ -102,7 +102,8 @@ def run_recorded(alg, model, seed: int, plan: parallel.Plan):
 
     The model starts from `model.init(key(seed))`; round r packs its cohort with `seed`
     and runs under the key `fold_in(key(seed + 100), r)`. THE ONLY place that drives a
-    round from the host: after the round-skeleton refactor, only this function changes.
+    round from the host: the round-skeleton refactor changed only this function (the
+    per-client index moved into the state; `jit_round` fits the stores).
 
     Returns:
       `(final_state, [metrics of round 0, 1, 2])`.
@@ -111,14 +112,10 @@ def run_recorded(alg, model, seed: int, plan: parallel.Plan):
     state = alg.init(model.init(jax.random.key(seed)))
     if plan.mesh is not None:
         state = parallel.replicate(state, plan)
-    index = client_state.StateIndex()
     metrics = []
     for r, clients in enumerate(COHORTS):
         cohort = pack_cohort(DATA, clients, batch_size=2, epochs=1, seed=seed, round_num=r,
                              steps=6)
-        if client_state.has_stores(state):
-            state, slots = client_state.prepare(index, state, cohort.client_index)
-            cohort = cohort._replace(slots=slots)
         state, m = step(state, cohort, jax.random.fold_in(jax.random.key(seed + 100), r))
         metrics.append(m)
     return state, metrics
