@@ -8,7 +8,8 @@ from fedjax_core.models.linear import classification_loss, classification_metric
 from fedjax_core.typing import Array, Batch, Params, PRNGKey
 
 
-def emnist_cnn(num_classes: int = 62, conv_impl: nn.ConvImpl = "auto") -> Model:
+def emnist_cnn(num_classes: int = 62, conv_impl: nn.ConvImpl = "auto",
+               kernels: nn.KernelChoice = "auto") -> Model:
     """The CNN of FedJAX's EMNIST task (Reddi et al., Adaptive Federated Optimization).
 
     `conv3x3(32) -> relu -> conv3x3(64) -> relu -> maxpool 2x2/2 -> dropout .25 ->
@@ -18,6 +19,10 @@ def emnist_cnn(num_classes: int = 62, conv_impl: nn.ConvImpl = "auto") -> Model:
       num_classes: number of classes `C` (62 for EMNIST-62).
       conv_impl: `"auto"`, `"lax"` or `"im2col"`, see `nn.conv2d`. `"auto"` uses im2col
         for training on CPU (fast inside `lax.scan`), `lax.conv` otherwise.
+      kernels: `"auto"` (the XLA:CPU kernels on a CPU backend, plain ones elsewhere),
+        `"plain"` (`jnp.dot`, `jax.random.bernoulli`: forward mode such as `jax.jvp` /
+        `jax.jacfwd` works too), `"cpu"`, or an `nn.Kernels`; see `nn.Kernels`.
+        Chosen once, here.
 
     Returns:
       A `Model`; `batch['x']` is `Float[Array, "B 28 28 1"]`, `batch['y']` is
@@ -28,10 +33,14 @@ def emnist_cnn(num_classes: int = 62, conv_impl: nn.ConvImpl = "auto") -> Model:
       >>> model = emnist_cnn()
       >>> params = model.init(jax.random.key(0))
       >>> logits = model.apply(params, {'x': x, 'y': y}, key=k, train=True)
+      >>> plain = emnist_cnn(kernels="plain")  # for forward mode on the loss itself:
+      >>> loss = lambda p: masked_mean_loss(plain, p, batch, mask, None, train=False)
+      >>> directional = jax.jvp(loss, (params,), (v,))[1]
 
     References:
       Reddi et al., "Adaptive Federated Optimization", ICLR 2021.
     """
+    k = nn.resolve_kernels(kernels)
 
     def init(key: PRNGKey) -> Params:
         k1, k2, k3, k4 = jax.random.split(key, 4)
@@ -48,14 +57,14 @@ def emnist_cnn(num_classes: int = 62, conv_impl: nn.ConvImpl = "auto") -> Model:
             raise ValueError("emnist_cnn: train=True needs a dropout key")
         k1, k2 = jax.random.split(key) if train else (None, None)
         x = batch["x"]
-        x = jax.nn.relu(nn.conv2d(params["conv_0"], x, impl=conv_impl, train=train))
-        x = jax.nn.relu(nn.conv2d(params["conv_1"], x, impl=conv_impl, train=train))
+        x = jax.nn.relu(nn.conv2d(params["conv_0"], x, impl=conv_impl, train=train, kernels=k))
+        x = jax.nn.relu(nn.conv2d(params["conv_1"], x, impl=conv_impl, train=train, kernels=k))
         x = nn.max_pool(x, 2, 2)
-        x = nn.dropout(x, 0.25, k1, train)
+        x = nn.dropout(x, 0.25, k1, train, kernels=k)
         x = x.reshape(x.shape[0], -1)
-        x = jax.nn.relu(nn.dense(params["dense_0"], x))
-        x = nn.dropout(x, 0.5, k2, train)
-        return nn.dense(params["dense_1"], x)
+        x = jax.nn.relu(nn.dense(params["dense_0"], x, kernels=k))
+        x = nn.dropout(x, 0.5, k2, train, kernels=k)
+        return nn.dense(params["dense_1"], x, kernels=k)
 
     return Model(init=init, apply=apply, loss=classification_loss,
                  metrics=classification_metrics)

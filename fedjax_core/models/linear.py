@@ -46,7 +46,7 @@ def _flatten(x: Array, dtype) -> Array:
 
 
 def mlp(input_shape: Sequence[int], hidden: Sequence[int] = (200, 200), *,
-        num_classes: int) -> Model:
+        num_classes: int, kernels: nn.KernelChoice = "auto") -> Model:
     """A multi-layer perceptron on flattened inputs.
 
     `h_0 = flatten(x)`; `h_{k+1} = relu(dense_k(h_k))`; `logits = dense_out(h_K)`.
@@ -55,6 +55,10 @@ def mlp(input_shape: Sequence[int], hidden: Sequence[int] = (200, 200), *,
       input_shape: shape of one example's `x`, e.g. `(28, 28, 1)`.
       hidden: widths of the hidden layers; `()` gives logistic regression.
       num_classes: number of classes `C`.
+      kernels: `"auto"` (the XLA:CPU kernels on a CPU backend, plain ones elsewhere),
+        `"plain"` (`jnp.dot`, `jax.random.bernoulli`: forward mode such as `jax.jvp` /
+        `jax.jacfwd` works too), `"cpu"`, or an `nn.Kernels`; see `nn.Kernels`.
+        Chosen once, here.
 
     Returns:
       A `Model`; `apply` maps `x: Float[Array, "B *input_shape"]` to logits `[B, C]`,
@@ -68,6 +72,7 @@ def mlp(input_shape: Sequence[int], hidden: Sequence[int] = (200, 200), *,
         raise TypeError("hidden must be a sequence of widths; pass num_classes= by keyword")
     widths = [math.prod(input_shape), *hidden, num_classes]
     names = [f"dense_{i}" for i in range(len(widths) - 1)]
+    k = nn.resolve_kernels(kernels)
 
     def init(key: PRNGKey) -> Params:
         keys = jax.random.split(key, len(names))
@@ -79,14 +84,15 @@ def mlp(input_shape: Sequence[int], hidden: Sequence[int] = (200, 200), *,
         del key, train
         h = _flatten(batch["x"], params[names[0]]["w"].dtype)
         for name in names[:-1]:
-            h = jax.nn.relu(nn.dense(params[name], h))
-        return nn.dense(params[names[-1]], h)
+            h = jax.nn.relu(nn.dense(params[name], h, kernels=k))
+        return nn.dense(params[names[-1]], h, kernels=k)
 
     return Model(init=init, apply=apply, loss=classification_loss,
                  metrics=classification_metrics)
 
 
-def logistic_regression(input_shape: Sequence[int], num_classes: int) -> Model:
+def logistic_regression(input_shape: Sequence[int], num_classes: int, *,
+                        kernels: nn.KernelChoice = "auto") -> Model:
     """Multinomial logistic regression on flattened inputs.
 
     `logits = flatten(x) @ w + b`.
@@ -94,6 +100,7 @@ def logistic_regression(input_shape: Sequence[int], num_classes: int) -> Model:
     Args:
       input_shape: shape of one example's `x`, e.g. `(28, 28, 1)`.
       num_classes: number of classes `C`.
+      kernels: see `mlp`.
 
     Returns:
       A `Model` (params `{'dense_0': {'w', 'b'}}`); see `mlp`.
@@ -101,7 +108,7 @@ def logistic_regression(input_shape: Sequence[int], num_classes: int) -> Model:
     Example:
       >>> model = logistic_regression((28, 28, 1), 62)  # 48,670 parameters
     """
-    return mlp(input_shape, (), num_classes=num_classes)
+    return mlp(input_shape, (), num_classes=num_classes, kernels=kernels)
 
 
 __all__ = ["classification_loss", "classification_metrics", "logistic_regression", "mlp"]

@@ -9,19 +9,23 @@ im2col (patches gathered by slicing, then one matmul). The second exists because
 XLA:CPU the kernel-gradient of `lax.conv_general_dilated` is 25-50x slower inside
 `lax.scan` / `fori_loop` / `while_loop` (jax-ml/jax#12868).
 
-Dense layers and im2col convolutions multiply through `matmul`, whose gradient on CPU is
-arranged for XLA:CPU's fast dot, and `dropout` draws its mask with the Threefry hash
-written out (bit for bit `jax.random.bernoulli`); see performance.md for the measurements.
+The layers multiply and draw dropout masks through a `Kernels` record that the model
+chooses when it is built (`emnist_cnn(kernels="auto" | "plain" | "cpu")`), never through
+global state. `Kernels.plain()` is `jnp.dot` and `jax.random.bernoulli`, and supports
+every autodiff mode; `Kernels.cpu()` takes the XLA:CPU kernels of
+`fedjax_core.models.cpu_kernels` (a matmul whose weight gradient XLA:CPU runs fast, a
+fused Threefry dropout mask: same values, no `jax.jvp` / `jax.jacfwd`); `"auto"` is
+`cpu()` on a CPU backend. A layer called without `kernels` is plain. See performance.md
+for the measurements.
 """
 
-import math
-from typing import Literal, NamedTuple, Sequence
+from typing import Callable, Literal, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
+from fedjax_core.models import cpu_kernels
 from fedjax_core.typing import Array, ArrayLike, Float, Int, PRNGKey
 
 ConvImpl = Literal["auto", "lax", "im2col"]
@@ -36,6 +40,141 @@ def _truncated_normal(key: PRNGKey, shape: Sequence[int], stddev: float,
                       dtype=jnp.float32) -> Array:
     """`stddev * z`, `z ~ N(0, 1)` truncated to [-2, 2] (haiku's TruncatedNormal)."""
     return stddev * jax.random.truncated_normal(key, -2.0, 2.0, tuple(shape), dtype)
+
+
+# ------------------------------------------------------------------------- kernels
+
+
+class Kernels(NamedTuple):
+    """The implementations behind a model's layers, chosen once when the model is built.
+
+    Three operations have a plain form and a faster form with a hand-written VJP. A model
+    factory takes `kernels=` (`"auto"`, `"plain"`, `"cpu"` or a `Kernels`), resolves it
+    with `resolve_kernels` when it is called, and passes the record to its layers; nothing
+    is switched globally, and two models with different kernels live side by side.
+
+    | choice | `matmul` | `bernoulli` | `lstm_custom_vjp` | `jax.jvp` |
+    | --- | --- | --- | --- | --- |
+    | `Kernels.plain()` | `jnp.dot` | `jax.random.bernoulli` | False | yes |
+    | `Kernels.cpu()` | `cpu_kernels.matmul` | `cpu_kernels.bernoulli` | True | no |
+    | `"auto"`, CPU backend | as `cpu()` | | | no |
+    | `"auto"`, other backends | `jnp.dot` | `jax.random.bernoulli` | True | not through LSTMs |
+
+    Every choice gives the same values up to float summation order, and the same dropout
+    bits. Every choice supports reverse mode, `vmap`, and second derivatives through the
+    gradient (reverse-over-reverse; forward-over-reverse, as in `jax.hessian` and
+    `jax.jvp(jax.grad(loss), ...)` Hessian-vector products). Forward mode on the model
+    itself (`jax.jvp(loss, ...)`, `jax.jacfwd(loss)`, `jax.linearize`) through a custom VJP
+    raises JAX's `TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp
+    function`: build the model with `kernels="plain"` for it.
+
+    Attributes:
+      matmul: `matmul(x [..., K], w [K, O]) -> [..., O]`, the product in `dense`,
+        `lstm_cell` and im2col `conv2d`.
+      bernoulli: `bernoulli(key, p, shape) -> Bool[shape]`, dropout's keep mask.
+      lstm_custom_vjp: whether the models run `lstm_unroll` with its hand-written
+        back-propagation through time (`custom_vjp=True`) instead of autodiff of the scan.
+
+    Example:
+      >>> model = emnist_cnn(kernels="plain")          # jax.jvp / jax.hessian work
+      >>> model = emnist_cnn(kernels=Kernels.cpu())    # XLA:CPU kernels on any backend
+      >>> y = dense(params, x, kernels=Kernels.cpu())  # one layer
+    """
+
+    matmul: Callable[[Array, Array], Array]
+    bernoulli: Callable[[PRNGKey, float, tuple[int, ...]], Array]
+    lstm_custom_vjp: bool
+
+    @staticmethod
+    def plain(lstm_custom_vjp: bool = False) -> "Kernels":
+        """`jnp.dot`, `jax.random.bernoulli` and (by default) autodiff of the LSTM scan.
+
+        Supports every autodiff mode, `jax.jvp` included, unless `lstm_custom_vjp`.
+
+        Args:
+          lstm_custom_vjp: run `lstm_unroll` with its hand-written gradient.
+
+        Returns:
+          A `Kernels`.
+
+        Example:
+          >>> Kernels.plain().matmul is jnp.dot
+          True
+        """
+        return Kernels(matmul=jnp.dot, bernoulli=jax.random.bernoulli,
+                       lstm_custom_vjp=bool(lstm_custom_vjp))
+
+    @staticmethod
+    def cpu(lstm_custom_vjp: bool = True) -> "Kernels":
+        """The XLA:CPU kernels: `cpu_kernels.matmul`, `cpu_kernels.bernoulli`, the LSTM's VJP.
+
+        Same values as `plain()` (up to float summation order; the same dropout bits),
+        faster training steps on XLA:CPU; no `jax.jvp` / `jax.jacfwd` on the model.
+
+        Args:
+          lstm_custom_vjp: run `lstm_unroll` with its hand-written gradient.
+
+        Returns:
+          A `Kernels`.
+
+        Example:
+          >>> Kernels.cpu().matmul is cpu_kernels.matmul
+          True
+        """
+        return Kernels(matmul=cpu_kernels.matmul, bernoulli=cpu_kernels.bernoulli,
+                       lstm_custom_vjp=bool(lstm_custom_vjp))
+
+
+KernelChoice = Union[Literal["auto", "plain", "cpu"], Kernels]
+"""What a model factory's `kernels=` takes: a name, or a `Kernels` record."""
+
+
+def resolve_kernels(kernels: KernelChoice = "auto", backend: str | None = None) -> Kernels:
+    """The `Kernels` record for a model factory's `kernels=` argument.
+
+    `"plain"` -> `Kernels.plain()`; `"cpu"` -> `Kernels.cpu()`; `"auto"` -> `Kernels.cpu()`
+    when `backend` is `"cpu"`, else `Kernels.plain(lstm_custom_vjp=True)`; a `Kernels` is
+    returned as it is. Model factories call it once, when the model is built.
+
+    Args:
+      kernels: `"auto"`, `"plain"`, `"cpu"` or a `Kernels`.
+      backend: the platform `"auto"` is for; default `jax.default_backend()` (which starts
+        JAX's backends, as any computation does).
+
+    Returns:
+      A `Kernels`.
+
+    Raises:
+      ValueError: `kernels` is none of these.
+
+    Example:
+      >>> resolve_kernels("auto", backend="cpu") == Kernels.cpu()
+      True
+    """
+    if isinstance(kernels, Kernels):
+        return kernels
+    if kernels == "plain":
+        return Kernels.plain()
+    if kernels == "cpu":
+        return Kernels.cpu()
+    if kernels == "auto":
+        if (backend or jax.default_backend()) == "cpu":
+            return Kernels.cpu()
+        return Kernels.plain(lstm_custom_vjp=True)
+    raise ValueError(f"kernels must be 'auto', 'plain', 'cpu' or an nn.Kernels, got {kernels!r}")
+
+
+def _kernels(kernels: Kernels | None) -> Kernels:
+    """A layer's `kernels` argument: `Kernels.plain()` when None."""
+    if kernels is None:
+        return _PLAIN
+    if not isinstance(kernels, Kernels):
+        raise TypeError(f"a layer's kernels= takes an nn.Kernels (or None for plain), got "
+                        f"{kernels!r}; resolve names with nn.resolve_kernels")
+    return kernels
+
+
+_PLAIN = Kernels.plain()
 
 
 # --------------------------------------------------------------------------- dense
@@ -65,14 +204,16 @@ def dense_init(key: PRNGKey, in_features: int, out_features: int,
     return {"w": w, "b": jnp.zeros((out_features,), dtype)}
 
 
-def dense(params: dict[str, Array], x: Float[ArrayLike, "... I"]) -> Float[Array, "... O"]:
+def dense(params: dict[str, Array], x: Float[ArrayLike, "... I"], *,
+          kernels: Kernels | None = None) -> Float[Array, "... O"]:
     """A dense layer on the last axis.
 
-    `y = x @ w + b`.
+    `y = x @ w + b`, the product by `kernels.matmul`.
 
     Args:
       params: from `dense_init`.
       x: `Float[Array, "... I"]`, any leading axes.
+      kernels: the model's `Kernels`; None for `Kernels.plain()` (`jnp.dot`).
 
     Returns:
       `Float[Array, "... O"]`.
@@ -81,7 +222,7 @@ def dense(params: dict[str, Array], x: Float[ArrayLike, "... I"]) -> Float[Array
       >>> dense({'w': jnp.ones((3, 2)), 'b': jnp.zeros(2)}, jnp.ones((5, 3))).shape
       (5, 2)
     """
-    return matmul(x, params["w"]) + params["b"]
+    return _kernels(kernels).matmul(jnp.asarray(x), params["w"]) + params["b"]
 
 
 # -------------------------------------------------------------------------- conv2d
@@ -157,7 +298,8 @@ def im2col_patches(x: Float[ArrayLike, "B H W C"], kh: int, kw: int,
 
 def conv2d(params: dict[str, Array], x: Float[ArrayLike, "B H W C"], *,
            impl: ConvImpl = "auto", train: bool = False,
-           strides: tuple[int, int] = (1, 1)) -> Float[Array, "B Ho Wo O"]:
+           strides: tuple[int, int] = (1, 1),
+           kernels: Kernels | None = None) -> Float[Array, "B Ho Wo O"]:
     """A 2-D convolution with 'VALID' padding, NHWC input, HWIO kernel.
 
     `y[b, y, x, o] = b[o] + sum_{i, j, c} x[b, y*sy + i, x*sx + j, c] * w[i, j, c, o]`.
@@ -170,6 +312,8 @@ def conv2d(params: dict[str, Array], x: Float[ArrayLike, "B H W C"], *,
         `train` and the default backend is CPU, else lax.
       train: whether this is a training pass (only used by `impl="auto"`).
       strides: `(sy, sx)`.
+      kernels: the model's `Kernels`, whose `matmul` the im2col form uses; None for
+        `Kernels.plain()`.
 
     Returns:
       `Float[Array, "B Ho Wo O"]`, `Ho = (H - kh) // sy + 1`.
@@ -187,93 +331,8 @@ def conv2d(params: dict[str, Array], x: Float[ArrayLike, "B H W C"], *,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     else:
         patches = im2col_patches(x, kh, kw, strides)
-        y = matmul(patches, w.reshape(kh * kw * cin, cout))
+        y = _kernels(kernels).matmul(patches, w.reshape(kh * kw * cin, cout))
     return y + bias
-
-
-def matmul(x: Float[ArrayLike, "... K"], w: Float[ArrayLike, "K O"]) -> Float[Array, "... O"]:
-    """`x @ w` over the last axis of `x`, with a weight gradient XLA:CPU runs fast.
-
-    Autodiff of `jnp.dot(x, w)` computes `dW = X^T dY` (`X` = `x` with its leading axes
-    flattened), a dot that contracts the leading axis of both operands; XLA:CPU hands
-    that to Eigen at about half the speed of its YNNPACK dot (EMNIST CNN conv2: 4.1 vs
-    2.1 ms at batch 20; vmapped small MLPs lose more). On CPU this function's VJP
-    computes `dW^T = dY^T X` with `dY^T` materialised instead, and keeps XLA from folding
-    the transposes back. Values equal `jnp.dot` up to float summation order; on other
-    backends, and after `set_fast_cpu_gradients(False)`, it is `jnp.dot`. Reverse mode
-    (also reverse-over-reverse) and vmap work; forward mode (`jax.jvp`, `jax.jacfwd`,
-    `jax.hessian`) does not: call `set_fast_cpu_gradients(False)` before tracing for it.
-
-    Args:
-      x: `Float[Array, "... K"]`.
-      w: `Float[Array, "K O"]`.
-
-    Returns:
-      `Float[Array, "... O"]`.
-
-    Example:
-      >>> matmul(jnp.ones((4, 5, 3)), jnp.ones((3, 2))).shape
-      (4, 5, 2)
-    """
-    x, w = jnp.asarray(x), jnp.asarray(w)
-    if not _FAST_CPU_GRADIENTS[0] or jax.default_backend() != "cpu":
-        return jnp.dot(x, w)
-    return _cpu_matmul(x, w)
-
-
-_FAST_CPU_GRADIENTS = [True]
-
-
-def set_fast_cpu_gradients(enabled: bool) -> bool:
-    """Turns `matmul`'s CPU weight-gradient rewrite (used by `dense` and im2col `conv2d`)
-    on or off for functions traced from now on; returns the previous setting.
-
-    Off, the layers are plain `jnp.dot` and support forward-mode autodiff
-    (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) on CPU, at the cost of slower training steps.
-
-    Args:
-      enabled: True (the default state) for the fast VJP, False for plain autodiff.
-
-    Returns:
-      The previous setting.
-
-    Example:
-      >>> previous = set_fast_cpu_gradients(False)
-      >>> hvp = jax.jvp(jax.grad(loss), (params,), (v,))[1]
-      >>> _ = set_fast_cpu_gradients(previous)
-    """
-    previous = _FAST_CPU_GRADIENTS[0]
-    _FAST_CPU_GRADIENTS[0] = bool(enabled)
-    return previous
-
-
-@jax.custom_vjp
-def _cpu_matmul(x: Array, w: Array) -> Array:
-    return jnp.dot(x, w)
-
-
-def _cpu_matmul_fwd(x, w):
-    return jnp.dot(x, w), (x, w)
-
-
-def _cpu_matmul_bwd(residuals, dy):
-    x, w = residuals
-    k, o = w.shape
-    # The barriers stop XLA from folding the transposes back into the dot, which would
-    # bring back the leading-axis contraction.
-    x2, dy2 = x.reshape(-1, k), dy.reshape(-1, o)
-    n = x2.shape[0]
-    if n * o + k * o <= n * k:
-        # dW^T = dY^T X, then a transpose of the small [O, K] result.
-        dy_t = lax.optimization_barrier(dy2.T)
-        dw = lax.optimization_barrier(jnp.dot(dy_t, x2)).T
-    else:
-        # dW = (X^T) dY with X^T materialised: cheaper when X has few rows.
-        dw = jnp.dot(lax.optimization_barrier(x2.T), dy2)
-    return jnp.dot(dy, w.T), dw
-
-
-_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
 
 
 # ------------------------------------------------------------------------ max_pool
@@ -370,17 +429,19 @@ def embedding(params: dict[str, Array], ids: Int[ArrayLike, "..."]) -> Float[Arr
 
 
 def dropout(x: Float[ArrayLike, "..."], rate: float, key: PRNGKey | None,
-            train: bool) -> Float[Array, "..."]:
+            train: bool, *, kernels: Kernels | None = None) -> Float[Array, "..."]:
     """Inverted dropout.
 
     `y = x * m / (1 - rate)`, `m ~ Bernoulli(1 - rate)` elementwise; `y = x` when
-    `not train` or `rate == 0`.
+    `not train` or `rate == 0`. The mask is `kernels.bernoulli(key, 1 - rate, x.shape)`:
+    `jax.random.bernoulli`'s bits with every `Kernels` choice.
 
     Args:
       x: any array.
       rate: probability of zeroing an element, a Python float in `[0, 1]`.
       key: PRNG key; needed only when `train` and `rate > 0`.
       train: whether to drop.
+      kernels: the model's `Kernels`; None for `Kernels.plain()` (`jax.random.bernoulli`).
 
     Returns:
       An array like `x`.
@@ -398,61 +459,8 @@ def dropout(x: Float[ArrayLike, "..."], rate: float, key: PRNGKey | None,
         raise ValueError("dropout with train=True and rate > 0 needs a key")
     if rate == 1.0:
         return jnp.zeros_like(x)
-    keep = _bernoulli(key, 1.0 - rate, x.shape)
+    keep = _kernels(kernels).bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
-
-
-def _bernoulli(key: PRNGKey, p: float, shape: tuple[int, ...]) -> Array:
-    """`jax.random.bernoulli(key, p, shape)`, bit for bit, as one fused elementwise pass.
-
-    On CPU, JAX lowers Threefry as a rolled 5-iteration loop that copies its state
-    arrays every iteration; for the EMNIST CNN's dropout masks that is ~1 ms of a
-    ~15 ms training step. Here the same hash (Threefry-2x32, 20 rounds, on the
-    counters JAX uses with `jax_threefry_partitionable`) is written out, so XLA fuses
-    it with the comparison. Falls back to `jax.random.bernoulli` for other key
-    implementations, 64-bit mode, the non-partitionable bit layout and huge shapes.
-    """
-    size = math.prod(shape)
-    key_data = _threefry_key_data(key)
-    if key_data is None or size >= 2**32:
-        return jax.random.bernoulli(key, p, shape)
-    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
-    counts = sum((lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(s)
-                  for d, s in enumerate(strides)), jnp.zeros(shape, jnp.uint32))
-    hi, lo = _threefry2x32(key_data[..., 0], key_data[..., 1],
-                           jnp.zeros(shape, jnp.uint32), counts)
-    # jax.random.uniform keeps the top 23 bits as the mantissa m: u = m / 2^23, and
-    # bernoulli is u < float32(p), i.e. m < ceil(float32(p) * 2^23).
-    threshold = math.ceil(float(np.float32(p)) * 2**23)
-    return ((hi ^ lo) >> jnp.uint32(9)) < jnp.uint32(threshold)
-
-
-def _threefry_key_data(key) -> Array | None:
-    """The `uint32[2]` data of a Threefry key whose bits `_bernoulli` can reproduce."""
-    if jax.config.jax_enable_x64 or not jax.config.jax_threefry_partitionable:
-        return None
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if str(jax.random.key_impl(key)) != "threefry2x32" or key.shape != ():
-            return None
-        return jax.random.key_data(key)
-    if jax.config.jax_default_prng_impl != "threefry2x32" or key.shape != (2,):
-        return None
-    return jnp.asarray(key, jnp.uint32)
-
-
-def _threefry2x32(k1: Array, k2: Array, x1: Array, x2: Array) -> tuple[Array, Array]:
-    """Threefry-2x32 with 20 rounds (Salmon et al., "Parallel random numbers: as easy
-    as 1, 2, 3", SC 2011), unrolled: the hash JAX's threefry2x32 primitive computes."""
-    rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
-    ks = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
-    x1, x2 = x1 + ks[0], x2 + ks[1]
-    for i in range(5):
-        for r in rotations[i % 2]:
-            x1 = x1 + x2
-            x2 = x1 ^ ((x2 << jnp.uint32(r)) | (x2 >> jnp.uint32(32 - r)))
-        x1 = x1 + ks[(i + 1) % 3]
-        x2 = x2 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
-    return x1, x2
 
 
 # ----------------------------------------------------------------------------- LSTM
@@ -514,8 +522,8 @@ def _lstm_gates(gates: Array, cell: Array) -> tuple[Array, LSTMState]:
     return h, LSTMState(hidden=h, cell=c)
 
 
-def lstm_cell(params: dict[str, Array], x: Float[ArrayLike, "B I"],
-              state: LSTMState) -> tuple[Float[Array, "B H"], LSTMState]:
+def lstm_cell(params: dict[str, Array], x: Float[ArrayLike, "B I"], state: LSTMState, *,
+              kernels: Kernels | None = None) -> tuple[Float[Array, "B H"], LSTMState]:
     """One step of an LSTM layer, in haiku's convention.
 
     `[i, g, f, o] = [x, h] @ w + b`;
@@ -525,6 +533,7 @@ def lstm_cell(params: dict[str, Array], x: Float[ArrayLike, "B I"],
       params: from `lstm_init`.
       x: `Float[Array, "B I"]`.
       state: `LSTMState` with `hidden`, `cell` of shape `[B, H]`.
+      kernels: the model's `Kernels` (its `matmul`); None for `Kernels.plain()`.
 
     Returns:
       `(h', LSTMState(h', c'))`, `h'` of shape `[B, H]`.
@@ -536,7 +545,7 @@ def lstm_cell(params: dict[str, Array], x: Float[ArrayLike, "B I"],
       (2, 5)
     """
     xh = jnp.concatenate([jnp.asarray(x), state.hidden], axis=-1)
-    return _lstm_gates(dense(params, xh), state.cell)
+    return _lstm_gates(dense(params, xh, kernels=kernels), state.cell)
 
 
 def _lstm_scan(x_proj: Array, w_h: Array, h0: Array, c0: Array,
@@ -611,8 +620,10 @@ def lstm_unroll(params: dict[str, Array], xs: Float[ArrayLike, "B T I"],
     back-propagation through time: a reverse scan that carries only `(dh, dc)`, then
     `dW = [X, H_prev]^T dZ` as matmuls over all steps at once. On XLA:CPU this makes a
     training step of the Shakespeare LSTM about 2x faster than autodiff of the scan.
-    It supports reverse mode (also reverse-over-reverse) and vmap, but not forward
-    mode (`jax.jvp`, `jax.jacfwd`, `jax.hessian`): pass `custom_vjp=False` for those.
+    It supports reverse mode, vmap, reverse-over-reverse and forward-over-reverse
+    (`jax.hessian`), but not forward mode on it directly (`jax.jvp`, `jax.jacfwd`):
+    pass `custom_vjp=False` for those. The task models pass their
+    `Kernels.lstm_custom_vjp` here.
 
     Args:
       params: from `lstm_init`.
@@ -649,6 +660,8 @@ def lstm_unroll(params: dict[str, Array], xs: Float[ArrayLike, "B T I"],
 
 __all__ = [
     "ConvImpl",
+    "KernelChoice",
+    "Kernels",
     "LSTMState",
     "conv2d",
     "conv2d_init",
@@ -662,7 +675,6 @@ __all__ = [
     "lstm_init",
     "lstm_initial_state",
     "lstm_unroll",
-    "matmul",
-    "set_fast_cpu_gradients",
     "max_pool",
+    "resolve_kernels",
 ]

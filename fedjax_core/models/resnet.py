@@ -28,7 +28,9 @@ The reference's dense layer ends in a softmax and trains on probabilities; this 
 returns logits and uses softmax cross-entropy, the same loss.
 
 Convolutions go through `nn.conv2d` (`conv_impl="auto"`: im2col for training on CPU,
-`lax.conv` otherwise); 'SAME' padding is explicit zero padding before a VALID conv.
+`lax.conv` otherwise); 'SAME' padding is explicit zero padding before a VALID conv. The
+im2col products and the dense layer multiply with the model's `nn.Kernels`
+(`kernels="auto"`: the XLA:CPU kernels on a CPU backend).
 """
 
 import math
@@ -79,7 +81,8 @@ def he_normal_conv_init(key: PRNGKey, in_channels: int, out_channels: int,
 
 
 def conv_same(w: Array, x: Float[ArrayLike, "B H W C"], stride: int = 1, *,
-              impl: nn.ConvImpl = "auto", train: bool = False) -> Float[Array, "B Ho Wo O"]:
+              impl: nn.ConvImpl = "auto", train: bool = False,
+              kernels: nn.Kernels | None = None) -> Float[Array, "B Ho Wo O"]:
     """A bias-free convolution with TensorFlow's 'SAME' padding, through `nn.conv2d`.
 
     `y = conv_valid(zero_pad(x), w)`, pads `((out - 1) * stride + k - size)` split with the
@@ -91,6 +94,7 @@ def conv_same(w: Array, x: Float[ArrayLike, "B H W C"], stride: int = 1, *,
       stride: the same in both spatial axes.
       impl: see `nn.conv2d`.
       train: whether this is a training pass (for `impl="auto"`).
+      kernels: the model's `nn.Kernels`; None for `nn.Kernels.plain()`.
 
     Returns:
       `Float[Array, "B Ho Wo O"]`.
@@ -103,7 +107,7 @@ def conv_same(w: Array, x: Float[ArrayLike, "B H W C"], stride: int = 1, *,
         x = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
     zero_bias = jnp.zeros((), w.dtype)
     return nn.conv2d({"w": w, "b": zero_bias}, x, impl=impl, train=train,
-                     strides=(stride, stride))
+                     strides=(stride, stride), kernels=kernels)
 
 
 def max_pool_same(x: Float[ArrayLike, "B H W C"], window: int = 3,
@@ -180,7 +184,8 @@ def group_norm(params: dict[str, Array], x: Float[ArrayLike, "B H W C"], groups:
 
 def resnet(num_classes: int = 100, repetitions: Sequence[int] = (2, 2, 2, 2),
            initial_filters: int = 64, groups: int = GROUPS, affine: bool = True,
-           in_channels: int = 3, conv_impl: nn.ConvImpl = "auto") -> Model:
+           in_channels: int = 3, conv_impl: nn.ConvImpl = "auto",
+           kernels: nn.KernelChoice = "auto") -> Model:
     """A ResNet v2 with basic blocks and group norm, in the layout of Reddi et al. / TFF.
 
     See the module docstring for the layers. `resnet18` is `repetitions=(2, 2, 2, 2)`,
@@ -195,6 +200,10 @@ def resnet(num_classes: int = 100, repetitions: Sequence[int] = (2, 2, 2, 2),
       affine: group norms with a learned per-channel scale and offset.
       in_channels: input channels.
       conv_impl: `"auto"`, `"lax"` or `"im2col"`, see `nn.conv2d`.
+      kernels: `"auto"` (the XLA:CPU kernels on a CPU backend, plain ones elsewhere),
+        `"plain"` (`jnp.dot`, `jax.random.bernoulli`: forward mode such as `jax.jvp` /
+        `jax.jacfwd` works too), `"cpu"`, or an `nn.Kernels`; see `nn.Kernels`.
+        Chosen once, here.
 
     Returns:
       A `Model`; `batch['x']` is `Float[Array, "B H W in_channels"]`, `batch['y']` is
@@ -203,6 +212,7 @@ def resnet(num_classes: int = 100, repetitions: Sequence[int] = (2, 2, 2, 2),
     stages = [(initial_filters * 2**s, int(r)) for s, r in enumerate(repetitions)]
     if any(r < 1 for _, r in stages) or not stages:
         raise ValueError(f"repetitions must be positive, got {tuple(repetitions)}")
+    kern = nn.resolve_kernels(kernels)
 
     def init(key: PRNGKey) -> Params:
         keys = iter(jax.random.split(key, 2 + 3 * sum(r for _, r in stages)))
@@ -234,7 +244,7 @@ def resnet(num_classes: int = 100, repetitions: Sequence[int] = (2, 2, 2, 2),
         del key
 
         def conv(w, x, stride=1):
-            return conv_same(w, x, stride, impl=conv_impl, train=train)
+            return conv_same(w, x, stride, impl=conv_impl, train=train, kernels=kern)
 
         def norm_relu(p, x):
             return jax.nn.relu(group_norm(p, x, groups))
@@ -255,17 +265,17 @@ def resnet(num_classes: int = 100, repetitions: Sequence[int] = (2, 2, 2, 2),
                 x = shortcut + h
         x = norm_relu(params["final_norm"], x)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.dense(params["dense"], x)
+        return nn.dense(params["dense"], x, kernels=kern)
 
     return Model(init=init, apply=apply, loss=classification_loss,
                  metrics=classification_metrics)
 
 
 def resnet18(num_classes: int = 100, groups: int = GROUPS, affine: bool = True,
-             conv_impl: nn.ConvImpl = "auto") -> Model:
+             conv_impl: nn.ConvImpl = "auto", kernels: nn.KernelChoice = "auto") -> Model:
     """ResNet-18 with group norm for CIFAR-100 (Reddi et al. 2021): 11,227,812 parameters.
 
-    `resnet(num_classes, (2, 2, 2, 2), 64, groups, affine, 3, conv_impl)`; 11,218,212
+    `resnet(num_classes, (2, 2, 2, 2), 64, groups, affine, 3, conv_impl, kernels)`; 11,218,212
     parameters with `affine=False` (TFF's later GN). Inputs are TFF's standardised 24x24
     crops (`fedjax_core.data.cifar100.preprocess_train` / `preprocess_eval`); 32x32 inputs
     work too.
@@ -279,17 +289,18 @@ def resnet18(num_classes: int = 100, groups: int = GROUPS, affine: bool = True,
       Mappings in Deep Residual Networks", 2016; Wu & He, "Group Normalization", 2018;
       Hsieh et al., "The Non-IID Data Quagmire of Decentralized Machine Learning", 2020.
     """
-    return resnet(num_classes, (2, 2, 2, 2), 64, groups, affine, 3, conv_impl)
+    return resnet(num_classes, (2, 2, 2, 2), 64, groups, affine, 3, conv_impl, kernels)
 
 
-def cifar100_logistic(input_shape: Sequence[int] = (24, 24, 3), num_classes: int = 100) -> Model:
+def cifar100_logistic(input_shape: Sequence[int] = (24, 24, 3), num_classes: int = 100, *,
+                      kernels: nn.KernelChoice = "auto") -> Model:
     """FedJAX's CIFAR-100 logistic regression: 172,900 parameters on 24x24x3 crops.
 
     `linear.logistic_regression(input_shape, num_classes)`; FedJAX's
     `models/cifar100.create_logistic_model` is built on 24x24x3 (TFF's crops), 307,300
     parameters on full 32x32x3 images.
     """
-    return linear.logistic_regression(input_shape, num_classes)
+    return linear.logistic_regression(input_shape, num_classes, kernels=kernels)
 
 
 __all__ = ["EPSILON", "GROUPS", "cifar100_logistic", "conv_same", "group_norm",

@@ -19,7 +19,7 @@ OOV = 89
 
 
 def shakespeare_lstm(vocab_size: int = 90, embed_size: int = 8, hidden_size: int = 256,
-                     num_layers: int = 2, custom_vjp: bool = True) -> Model:
+                     num_layers: int = 2, kernels: nn.KernelChoice = "auto") -> Model:
     """The character LSTM of FedJAX's Shakespeare task.
 
     `e_t = embed(x_t)`; for each layer `l`: `h^l_t = LSTM_l(in^l_t, state^l_{t-1})`,
@@ -38,8 +38,10 @@ def shakespeare_lstm(vocab_size: int = 90, embed_size: int = 8, hidden_size: int
       embed_size: embedding width.
       hidden_size: width of every LSTM layer.
       num_layers: number of stacked LSTM layers.
-      custom_vjp: use `nn.lstm_unroll`'s hand-written gradient (about 2x faster on
-        CPU; no forward-mode autodiff). False: plain autodiff of the scan.
+      kernels: `"auto"` (the XLA:CPU kernels on a CPU backend; elsewhere `jnp.dot`; both
+        with `nn.lstm_unroll`'s hand-written gradient, about 2x faster on CPU), `"plain"`
+        (`jnp.dot` and autodiff of the scan: forward mode such as `jax.jvp` / `jax.jacfwd`
+        works too), `"cpu"`, or an `nn.Kernels`; see `nn.Kernels`. Chosen once, here.
 
     Returns:
       A `Model`; `batch['x']`, `batch['y']` are `Int[Array, "B T"]`, logits `[B, T, V]`.
@@ -54,6 +56,7 @@ def shakespeare_lstm(vocab_size: int = 90, embed_size: int = 8, hidden_size: int
     oov = vocab_size - 1  # == OOV for the default vocabulary of 90
     excluded = (PAD, BOS, EOS, oov)
     layer_names = [f"lstm_{i}" for i in range(num_layers)]
+    k = nn.resolve_kernels(kernels)
 
     def init(key: PRNGKey) -> Params:
         keys = jax.random.split(key, num_layers + 2)
@@ -70,9 +73,9 @@ def shakespeare_lstm(vocab_size: int = 90, embed_size: int = 8, hidden_size: int
         del key, train
         h = nn.embedding(params["embed"], batch["x"])
         for name in layer_names:
-            hs, _ = nn.lstm_unroll(params[name], h, custom_vjp=custom_vjp)
+            hs, _ = nn.lstm_unroll(params[name], h, custom_vjp=k.lstm_custom_vjp)
             h = jnp.tanh(hs)
-        return nn.dense(params["dense"], h)
+        return nn.dense(params["dense"], h, kernels=k)
 
     def loss(batch: Batch, logits: Array) -> Array:
         ce = metrics_lib.sequence_token_cross_entropy(logits, batch["y"])

@@ -18,7 +18,8 @@ EOS = 2
 
 def stackoverflow_lstm(vocab_size: int = 10_000, embed_size: int = 96, hidden_size: int = 670,
                        num_layers: int = 1, share_input_output_embeddings: bool = False,
-                       expected_length: float | None = None, custom_vjp: bool = True) -> Model:
+                       expected_length: float | None = None,
+                       kernels: nn.KernelChoice = "auto") -> Model:
     """The word LSTM of FedJAX's Stack Overflow task (Reddi et al. 2021).
 
     Token ids: PAD 0, BOS 1, EOS 2, words `3 .. V + 2`, OOV `V + 3`; `V + 4` ids in all.
@@ -52,7 +53,10 @@ def stackoverflow_lstm(vocab_size: int = 10_000, embed_size: int = 96, hidden_si
       share_input_output_embeddings: logits from the transposed input embeddings plus a
         bias (3,090,364 parameters with the defaults) instead of a dense layer.
       expected_length: optional constant that divides the training loss.
-      custom_vjp: use `nn.lstm_unroll`'s hand-written gradient (no forward-mode autodiff).
+      kernels: `"auto"` (the XLA:CPU kernels on a CPU backend; elsewhere `jnp.dot`; both
+        with `nn.lstm_unroll`'s hand-written gradient), `"plain"` (`jnp.dot` and autodiff
+        of the scan: `jax.jvp` / `jax.jacfwd` work too), `"cpu"`, or an `nn.Kernels`; see
+        `nn.Kernels`. Chosen once, here.
 
     Returns:
       A `Model`; `batch['x']`, `batch['y']` are `Int[Array, "B T"]`, logits `[B, T, V + 4]`.
@@ -69,6 +73,7 @@ def stackoverflow_lstm(vocab_size: int = 10_000, embed_size: int = 96, hidden_si
     oov = vocab_size + 3
     excluded = (PAD, BOS, EOS, oov)
     scale = None if expected_length is None else 1.0 / expected_length
+    k = nn.resolve_kernels(kernels)
 
     def init(key: PRNGKey) -> Params:
         keys = jax.random.split(key, 2 * num_layers + 2)
@@ -87,11 +92,11 @@ def stackoverflow_lstm(vocab_size: int = 10_000, embed_size: int = 96, hidden_si
         del key, train
         h = nn.embedding(params["embed"], batch["x"])
         for i in range(num_layers):
-            hs, _ = nn.lstm_unroll(params[f"lstm_{i}"], h, custom_vjp=custom_vjp)
-            h = nn.dense(params[f"proj_{i}"], jnp.tanh(hs))
+            hs, _ = nn.lstm_unroll(params[f"lstm_{i}"], h, custom_vjp=k.lstm_custom_vjp)
+            h = nn.dense(params[f"proj_{i}"], jnp.tanh(hs), kernels=k)
         if share_input_output_embeddings:
             return jnp.dot(h, params["embed"]["embeddings"].T) + params["output_bias"]
-        return nn.dense(params["dense"], h)
+        return nn.dense(params["dense"], h, kernels=k)
 
     def loss(batch: Batch, logits: Array) -> Array:
         per_sequence = metrics_lib.sequence_cross_entropy(logits, batch["y"], (PAD,))

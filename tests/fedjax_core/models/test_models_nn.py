@@ -31,9 +31,10 @@ def test_dense_values():
     np.testing.assert_allclose(nn.dense(p, jnp.array([[1.0, 1.0]])), [[4.5, 5.0]])
 
 
+@pytest.mark.parametrize("kernels", [None, nn.Kernels.cpu()])
 @pytest.mark.parametrize("kernel,strides", [((3, 3), (1, 1)), ((2, 3), (1, 1)),
                                             ((3, 3), (2, 2))])
-def test_im2col_conv_matches_lax_conv_forward_and_gradients(kernel, strides):
+def test_im2col_conv_matches_lax_conv_forward_and_gradients(kernel, strides, kernels):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(2, 7, 8, 3)), jnp.float32)
     p = {"w": jnp.asarray(rng.normal(size=(*kernel, 3, 4)) / 5, jnp.float32),
@@ -41,7 +42,7 @@ def test_im2col_conv_matches_lax_conv_forward_and_gradients(kernel, strides):
 
     def f(impl):
         def out(p, x):
-            return nn.conv2d(p, x, impl=impl, strides=strides)
+            return nn.conv2d(p, x, impl=impl, strides=strides, kernels=kernels)
         return jax.jit(out)
 
     y_lax = f("lax")(p, x)
@@ -227,121 +228,29 @@ def test_lstm_unroll_is_one_scan():
         assert jaxpr.count("scan[") == 1
 
 
-def test_dropout_zeroes_rate_fraction_and_rescales():
+@pytest.mark.parametrize("kernels", [None, nn.Kernels.cpu()])
+def test_dropout_zeroes_rate_fraction_and_rescales(kernels):
     x = jnp.ones((100_000,))
-    y = nn.dropout(x, 0.3, jax.random.key(0), train=True)
+    y = nn.dropout(x, 0.3, jax.random.key(0), train=True, kernels=kernels)
     zero_frac = float(jnp.mean(y == 0))
     assert abs(zero_frac - 0.3) < 0.01
     np.testing.assert_allclose(y[y != 0], 1 / 0.7, rtol=1e-6)
     assert abs(float(jnp.mean(y)) - 1.0) < 0.02
 
 
-def test_dropout_identity_cases_and_errors():
+@pytest.mark.parametrize("kernels", [None, nn.Kernels.cpu()])
+def test_dropout_identity_cases_and_errors(kernels):
+    drop = functools.partial(nn.dropout, kernels=kernels)
     x = jnp.arange(4.0)
-    np.testing.assert_array_equal(nn.dropout(x, 0.5, jax.random.key(0), train=False), x)
-    np.testing.assert_array_equal(nn.dropout(x, 0.5, None, train=False), x)
-    np.testing.assert_array_equal(nn.dropout(x, 0.0, None, train=True), x)
-    np.testing.assert_array_equal(nn.dropout(x, 1.0, jax.random.key(0), train=True), 0.0)
+    np.testing.assert_array_equal(drop(x, 0.5, jax.random.key(0), train=False), x)
+    np.testing.assert_array_equal(drop(x, 0.5, None, train=False), x)
+    np.testing.assert_array_equal(drop(x, 0.0, None, train=True), x)
+    np.testing.assert_array_equal(drop(x, 1.0, jax.random.key(0), train=True), 0.0)
     with pytest.raises(ValueError):
-        nn.dropout(x, 0.5, None, train=True)
+        drop(x, 0.5, None, train=True)
     # Same key, same mask; different keys, different masks.
-    a = nn.dropout(jnp.ones(64), 0.5, jax.random.key(1), True)
-    b = nn.dropout(jnp.ones(64), 0.5, jax.random.key(1), True)
-    c = nn.dropout(jnp.ones(64), 0.5, jax.random.key(2), True)
+    a = drop(jnp.ones(64), 0.5, jax.random.key(1), True)
+    b = drop(jnp.ones(64), 0.5, jax.random.key(1), True)
+    c = drop(jnp.ones(64), 0.5, jax.random.key(2), True)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
-
-
-@pytest.mark.parametrize("shape", [(7,), (20, 12, 12, 64), (3, 5, 2), ()])
-@pytest.mark.parametrize("rate", [0.25, 0.5, 0.1, 1e-3, 1 / 3])
-def test_dropout_mask_is_jax_bernoulli_bit_for_bit(shape, rate):
-    # The unrolled Threefry reproduces jax.random.bernoulli exactly, so switching to it
-    # changed no run's numbers; typed, raw and folded keys, eager and jitted.
-    keys = [jax.random.key(3), jax.random.fold_in(jax.random.key(1), 7), jax.random.PRNGKey(5)]
-    for key in keys:
-        expected = jax.random.bernoulli(key, 1.0 - rate, shape)
-        np.testing.assert_array_equal(nn._bernoulli(key, 1.0 - rate, shape), expected)
-        jitted = jax.jit(nn._bernoulli, static_argnums=(1, 2))(key, 1.0 - rate, shape)
-        np.testing.assert_array_equal(jitted, expected)
-    x = jnp.arange(1.0, 1.0 + math.prod(shape)).reshape(shape)
-    want = jnp.where(jax.random.bernoulli(keys[0], 1.0 - rate, shape), x / (1.0 - rate), 0.0)
-    np.testing.assert_array_equal(nn.dropout(x, rate, keys[0], train=True), want)
-
-
-def test_dropout_mask_under_vmap_and_other_key_impls():
-    keys = jax.random.split(jax.random.key(0), 4)
-    got = jax.vmap(lambda k: nn._bernoulli(k, 0.75, (5, 6)))(keys)
-    want = jax.vmap(lambda k: jax.random.bernoulli(k, 0.75, (5, 6)))(keys)
-    np.testing.assert_array_equal(got, want)
-    # rbg keys take jax.random.bernoulli itself.
-    rbg = jax.random.key(0, impl="rbg")
-    assert nn._threefry_key_data(rbg) is None
-    np.testing.assert_array_equal(nn._bernoulli(rbg, 0.5, (9,)),
-                                  jax.random.bernoulli(rbg, 0.5, (9,)))
-
-
-def test_threefry_matches_the_published_known_answer():
-    # Random123's known-answer vectors for Threefry-2x32 with 20 rounds.
-    u32 = lambda v: jnp.asarray(v, jnp.uint32)  # noqa: E731
-    out = nn._threefry2x32(u32(0x13198A2E), u32(0x03707344), u32(0x243F6A88), u32(0x85A308D3))
-    assert [int(v) for v in out] == [0xC4923A9C, 0x483DF7A0]
-    out = nn._threefry2x32(u32(0), u32(0), u32(0), u32(0))
-    assert [int(v) for v in out] == [0x6B200159, 0x99BA4EFE]
-
-
-@pytest.mark.parametrize("x_shape, w_shape", [
-    ((7, 5, 3), (3, 4)),      # few rows: dW^T = dY^T X
-    ((2, 40), (40, 6)),       # few rows, wide input: dW = (X^T) dY
-    ((64, 3), (3, 2)),
-])
-def test_matmul_gradients_equal_plain_dot(x_shape, w_shape):
-    kx, kw = jax.random.split(jax.random.key(0))
-    x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
-
-    def loss(dot):
-        return lambda x, w: jnp.sum(jnp.sin(dot(x, w)))
-
-    np.testing.assert_allclose(nn.matmul(x, w), jnp.dot(x, w), rtol=1e-6)
-    got = jax.grad(loss(nn.matmul), (0, 1))(x, w)
-    want = jax.grad(loss(jnp.dot), (0, 1))(x, w)
-    for g, e in zip(got, want):
-        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
-    # vmap over a leading client axis and reverse-over-reverse.
-    xs = jnp.stack([x, 2 * x])
-    np.testing.assert_allclose(jax.vmap(jax.grad(loss(nn.matmul), 1), (0, None))(xs, w),
-                               jax.vmap(jax.grad(loss(jnp.dot), 1), (0, None))(xs, w),
-                               rtol=1e-5, atol=1e-5)
-
-    def second(dot):
-        return jax.grad(lambda w: jnp.sum(jax.grad(loss(dot), 1)(x, w) ** 2))(w)
-
-    np.testing.assert_allclose(second(nn.matmul), second(jnp.dot), rtol=1e-4, atol=1e-4)
-
-
-def _weight_grad_dots(dot, x, w) -> list[str]:
-    """Dots of the compiled weight gradient that contract the lhs's leading axis."""
-    text = jax.jit(jax.grad(lambda w: jnp.sum(dot(x, w)))).lower(w).compile().as_text()
-    return [line for line in text.splitlines()
-            if " dot(" in line and "lhs_contracting_dims={0}" in line]
-
-
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the rewrite is CPU-only")
-def test_matmul_weight_gradient_avoids_leading_axis_contraction():
-    # The reason matmul exists: plain autodiff gives XLA:CPU a dot contracting the
-    # leading axis (Eigen, ~2x slower than YNNPACK for EMNIST's conv2 im2col shape).
-    x, w = jnp.ones((2 * 24 * 24, 288)), jnp.ones((288, 64))
-    assert _weight_grad_dots(jnp.dot, x, w), "plain autodiff no longer gives the slow dot"
-    assert _weight_grad_dots(nn.matmul, x, w) == []
-
-
-def test_set_fast_cpu_gradients_restores_forward_mode():
-    x, w = jnp.ones((2, 3)), jnp.ones((3, 2))
-    previous = nn.set_fast_cpu_gradients(False)
-    try:
-        _, tangent = jax.jvp(lambda w: nn.matmul(x, w), (w,), (w,))
-        np.testing.assert_allclose(tangent, jnp.full((2, 2), 3.0))
-    finally:
-        assert nn.set_fast_cpu_gradients(previous) is False
-    if jax.default_backend() == "cpu":
-        with pytest.raises(TypeError, match="forward-mode"):
-            jax.jvp(lambda w: nn.matmul(x, w), (w,), (w,))

@@ -134,7 +134,8 @@ def test_stackoverflow_loss_and_metrics_by_hand():
 
 def test_stackoverflow_gradients_custom_vjp_match_autodiff():
     kw = dict(vocab_size=5, embed_size=3, hidden_size=4)
-    fast, plain = stackoverflow_lstm(**kw), stackoverflow_lstm(**kw, custom_vjp=False)
+    autodiff = nn.resolve_kernels("auto")._replace(lstm_custom_vjp=False)
+    fast, plain = stackoverflow_lstm(**kw), stackoverflow_lstm(**kw, kernels=autodiff)
     params = _numpy_params(fast, scale=2.0)
     batch = {"x": jnp.array([[BOS, 3, 4, 8], [BOS, 7, 5, 0]]),
              "y": jnp.array([[3, 4, 8, EOS], [7, 5, EOS, PAD]])}
