@@ -152,6 +152,16 @@ def linear_model() -> Model:
     return Model(lambda key: {"w": jnp.float32(4.0)}, apply, loss, metrics)
 
 
+def hand_cohort():
+    """Client 0: x [1, 2, 4 | 3, 6, 1], domains [1, 0, 0 | 0, 2, 2]; client 1: x [8, 10, 5],
+    domains [1, 3, 1]; batch 3, one epoch."""
+    clients = [{"x": np.array([1, 2, 4, 3, 6, 1], np.float32),
+                "domain_id": np.array([1, 0, 0, 0, 2, 2], np.int32)},
+               {"x": np.array([8, 10, 5], np.float32),
+                "domain_id": np.array([1, 3, 1], np.int32)}]
+    return pack_clients(clients, batch_size=3, epochs=1, bucket=False)
+
+
 @pytest.mark.parametrize("batch_loss", ["sum", "mean"])
 def test_hand_computed_round(batch_loss):
     # w = 4, loss x * w. Client 0: x [1, 2, 4 | 3, 6, 1], domains [1, 0, 0 | 0, 2, 2];
@@ -166,11 +176,7 @@ def test_hand_computed_round(batch_loss):
     # Domain mean losses at w = 4: [4 * 9 / 3, 4 * 14 / 3, 4 * 7 / 2, 4 * 10] = [12, 56/3, 14, 40];
     # EG with eta 0.01: lambda ~ [.1 e^.12, .2 e^(.56/3), .3 e^.14, .4 e^.4], normalised.
     model = linear_model()
-    clients = [{"x": np.array([1, 2, 4, 3, 6, 1], np.float32),
-                "domain_id": np.array([1, 0, 0, 0, 2, 2], np.int32)},
-               {"x": np.array([8, 10, 5], np.float32),
-                "domain_id": np.array([1, 3, 1], np.int32)}]
-    cohort = pack_clients(clients, batch_size=3, epochs=1, bucket=False)
+    cohort = hand_cohort()
     alg = agnostic_fedavg(optax.sgd(1.0), optax.sgd(0.1), num_domains=4,
                           domain_learning_rate=0.01, domain_window_size=2,
                           init_domain_weights=[0.1, 0.2, 0.3, 0.4],
@@ -198,11 +204,7 @@ def test_hand_computed_round(batch_loss):
 def test_per_client_alpha_and_beta():
     # test_hand_computed_round's clients: alpha = 0.1 for every domain, beta = [0.6, 0.3].
     model = linear_model()
-    clients = [{"x": np.array([1, 2, 4, 3, 6, 1], np.float32),
-                "domain_id": np.array([1, 0, 0, 0, 2, 2], np.int32)},
-               {"x": np.array([8, 10, 5], np.float32),
-                "domain_id": np.array([1, 3, 1], np.int32)}]
-    cohort = pack_clients(clients, batch_size=3, epochs=1, bucket=False)
+    cohort = hand_cohort()
     alg = agnostic_fedavg(optax.sgd(1.0), optax.sgd(0.1), num_domains=4,
                           init_domain_weights=[0.1, 0.2, 0.3, 0.4],
                           init_domain_window=[1.0, 2.0, 3.0, 4.0])
