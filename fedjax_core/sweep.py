@@ -25,7 +25,9 @@ The algorithm is built inside the traced function from traced scalar hyperparame
 (`build(hparams) -> FederatedAlgorithm`, e.g. `fedavg(optax.sgd(hparams["client_lr"]),
 ...)`), so a hyperparameter can be swept only if the algorithm uses it as a number.
 One that sets a shape or a Python branch (a cluster count, a `if lr > 0`) is refused
-with a `SweepError` naming it.
+with a `SweepError` naming it. So is an algorithm (or aggregator) that keeps state per
+client (SCAFFOLD's control variates, Ditto's personal models, error feedback): its
+store grows on the host between rounds (`client_state.fit`), outside the program.
 """
 
 from typing import Callable, NamedTuple, Sequence
@@ -34,7 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_core import keys
+from fedjax_core import client_state
+from fedjax_core import keys as streams  # not `keys`: the rounds' argument of seed keys
 from fedjax_core.algorithms.base import FederatedAlgorithm
 from fedjax_core.data.device import IndexedBatches
 from fedjax_core.data.pack import Cohort, pad_cohort
@@ -42,8 +45,9 @@ from fedjax_core.models.base import Model
 from fedjax_core.parallel import Plan
 from fedjax_core.typing import Array, Float, PyTree, State
 
-INIT_KEY = keys.INIT
-"""`model.init(fold_in(key(seed), INIT_KEY))`, as `fedjax_api.Server.create` does."""
+INIT_KEY = streams.INIT
+"""`model.init(fold_in(key(seed), INIT_KEY))` (`keys.init_key`), as `fedjax_api.Server.create`
+does."""
 
 Build = Callable[[dict[str, Array]], FederatedAlgorithm]
 """`build(hparams) -> FederatedAlgorithm`, with `hparams` the swept hyperparameters by
@@ -51,8 +55,16 @@ name, each a scalar (traced inside the sweep)."""
 
 
 class SweepError(ValueError):
-    """A hyperparameter that cannot be swept in one program (it sets a shape or a
-    Python branch of the algorithm)."""
+    """A sweep that cannot run as one program: a hyperparameter that sets a shape or a
+    Python branch of the algorithm, or an algorithm that keeps state per client."""
+
+
+def _refuse_client_state(state: State) -> None:
+    """Raises a `SweepError` when `state` holds per-client stores (`client_state.has_stores`)."""
+    if client_state.has_stores(state):
+        raise SweepError("cannot sweep an algorithm that keeps state per client (its "
+                         "per-client store grows between rounds, outside one program); "
+                         "run its settings as separate runs")
 
 
 class Layout(NamedTuple):
@@ -172,8 +184,6 @@ def stack_cohorts(cohorts: Sequence[Cohort]) -> Cohort:
     """
     if not cohorts:
         raise ValueError("no cohorts to stack")
-    if any(c.slots is not None for c in cohorts):
-        raise ValueError("cohorts with per-client state slots cannot be stacked")
     indexed = [isinstance(c.batches, IndexedBatches) for c in cohorts]
     if any(indexed):
         source = cohorts[0].batches.source if indexed[0] else None
@@ -219,14 +229,14 @@ def _maker(build: Build, hparams: dict) -> Build:
 
 def _init_one(make: Build, model: Model, width: int):
     def init(key, hparams):
-        params = model.init(jax.random.fold_in(key, INIT_KEY))
+        params = model.init(streams.init_key(key))
         return jax.vmap(lambda hp: make(hp).init(params), axis_size=width)(hparams)
     return init
 
 
 def _round_one(make: Build, model: Model, plan: Plan):
     def one(state, cohort, key, round_num, hparams):
-        round_key = jax.random.fold_in(key, round_num)
+        round_key = streams.round_key(key, round_num)
 
         def member_round(st, hp):
             return make(hp).apply(st, cohort, round_key, model=model, plan=plan)
@@ -273,6 +283,10 @@ def sweep_init(build: Build, model: Model, lay: Layout,
     Returns:
       The algorithm's state with leaves `[S, H, ...]`.
 
+    Raises:
+      SweepError: when a swept hyperparameter cannot be traced, or when the algorithm
+        keeps state per client.
+
     Example:
       >>> lay = layout([0, 0, 1])
       >>> hp = {"client_lr": on_grid(lay, [0.01, 0.1, 0.01])}
@@ -281,10 +295,12 @@ def sweep_init(build: Build, model: Model, lay: Layout,
     hparams = {k: jnp.asarray(v) for k, v in hparams.items()}
     one = _init_one(_maker(build, hparams), model, lay.width)
     try:
-        return jax.jit(jax.vmap(one))(seed_keys(lay.seeds), hparams)
+        state = jax.jit(jax.vmap(one))(seed_keys(lay.seeds), hparams)
     except Exception as e:
         _explain(e, build, lambda alg: alg.init(model.init(jax.random.key(0))), hparams)
         raise
+    _refuse_client_state(state)
+    return state
 
 
 def sweep_round(build: Build, model: Model, plan: Plan = Plan(), seeds_together: int = 1):
@@ -313,7 +329,8 @@ def sweep_round(build: Build, model: Model, plan: Plan = Plan(), seeds_together:
 
     Raises:
       SweepError: on the first call, when a swept hyperparameter cannot be traced (it
-        sets a shape or a Python branch); the message names it.
+        sets a shape or a Python branch); the message names it. On any call, when the
+        state keeps per-client stores.
 
     Example:
       >>> step = sweep_round(build, model)
@@ -339,6 +356,7 @@ def sweep_round(build: Build, model: Model, plan: Plan = Plan(), seeds_together:
         return compiled[swept]
 
     def round_fn(state, cohorts, keys, round_num, hparams):
+        _refuse_client_state(state)
         hparams = {k: jnp.asarray(v) for k, v in hparams.items()}
         round_num = jnp.asarray(round_num, jnp.int32)
         try:

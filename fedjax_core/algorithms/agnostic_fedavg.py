@@ -44,39 +44,26 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_core import parallel
+from fedjax_core import keys, tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.aggregate.mean import mean
 from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
-from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY, round_metrics
-from fedjax_core.client import client_update, first_epoch_mask
+from fedjax_core.client import ClientContext, ClientReport
 from fedjax_core.data.device import feature_names
-from fedjax_core.models.base import Model
-from fedjax_core.typing import Array, Float, Params, PyTree
-
-DOMAIN_KEY = 0x7FFFFFFD
-"""`fold_in(client_key, DOMAIN_KEY)` keys the per-domain loss pass (step k: a further
-`fold_in(., k)`); local training step k uses `fold_in(client_key, k)`."""
-
-WEIGHT_FEATURE = "__agnostic_weight__"
-"""Feature added to the training batches: each example's loss weight omega_j."""
+from fedjax_core.skeleton import RoundResult, algorithm
+from fedjax_core.typing import Array, Float
 
 
-class AgnosticFedAvgState(NamedTuple):
-    """Server state of Agnostic FedAvg.
+class AgnosticServer(NamedTuple):
+    """The server part of Agnostic FedAvg's state.
 
     Attributes:
-      params: the global model.
-      server_opt_state: the server optimizer's state.
-      aggregator_state: the aggregator's state.
+      opt_state: the server optimizer's state.
       domain_weights: `Float[Array, "domains"]`, lambda, on the simplex.
       domain_window: `Float[Array, "window domains"]`, the cohorts' per-domain example
         counts over the last `domain_window_size` rounds, oldest first.
     """
 
-    params: Params
-    server_opt_state: optax.OptState
-    aggregator_state: PyTree
+    opt_state: optax.OptState
     domain_weights: Float[Array, "domains"]
     domain_window: Float[Array, "window domains"]
 
@@ -100,37 +87,31 @@ def update_domain_weights(domain_weights: Array, domain_loss: Array, domain_lear
     return w / jnp.sum(w)
 
 
-def domain_sums(model: Model, params: Params, batches: PyTree, mask: Array, num_domains: int,
-                key) -> tuple[Float[Array, "domains"], Float[Array, "domains"]]:
-    """`(L_d, N_d)`: per-domain sums of the loss at `params` and example counts, one client.
+def domain_sums(ctx: ClientContext, num_domains: int
+                ) -> tuple[Float[Array, "domains"], Float[Array, "domains"]]:
+    """`(L_d, N_d)`: one client's per-domain sums of the loss at the global model and its
+    per-domain example counts, over its first epoch (each example once), in training mode.
+
+    Step k's dropout key is `fold_in(fold_in(ctx.key, keys.DOMAIN), k)`.
 
     Args:
-      batches: feature -> `[steps, batch, ...]`, with `domain_id` `[steps, batch]`.
-      mask: `[steps, batch]`, the examples to count; steps with one come first.
-      key: step k's dropout key is `fold_in(key, k)`.
-    """
-    steps = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
+      ctx: the client; its batches hold `domain_id` (`[batch]` per step) in `[0, D)`.
+      num_domains: D.
 
-    def step(k, carry):
+    Example:
+      >>> loss_sums, counts = domain_sums(ctx, 3)
+    """
+    def step(carry, batch, mask, key):
         loss_sum, num = carry
-        batch = jax.tree.map(lambda x: x[k], batches)
-        m = mask[k].astype(jnp.float32)
-        preds = model.apply(params, batch, key=jax.random.fold_in(key, k), train=True)
-        losses = model.loss(batch, preds) * m
+        m = mask.astype(jnp.float32)
+        losses = ctx.model.loss(batch, ctx.model.apply(ctx.params, batch, key=key, train=True)) * m
         d = batch["domain_id"]
         return (loss_sum + jax.ops.segment_sum(losses, d, num_domains),
                 num + jax.ops.segment_sum(m, d, num_domains))
 
     zeros = jnp.zeros((num_domains,), jnp.float32)
-    return jax.lax.fori_loop(0, steps, step, (zeros, zeros))
-
-
-def _weighted_model(model: Model) -> Model:
-    """`model` whose per-example loss is multiplied by the batch's `WEIGHT_FEATURE`."""
-    def loss(batch, preds):
-        return model.loss(batch, preds) * batch[WEIGHT_FEATURE]
-
-    return model._replace(loss=loss)
+    return ctx.loop(step, (zeros, zeros), key=keys.stream(ctx.key, keys.DOMAIN),
+                    mask=ctx.first_epoch)
 
 
 def agnostic_fedavg(client_optimizer: optax.GradientTransformation,
@@ -165,12 +146,17 @@ def agnostic_fedavg(client_optimizer: optax.GradientTransformation,
       aggregator: combines the deltas with weights beta_k; defaults to the weighted `mean()`.
 
     Returns:
-      A `FederatedAlgorithm` with `AgnosticFedAvgState`. The cohort's batches must hold
-      a `domain_id` feature (`Int[Array, "clients steps batch"]`). Round metrics:
+      A `FederatedAlgorithm` (state: `RoundState`, server part an `AgnosticServer`: the
+      server optimizer's state, lambda and the window; no per-client store). The
+      cohort's batches must hold a `domain_id` feature (`Int[Array, "clients steps
+      batch"]`). Round metrics:
       `train/loss` (the clients' local objective: omega-weighted loss over their steps),
       `train/num_examples`, `train/delta_norm`, `agnostic/loss` (the cohort's mean loss at
       w_t), and per domain d: `agnostic/domain_loss_<d>` (L_d / N_d at w_t),
-      `agnostic/domain_examples_<d>` (N_d), `agnostic/domain_weight_<d>` (the new lambda_d).
+      `agnostic/domain_examples_<d>` (N_d), `agnostic/domain_weight_<d>` (the new lambda_d),
+      and the aggregator's. Per-client outputs (`jit_round(..., per_client=True)`):
+      `alpha` (`[domains]`, the per-example domain weights the client used) and `beta`
+      (beta_k, its aggregation weight).
 
     Raises:
       ValueError: on inconsistent options.
@@ -178,8 +164,8 @@ def agnostic_fedavg(client_optimizer: optax.GradientTransformation,
     Example:
       >>> alg = agnostic_fedavg(optax.sgd(0.1), optax.sgd(1.0), num_domains=2)
       >>> state = alg.init(model.init(jax.random.key(0)))
-      >>> state, metrics = alg.apply(state, cohort, round_key, model=model)
-      >>> metrics["agnostic/domain_weight_1"]
+      >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
+      >>> metrics["agnostic/domain_weight_1"], state.server.domain_weights
 
     References:
       Mohri, Sivek and Suresh 2019, "Agnostic Federated Learning" (ICML). Ro, Chen,
@@ -209,64 +195,52 @@ def agnostic_fedavg(client_optimizer: optax.GradientTransformation,
         raise ValueError(f"unsupported domain_algorithm {domain_algorithm!r}; use 'eg' or 'none'")
     if batch_loss not in ("mean", "sum"):
         raise ValueError(f"batch_loss must be 'mean' or 'sum', got {batch_loss!r}")
-    aggregator = aggregator or mean()
 
     def init(params):
-        return AgnosticFedAvgState(
-            params, server_optimizer.init(params), aggregator.init(params),
-            jnp.asarray(init_domain_weights),
+        return AgnosticServer(
+            server_optimizer.init(params), jnp.asarray(init_domain_weights),
             jnp.tile(jnp.asarray(init_domain_window)[None], (domain_window_size, 1)))
 
-    def apply(state, cohort, key, *, model, plan=parallel.Plan()):
-        if "domain_id" not in feature_names(cohort.batches):
+    def client(ctx: ClientContext) -> ClientReport:
+        if "domain_id" not in feature_names(ctx.batches):
             raise ValueError("agnostic_fedavg needs a 'domain_id' feature in every example "
-                             f"(found {sorted(feature_names(cohort.batches))})")
-        update = client_update(_weighted_model(model), client_optimizer)
-        window_mean = jnp.mean(state.domain_window, axis=0)
+                             f"(found {sorted(feature_names(ctx.batches))})")
+        window_mean = jnp.mean(ctx.server.domain_window, axis=0)
         # A domain absent from the whole window counts as the initial window (1 example)
         # instead of dividing by zero (FedJAX would produce inf/nan).
-        alpha = state.domain_weights / jnp.where(window_mean > 0, window_mean, 1.0)
+        alpha = ctx.server.domain_weights / jnp.where(window_mean > 0, window_mean, 1.0)
+        loss_sums, counts = domain_sums(ctx, num_domains)
+        beta = jnp.sum(alpha * counts)
 
-        def one_client(c):
-            batches, mask, n, slot = c
-            client_key = jax.random.fold_in(key, slot)
-            loss_sums, counts = domain_sums(model, state.params, batches,
-                                            first_epoch_mask(mask, n), num_domains,
-                                            jax.random.fold_in(client_key, DOMAIN_KEY))
-            beta = jnp.sum(alpha * counts)
-            scale = (jnp.sum(counts) if batch_loss == "mean"
-                     else jnp.sum(mask, -1, keepdims=True).astype(jnp.float32))
-            omega = alpha[batches["domain_id"]] * scale / jnp.where(beta > 0, beta, 1.0)
-            u = update(state.params, {**batches, WEIGHT_FEATURE: omega}, mask, n, client_key)
-            return u, beta, loss_sums, counts
+        def loss(w, batch, mask, key):  # mean_{j in b} omega_j l_j(w), or FedJAX's sum
+            scale = jnp.sum(counts) if batch_loss == "mean" else jnp.sum(mask).astype(jnp.float32)
+            omega = alpha[batch["domain_id"]] * scale / jnp.where(beta > 0, beta, 1.0)
+            weighted = ctx.model.loss(batch, ctx.model.apply(w, batch, key=key, train=True)) * omega
+            m = mask.astype(weighted.dtype)
+            return jnp.sum(weighted * m) / jnp.maximum(jnp.sum(m), 1.0)
 
-        slots = jnp.arange(cohort.mask.shape[0], dtype=jnp.int32)
-        updates, betas, loss_sums, counts = parallel.map_clients(
-            one_client, (cohort.batches, cohort.mask, cohort.num_examples, slots), plan)
-        delta, aggregator_state, agg_metrics = aggregator.apply(
-            updates.delta, betas, state.aggregator_state,
-            jax.random.fold_in(key, AGGREGATOR_KEY), cohort.slots)
-        server_updates, server_opt_state = server_optimizer.update(
-            delta, state.server_opt_state, state.params)
-        params = optax.apply_updates(state.params, server_updates)
+        w, stats = ctx.train(ctx.params, client_optimizer, loss=loss)
+        return ClientReport(tree.sub(ctx.params, w), stats, weight=beta,
+                            sums={"domain_loss": loss_sums, "domain_num": counts},
+                            per_client={"alpha": alpha, "beta": beta})
 
-        domain_loss_sum, domain_num = jnp.sum(loss_sums, 0), jnp.sum(counts, 0)
+    def server(params, s: AgnosticServer, r: RoundResult):
+        updates, opt_state = server_optimizer.update(r.delta, s.opt_state, params)
+        params = optax.apply_updates(params, updates)
+        domain_loss_sum, domain_num = r.sums["domain_loss"], r.sums["domain_num"]
         domain_loss = jnp.where(domain_num > 0, domain_loss_sum / jnp.maximum(domain_num, 1.0), 0.0)
-        domain_weights = update_domain_weights(state.domain_weights, domain_loss,
+        domain_weights = update_domain_weights(s.domain_weights, domain_loss,
                                                domain_learning_rate, domain_algorithm)
-        window = jnp.concatenate([state.domain_window[1:], domain_num[None]], axis=0)
-
+        window = jnp.concatenate([s.domain_window[1:], domain_num[None]], axis=0)
         cohort_loss = jnp.sum(domain_loss_sum) / jnp.maximum(jnp.sum(domain_num), 1.0)
-        metrics = {**round_metrics(updates, delta), **agg_metrics, "agnostic/loss": cohort_loss}
+        metrics = {"agnostic/loss": cohort_loss}
         for d in range(num_domains):
             metrics[f"agnostic/domain_loss_{d}"] = domain_loss[d]
             metrics[f"agnostic/domain_examples_{d}"] = domain_num[d]
             metrics[f"agnostic/domain_weight_{d}"] = domain_weights[d]
-        new_state = AgnosticFedAvgState(params, server_opt_state, aggregator_state,
-                                        domain_weights, window)
-        return new_state, metrics
+        return params, AgnosticServer(opt_state, domain_weights, window), metrics
 
-    return FederatedAlgorithm(init, apply)
+    return algorithm(client, server, init=init, aggregator=aggregator)
 
 
 def _build(client_optimizer, server_learning_rate, aggregator=None, *, num_domains,

@@ -16,7 +16,7 @@ How the round engine simulates it. One round is one server step, i.e. one full b
 - buffer size K = the cohort size; the cohort's clients are the K clients whose updates
   land in this buffer;
 - client i's staleness `tau_i` is drawn from a delay distribution with the round key
-  (`client_staleness`), clipped to `max_staleness` and to the versions that exist
+  (`slot_staleness`), clipped to `max_staleness` and to the versions that exist
   (`tau_i <= t`), and it trains from `w_{t - tau_i}`, which the server keeps in a ring
   buffer of the last `max_staleness + 1` versions;
 - its delta is applied to the current `w_t`, weighted as below.
@@ -55,56 +55,72 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_core import parallel, tree
+from fedjax_core import keys, tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.aggregate.mean import mean
 from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
-from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY, round_metrics
-from fedjax_core.client import client_update
-from fedjax_core.typing import Array, Float, Int, Params, PRNGKey, State
-
-DELAY_KEY = AGGREGATOR_KEY - 1
-"""`fold_in(round_key, DELAY_KEY)` draws the cohort's stalenesses."""
+from fedjax_core.client import ClientContext, ClientReport
+from fedjax_core.skeleton import RoundResult, algorithm
+from fedjax_core.typing import Array, Float, Int, Params, PRNGKey
 
 DELAYS = ("uniform", "half_normal", "exponential")
 STALENESS_IN = ("weight", "delta")
 
 
-class FedBuffState(NamedTuple):
-    """Server state of FedBuff.
+class FedBuffServer(NamedTuple):
+    """The server part of FedBuff's state.
 
     Attributes:
-      params: the current global model `w_t`.
-      history: the last `max_staleness + 1` versions, every leaf `[max_staleness + 1, ...]`;
-        version v sits in row `v mod (max_staleness + 1)` (row of `t` holds `params`).
+      opt_state: the server optimizer state.
+      history: the last `max_staleness + 1` global models, every leaf
+        `[max_staleness + 1, ...]`; version v sits in row `v mod (max_staleness + 1)`
+        (the row of t holds the current params).
       version: `Int[Array, ""]`, t, the number of server steps so far.
-      server_opt_state: the server optimizer state.
-      aggregator_state: the aggregator state.
     """
 
-    params: Params
+    opt_state: optax.OptState
     history: Params
     version: Array
-    server_opt_state: optax.OptState
-    aggregator_state: State
+
+
+def slot_staleness(round_key: PRNGKey, slot, max_staleness: int = 4, delay: str = "uniform",
+                   delay_scale: float | None = None) -> Int[Array, ""]:
+    """The simulated staleness `tau` of cohort slot `slot`, before clamping to `t`.
+
+    Drawn from `fold_in(keys.stream(round_key, keys.DELAY), slot)`: the same round key
+    gives the same delays whatever the chunk size, and trailing padding clients change
+    no other slot's delay. See the module docstring for the distributions.
+
+    Args:
+      round_key: the round key.
+      slot: the client's slot in the cohort (`ClientContext.slot`).
+      max_staleness: largest staleness, in server steps.
+      delay: "uniform", "half_normal" or "exponential".
+      delay_scale: the half-normal scale or the exponential mean, in server steps;
+        None: `max_staleness / 2`.
+
+    Returns:
+      `Int[Array, ""]`, in `[0, max_staleness]`.
+
+    Example:
+      >>> slot_staleness(jax.random.key(0), 3, max_staleness=4)
+    """
+    if max_staleness == 0:
+        return jnp.zeros((), jnp.int32)
+    k = jax.random.fold_in(keys.stream(round_key, keys.DELAY), slot)
+    if delay == "uniform":
+        return jax.random.randint(k, (), 0, max_staleness + 1, dtype=jnp.int32)
+    scale = max_staleness / 2 if delay_scale is None else float(delay_scale)
+    if delay == "half_normal":
+        d = scale * jnp.abs(jax.random.normal(k, ()))
+    else:
+        d = scale * jax.random.exponential(k, ())
+    return jnp.minimum(jnp.floor(d), max_staleness).astype(jnp.int32)
 
 
 def client_staleness(round_key: PRNGKey, num_clients: int, max_staleness: int = 4,
                      delay: str = "uniform", delay_scale: float | None = None
                      ) -> Int[Array, "clients"]:
-    """The simulated staleness `tau_i` of each cohort slot, before clamping to `t`.
-
-    Slot s draws from `fold_in(fold_in(round_key, DELAY_KEY), s)`: the same round key gives
-    the same delays whatever the chunk size, and trailing padding clients change no other
-    slot's delay. See the module docstring for the distributions.
-
-    Args:
-      round_key: the round key.
-      num_clients: cohort size.
-      max_staleness: largest staleness, in server steps.
-      delay: "uniform", "half_normal" or "exponential".
-      delay_scale: the half-normal scale or the exponential mean, in server steps;
-        None: `max_staleness / 2`.
+    """`slot_staleness` of every slot of a cohort of `num_clients`.
 
     Returns:
       `Int[Array, "clients"]`, values in `[0, max_staleness]`.
@@ -113,22 +129,8 @@ def client_staleness(round_key: PRNGKey, num_clients: int, max_staleness: int = 
       >>> client_staleness(jax.random.key(0), 5, max_staleness=4)
     """
     _check(max_staleness, delay, delay_scale)
-    if max_staleness == 0:
-        return jnp.zeros((num_clients,), jnp.int32)
-    key = jax.random.fold_in(round_key, DELAY_KEY)
-    scale = max_staleness / 2 if delay_scale is None else float(delay_scale)
-
-    def one(s):
-        k = jax.random.fold_in(key, s)
-        if delay == "uniform":
-            return jax.random.randint(k, (), 0, max_staleness + 1, dtype=jnp.int32)
-        if delay == "half_normal":
-            d = scale * jnp.abs(jax.random.normal(k, ()))
-        else:
-            d = scale * jax.random.exponential(k, ())
-        return jnp.minimum(jnp.floor(d), max_staleness).astype(jnp.int32)
-
-    return jax.vmap(one)(jnp.arange(num_clients, dtype=jnp.int32))
+    return jax.vmap(lambda s: slot_staleness(round_key, s, max_staleness, delay, delay_scale))(
+        jnp.arange(num_clients, dtype=jnp.int32))
 
 
 def staleness_weight(tau, exponent: float = 0.5) -> Float[Array, "..."]:
@@ -176,9 +178,12 @@ def fedbuff(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
       aggregator: how the buffer is combined; defaults to the weighted `mean()`.
 
     Returns:
-      A `FederatedAlgorithm`. Round metrics: `train/loss`, `train/num_examples`,
+      A `FederatedAlgorithm` (state: `RoundState`, server part a `FedBuffServer`: the
+      server optimizer's state, the ring buffer of past models and the version t; no
+      per-client store). Round metrics: `train/loss`, `train/num_examples`,
       `train/delta_norm`, `fedbuff/mean_staleness` (mean of `tau_i` over the real clients
-      of the buffer), and the aggregator's.
+      of the buffer), and the aggregator's. Per-client outputs
+      (`jit_round(..., per_client=True)`): `staleness` (`tau_i`).
 
     Example:
       >>> alg = fedbuff(optax.sgd(0.1), optax.sgd(1.0, momentum=0.9), max_staleness=4)
@@ -194,53 +199,37 @@ def fedbuff(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
     if staleness_in not in STALENESS_IN:
         raise ValueError(f"unknown staleness_in {staleness_in!r}; choose one of: "
                          f"{', '.join(STALENESS_IN)}")
-    aggregator = aggregator or mean()
     versions = max_staleness + 1
 
     def init(params):
         history = jax.tree.map(lambda x: jnp.broadcast_to(x, (versions,) + jnp.shape(x)), params)
-        return FedBuffState(params, history, jnp.zeros((), jnp.int32),
-                            server_optimizer.init(params), aggregator.init(params))
+        return FedBuffServer(server_optimizer.init(params), history, jnp.zeros((), jnp.int32))
 
-    def apply(state, cohort, key, *, model, plan=parallel.Plan()):
-        update = client_update(model, client_optimizer)
-        num = cohort.mask.shape[0]
-        tau = jnp.minimum(client_staleness(key, num, max_staleness, delay, delay_scale),
-                          state.version)
-        rows = (state.version - tau) % versions
+    def client(ctx: ClientContext) -> ClientReport:
+        t = ctx.server.version
+        tau = jnp.minimum(
+            slot_staleness(ctx.round_key, ctx.slot, max_staleness, delay, delay_scale), t)
+        start = jax.tree.map(lambda h: h[(t - tau) % versions], ctx.server.history)
+        w, stats = ctx.train(start, client_optimizer)
+        delta, s = tree.sub(start, w), staleness_weight(tau, staleness_exponent)
+        if staleness_in == "weight":  # FLSim: Delta_i with weight n_i s_i
+            weight = ctx.num_examples * s
+        else:  # Algorithm 1: s_i Delta_i with weight n_i
+            delta, weight = jax.tree.map(lambda d: d * s.astype(d.dtype), delta), None
+        return ClientReport(delta, stats, weight=weight,
+                            sums={"staleness": tau.astype(jnp.float32)},
+                            per_client={"staleness": tau})
 
-        def one_client(c):
-            batches, mask, n, slot, row = c
-            start = jax.tree.map(lambda h: h[row], state.history)
-            return update(start, batches, mask, n, jax.random.fold_in(key, slot))
+    def server(params, s: FedBuffServer, r: RoundResult):
+        updates, opt_state = server_optimizer.update(r.delta, s.opt_state, params)
+        params = optax.apply_updates(params, updates)
+        version = s.version + 1
+        history = jax.tree.map(lambda h, p: h.at[version % versions].set(p), s.history, params)
+        mean_staleness = r.sums["staleness"] / jnp.maximum(r.num_clients, 1.0)
+        return (params, FedBuffServer(opt_state, history, version),
+                {"fedbuff/mean_staleness": mean_staleness})
 
-        slots = jnp.arange(num, dtype=jnp.int32)
-        updates = parallel.map_clients(
-            one_client, (cohort.batches, cohort.mask, cohort.num_examples, slots, rows), plan)
-        s = staleness_weight(tau, staleness_exponent)
-        if staleness_in == "weight":
-            deltas, weights = updates.delta, updates.weight * s
-        else:
-            deltas = jax.tree.map(
-                lambda d: d * tree.per_client(s, d).astype(d.dtype), updates.delta)
-            weights = updates.weight
-        delta, aggregator_state, agg_metrics = aggregator.apply(
-            deltas, weights, state.aggregator_state,
-            jax.random.fold_in(key, AGGREGATOR_KEY), cohort.slots)
-        server_updates, server_opt_state = server_optimizer.update(
-            delta, state.server_opt_state, state.params)
-        params = optax.apply_updates(state.params, server_updates)
-        version = state.version + 1
-        history = jax.tree.map(lambda h, p: h.at[version % versions].set(p), state.history, params)
-        real = (jnp.asarray(cohort.num_examples) > 0).astype(jnp.float32)
-        metrics = {
-            **round_metrics(updates, delta),
-            "fedbuff/mean_staleness": jnp.sum(tau * real) / jnp.maximum(jnp.sum(real), 1.0),
-            **agg_metrics,
-        }
-        return FedBuffState(params, history, version, server_opt_state, aggregator_state), metrics
-
-    return FederatedAlgorithm(init, apply)
+    return algorithm(client, server, init=init, aggregator=aggregator)
 
 
 def _build(client_optimizer, server_learning_rate, aggregator=None, max_staleness=4,

@@ -27,122 +27,78 @@ which gives the same sum (only dropout draws differ). When `max_steps` cuts a cl
 stream inside its first epoch, `c` covers the examples it sees.
 """
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_core import parallel, tree
+from fedjax_core import keys, tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.aggregate.mean import mean
 from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
-from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY, round_metrics
-from fedjax_core.client import ClientUpdate, first_epoch_mask, full_batch
-from fedjax_core.models.base import Model, masked_mean_loss
-from fedjax_core.typing import Params, PyTree
-
-FULL_GRAD_KEY = 0x7FFFFFFE
-"""Client key `fold_in(client_key, FULL_GRAD_KEY)` keys the full-gradient pass (its step k
-uses a further `fold_in(., k)`); local step k uses `fold_in(client_key, k)`."""
+from fedjax_core.client import ClientContext, ClientReport
+from fedjax_core.models.base import masked_mean_loss
+from fedjax_core.skeleton import RoundResult, algorithm
 
 
-class MimeState(NamedTuple):
-    """Server state of Mime / MimeLite.
+def frozen(base_optimizer: optax.GradientTransformation,
+           state: optax.OptState) -> optax.GradientTransformation:
+    """`base_optimizer` with its state frozen at `state` (the server's): each step's update
+    is `U(g, state, y)`, and its own new state is dropped.
 
-    Attributes:
-      params: the server model x.
-      opt_state: the base optimizer's state s, updated with full-batch gradients only.
-      aggregator_state: the aggregator's state.
+    Example:
+      >>> y, stats = ctx.train(ctx.params, frozen(optax.adam(1e-3), ctx.server))
     """
+    return optax.GradientTransformation(
+        lambda params: optax.EmptyState(),
+        lambda g, s, params=None: (base_optimizer.update(g, state, params)[0], s))
 
-    params: Params
-    opt_state: optax.OptState
-    aggregator_state: PyTree
+
+def _full_gradient(ctx: ClientContext) -> dict:
+    """One client's `{"grad": sum_{j in D_i} grad l_j(x), "count": n_i}` at the global x,
+    over its first epoch (key `keys.FULL_GRAD`)."""
+    _, grad_sum, count = ctx.full_batch(ctx.params, key=keys.stream(ctx.key, keys.FULL_GRAD))
+    return {"grad": grad_sum, "count": count}
 
 
-def _local_train(model: Model, base_optimizer: optax.GradientTransformation, corrected: bool):
-    """`train(x, opt_state, c, batches, mask, key) -> (y, loss_sum, seen)` for one client."""
-    value_and_grad = jax.value_and_grad(
-        lambda p, b, m, k: masked_mean_loss(model, p, b, m, k, train=True))
-    grad_fn = jax.grad(lambda p, b, m, k: masked_mean_loss(model, p, b, m, k, train=True))
+def _mean_gradient(sums: dict):
+    """`c = sum_i grad_i / sum_i n_i` from the cohort's summed `_full_gradient`s."""
+    total = sums["count"]
+    return tree.scale(sums["grad"], 1.0 / jnp.where(total > 0, total, 1.0))
 
-    def train(x, opt_state, server_grad, batches, mask, key):
-        steps = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
 
-        def step(k, carry):
-            y, loss_sum, seen = carry
-            batch = jax.tree.map(lambda a: a[k], batches)
-            m = mask[k]
-            step_key = jax.random.fold_in(key, k)
-            loss, g = value_and_grad(y, batch, m, step_key)
-            if corrected:
-                g_at_x = grad_fn(x, batch, m, step_key)
-                g = tree.add(tree.sub(g, g_at_x), server_grad)
-            updates, _ = base_optimizer.update(g, opt_state, y)  # state stays the server's
-            y = optax.apply_updates(y, updates)
-            n = jnp.sum(m).astype(jnp.float32)
-            return y, loss_sum + loss * n, seen + n
+def _svrg_gradient(ctx: ClientContext, c):
+    """Mime's step gradient `grad f_b(y) - grad f_b(x) + c`, both gradients on the step's
+    batch b with its dropout key; the reported loss is `f_b(y)`."""
+    def loss(p, b, m, k):
+        return masked_mean_loss(ctx.model, p, b, m, k, train=True)
 
-        zero = jnp.zeros((), jnp.float32)
-        return jax.lax.fori_loop(0, steps, step, (x, zero, zero))
+    value_and_grad, grad = jax.value_and_grad(loss), jax.grad(loss)
 
-    return train
+    def gradient(y, b, m, k):
+        value, g = value_and_grad(y, b, m, k)
+        return value, tree.add(tree.sub(g, grad(ctx.params, b, m, k)), c)
+
+    return gradient
 
 
 def _mime(base_optimizer, server_learning_rate, aggregator, corrected, client_delta_clip_norm):
-    aggregator = aggregator or mean()
+    def client(ctx: ClientContext) -> ClientReport:
+        x = ctx.params
+        gradient = _svrg_gradient(ctx, _mean_gradient(ctx.first_pass)) if corrected else None
+        y, stats = ctx.train(x, frozen(base_optimizer, ctx.server), gradient=gradient)
+        delta = tree.sub(x, y)
+        if client_delta_clip_norm is not None:
+            delta = tree.clip_by_norm(delta, client_delta_clip_norm)
+        # MimeLite: c only moves the server state, so the clients send it with their deltas.
+        return ClientReport(delta, stats, sums=None if corrected else _full_gradient(ctx))
 
-    def init(params):
-        return MimeState(params, base_optimizer.init(params), aggregator.init(params))
+    def server(x, s, r: RoundResult):
+        c = _mean_gradient(r.first_pass if corrected else r.sums)
+        params = tree.sub(x, tree.scale(r.delta, server_learning_rate))
+        _, s = base_optimizer.update(c, s, x)
+        return params, s, {"train/full_grad_norm": tree.l2_norm(c)}
 
-    def apply(state, cohort, key, *, model, plan=parallel.Plan()):
-        x = state.params
-        train = _local_train(model, base_optimizer, corrected)
-        gradient_sum = full_batch(model, with_grad=True, train=True)
-        slots = jnp.arange(cohort.mask.shape[0], dtype=jnp.int32)
-        inputs = (cohort.batches, cohort.mask, cohort.num_examples, slots)
-
-        def full_grad(c):
-            batches, mask, n, slot = c
-            client_key = jax.random.fold_in(key, slot)
-            _, grad_sum, count = gradient_sum(x, batches, first_epoch_mask(mask, n),
-                                              jax.random.fold_in(client_key, FULL_GRAD_KEY))
-            return grad_sum, count
-
-        def local(c, server_grad):
-            batches, mask, n, slot = c
-            y, loss_sum, seen = train(x, state.opt_state, server_grad, batches, mask,
-                                      jax.random.fold_in(key, slot))
-            delta = tree.sub(x, y)
-            if client_delta_clip_norm is not None:
-                delta = tree.clip_by_norm(delta, client_delta_clip_norm)
-            return ClientUpdate(delta, jnp.asarray(n, jnp.float32), loss_sum, seen)
-
-        def average(grad_sums, nums):
-            total = jnp.sum(nums)
-            summed = jax.tree.map(lambda g: jnp.sum(g, axis=0), grad_sums)
-            return tree.scale(summed, 1.0 / jnp.where(total > 0, total, 1.0))
-
-        if corrected:  # Mime: c is needed before local training (an extra exchange).
-            grad_sums, nums = parallel.map_clients(full_grad, inputs, plan)
-            server_grad = average(grad_sums, nums)
-            updates = parallel.map_clients(lambda c: local(c, server_grad), inputs, plan)
-        else:  # MimeLite: c only updates the server state, so one pass does both.
-            updates, (grad_sums, nums) = parallel.map_clients(
-                lambda c: (local(c, None), full_grad(c)), inputs, plan)
-            server_grad = average(grad_sums, nums)
-
-        delta, aggregator_state, agg_metrics = aggregator.apply(
-            updates.delta, updates.weight, state.aggregator_state,
-            jax.random.fold_in(key, AGGREGATOR_KEY), cohort.slots)
-        params = tree.sub(x, tree.scale(delta, server_learning_rate))
-        _, opt_state = base_optimizer.update(server_grad, state.opt_state, x)
-        metrics = {**round_metrics(updates, delta),
-                   "train/full_grad_norm": tree.l2_norm(server_grad), **agg_metrics}
-        return MimeState(params, opt_state, aggregator_state), metrics
-
-    return FederatedAlgorithm(init, apply)
+    return algorithm(client, server, init=base_optimizer.init,
+                     first_pass=_full_gradient if corrected else None, aggregator=aggregator)
 
 
 def mime(client_optimizer: optax.GradientTransformation = optax.sgd(0.1, momentum=0.9),
@@ -165,13 +121,15 @@ def mime(client_optimizer: optax.GradientTransformation = optax.sgd(0.1, momentu
         The full-batch gradient `c` is always the example-weighted sum.
 
     Returns:
-      A `FederatedAlgorithm` with `MimeState`. Round metrics: `train/loss`,
-      `train/num_examples`, `train/delta_norm`, `train/full_grad_norm` (`||c||`).
+      A `FederatedAlgorithm` (state: `RoundState`, server part the base optimizer's
+      state s, updated with full-batch gradients only; no per-client store). Round
+      metrics: `train/loss`, `train/num_examples`, `train/delta_norm`,
+      `train/full_grad_norm` (`||c||`), and the aggregator's.
 
     Example:
       >>> alg = mime(optax.sgd(0.1, momentum=0.9), server_learning_rate=1.0)
       >>> state = alg.init(model.init(jax.random.key(0)))
-      >>> state, metrics = alg.apply(state, cohort, round_key, model=model)
+      >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
 
     References:
       Karimireddy et al. 2020, "Mime: Mimicking Centralized Stochastic Algorithms in
@@ -199,11 +157,14 @@ def mimelite(client_optimizer: optax.GradientTransformation = optax.sgd(0.1, mom
       aggregator: how deltas are combined; defaults to the example-weighted `mean()`.
 
     Returns:
-      A `FederatedAlgorithm` with `MimeState`. Round metrics as `mime`. With
-      `optax.sgd(lr)` (no momentum) it equals `fedavg(optax.sgd(lr), optax.sgd(eta_s))`.
+      A `FederatedAlgorithm` (state: `RoundState`, server part the base optimizer's
+      state s). Round metrics as `mime`. With `optax.sgd(lr)` (no momentum) it equals
+      `fedavg(optax.sgd(lr), optax.sgd(eta_s))`.
 
     Example:
       >>> alg = mimelite(optax.adam(1e-3), server_learning_rate=1.0)
+      >>> state = alg.init(model.init(jax.random.key(0)))
+      >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
 
     References:
       Karimireddy et al. 2020, "Mime: Mimicking Centralized Stochastic Algorithms in

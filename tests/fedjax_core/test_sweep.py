@@ -6,10 +6,12 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_core import sweep
+from fedjax_core import client_state, sweep
+from fedjax_core.aggregate import registry as aggregators
 from fedjax_core.algorithms import registry
 from fedjax_core.algorithms.base import jit_round
 from fedjax_core.algorithms.fedavg import fedavg
+from fedjax_core.algorithms.scaffold import scaffold
 from fedjax_core.data import pack_cohort, uniform_without_replacement
 from fedjax_core.data.device import device_examples, gather, index_cohort
 from fedjax_core.data.pack import pad_cohort
@@ -225,6 +227,28 @@ def test_an_algorithm_that_computes_while_built_is_refused_unless_only_seeds_dif
     check_members(lay, state, history, members,
                   lambda: registry.build("fednova", optax.sgd(0.1), 1.0,
                                          client_learning_rate=0.1))
+
+
+@pytest.mark.parametrize("make", [
+    lambda lr: scaffold(optax.sgd(lr), 1.0, client_learning_rate=0.1, num_clients=6),
+    lambda lr: fedavg(optax.sgd(lr), aggregator=aggregators.build("top_k")),  # error feedback
+], ids=["scaffold", "fedavg+top_k"])
+def test_an_algorithm_with_per_client_state_is_refused(make):
+    def build(hp):
+        return make(hp["client_lr"])
+
+    lay = sweep.layout([0, 0])
+    hparams = {"client_lr": sweep.on_grid(lay, [0.1, 0.2])}
+    with pytest.raises(sweep.SweepError, match=r"cannot sweep an algorithm that keeps state "
+                                               r"per client.*separate runs"):
+        sweep.sweep_init(build, MODEL, lay, hparams)
+    # A state built elsewhere is refused by the round too.
+    state = make(0.1).init(MODEL.init(jax.random.key(0)))
+    assert client_state.has_stores(state)
+    state = jax.tree.map(lambda x: jnp.stack([jnp.stack([x, x])]), state)
+    with pytest.raises(sweep.SweepError, match="keeps state per client"):
+        sweep.sweep_round(build, MODEL)(state, sweep.stack_cohorts([cohort_of(0, 0)]),
+                                         sweep.seed_keys([0]), 0, hparams)
 
 
 def test_errors_that_are_not_about_sweeping_pass_through():

@@ -7,14 +7,14 @@ import optax
 import pytest
 
 from fedjax_core import parallel
-from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.agnostic_fedavg import (
     ENTRY,
-    AgnosticFedAvgState,
+    AgnosticServer,
     agnostic_fedavg,
     update_domain_weights,
 )
 from fedjax_core.algorithms.base import jit_round
+from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.data import InMemoryFederatedData, pack_clients, pack_cohort
 from fedjax_core.models.base import Model
 from tests.fedjax_core.helpers import tiny_softmax_model
@@ -109,8 +109,8 @@ def test_matches_plain_loop(batch_loss, client_opt):
         *ref, domain_loss = reference_round(model, *ref, cohort, data, indices, client_opt,
                                             server_opt, 0.5, batch_loss)
         assert_trees_close(state.params, ref[0])
-        np.testing.assert_allclose(state.domain_weights, ref[2], **TOL)
-        np.testing.assert_allclose(state.domain_window, ref[3], **TOL)
+        np.testing.assert_allclose(state.server.domain_weights, ref[2], **TOL)
+        np.testing.assert_allclose(state.server.domain_window, ref[3], **TOL)
         for d in range(3):
             np.testing.assert_allclose(metrics[f"agnostic/domain_weight_{d}"], ref[2][d], **TOL)
             np.testing.assert_allclose(metrics[f"agnostic/domain_loss_{d}"], domain_loss[d], **TOL)
@@ -132,8 +132,8 @@ def test_one_domain_is_fedavg():
         s_avg, m_avg = step_avg(s_avg, cohort, jax.random.key(r))
         assert_trees_close(s_agn.params, s_avg.params)
         np.testing.assert_allclose(m_agn["train/loss"], m_avg["train/loss"], **TOL)
-    np.testing.assert_allclose(s_agn.domain_weights, [1.0])
-    np.testing.assert_allclose(s_agn.domain_window, [[20.0]])
+    np.testing.assert_allclose(s_agn.server.domain_weights, [1.0])
+    np.testing.assert_allclose(s_agn.server.domain_window, [[20.0]])
 
 
 def linear_model() -> Model:
@@ -152,6 +152,16 @@ def linear_model() -> Model:
     return Model(lambda key: {"w": jnp.float32(4.0)}, apply, loss, metrics)
 
 
+def hand_cohort():
+    """Client 0: x [1, 2, 4 | 3, 6, 1], domains [1, 0, 0 | 0, 2, 2]; client 1: x [8, 10, 5],
+    domains [1, 3, 1]; batch 3, one epoch."""
+    clients = [{"x": np.array([1, 2, 4, 3, 6, 1], np.float32),
+                "domain_id": np.array([1, 0, 0, 0, 2, 2], np.int32)},
+               {"x": np.array([8, 10, 5], np.float32),
+                "domain_id": np.array([1, 3, 1], np.int32)}]
+    return pack_clients(clients, batch_size=3, epochs=1, bucket=False)
+
+
 @pytest.mark.parametrize("batch_loss", ["sum", "mean"])
 def test_hand_computed_round(batch_loss):
     # w = 4, loss x * w. Client 0: x [1, 2, 4 | 3, 6, 1], domains [1, 0, 0 | 0, 2, 2];
@@ -166,17 +176,13 @@ def test_hand_computed_round(batch_loss):
     # Domain mean losses at w = 4: [4 * 9 / 3, 4 * 14 / 3, 4 * 7 / 2, 4 * 10] = [12, 56/3, 14, 40];
     # EG with eta 0.01: lambda ~ [.1 e^.12, .2 e^(.56/3), .3 e^.14, .4 e^.4], normalised.
     model = linear_model()
-    clients = [{"x": np.array([1, 2, 4, 3, 6, 1], np.float32),
-                "domain_id": np.array([1, 0, 0, 0, 2, 2], np.int32)},
-               {"x": np.array([8, 10, 5], np.float32),
-                "domain_id": np.array([1, 3, 1], np.int32)}]
-    cohort = pack_clients(clients, batch_size=3, epochs=1, bucket=False)
+    cohort = hand_cohort()
     alg = agnostic_fedavg(optax.sgd(1.0), optax.sgd(0.1), num_domains=4,
                           domain_learning_rate=0.01, domain_window_size=2,
                           init_domain_weights=[0.1, 0.2, 0.3, 0.4],
                           init_domain_window=[1.0, 2.0, 3.0, 4.0], batch_loss=batch_loss)
     state = alg.init(model.init(None))
-    np.testing.assert_allclose(state.domain_window, [[1, 2, 3, 4], [1, 2, 3, 4]])
+    np.testing.assert_allclose(state.server.domain_window, [[1, 2, 3, 4], [1, 2, 3, 4]])
     state, metrics = jit_round(alg, model)(state, cohort, jax.random.key(0))
 
     delta = [17 / 6, 23 / 3] if batch_loss == "sum" else [17 / 3, 23 / 3]
@@ -184,15 +190,30 @@ def test_hand_computed_round(batch_loss):
     lam = np.array([0.1, 0.2, 0.3, 0.4]) * np.exp(0.01 * np.array([12, 56 / 3, 14, 40]))
     lam /= lam.sum()
     np.testing.assert_allclose(state.params["w"], w, **TOL)
-    np.testing.assert_allclose(state.domain_weights, lam, **TOL)
-    np.testing.assert_allclose(state.domain_window, [[1, 2, 3, 4], [3, 3, 2, 1]])
+    np.testing.assert_allclose(state.server.domain_weights, lam, **TOL)
+    np.testing.assert_allclose(state.server.domain_window, [[1, 2, 3, 4], [3, 3, 2, 1]])
     np.testing.assert_allclose([metrics[f"agnostic/domain_loss_{d}"] for d in range(4)],
                                [12, 56 / 3, 14, 40], **TOL)
     np.testing.assert_allclose(metrics["agnostic/loss"], 4 * 40 / 9, **TOL)
     if batch_loss == "sum":  # FedJAX's agnostic_fed_avg_test gives these for this round.
         np.testing.assert_allclose(state.params["w"], 3.5555556, **TOL)
-        np.testing.assert_allclose(state.domain_weights,
+        np.testing.assert_allclose(state.server.domain_weights,
                                    [0.08702461, 0.18604803, 0.2663479, 0.46057943], **TOL)
+
+
+def test_per_client_alpha_and_beta():
+    # test_hand_computed_round's clients: alpha = 0.1 for every domain, beta = [0.6, 0.3].
+    model = linear_model()
+    cohort = hand_cohort()
+    alg = agnostic_fedavg(optax.sgd(1.0), optax.sgd(0.1), num_domains=4,
+                          init_domain_weights=[0.1, 0.2, 0.3, 0.4],
+                          init_domain_window=[1.0, 2.0, 3.0, 4.0])
+    _, _, per_client = jit_round(alg, model, per_client=True)(
+        alg.init(model.init(None)), cohort, jax.random.key(0))
+    np.testing.assert_allclose(per_client["alpha"], np.full((2, 4), 0.1), **TOL)
+    np.testing.assert_allclose(per_client["beta"], [0.6, 0.3], **TOL)
+    np.testing.assert_allclose(per_client["weight"], [0.6, 0.3], **TOL)
+    np.testing.assert_allclose(per_client["num_examples"], [6, 3])
 
 
 def test_update_domain_weights():
@@ -243,7 +264,7 @@ def test_registry_entry():
     model = tiny_softmax_model()
     alg = ENTRY.build(optax.sgd(0.1), 1.0, aggregator=None, num_domains=3)
     state = alg.init(model.init(jax.random.key(0)))
-    assert isinstance(state, AgnosticFedAvgState)
+    assert isinstance(state.server, AgnosticServer)
     cohort = pack_cohort(domain_clients(), [0, 1], batch_size=2, epochs=1, seed=0, round_num=0)
     _, metrics = jit_round(alg, model)(state, cohort, jax.random.key(0))
     assert {"train/loss", "train/num_examples", "train/delta_norm",

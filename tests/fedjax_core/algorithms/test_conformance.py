@@ -42,14 +42,12 @@ def run_rounds(alg, model, plan, use_jit=True, traces=None):
     step = (jit_round(counted, model, plan) if use_jit else
             (lambda s, c, k: counted.apply(s, c, k, model=model, plan=plan)))
     state = alg.init(model.init(jax.random.key(0)))
-    index = client_state.StateIndex()
     states, metrics = [state], []
     for r, clients in enumerate(COHORTS):
         cohort = pack_cohort(DATA, clients, batch_size=2, epochs=1, seed=0, round_num=r,
                              steps=6)
-        if client_state.has_stores(state):
-            state, slots = client_state.prepare(index, state, cohort.client_index)
-            cohort = cohort._replace(slots=slots)
+        if not use_jit:  # jit_round fits the per-client stores; here, by hand
+            state = client_state.fit(state, cohort.client_index)
         state, m = step(state, cohort, jax.random.key(r))
         states.append(state)
         metrics.append(m)

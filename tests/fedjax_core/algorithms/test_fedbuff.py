@@ -7,8 +7,8 @@ import optax
 import pytest
 
 from fedjax_core import parallel
-from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.base import jit_round
+from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.fedbuff import (
     ENTRY,
     client_staleness,
@@ -103,7 +103,7 @@ def test_matches_plain_loop_with_staleness(staleness_in):
         assert_tree_close(state.params, past[-1])
         np.testing.assert_allclose(metrics["fedbuff/mean_staleness"], mean_tau, rtol=1e-6)
         stale_rounds += mean_tau > 0
-    assert int(state.version) == len(COHORTS)
+    assert int(state.server.version) == len(COHORTS)
     assert stale_rounds >= 2  # the check did exercise stale starts
 
 
@@ -149,7 +149,22 @@ def test_history_ring_buffer():
         seen.append(state.params)
     # Versions 2, 3, 4 sit in rows 2, 0, 1.
     for v in (2, 3, 4):
-        assert_tree_close(jax.tree.map(lambda h: h[v % 3], state.history), seen[v], atol=0)
+        row = jax.tree.map(lambda h: h[v % 3], state.server.history)
+        assert_tree_close(row, seen[v], atol=0)
+
+
+def test_per_client_staleness_is_each_slots_draw():
+    data = unequal_clients()
+    alg, _ = step_fn(2)
+    step = jit_round(alg, MODEL, per_client=True)
+    state = alg.init(MODEL.init(jax.random.key(0)))
+    for r, indices in enumerate(COHORTS[:3]):
+        key = jax.random.key(30 + r)
+        state, metrics, per_client = step(state, cohort_of(data, indices, r), key)
+        want = np.minimum(np.asarray(client_staleness(key, 4, 2)), r)  # t = r before the step
+        np.testing.assert_array_equal(per_client["staleness"], want)
+        np.testing.assert_allclose(metrics["fedbuff/mean_staleness"], want.mean(), rtol=1e-6)
+    assert want.max() > 0
 
 
 def test_result_does_not_depend_on_chunk_size():
@@ -225,9 +240,9 @@ def test_staleness_weighting_by_hand():
 def test_entry_and_options():
     alg = ENTRY.build(optax.sgd(0.1), 1.0)
     state = alg.init(MODEL.init(jax.random.key(0)))
-    assert jax.tree.leaves(state.history)[0].shape[0] == 5  # max_staleness 4 + 1
+    assert jax.tree.leaves(state.server.history)[0].shape[0] == 5  # max_staleness 4 + 1
     momentum = ENTRY.build(optax.sgd(0.1), 1.0, server_momentum=0.9, max_staleness=1)
-    assert jax.tree.leaves(momentum.init(MODEL.init(jax.random.key(0))).server_opt_state)
+    assert jax.tree.leaves(momentum.init(MODEL.init(jax.random.key(0))).server.opt_state)
     with pytest.raises(ValueError, match="delay"):
         fedbuff(delay="pareto")
     with pytest.raises(ValueError, match="max_staleness"):

@@ -7,11 +7,12 @@ import optax
 import pytest
 
 from fedjax_core import parallel
-from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.base import jit_round
-from fedjax_core.algorithms.mime import ENTRIES, MimeState, mime, mimelite
+from fedjax_core.algorithms.fedavg import fedavg
+from fedjax_core.algorithms.mime import ENTRIES, mime, mimelite
 from fedjax_core.data import pack_clients, pack_cohort
 from fedjax_core.models.base import Model
+from fedjax_core.skeleton import RoundState
 from tests.fedjax_core.helpers import tiny_softmax_model, unequal_clients
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -81,7 +82,7 @@ def test_matches_plain_loop(corrected, base_opt):
         ref_x, ref_s = reference_round(model, ref_x, ref_s, cohort, data, indices, base_opt,
                                        0.7, corrected)
         assert_trees_close(state.params, ref_x)
-        assert_trees_close(state.opt_state, ref_s)
+        assert_trees_close(state.server, ref_s)
     assert float(metrics["train/num_examples"]) == 4 + 5 + 9 + 2
     assert float(metrics["train/full_grad_norm"]) > 0
 
@@ -143,7 +144,7 @@ def test_hand_computed_two_rounds_with_momentum(corrected):
         w -= (3 * delta[0] + 2 * delta[1]) / 5
         m = c + 0.9 * m
         np.testing.assert_allclose(state.params["w"], w, **TOL)
-        np.testing.assert_allclose(state.opt_state[0].trace["w"], m, **TOL)
+        np.testing.assert_allclose(state.server[0].trace["w"], m, **TOL)
         np.testing.assert_allclose(metrics["train/full_grad_norm"], c, **TOL)
 
 
@@ -194,6 +195,6 @@ def test_registry_entries():
         assert entry.needs == ()
         alg = entry.build(optax.sgd(0.1), 1.0, aggregator=None)
         state = alg.init(model.init(jax.random.key(0)))
-        assert isinstance(state, MimeState)
+        assert isinstance(state, RoundState)
         state, metrics = jit_round(alg, model)(state, cohort, jax.random.key(0))
         assert {"train/loss", "train/num_examples", "train/delta_norm"} <= set(metrics)
