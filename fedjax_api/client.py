@@ -6,7 +6,8 @@ import attrs
 import jax
 import optax
 
-from fedjax_core.client import ClientUpdate, client_update
+from fedjax_core import keys, tree
+from fedjax_core.client import ClientReport, train_steps
 from fedjax_core.data import ClientArrays, pack_clients
 from fedjax_core.data.sampling import SHUFFLE_STREAM, host_rng
 from fedjax_core.models.base import Model
@@ -15,7 +16,11 @@ from fedjax_core.typing import Params
 
 @functools.lru_cache(maxsize=32)
 def _jitted_update(model: Model, optimizer: optax.GradientTransformation):
-    return jax.jit(client_update(model, optimizer))
+    def update(params, batches, mask, num_examples, key) -> ClientReport:
+        trained, stats = train_steps(model, optimizer, params, batches, mask, key)
+        return ClientReport(tree.sub(params, trained), stats,
+                            weight=jax.numpy.asarray(num_examples, jax.numpy.float32))
+    return jax.jit(update)
 
 
 @attrs.frozen(kw_only=True)
@@ -26,7 +31,7 @@ class Client:
       >>> client = Client(id="hamlet:HAMLET", data=task.train.data.get_client(0))
       >>> update = client.train(server.params, model=task.model, optimizer=optax.sgd(1.0),
       ...                       batch_size=4)
-      >>> update.delta  # w_0 - w_K
+      >>> update.delta, update.stats.loss_sum  # w_0 - w_K, its training loss summed
     """
 
     id: str
@@ -38,11 +43,16 @@ class Client:
 
     def train(self, params: Params, *, model: Model, optimizer: optax.GradientTransformation,
               batch_size: int, epochs: int = 1, seed: int = 0, round: int = 0,  # noqa: A002
-              slot: int = 0) -> ClientUpdate:
+              slot: int = 0) -> ClientReport:
         """Trains on this client alone, exactly as it would train in cohort slot `slot`
-        of round `round` of a run seeded with `seed`."""
+        of round `round` of a run seeded with `seed` (FedAvg's local training).
+
+        Returns:
+          A `ClientReport`: `delta` (`w_0 - w_K`), `stats` (`TrainStats`), `weight` (its
+          number of examples)."""
         cohort = pack_clients([self.data], batch_size, epochs,
                               rngs=[host_rng(seed, round, SHUFFLE_STREAM, slot)])
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), round), slot)
-        return _jitted_update(model, optimizer)(params, jax.tree.map(lambda x: x[0], cohort.batches), cohort.mask[0],
-                      cohort.num_examples[0], key)
+        key = keys.client_key(keys.round_key(jax.random.key(seed), round), slot)
+        return _jitted_update(model, optimizer)(
+            params, jax.tree.map(lambda x: x[0], cohort.batches), cohort.mask[0],
+            cohort.num_examples[0], key)

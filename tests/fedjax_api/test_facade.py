@@ -51,7 +51,7 @@ def test_client_train_equals_a_one_client_round():
     client = Client(id=task.train.data.client_ids[idx], data=task.train.data.get_client(idx))
     update = client.train(params, model=task.model, optimizer=optax.sgd(0.5), batch_size=2,
                           seed=4, round=2, slot=0)
-    assert float(update.weight) == 9 and float(update.examples_seen) == 9
+    assert float(update.weight) == 9 and float(update.stats.examples_seen) == 9
     # A one-client FedAvg round with server sgd(1.0) lands on w - delta.
     alg = fedavg(optax.sgd(0.5), optax.sgd(1.0))
     one = pack_cohort(task.train.data, [idx], 2, 1, seed=4, round_num=2)
