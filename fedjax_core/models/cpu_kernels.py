@@ -19,7 +19,8 @@ forward-mode autodiff (jvp) to a custom_vjp function`; build the model with
 `kernels="plain"` for those.
 
 Example:
-  >>> from fedjax_core.models import cpu_kernels, emnist_cnn, nn
+  >>> from fedjax_core.models import cpu_kernels, nn
+  >>> from fedjax_core.models.emnist_cnn import emnist_cnn
   >>> y = cpu_kernels.matmul(jnp.ones((4, 3)), jnp.ones((3, 2)))  # == jnp.dot, fast gradient
   >>> model = emnist_cnn(kernels=nn.Kernels.cpu())                # what "auto" picks on CPU
 """

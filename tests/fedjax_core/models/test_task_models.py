@@ -7,13 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_core.models import (
-    Model,
-    emnist_cnn,
-    logistic_regression,
-    mlp,
-    shakespeare_lstm,
-)
+from fedjax_core.models import Model, logistic_regression, mlp
+from fedjax_core.models.emnist_cnn import emnist_cnn
+from fedjax_core.models.shakespeare_lstm import shakespeare_lstm
 from fedjax_core.models.shakespeare_lstm import BOS, EOS, OOV, PAD
 
 
