@@ -211,7 +211,7 @@ def hyp_step(kmeans_init):
 
 def clusters(state):
     """The K cluster models of a state, as a list."""
-    return [jax.tree.map(lambda x, k=k: x[k], state.cluster_params) for k in range(K)]
+    return [jax.tree.map(lambda x, k=k: x[k], state.server.cluster_params) for k in range(K)]
 
 
 def candidate_of(params) -> int:
@@ -285,7 +285,7 @@ def test_hypcluster_starts_from_given_cluster_params(first):
     run = RUNS[first]
     alg, step = hyp_step("distinct")
     state = alg.init(cluster_params=[f32(c) for c in run["centers"]])
-    assert bool(state.initialized)
+    assert bool(state.server.initialized)
     assert_close(state.params, run["centers"][0])
     state, metrics = step(state, ROUND_COHORT, jax.random.key(0))
     for got, want in zip(clusters(state), run["round"]["cluster_params"]):
