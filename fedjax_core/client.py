@@ -74,7 +74,8 @@ def steps_loop(step: Callable[[Any, dict, Array, PRNGKey | None], Any], carry: A
 
     The library's one loop over local steps. Step k reads its batch with
     `data.device.step_batch` (dense arrays or rows of the device-resident population)
-    and gets the key `fold_in(key, k)` (None when `key` is None).
+    and gets the key `fold_in(key, k)` (None when `key` is None; with a tuple of keys,
+    the tuple of each one's `fold_in(., k)`, e.g. APFL's two passes per step).
 
     Args:
       step: `step(carry, batch, mask, key) -> carry`, with `batch` feature -> `[batch, ...]`
@@ -82,7 +83,7 @@ def steps_loop(step: Callable[[Any, dict, Array, PRNGKey | None], Any], carry: A
       carry: the initial carry (any pytree).
       batches: feature -> `[steps, batch, ...]`, or one client's `IndexedBatches`.
       mask: `Bool[Array, "steps batch"]`, non-empty steps first.
-      key: the client's key, or None.
+      key: the client's key, a tuple of keys, or None.
 
     Returns:
       The final carry.
@@ -91,7 +92,7 @@ def steps_loop(step: Callable[[Any, dict, Array, PRNGKey | None], Any], carry: A
       >>> count = steps_loop(lambda c, b, m, k: c + jnp.sum(m), 0, batches, mask)
     """
     def body(k, c):
-        sub = None if key is None else jax.random.fold_in(key, k)
+        sub = jax.tree.map(lambda parent: jax.random.fold_in(parent, k), key)
         return step(c, step_batch(batches, k), mask[k], sub)
 
     return jax.lax.fori_loop(0, num_steps(mask), body, carry)
@@ -297,7 +298,8 @@ class ClientContext:
 
     def loop(self, step, carry, *, key: PRNGKey | None = None, mask: Array | None = None):
         """`steps_loop(step, carry, ...)` over this client's batches (all its steps unless
-        `mask` is given); step k's key is `fold_in(key, k)` (None when `key` is None)."""
+        `mask` is given); step k's key is `fold_in(key, k)` (None when `key` is None; a
+        tuple of keys gives a tuple)."""
         return steps_loop(step, carry, self.batches, self.mask if mask is None else mask, key)
 
 

@@ -151,28 +151,12 @@ def algorithm(client: ClientFn, server: ServerFn = descend, *,
         return RoundState(params, server_state, agg_state, index, store)
 
     def apply(state, cohort: Cohort, key, *, model, plan: Plan = Plan(), per_client=False):
-        index, slots = state.index, None
-        if isinstance(index, ClientIndex):
-            index, slots = client_state.assign(index, cohort.client_index)
-        num = cohort.mask.shape[0]
-        is_new = (jnp.ones((num,), bool) if slots is None else slots.is_new)
-        inputs = (cohort.batches, cohort.mask, jnp.asarray(cohort.num_examples, jnp.float32),
-                  jnp.arange(num, dtype=jnp.int32), is_new)
-        fresh = None if client_init is None else client_init(state.params)
-
-        def context(c, row, pre):
-            batches, mask, n, slot, new = c
-            if fresh is not None and row is not None:
-                row = jax.tree.map(lambda r, f: jnp.where(new, f, r), row, fresh)
-            return ClientContext(params=state.params, server=state.server, state=row,
-                                 is_new=new, key=keys.client_key(key, slot), num_examples=n,
-                                 batches=batches, mask=mask, model=model, slot=slot,
-                                 round_key=key, first_pass=pre)
+        clients = round_clients(state, cohort, key, model, client_init)
+        index, slots, inputs, context = clients
 
         pre = {}
         if first_pass is not None:
-            pre = for_each_client(lambda c: (_real_only(c, first_pass(c)), ()),
-                                  inputs, context, plan)[0]
+            pre = for_each_client(lambda c: (_real_only(c, first_pass(c)), ()), clients, plan)[0]
 
         store = state.store if isinstance(state.store, ClientStore) else None
 
@@ -191,10 +175,7 @@ def algorithm(client: ClientFn, server: ServerFn = descend, *,
             else:
                 stacked = {"delta": report.delta, "weight": weight}
             if per_client:
-                stacked["per_client"] = {
-                    "num_examples": n, "weight": weight,
-                    "loss": report.stats.loss_sum / jnp.maximum(report.stats.examples_seen, 1.0),
-                    "delta_norm": tree.l2_norm(report.delta), **(report.per_client or {})}
+                stacked["per_client"] = client_outputs(report, n, weight)
             new_row = None
             if store is not None:
                 new_row = ctx.state if report.state is None else report.state
@@ -233,13 +214,76 @@ def _real_only(ctx: ClientContext, sums: dict) -> dict:
     return jax.tree.map(lambda v: jnp.where(real, v, jnp.zeros_like(v)), sums)
 
 
-def for_each_client(fn: Callable[[ClientContext], tuple[PyTree, PyTree]], inputs, context,
+def client_outputs(report: ClientReport, num_examples, weight) -> dict:
+    """One client's per-client outputs of a round (`per_client=True`): `num_examples`,
+    `weight`, `loss` (its mean training loss), `delta_norm` and its report's `per_client`."""
+    stats = report.stats
+    return {"num_examples": num_examples, "weight": weight,
+            "loss": stats.loss_sum / jnp.maximum(stats.examples_seen, 1.0),
+            "delta_norm": tree.l2_norm(report.delta), **(report.per_client or {})}
+
+
+class RoundClients(NamedTuple):
+    """A round's cohort as the skeleton hands it to the clients (`round_clients`).
+
+    Attributes:
+      index: the state's `ClientIndex` with the cohort's new clients recorded: the next
+        state's index (`state.index` as it is when the state keeps none).
+      slots: the cohort's `ClientSlots` (rows in the stores; for the aggregator), or None.
+      inputs: the per-client inputs, `[clients, ...]` leaves (for `parallel.run_clients`).
+      context: `context(inputs_i, row_i, first_pass) -> ClientContext` of client i.
+    """
+
+    index: Any
+    slots: client_state.ClientSlots | None
+    inputs: tuple
+    context: Callable[..., ClientContext]
+
+
+def round_clients(state: RoundState, cohort: Cohort, key, model,
+                  client_init: Callable[[Params], PyTree] | None = None) -> RoundClients:
+    """The cohort's clients as every round sees them: rows, slots, keys and contexts.
+
+    Client i of the cohort gets `ClientContext(params=state.params, server=state.server,
+    state=its row or client_init(state.params) when new, key=keys.client_key(key, i),
+    ...)`. `algorithm` builds its rounds on it; an algorithm whose round is not
+    `algorithm`'s (HypCluster's per-cluster and k-means++ rounds) runs its passes over
+    the clients with `for_each_client(fn, round_clients(...), plan)`.
+
+    Example:
+      >>> clients = round_clients(state, cohort, key, model)
+      >>> losses = for_each_client(lambda c: ((), c.full_batch(w, with_grad=False)[0]),
+      ...                          clients, plan)[1]
+    """
+    index, slots = state.index, None
+    if isinstance(index, ClientIndex):
+        index, slots = client_state.assign(index, cohort.client_index)
+    num = cohort.mask.shape[0]
+    is_new = (jnp.ones((num,), bool) if slots is None else slots.is_new)
+    inputs = (cohort.batches, cohort.mask, jnp.asarray(cohort.num_examples, jnp.float32),
+              jnp.arange(num, dtype=jnp.int32), is_new)
+    fresh = None if client_init is None else client_init(state.params)
+
+    def context(c, row, pre):
+        batches, mask, n, slot, new = c
+        if fresh is not None and row is not None:
+            row = jax.tree.map(lambda r, f: jnp.where(new, f, r), row, fresh)
+        return ClientContext(params=state.params, server=state.server, state=row,
+                             is_new=new, key=keys.client_key(key, slot), num_examples=n,
+                             batches=batches, mask=mask, model=model, slot=slot,
+                             round_key=key, first_pass=pre)
+
+    return RoundClients(index, slots, inputs, context)
+
+
+def for_each_client(fn: Callable[[ClientContext], tuple[PyTree, PyTree]], clients: RoundClients,
                     plan: Plan) -> tuple[PyTree, PyTree]:
     """`(sum_i summed_i, [stacked_i])` of `fn(ctx_i) -> (summed, stacked)` over a cohort.
 
-    For algorithms whose round needs a pass over the clients besides training (the
-    skeleton's first pass; HypCluster's k-means++ rounds): `inputs` and `context` are
-    the skeleton's cohort inputs and context builder."""
-    run = parallel.run_clients(lambda c, _: (*fn(context(c, None, {})), None), inputs, plan,
-                               gather_batches=False)
+    For a pass over the clients besides training (the skeleton's first pass;
+    HypCluster's rounds): `clients` from `round_clients`; `ctx_i.state` is None (no
+    store rows are read or written). The sum runs over every client: zero a padding
+    client's part (`ctx.num_examples == 0`) where it must not count."""
+    run = parallel.run_clients(lambda c, _: (*fn(clients.context(c, None, {})), None),
+                               clients.inputs, plan, gather_batches=False)
     return run.total, run.stacked

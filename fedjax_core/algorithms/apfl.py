@@ -25,7 +25,10 @@ Round t, cohort S:
 With `client_optimizer = optax.sgd(eta)` the steps are the paper's; another optax
 optimizer runs on w and on v_i with separate states (fresh each round). alpha_i takes
 plain projected SGD steps of size `alpha_learning_rate` (the paper's eta, by default the
-client learning rate).
+client learning rate). The three iterates step together in one custom step
+(`ClientContext.loop`); step k's key is `fold_in(client_key, k)` for the pass at w and
+`fold_in(fold_in(client_key, keys.PERSONAL), k)` for the pass at the mixture. The
+per-client store keeps `{"v": v_i, "alpha": alpha_i}`.
 
 FedJAX-compatible mode (`fedjax_compat=True`), as FedJAX 0.0.17's
 `fedjax/algorithms/apfl.py` computes its step (checked against its recorded outputs in
@@ -41,36 +44,18 @@ With plain SGD and v_i = w at a new client's first step, g_v = g_w, so v_i stays
 to w and alpha_i to its initial value for the whole of that client's first round.
 """
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_core import client_state, parallel, tree
+from fedjax_core import keys, tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.aggregate.mean import mean
 from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
-from fedjax_core.algorithms.ditto import PERSONAL_KEY
-from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY, round_metrics
-from fedjax_core.client import ClientUpdate
+from fedjax_core.client import ClientContext, ClientReport, TrainStats
+from fedjax_core.models.base import masked_mean_loss
 from fedjax_core.personalization import evaluate_personal
-from fedjax_core.models.base import Model, masked_mean_loss
-from fedjax_core.typing import Params, State
-
-
-class APFLState(NamedTuple):
-    """Server state of APFL.
-
-    Attributes:
-      params: the global model w.
-      personal: per client seen, a store row `{"v": params-shaped, "alpha": float32 scalar}`.
-      aggregator_state: the aggregator's state.
-    """
-
-    params: Params
-    personal: client_state.ClientStore
-    aggregator_state: State
+from fedjax_core.skeleton import RoundResult, algorithm
+from fedjax_core.typing import Params
 
 
 def mix(alpha, v: Params, w: Params) -> Params:
@@ -88,74 +73,6 @@ def leaf_alphas(alpha, params: Params) -> Params:
     """One float32 scalar `alpha` per leaf of `params` (FedJAX's
     `tree_map(lambda _: client_coefficient, params)`)."""
     return jax.tree.map(lambda _: jnp.asarray(alpha, jnp.float32), params)
-
-
-def apfl_train(model: Model, optimizer: optax.GradientTransformation, alpha_learning_rate: float,
-               adaptive_alpha: bool, fedjax_compat: bool = False):
-    """Builds APFL's local loop for ONE client:
-    `train(w, v, alpha, batches, mask, key) -> (w, v, alpha, loss_sum, personal_loss_sum, seen)`.
-
-    A `lax.fori_loop` over the client's non-empty steps (see the module docstring for the
-    step). `loss_sum` adds up the loss of w, `personal_loss_sum` that of the mixture, each
-    times the examples of the step. The step-k key of w's pass is `fold_in(key, k)`, that
-    of the mixture's `fold_in(fold_in(key, PERSONAL_KEY), k)`. With `fedjax_compat`,
-    `alpha` is one scalar per leaf of the params and the step is FedJAX's (module
-    docstring); `alpha_learning_rate` is then unused (`optimizer` steps alpha).
-    """
-    def loss_w(w, batch, m, k):
-        return masked_mean_loss(model, w, batch, m, k, train=True)
-
-    def loss_mixture(v_alpha, w, batch, m, k):
-        v, alpha = v_alpha
-        return masked_mean_loss(model, mix(alpha, v, w), batch, m, k, train=True)
-
-    grad_w = jax.value_and_grad(loss_w)
-    grad_v_alpha = jax.value_and_grad(loss_mixture)
-    grad_at = grad_w  # FedJAX mode: the gradient of the loss at the mixture itself
-
-    def fedjax_step(w, v, alphas, a_opt, batch, m, k):
-        """FedJAX 0.0.17's v and alpha step: per-leaf alphas, g_v unscaled, alpha stepped
-        by the client optimizer (its own state) then clipped to [0, 1]."""
-        personal_loss, g = grad_at(mix_per_leaf(alphas, v, w), batch, m, k)
-        g_alpha = jax.tree.map(lambda a, b, gl: jnp.vdot(a - b, gl), v, w, g)
-        if adaptive_alpha:
-            u_a, a_opt = optimizer.update(g_alpha, a_opt, alphas)
-            alphas = jax.tree.map(lambda a: jnp.clip(a, 0.0, 1.0),
-                                  optax.apply_updates(alphas, u_a))
-        return personal_loss, g, alphas, a_opt
-
-    def train(w, v, alpha, batches, mask, key):
-        steps = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
-        personal_key = jax.random.fold_in(key, PERSONAL_KEY)
-
-        def step(k, carry):
-            w, v, alpha, w_opt, v_opt, a_opt, loss_sum, personal_sum, seen = carry
-            batch = jax.tree.map(lambda x: x[k], batches)
-            m = mask[k]
-            loss, g_w = grad_w(w, batch, m, jax.random.fold_in(key, k))
-            if fedjax_compat:
-                personal_loss, g_v, alpha, a_opt = fedjax_step(
-                    w, v, alpha, a_opt, batch, m, jax.random.fold_in(personal_key, k))
-            else:
-                personal_loss, (g_v, g_alpha) = grad_v_alpha(
-                    (v, alpha), w, batch, m, jax.random.fold_in(personal_key, k))
-                if adaptive_alpha:
-                    alpha = jnp.clip(alpha - alpha_learning_rate * g_alpha, 0.0, 1.0)
-            u_w, w_opt = optimizer.update(g_w, w_opt, w)
-            u_v, v_opt = optimizer.update(g_v, v_opt, v)
-            n = jnp.sum(m).astype(jnp.float32)
-            return (optax.apply_updates(w, u_w), optax.apply_updates(v, u_v), alpha, w_opt, v_opt,
-                    a_opt, loss_sum + loss * n, personal_sum + personal_loss * n, seen + n)
-
-        zero = jnp.zeros((), jnp.float32)
-        # alpha's own optimizer state is used only in the FedJAX mode (empty otherwise).
-        a_opt = optimizer.init(alpha) if fedjax_compat else optax.EmptyState()
-        init = (w, v, alpha, optimizer.init(w), optimizer.init(v), a_opt, zero, zero, zero)
-        w, v, alpha, _, _, _, loss_sum, personal_sum, seen = jax.lax.fori_loop(
-            0, steps, step, init)
-        return w, v, alpha, loss_sum, personal_sum, seen
-
-    return train
 
 
 def apfl(client_optimizer: optax.GradientTransformation, server_learning_rate: float = 1.0,
@@ -190,18 +107,23 @@ def apfl(client_optimizer: optax.GradientTransformation, server_learning_rate: f
         hold `alpha` as one scalar per leaf.
 
     Returns:
-      A `FederatedAlgorithm` whose state is an `APFLState`, with `evaluate` (each client
-      with its mixture; see `fedjax_core.personalization.evaluate_personal`). Round
-      metrics: `train/loss` (of w), `train/num_examples`, `train/delta_norm`,
-      `train/personal_loss` (of the mixture), `apfl/mean_alpha` (the cohort's alpha_i
-      after the round, example-weighted; with `fedjax_compat`, each client's mean over
-      its leaves), plus the aggregator's.
+      A `FederatedAlgorithm` with `evaluate` (each client with its mixture; see
+      `fedjax_core.personalization.evaluate_personal`). Its state is a `RoundState`:
+      `params` the global model w, no server part (`EmptyState`), and a per-client
+      store whose rows are `{"v": v_i (params-shaped), "alpha": alpha_i}` (a float32
+      scalar; with `fedjax_compat`, one per leaf of the params); a new client's row is
+      `{"v": w_t, "alpha": alpha}`. Round metrics: `train/loss` (of w),
+      `train/num_examples`, `train/delta_norm`, `train/personal_loss` (of the mixture),
+      `apfl/mean_alpha` (the cohort's alpha_i after the round, example-weighted; with
+      `fedjax_compat`, each client's mean over its leaves), plus the aggregator's.
+      Per-client outputs (`jit_round(..., per_client=True)`): `alpha`, each client's
+      alpha_i after the round (with `fedjax_compat`, its mean over the leaves).
 
     Example:
       >>> alg = apfl(optax.sgd(0.05), 1.0, client_learning_rate=0.05, alpha=0.25)
-      >>> state, index = alg.init(params), client_state.StateIndex()
-      >>> state, slots = client_state.prepare(index, state, cohort.client_index)
-      >>> state, metrics = alg.apply(state, cohort._replace(slots=slots), key, model=model)
+      >>> state = alg.init(params)
+      >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
+      >>> alg.evaluate(model, state, test_data, 256, EvalClients(rows))
 
     References:
       Deng, Kamani, Mahdavi 2020, "Adaptive Personalized Federated Learning"
@@ -220,61 +142,73 @@ def apfl(client_optimizer: optax.GradientTransformation, server_learning_rate: f
     if adaptive_alpha and not fedjax_compat and not alpha_learning_rate >= 0:
         raise ValueError(f"apfl: alpha_learning_rate must be non-negative, "
                          f"got {alpha_learning_rate}")
-    aggregator = aggregator or mean()
     alpha0 = float(alpha)
     eta_alpha = float(alpha_learning_rate or 0.0)
+    opt = client_optimizer
 
-    def initial_alpha(params, value):
-        # FedJAX mode: one alpha per parameter leaf; otherwise one scalar per client.
-        if fedjax_compat:
-            return leaf_alphas(value, params)
-        return jnp.asarray(value, jnp.float32)
+    def client_init(w):  # a new client: v_i = w_t, alpha_i = alpha (per leaf: FedJAX mode)
+        return {"v": w, "alpha": leaf_alphas(alpha0, w) if fedjax_compat
+                else jnp.asarray(alpha0, jnp.float32)}
 
-    def init(params):
-        row = {"v": params, "alpha": initial_alpha(params, 0.0)}
-        return APFLState(params, client_state.empty_store(row), aggregator.init(params))
+    def client(ctx: ClientContext) -> ClientReport:
+        model = ctx.model
+        grad_w = jax.value_and_grad(
+            lambda w, b, m, k: masked_mean_loss(model, w, b, m, k, train=True))
+        grad_v_alpha = jax.value_and_grad(
+            lambda va, w, b, m, k: masked_mean_loss(model, mix(va[1], va[0], w), b, m, k,
+                                                    train=True))
 
-    def apply(state, cohort, key, *, model, plan=parallel.Plan()):
-        slots = client_state.require_slots(cohort, "apfl")
-        train = apfl_train(model, client_optimizer, eta_alpha, adaptive_alpha, fedjax_compat)
-        w = state.params
-        fresh = {"v": w, "alpha": initial_alpha(w, alpha0)}
-        old = client_state.gather(state.personal, slots, fresh)
+        def step(carry, batch, m, step_keys):
+            # w, v and alpha all step from the old iterates (module docstring).
+            w, v, a, w_opt, v_opt, a_opt, loss_sum, personal_sum, seen, steps = carry
+            key_w, key_mixture = step_keys
+            loss, g_w = grad_w(w, batch, m, key_w)
+            if fedjax_compat:  # per-leaf alphas, g_v unscaled, alpha stepped by the optimizer
+                personal_loss, g_v = grad_w(mix_per_leaf(a, v, w), batch, m, key_mixture)
+                if adaptive_alpha:
+                    g_a = jax.tree.map(lambda x, y, g: jnp.vdot(x - y, g), v, w, g_v)
+                    u_a, a_opt = opt.update(g_a, a_opt, a)
+                    a = jax.tree.map(lambda x: jnp.clip(x, 0.0, 1.0), optax.apply_updates(a, u_a))
+            else:
+                personal_loss, (g_v, g_a) = grad_v_alpha((v, a), w, batch, m, key_mixture)
+                if adaptive_alpha:
+                    a = jnp.clip(a - eta_alpha * g_a, 0.0, 1.0)
+            u_w, w_opt = opt.update(g_w, w_opt, w)
+            u_v, v_opt = opt.update(g_v, v_opt, v)
+            n = jnp.sum(m).astype(jnp.float32)
+            return (optax.apply_updates(w, u_w), optax.apply_updates(v, u_v), a, w_opt, v_opt,
+                    a_opt, loss_sum + loss * n, personal_sum + personal_loss * n, seen + n,
+                    steps + 1.0)
 
-        def one_client(inputs):
-            batches, mask, n, position, row = inputs
-            w_i, v_i, alpha_i, loss_sum, personal_sum, seen = train(
-                w, row["v"], row["alpha"], batches, mask, jax.random.fold_in(key, position))
-            u = ClientUpdate(tree.sub(w, w_i), jnp.asarray(n, jnp.float32), loss_sum, seen)
-            return u, {"v": v_i, "alpha": alpha_i}, personal_sum
-
-        positions = jnp.arange(cohort.mask.shape[0], dtype=jnp.int32)
-        updates, new, personal_loss = parallel.map_clients(
-            one_client, (cohort.batches, cohort.mask, cohort.num_examples, positions, old), plan)
-        delta, aggregator_state, agg_metrics = aggregator.apply(
-            updates.delta, updates.weight, state.aggregator_state,
-            jax.random.fold_in(key, AGGREGATOR_KEY), slots)
-        params = jax.tree.map(lambda p, d: p - server_learning_rate * d, w, delta)
-        # A client without examples keeps its row; a new one gets its fresh (w_t, alpha).
-        keep = (jnp.asarray(cohort.num_examples) > 0) | slots.is_new
-        personal = client_state.scatter(state.personal, slots, new, keep=keep)
-        seen = jnp.sum(updates.examples_seen)
-        weight = updates.weight
+        w0, v0, a0 = ctx.params, ctx.state["v"], ctx.state["alpha"]
+        zero = jnp.zeros((), jnp.float32)
+        # alpha's own optimizer state is used only in the FedJAX mode (fresh each round).
+        a_opt = opt.init(a0) if fedjax_compat else optax.EmptyState()
+        w, v, a, _, _, _, loss_sum, personal_sum, seen, steps = ctx.loop(
+            step, (w0, v0, a0, opt.init(w0), opt.init(v0), a_opt, zero, zero, zero, zero),
+            key=(ctx.key, keys.stream(ctx.key, keys.PERSONAL)))
         # Each client's alpha: its scalar, or (FedJAX mode) the mean of its per-leaf alphas.
-        client_alpha = (jnp.mean(jnp.stack(jax.tree.leaves(new["alpha"])), axis=0)
-                        if fedjax_compat else new["alpha"])
-        metrics = {**round_metrics(updates, delta),
-                   "train/personal_loss": jnp.sum(personal_loss) / jnp.maximum(seen, 1.0),
-                   "apfl/mean_alpha": jnp.sum(weight * client_alpha)
-                   / jnp.maximum(jnp.sum(weight), 1.0),
-                   **agg_metrics}
-        return APFLState(params, personal, aggregator_state), metrics
+        mean_alpha = jnp.mean(jnp.stack(jax.tree.leaves(a))) if fedjax_compat else a
+        n = ctx.num_examples
+        return ClientReport(tree.sub(w0, w), TrainStats(loss_sum, seen, steps),
+                            state={"v": v, "alpha": a},
+                            sums={"personal_loss": personal_sum, "seen": seen,
+                                  "alpha": n * mean_alpha, "weight": n},
+                            per_client={"alpha": mean_alpha})
+
+    def server(w, server_state, r: RoundResult):
+        params = jax.tree.map(lambda p, d: p - server_learning_rate * d, w, r.delta)
+        s = r.sums
+        return params, server_state, {
+            "train/personal_loss": s["personal_loss"] / jnp.maximum(s["seen"], 1.0),
+            "apfl/mean_alpha": s["alpha"] / jnp.maximum(s["weight"], 1.0)}
 
     def evaluate(model, state, data, batch_size=256, clients=None):
-        return evaluate_personal(model, _select_mixture, state.personal.rows, state.params,
+        return evaluate_personal(model, _select_mixture, state.store.rows, state.params,
                                  data, batch_size, None if clients is None else clients.rows)
 
-    return FederatedAlgorithm(init, apply, evaluate)
+    return algorithm(client, server, client_init=client_init, aggregator=aggregator,
+                     evaluate=evaluate)
 
 
 def _select_mixture(personal, global_params: Params, row) -> Params:

@@ -1,7 +1,8 @@
 """HypCluster: K cluster models; each client trains the one that fits its data best.
 
 State: K models `w^1..w^K` (stacked, leading axis K), each with its own server
-optimizer state. Round t, for a cohort S of clients with n_i examples each:
+optimizer state and aggregator state. Round t, for a cohort S of clients with n_i
+examples each:
 
     for each client i in S, in parallel:
         L_i^k = mean loss of w_t^k on client i's examples (each example once), k = 1..K
@@ -41,6 +42,10 @@ same first center, it reproduces FedJAX's centers
 (`tests/fixtures/fedjax_reference/hypcluster.json`); the first center itself is drawn
 from the round key, not from FedJAX's `jax.random.choice(rng, len(clients))` over
 sorted client ids. Losses are `model.loss` with `train=False`.
+Both rounds are built from the round skeleton's pieces (`skeleton.round_clients`,
+`for_each_client`): the clients see the usual `ClientContext` (keys, masks, slots), and
+HypCluster adds only its maximization step, its per-cluster aggregation (each cluster
+applies the aggregator to its own clients' deltas, stacked) and the k-means++ choice.
 The round runs under `lax.cond` on the state's `initialized` flag, so it is
 still one jitted call with one state shape. With K = 1 there is nothing to choose: the
 single model starts at `params` and every round is FedAvg.
@@ -64,47 +69,34 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_core import parallel, tree
+from fedjax_core import client_state, keys, parallel, tree
 from fedjax_core.aggregate.base import Aggregator
 from fedjax_core.aggregate.mean import mean
 from fedjax_core.algorithms.base import AlgorithmEntry, EvalClients, FederatedAlgorithm
-from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY, round_metrics
-from fedjax_core.client import ClientUpdate, client_update, local_train
+from fedjax_core.client import ClientContext, ClientReport, first_epoch_mask, full_batch
 from fedjax_core.evaluate import global_metrics, metric_totals, ratios
 from fedjax_core.models.base import Model
+from fedjax_core.skeleton import RoundState, client_outputs, for_each_client, round_clients
 from fedjax_core.typing import Array, Float, Int, Params, PRNGKey
 
-KMEANS_KEY = AGGREGATOR_KEY - 1
-"""`fold_in(round_key, KMEANS_KEY)` draws the first k-means++ center."""
 
+class HypClusterServer(NamedTuple):
+    """HypCluster's server part of the `RoundState` (whose `params` is cluster 0's model)."""
 
-class HypClusterState(NamedTuple):
-    """Server state of HypCluster.
-
-    Attributes:
-      params: cluster 0's model (for the default evaluation and the facade).
-      cluster_params: the K models, every leaf `[K, ...]`.
-      server_opt_state: the K server optimizer states, stacked on a leading K axis.
-      aggregator_state: a tuple of K aggregator states, one per cluster.
-      initialized: `Bool[Array, ""]`, False until the k-means++ round has run.
-    """
-
-    params: Params
-    cluster_params: Params
-    server_opt_state: optax.OptState
-    aggregator_state: tuple
-    initialized: Array
+    cluster_params: Params      # the K models w^1..w^K, every leaf [K, ...]
+    opt_state: optax.OptState   # the K server optimizer states, stacked: leaves [K, ...]
+    initialized: Array          # Bool[Array, ""]: False until the k-means++ round has run
 
 
 def kmeans_first_center(round_key: PRNGKey, num_examples: Int[Array, "clients"]) -> Int[Array, ""]:
     """The cohort slot of the first k-means++ center: uniform among clients with examples.
 
-    Slot s draws `u_s ~ U(0, 1)` from `fold_in(fold_in(round_key, KMEANS_KEY), s)` and the
-    real client with the largest `u_s` wins, so trailing padding clients change nothing.
+    Slot s draws `u_s ~ U(0, 1)` from `client_key(fold_in(round_key, keys.KMEANS), s)` and
+    the real client with the largest `u_s` wins, so trailing padding clients change nothing.
     """
     real = jnp.asarray(num_examples) > 0
-    key = jax.random.fold_in(round_key, KMEANS_KEY)
-    u = jax.vmap(lambda s: jax.random.uniform(jax.random.fold_in(key, s)))(
+    key = keys.stream(round_key, keys.KMEANS)
+    u = jax.vmap(lambda s: jax.random.uniform(keys.client_key(key, s)))(
         jnp.arange(real.shape[0], dtype=jnp.int32))
     return jnp.argmax(jnp.where(real, u, -1.0))
 
@@ -113,10 +105,11 @@ def first_epoch_loss(model: Model, params: Params, batches, mask, num_examples) 
     """Mean training loss of one client's examples, each counted once (`train=False`).
 
     A packed client's stream is its epochs one after another, so the first `n` slots
-    of its steps hold each of its `n` examples once; later epochs are not counted. Only
-    the steps that hold them are computed. When `max_steps` cuts even the first epoch,
-    the loss is over the examples the cohort holds (FedJAX evaluates all of them). A
-    client without examples gets 0.
+    of its steps hold each of its `n` examples once; later epochs are not counted
+    (`client.first_epoch_mask`). Only the steps that hold them are computed
+    (`client.full_batch`). When `max_steps` cuts even the first epoch, the loss is over
+    the examples the cohort holds (FedJAX evaluates all of them). A client without
+    examples gets 0. Inside a round, `ClientContext.full_batch` computes the same.
 
     Args:
       model: the model.
@@ -129,23 +122,15 @@ def first_epoch_loss(model: Model, params: Params, batches, mask, num_examples) 
       A scalar.
     """
     batches, mask = jax.tree.map(jnp.asarray, batches), jnp.asarray(mask)
-    batch_size = mask.shape[-1]
-    n = jnp.asarray(num_examples, jnp.int32)
-    nonempty = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
-    steps = jnp.minimum((n + batch_size - 1) // batch_size, nonempty)
-    positions = jnp.arange(batch_size, dtype=jnp.int32)
+    loss_sum, _, count = full_batch(model, params, batches, first_epoch_mask(mask, num_examples),
+                                    with_grad=False, train=False)
+    return loss_sum / jnp.maximum(count, 1.0)
 
-    def body(k, carry):
-        total, count = carry
-        batch = jax.tree.map(lambda x: x[k], batches)
-        valid = mask[k] & (k * batch_size + positions < n)
-        per_example = model.loss(batch, model.apply(params, batch, train=False))
-        total = total + jnp.sum(jnp.where(valid, per_example, 0.0))
-        return total, count + jnp.sum(valid.astype(jnp.float32))
 
-    zero = jnp.zeros((), jnp.float32)
-    total, count = jax.lax.fori_loop(0, steps, body, (zero, zero))
-    return total / jnp.maximum(count, 1.0)
+def _client_loss(ctx: ClientContext, params: Params) -> Float[Array, ""]:
+    """`first_epoch_loss` of the client of `ctx` at `params`."""
+    loss_sum, _, count = ctx.full_batch(params, with_grad=False, train=False)
+    return loss_sum / jnp.maximum(count, 1.0)
 
 
 def _take(stacked: Params, index) -> Params:
@@ -163,6 +148,18 @@ def _select(cond, new, old):
 def _cluster_counts(assign, real, num_clusters) -> dict:
     return {f"hypcluster/cluster_{k}_clients": jnp.sum((assign == k) & real).astype(jnp.float32)
             for k in range(num_clusters)}
+
+
+def _train_metrics(total: dict, delta) -> dict:
+    """`train/loss`, `train/num_examples`, `train/delta_norm` from the clients' summed
+    `{"loss", "seen", "n"}`, as the round skeleton reports them."""
+    return {"train/loss": total["loss"] / jnp.maximum(total["seen"], 1.0),
+            "train/num_examples": total["n"], "train/delta_norm": tree.l2_norm(delta)}
+
+
+def _summed(ctx: ClientContext, report: ClientReport) -> dict:
+    return {"loss": report.stats.loss_sum, "seen": report.stats.examples_seen,
+            "n": ctx.num_examples}
 
 
 KMEANS_INIT_RULES = ("distinct", "fedjax")
@@ -186,14 +183,18 @@ def hypcluster(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
       server_optimizer: optax optimizer applied per cluster (each its own state).
       num_clusters: K >= 1. K = 1 is FedAvg.
       aggregator: how a cluster combines its clients' deltas (each cluster keeps its own
-        aggregator state; cluster k's key is `fold_in(fold_in(key, AGGREGATOR_KEY), k)`
-        when K > 1); defaults to the example-weighted `mean()`.
+        aggregator state; cluster k's key is `fold_in(aggregator_key, k)` when K > 1,
+        the round's `keys.aggregator_key` itself when K = 1); defaults to the
+        example-weighted `mean()`.
       kmeans_init: how the k-means++ round picks centers 2..K: `"distinct"` (the client
         with the worst best-loss among those not yet chosen) or `"fedjax"` (FedJAX
         0.0.17's `kmeans_init`: among all clients, so a center may repeat).
 
     Returns:
-      A `FederatedAlgorithm` with `evaluate` (see `hypcluster_evaluate`). Its
+      A `FederatedAlgorithm` with `evaluate` (see `hypcluster_evaluate`). Its state is a
+      `RoundState`: `params` cluster 0's model, `server` a `HypClusterServer` (the K
+      models, their K server optimizer states, the `initialized` flag), `aggregator` a
+      tuple of K aggregator states, no per-client store. Its
       `init(params=None, *, cluster_params=None)` takes either the initial model
       (k-means++ in the first round) or `cluster_params`, a sequence of K models with
       the same structure, to start from them (no k-means++ round). Round metrics:
@@ -202,7 +203,11 @@ def hypcluster(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
       `hypcluster/cluster_<k>_clients` (real clients assigned to cluster k),
       `hypcluster/loss` (example-weighted mean over clients of their chosen cluster's
       loss at the round's start), and the aggregator's metrics (mean over the clusters
-      that had clients; 0 in the k-means round).
+      that had clients; 0 in the k-means round). Per-client outputs
+      (`jit_round(..., per_client=True)`), besides the skeleton's: `cluster`, each
+      client's assignment c_i, and `cluster_loss`, its first-epoch loss under that
+      cluster at the round's start (in the k-means round: its nearest center and the
+      loss there).
 
     Example:
       >>> alg = hypcluster(optax.sgd(0.1), optax.sgd(1.0), num_clusters=3)
@@ -225,19 +230,22 @@ def hypcluster(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
     K = num_clusters
     repeat_centers = kmeans_init == "fedjax"
 
+    def new_state(params, stacked, initialized):
+        # Fresh server optimizer and aggregator states; an index only for aggregator stores.
+        agg_states = tuple(aggregator.init(params) for _ in range(K))
+        index = (client_state.empty_index() if client_state.has_stores(agg_states)
+                 else optax.EmptyState())
+        server = HypClusterServer(stacked, jax.vmap(server_optimizer.init)(stacked),
+                                  jnp.asarray(initialized))
+        return RoundState(params, server, agg_states, index, optax.EmptyState())
+
     def init(params=None, *, cluster_params=None):
         if cluster_params is not None:
             return _init_from_clusters(params, cluster_params)
         if params is None:
             raise ValueError("hypcluster init: give the initial params or cluster_params")
         stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (K,) + jnp.shape(x)), params)
-        return HypClusterState(
-            params=params,
-            cluster_params=stacked,
-            server_opt_state=jax.vmap(server_optimizer.init)(stacked),
-            aggregator_state=tuple(aggregator.init(params) for _ in range(K)),
-            initialized=jnp.asarray(K == 1),
-        )
+        return new_state(params, stacked, K == 1)
 
     def _init_from_clusters(params, cluster_params):
         # Given clusters: already initialised, so the first round is a HypCluster round
@@ -252,85 +260,85 @@ def hypcluster(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
                 raise ValueError(f"hypcluster init: cluster_params[{k}] does not have the "
                                  f"structure of {what}; give K models like it")
         stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *clusters)
-        first = _take(stacked, 0)
-        return HypClusterState(
-            params=first,
-            cluster_params=stacked,
-            server_opt_state=jax.vmap(server_optimizer.init)(stacked),
-            aggregator_state=tuple(aggregator.init(first) for _ in range(K)),
-            initialized=jnp.asarray(True),
-        )
+        return new_state(_take(stacked, 0), stacked, True)
 
-    def apply(state, cohort, key, *, model, plan=parallel.Plan()):
-        num = cohort.mask.shape[0]
-        slots = jnp.arange(num, dtype=jnp.int32)
-        inputs = (cohort.batches, cohort.mask, cohort.num_examples, slots)
-        real = jnp.asarray(cohort.num_examples) > 0
-        agg_key = jax.random.fold_in(key, AGGREGATOR_KEY)
+    def client(ctx: ClientContext) -> ClientReport:
+        """The maximization step and local training: start from the cluster whose model
+        has the lowest first-epoch loss on the client's data."""
+        clusters = ctx.server.cluster_params
+        losses = jax.vmap(lambda w: _client_loss(ctx, w))(clusters)
+        k = jnp.argmin(losses)
+        start = _take(clusters, k)
+        w, stats = ctx.train(start, client_optimizer)
+        return ClientReport(tree.sub(start, w), stats,
+                            per_client={"cluster": k, "cluster_loss": losses[k]})
+
+    def apply(state, cohort, key, *, model, plan=parallel.Plan(), per_client=False):
+        clients = round_clients(state, cohort, key, model)
+        agg_key = keys.aggregator_key(key)
 
         def cluster_key(k):
             return agg_key if K == 1 else jax.random.fold_in(agg_key, k)
 
+        def outputs(ctx, report):
+            n = ctx.num_examples
+            return client_outputs(report, n, n) if per_client else {}
+
         def hyp_round(state):
-            update = client_update(model, client_optimizer)
+            def one(ctx):
+                report = client(ctx)
+                return _summed(ctx, report), {"delta": report.delta, "weight": ctx.num_examples,
+                                              "per_client": outputs(ctx, report),
+                                              **report.per_client}
 
-            def one_client(c):
-                batches, mask, n, slot = c
-                losses = jax.vmap(lambda p: first_epoch_loss(model, p, batches, mask, n))(
-                    state.cluster_params)
-                k = jnp.argmin(losses)
-                u = update(_take(state.cluster_params, k), batches, mask, n,
-                           jax.random.fold_in(key, slot))
-                return u, k, losses[k]
-
-            updates, assign, chosen_loss = parallel.map_clients(one_client, inputs, plan)
+            total, out = for_each_client(one, clients, plan)
+            assign, weight = out["cluster"], out["weight"]
             deltas, agg_states, agg_metrics, has = [], [], [], []
-            for k in range(K):
-                weights = jnp.where(assign == k, updates.weight, 0.0)
+            for k in range(K):  # the expectation step: each cluster aggregates its own clients
+                weights = jnp.where(assign == k, weight, 0.0)
                 delta, agg_state, metrics = aggregator.apply(
-                    updates.delta, weights, state.aggregator_state[k], cluster_key(k), cohort.slots)
+                    out["delta"], weights, state.aggregator[k], cluster_key(k), clients.slots)
                 used = jnp.sum(weights) > 0
                 deltas.append(delta)
-                agg_states.append(_select(used, agg_state, state.aggregator_state[k]))
+                agg_states.append(_select(used, agg_state, state.aggregator[k]))
                 agg_metrics.append(metrics)
                 has.append(used)
             has = jnp.stack(has)
             deltas = jax.tree.map(lambda *d: jnp.stack(d), *deltas)
+            server = state.server
             server_updates, opt_state = jax.vmap(server_optimizer.update)(
-                deltas, state.server_opt_state, state.cluster_params)
-            stepped = optax.apply_updates(state.cluster_params, server_updates)
-            cluster_params = _select(has, stepped, state.cluster_params)
-            opt_state = _select(has, opt_state, state.server_opt_state)
+                deltas, server.opt_state, server.cluster_params)
+            stepped = optax.apply_updates(server.cluster_params, server_updates)
+            cluster_params = _select(has, stepped, server.cluster_params)
+            opt_state = _select(has, opt_state, server.opt_state)
             used = has.astype(jnp.float32)
             metrics = {
-                **round_metrics(updates, deltas),
-                **_cluster_counts(assign, real, K),
-                "hypcluster/loss": _weighted(chosen_loss, updates.weight),
+                **_train_metrics(total, deltas),
+                **_cluster_counts(assign, weight > 0, K),
+                "hypcluster/loss": _weighted(out["cluster_loss"], weight),
                 **{name: jnp.sum(jnp.stack([jnp.asarray(m[name], jnp.float32) for m in agg_metrics])
                                  * used) / jnp.maximum(jnp.sum(used), 1.0)
                    for name in agg_metrics[0]},
             }
-            new = HypClusterState(_take(cluster_params, 0), cluster_params, opt_state,
-                                  tuple(agg_states), state.initialized)
-            return new, metrics
+            new = RoundState(_take(cluster_params, 0),
+                             HypClusterServer(cluster_params, opt_state, server.initialized),
+                             tuple(agg_states), clients.index, state.store)
+            return new, metrics, out["per_client"]
 
         def kmeans_round(state):
-            train = local_train(model, client_optimizer)
-            base = _take(state.cluster_params, 0)
+            def train(ctx):  # every client trains from the base model: the candidates
+                trained, stats = ctx.train(ctx.params, client_optimizer)
+                report = ClientReport(tree.sub(ctx.params, trained), stats)
+                return _summed(ctx, report), {"candidate": trained, "weight": ctx.num_examples,
+                                              "per_client": outputs(ctx, report)}
 
-            def one_client(c):
-                batches, mask, n, slot = c
-                trained, loss_sum, seen = train(base, batches, mask, jax.random.fold_in(key, slot))
-                return trained, ClientUpdate(tree.sub(base, trained), jnp.asarray(n, jnp.float32),
-                                             loss_sum, seen)
+            total, out = for_each_client(train, clients, plan)
+            candidates, weight = out["candidate"], out["weight"]
+            real = weight > 0
 
-            candidates, updates = parallel.map_clients(one_client, inputs, plan)
-
-            def losses_on(params):
-                def one(c):
-                    batches, mask, n, _ = c
-                    return first_epoch_loss(model, params, batches, mask, n)
-                return parallel.map_clients(one, inputs, plan)
+            def losses_on(params):  # every client's first-epoch loss at one candidate
+                return for_each_client(lambda ctx: ((), _client_loss(ctx, params)), clients,
+                                       plan)[1]
 
             first = kmeans_first_center(key, cohort.num_examples)
 
@@ -349,27 +357,37 @@ def hypcluster(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
                 return (jnp.minimum(best, loss), taken.at[nxt].set(True), chosen.at[m].set(nxt),
                         losses.at[m].set(loss))
 
+            num = weight.shape[0]
             best, _, chosen, losses = jax.lax.fori_loop(0, K, add_center, (
                 jnp.full((num,), jnp.inf, jnp.float32), jnp.zeros((num,), bool),
                 jnp.zeros((K,), jnp.int32), jnp.zeros((K, num), jnp.float32)))
             centers = _take(candidates, chosen)
             assign = jnp.argmin(losses, axis=0)
-            agg_shapes = jax.eval_shape(aggregator.apply, updates.delta, updates.weight,
-                                        state.aggregator_state[0], agg_key, cohort.slots)[2]
+            deltas = jax.tree.map(lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype), candidates)
+            agg_shapes = jax.eval_shape(aggregator.apply, deltas, weight, state.aggregator[0],
+                                        agg_key, clients.slots)[2]
             metrics = {
-                **round_metrics(updates, tree.sub(state.cluster_params, centers)),
+                **_train_metrics(total, tree.sub(state.server.cluster_params, centers)),
                 **_cluster_counts(assign, real, K),
-                "hypcluster/loss": _weighted(best, updates.weight),
+                "hypcluster/loss": _weighted(best, weight),
                 **{name: jnp.zeros(s.shape, jnp.float32) for name, s in agg_shapes.items()},
             }
-            new = HypClusterState(_take(centers, 0), centers,
-                                  jax.vmap(server_optimizer.init)(centers),
-                                  state.aggregator_state, jnp.any(real))
-            return new, metrics
+            per = out["per_client"]
+            if per_client:
+                per = {**per, "cluster": assign, "cluster_loss": jnp.min(losses, axis=0)}
+            # No client state was touched: the index stays as it was.
+            new = RoundState(_take(centers, 0),
+                             HypClusterServer(centers, jax.vmap(server_optimizer.init)(centers),
+                                              jnp.any(real)),
+                             state.aggregator, state.index, state.store)
+            return new, metrics, per
 
         if K == 1:
-            return hyp_round(state)
-        return jax.lax.cond(state.initialized, hyp_round, kmeans_round, state)
+            new, metrics, per = hyp_round(state)
+        else:
+            new, metrics, per = jax.lax.cond(state.server.initialized, hyp_round, kmeans_round,
+                                             state)
+        return (new, metrics, per) if per_client else (new, metrics)
 
     def evaluate(model, state, data, batch_size=256, clients=None):
         return hypcluster_evaluate(model, state, data, batch_size, clients)
@@ -391,13 +409,13 @@ def _loss_model(model: Model) -> Model:
     return Model(model.init, model.apply, model.loss, metrics)
 
 
-def cluster_assignment(model: Model, state: HypClusterState, data,
+def cluster_assignment(model: Model, state: RoundState, data,
                        batch_size: int = 256) -> np.ndarray:
     """Each client's cluster: `argmin_k` of its mean loss (`model.loss`) on `data`.
 
     Args:
       model: the model.
-      state: a `HypClusterState`.
+      state: a HypCluster `RoundState`.
       data: a `FederatedData`; clients without examples get cluster 0.
       batch_size: examples per forward pass.
 
@@ -407,13 +425,13 @@ def cluster_assignment(model: Model, state: HypClusterState, data,
     num_clients = len(data.client_ids)
     if num_clients == 0 or int(np.sum(data.client_sizes)) == 0:
         return np.zeros(num_clients, np.int64)
-    K = jax.tree.leaves(state.cluster_params)[0].shape[0]
-    losses = [ratios(metric_totals(_loss_model(model), _take(state.cluster_params, k), data,
+    K = jax.tree.leaves(state.server.cluster_params)[0].shape[0]
+    losses = [ratios(metric_totals(_loss_model(model), _take(state.server.cluster_params, k), data,
                                    batch_size))["loss"] for k in range(K)]
     return np.argmin(np.nan_to_num(np.stack(losses), nan=np.inf), axis=0)
 
 
-def hypcluster_evaluate(model: Model, state: HypClusterState, data, batch_size: int = 256,
+def hypcluster_evaluate(model: Model, state: RoundState, data, batch_size: int = 256,
                         clients: EvalClients | None = None) -> dict[str, float]:
     """Global metrics when each client uses its own cluster.
 
@@ -428,7 +446,7 @@ def hypcluster_evaluate(model: Model, state: HypClusterState, data, batch_size: 
 
     Args:
       model: the model.
-      state: a `HypClusterState`.
+      state: a HypCluster `RoundState`.
       data: a `FederatedData`, the clients to evaluate.
       batch_size: examples per forward pass.
       clients: an `EvalClients` whose `train` is aligned with `data`, or None.
@@ -441,8 +459,8 @@ def hypcluster_evaluate(model: Model, state: HypClusterState, data, batch_size: 
         raise ValueError(f"clients.train has {len(train.client_ids)} clients but the evaluated "
                          f"data has {len(data.client_ids)}; they must be aligned")
     assign = cluster_assignment(model, state, train if train is not None else data, batch_size)
-    K = jax.tree.leaves(state.cluster_params)[0].shape[0]
-    totals = [metric_totals(model, _take(state.cluster_params, k), data, batch_size)
+    K = jax.tree.leaves(state.server.cluster_params)[0].shape[0]
+    totals = [metric_totals(model, _take(state.server.cluster_params, k), data, batch_size)
               for k in range(K)]
     rows = np.arange(len(data.client_ids))
     picked = {name: (np.stack([t[name][0] for t in totals])[assign, rows],

@@ -16,20 +16,18 @@ from fedjax_core.data import InMemoryFederatedData, pack_clients, pack_cohort
 from fedjax_core.models.base import Model
 from tests.fedjax_core.helpers import (
     close,
-    run_round,
     tiny_softmax_model,
     unequal_clients,
     uniform_mean,
 )
 
 apfl_module = importlib.import_module("fedjax_core.algorithms.apfl")
-ditto_module = importlib.import_module("fedjax_core.algorithms.ditto")
 
 MODEL = tiny_softmax_model()
 
 
-def row_of(state, index, cid):
-    return jax.tree.map(lambda t: t[index.row_of[cid]], state.personal.rows)
+def row_of(state, cid):
+    return jax.tree.map(lambda t: t[client_state.rows_of(state, [cid])[0]], state.store.rows)
 
 
 def reference_round(model, w, cohort, eta, eta_alpha, alpha0, adaptive, server_lr, store,
@@ -83,17 +81,17 @@ def test_matches_paper_loop(adaptive, eta_alpha, uniform):
                adaptive_alpha=adaptive, alpha_learning_rate=eta_alpha,
                aggregator=uniform_mean() if uniform else None)
     params = model.init(jax.random.key(1))
-    state, index = alg.init(params), client_state.StateIndex()
+    state = alg.init(params)
     ref, store = params, {}
     step = jit_round(alg, model)
     for r, idx in enumerate(COHORTS):
         cohort = pack_cohort(data, idx, batch_size=2, epochs=2, seed=3, round_num=r, steps=12)
-        state, metrics = run_round(step, state, index, cohort, jax.random.key(r))
+        state, metrics = step(state, cohort, jax.random.key(r))
         ref = reference_round(model, ref, cohort, eta, eta_alpha, alpha0, adaptive, server_lr,
                               store, uniform)
         close(state.params, ref)
         for cid, (v, alpha) in store.items():
-            row = row_of(state, index, cid)
+            row = row_of(state, cid)
             close(row["v"], v)
             np.testing.assert_allclose(row["alpha"], alpha, atol=1e-5)
     alphas = [a for _, a in store.values()]
@@ -133,17 +131,17 @@ def test_hand_computed_two_rounds():
     model = scalar_regression_model()
     client = {"x": np.array([[2.0]], np.float32), "y": np.array([1.0], np.float32)}
     alg = apfl(optax.sgd(0.1), 1.0, client_learning_rate=0.1, alpha=0.25)
-    state, index = alg.init({"w": jnp.array([1.0])}), client_state.StateIndex()
+    state = alg.init({"w": jnp.array([1.0])})
     step = jit_round(alg, model)
     cohort = pack_clients([client], batch_size=1, bucket=False)
-    state, _ = run_round(step, state, index, cohort, jax.random.key(0))
+    state, _ = step(state, cohort, jax.random.key(0))
     np.testing.assert_allclose(state.params["w"], [0.8], rtol=1e-6)
-    np.testing.assert_allclose(state.personal.rows["v"]["w"][0], [0.95], rtol=1e-6)
-    np.testing.assert_allclose(state.personal.rows["alpha"][0], 0.25, rtol=1e-6)
-    state, metrics = run_round(step, state, index, cohort, jax.random.key(1))
+    np.testing.assert_allclose(state.store.rows["v"]["w"][0], [0.95], rtol=1e-6)
+    np.testing.assert_allclose(state.store.rows["alpha"][0], 0.25, rtol=1e-6)
+    state, metrics = step(state, cohort, jax.random.key(1))
     np.testing.assert_allclose(state.params["w"], [0.68], rtol=1e-6)
-    np.testing.assert_allclose(state.personal.rows["v"]["w"][0], [0.91625], rtol=1e-6)
-    np.testing.assert_allclose(state.personal.rows["alpha"][0], 0.22975, rtol=1e-6)
+    np.testing.assert_allclose(state.store.rows["v"]["w"][0], [0.91625], rtol=1e-6)
+    np.testing.assert_allclose(state.store.rows["alpha"][0], 0.22975, rtol=1e-6)
     np.testing.assert_allclose(metrics["train/personal_loss"], 0.5 * 0.675 ** 2, rtol=1e-6)
     np.testing.assert_allclose(metrics["apfl/mean_alpha"], 0.22975, rtol=1e-6)
 
@@ -156,14 +154,14 @@ def test_result_does_not_depend_on_chunk_size():
     outs = []
     for chunk in (1, 3):
         step = jit_round(alg, model, parallel.Plan(chunk))
-        state, index = alg.init(params), client_state.StateIndex()
+        state = alg.init(params)
         for r, idx in enumerate([[0, 1, 2, 3, 4], [3, 0, 4, 1, 2]]):
             cohort = pack_cohort(data, idx, batch_size=2, epochs=1, seed=0, round_num=r, steps=6)
-            state, metrics = run_round(step, state, index, cohort, jax.random.key(r))
+            state, metrics = step(state, cohort, jax.random.key(r))
         outs.append((state, metrics))
     (a, ma), (b, mb) = outs
     close(a.params, b.params, 1e-6)
-    close(a.personal.rows, b.personal.rows, 1e-6)
+    close(a.store.rows, b.store.rows, 1e-6)
     for name in ("train/personal_loss", "apfl/mean_alpha"):
         np.testing.assert_allclose(ma[name], mb[name], rtol=1e-6)
 
@@ -185,15 +183,15 @@ def test_padding_changes_nothing():
     params = model.init(jax.random.key(0))
     results = []
     for cohort, chunk in ((tight, 1), (padded, 2)):
-        state, index = alg.init(params), client_state.StateIndex()
-        state, metrics = run_round(jit_round(alg, model, parallel.Plan(chunk)), state, index,
-                                   cohort, jax.random.key(0))
-        results.append((state, index, metrics))
-    (a, ia, ma), (b, ib, mb) = results
+        state = alg.init(params)
+        state, metrics = jit_round(alg, model, parallel.Plan(chunk))(state, cohort,
+                                                                     jax.random.key(0))
+        results.append((state, metrics))
+    (a, ma), (b, mb) = results
     close(a.params, b.params, 1e-6)
     for cid in (0, 2):
-        close(row_of(a, ia, cid), row_of(b, ib, cid), 1e-6)
-    close(row_of(b, ib, 7), {"v": params, "alpha": jnp.float32(0.5)}, 1e-7)
+        close(row_of(a, cid), row_of(b, cid), 1e-6)
+    close(row_of(b, 7), {"v": params, "alpha": jnp.float32(0.5)}, 1e-7)
     np.testing.assert_allclose(ma["apfl/mean_alpha"], mb["apfl/mean_alpha"], rtol=1e-6)
 
 
@@ -202,12 +200,12 @@ def test_evaluate_uses_the_mixture():
     alg = apfl(optax.sgd(0.5), 1.0, client_learning_rate=0.5, alpha=0.25,
                alpha_learning_rate=0.05)
     data = unequal_clients(sizes=(5, 3), seed=4)
-    state, index = alg.init(model.init(jax.random.key(2))), client_state.StateIndex()
+    state = alg.init(model.init(jax.random.key(2)))
     step = jit_round(alg, model)
     for r in range(2):
         cohort = pack_cohort(data, [0], batch_size=2, epochs=1, seed=0, round_num=r)
-        state, _ = run_round(step, state, index, cohort, jax.random.key(r))
-    row = row_of(state, index, 0)
+        state, _ = step(state, cohort, jax.random.key(r))
+    row = row_of(state, 0)
     alpha = float(row["alpha"])
     assert 0.0 < alpha < 1.0 and alpha != 0.25
     mixture = jax.tree.map(lambda v, w: alpha * v + (1 - alpha) * w, row["v"], state.params)
@@ -218,7 +216,7 @@ def test_evaluate_uses_the_mixture():
     assert abs(p0["loss"] - g0["loss"]) > 1e-4
     for batch_size in (2, 3, 256):
         out = alg.evaluate(model, state, data, batch_size,
-                           EvalClients(np.array([index.row_of[0], -1])))
+                           EvalClients(np.array([client_state.rows_of(state, [0])[0], -1])))
         for name in ("loss", "accuracy"):
             np.testing.assert_allclose(out[f"personal/{name}"], p0[name], rtol=1e-5)
             np.testing.assert_allclose(out[name], (5 * p0[name] + 3 * g1[name]) / 8, rtol=1e-5)
@@ -229,7 +227,7 @@ def test_evaluate_uses_the_mixture():
         assert plain[name] == value
     # All clients at row -1 through the personal path too: the global model.
     totals = personalization.personal_metric_totals(
-        model, apfl_module._select_mixture, state.personal.rows, state.params, data,
+        model, apfl_module._select_mixture, state.store.rows, state.params, data,
         np.array([-1, -1]), 2)
     expected = core_evaluate.metric_totals(model, state.params, data, 2)
     for name in expected:
@@ -245,8 +243,31 @@ def test_options_are_validated():
     model = MODEL
     alg = apfl(optax.sgd(0.1), 1.0, client_learning_rate=0.1)
     cohort = pack_cohort(unequal_clients(), [0], 2, 1, seed=0, round_num=0)
-    with pytest.raises(ValueError, match="client_state.prepare"):
-        alg.apply(alg.init(model.init(jax.random.key(0))), cohort, jax.random.key(0), model=model)
+    # No host preparation: the state carries its index, and a cohort that fits the
+    # initial store runs through `apply` directly (jit_round grows stores when needed).
+    state, _ = alg.apply(alg.init(model.init(jax.random.key(0))), cohort, jax.random.key(0),
+                         model=model)
+    assert client_state.rows_of(state, [0]).tolist() == [0]
     assert apfl_module.ENTRY.needs == ("client_learning_rate",)
     built = apfl_module.ENTRY.build(optax.sgd(0.1), 1.0, client_learning_rate=0.1)
     assert built.evaluate is not None
+
+
+@pytest.mark.parametrize("fedjax_compat", [False, True])
+def test_per_client_alpha_is_each_clients_alpha(fedjax_compat):
+    """`per_client=True` reports each client's alpha_i after the round (in the FedJAX mode,
+    the mean of its per-leaf alphas), the value its store row keeps."""
+    model, data = MODEL, unequal_clients()
+    alg = apfl(optax.sgd(0.3), 1.0, client_learning_rate=None if fedjax_compat else 0.3,
+               alpha=0.25, fedjax_compat=fedjax_compat)
+    state = alg.init(model.init(jax.random.key(0)))
+    step = jit_round(alg, model, per_client=True)
+    for r, idx in enumerate([[4, 0, 2], [1, 0, 3]]):
+        cohort = pack_cohort(data, idx, batch_size=2, epochs=2, seed=0, round_num=r, steps=12)
+        state, metrics, per = step(state, cohort, jax.random.key(r))
+    alphas = [np.mean(jax.tree.leaves(row_of(state, cid)["alpha"])) for cid in (1, 0, 3)]
+    np.testing.assert_allclose(per["alpha"], alphas, rtol=1e-6)
+    assert float(per["alpha"][1]) != 0.25  # client 0's second round moved its alpha
+    np.testing.assert_allclose(per["num_examples"], [2, 5, 1])
+    np.testing.assert_allclose(metrics["apfl/mean_alpha"], np.average(alphas, weights=[2, 5, 1]),
+                               rtol=1e-6)

@@ -18,14 +18,13 @@ import numpy as np
 import optax
 import pytest
 
+from fedjax_core import client_state
 from fedjax_core.algorithms import registry
 from fedjax_core.algorithms.apfl import apfl
 from fedjax_core.algorithms.base import EvalClients, jit_round
 from fedjax_core.algorithms.hypcluster import hypcluster
-from fedjax_core.client_state import StateIndex
 from fedjax_core.data import InMemoryFederatedData, pack_clients
 from fedjax_core.models.base import Model
-from tests.fedjax_core.helpers import run_round
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "fedjax_reference"
 TOL = 1e-6
@@ -94,33 +93,34 @@ APFL = load("apfl.json")
 
 
 def run_apfl(case, fedjax_compat=True):
-    """Runs our APFL over the case's rounds; yields (record, state, index, client names,
-    metrics) after each."""
+    """Runs our APFL over the case's rounds; yields (record, state, client names, metrics)
+    after each."""
     h = case["hyperparameters"]
     alg = apfl(optax.sgd(h["client_lr"], momentum=h["client_momentum"]), h["server_lr"],
                client_learning_rate=h["client_lr"], alpha=h["client_coefficient"],
                fedjax_compat=fedjax_compat)
     step = jit_round(alg, MODEL)
     steps = max_steps(APFL, h["batch_size"], h["epochs"])
-    state, index = alg.init(f32(case["init_params"])), StateIndex()
+    state = alg.init(f32(case["init_params"]))
     names = sorted(APFL["clients"])
     for r, record in enumerate(case["rounds"]):
         cohort = cohort_of(APFL, record["cohort"], h["batch_size"], h["epochs"], steps)
-        state, metrics = run_round(step, state, index, cohort, jax.random.key(r))
-        yield record, state, index, names, metrics
+        state, metrics = step(state, cohort, jax.random.key(r))
+        yield record, state, names, metrics
 
 
-def personal_row(state, index, names, cid):
-    return jax.tree.map(lambda t: t[index.row_of[names.index(cid)]], state.personal.rows)
+def personal_row(state, names, cid):
+    row = client_state.rows_of(state, [names.index(cid)])[0]
+    return jax.tree.map(lambda t: t[row], state.store.rows)
 
 
 @pytest.mark.parametrize("case", APFL["cases"], ids=[c["name"] for c in APFL["cases"]])
 def test_apfl_fedjax_compat_reproduces_fedjax(case):
     """Server params and every client's v and per-leaf alpha, after each of 3 rounds."""
-    for record, state, index, names, metrics in run_apfl(case):
+    for record, state, names, metrics in run_apfl(case):
         assert_close(state.params, record["server_params"])
         for cid, expected in record["clients"].items():
-            row = personal_row(state, index, names, cid)
+            row = personal_row(state, names, cid)
             assert_close(row["v"], expected["v"])
             assert_close(row["alpha"], expected["alpha"])
         alphas = [np.mean([float(a) for a in jax.tree.leaves(record["clients"][c]["alpha"])])
@@ -147,9 +147,9 @@ def test_apfl_default_mode_differs_from_fedjax():
     models v differ by far more than the tolerance from round 1 on. The global w trains on
     its own loss alone, so it is the same in both modes."""
     case = APFL["cases"][0]
-    for record, state, index, names, _ in run_apfl(case, fedjax_compat=False):
+    for record, state, names, _ in run_apfl(case, fedjax_compat=False):
         assert_close(state.params, record["server_params"])
-        diff = max(max_diff(personal_row(state, index, names, cid)["v"], expected["v"])
+        diff = max(max_diff(personal_row(state, names, cid)["v"], expected["v"])
                    for cid, expected in record["clients"].items())
         assert diff > 1e-3
 
@@ -158,13 +158,13 @@ def test_apfl_fedjax_compat_evaluates_the_per_leaf_mixture():
     """`evaluate` mixes leaf by leaf: each client's loss is that of
     alpha[l] v[l] + (1 - alpha[l]) w[l] built from FedJAX's recorded values."""
     case = APFL["cases"][1]
-    *_, (record, state, index, names, _) = run_apfl(case)
+    *_, (record, state, names, _) = run_apfl(case)
     h = case["hyperparameters"]
     alg = apfl(optax.sgd(h["client_lr"], momentum=h["client_momentum"]), h["server_lr"],
                client_learning_rate=h["client_lr"], alpha=h["client_coefficient"],
                fedjax_compat=True)
     data = InMemoryFederatedData({c: f32(APFL["clients"][c]) for c in names})
-    rows = np.asarray([index.row_of.get(i, -1) for i in range(len(names))])
+    rows = client_state.rows_of(state, range(len(names)))
     got = alg.evaluate(MODEL, state, data, 8, EvalClients(rows=rows))
     w = f32(record["server_params"])
     total, count = 0.0, 0
@@ -211,7 +211,7 @@ def hyp_step(kmeans_init):
 
 def clusters(state):
     """The K cluster models of a state, as a list."""
-    return [jax.tree.map(lambda x, k=k: x[k], state.cluster_params) for k in range(K)]
+    return [jax.tree.map(lambda x, k=k: x[k], state.server.cluster_params) for k in range(K)]
 
 
 def candidate_of(params) -> int:
@@ -285,7 +285,7 @@ def test_hypcluster_starts_from_given_cluster_params(first):
     run = RUNS[first]
     alg, step = hyp_step("distinct")
     state = alg.init(cluster_params=[f32(c) for c in run["centers"]])
-    assert bool(state.initialized)
+    assert bool(state.server.initialized)
     assert_close(state.params, run["centers"][0])
     state, metrics = step(state, ROUND_COHORT, jax.random.key(0))
     for got, want in zip(clusters(state), run["round"]["cluster_params"]):
@@ -315,4 +315,4 @@ def test_registry_sees_the_compat_options():
     assert [candidate_of(c) for c in clusters(state)] == RUNS[first]["chosen"]
     alg = registry.build("apfl", optax.sgd(0.1), 1.0, client_learning_rate=0.1,
                          fedjax_compat=True)
-    assert isinstance(alg.init(f32(APFL["cases"][0]["init_params"])).personal.rows["alpha"], dict)
+    assert isinstance(alg.init(f32(APFL["cases"][0]["init_params"])).store.rows["alpha"], dict)

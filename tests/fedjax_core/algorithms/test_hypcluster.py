@@ -115,7 +115,7 @@ def ref_round(model, clusters, moms, data, indices, cohort, client_opt, lr, mome
 
 
 def stacked(state, k):
-    return jax.tree.map(lambda x: x[k], state.cluster_params)
+    return jax.tree.map(lambda x: x[k], state.server.cluster_params)
 
 
 # ---- tests
@@ -134,7 +134,7 @@ def test_matches_plain_loop(K):
         if r == 0:
             ref = ref_kmeans(model, params, data, indices, cohort, CLIENT_OPT, key, K)
             moms = [jax.tree.map(np.zeros_like, params) for _ in range(K)]
-            assert bool(state.initialized)
+            assert bool(state.server.initialized)
         else:
             ref, moms, counts = ref_round(model, ref, moms, data, indices, cohort, CLIENT_OPT,
                                           LR, MOMENTUM)
@@ -191,7 +191,8 @@ def hand_state(alg, model):
     c0 = {"b": jnp.array([2.0, 0.0, 0.0, 0.0]), "w": w}
     c1 = {"b": jnp.array([0.0, 0.0, 0.0, 2.0]), "w": w}
     clusters = jax.tree.map(lambda a, b: jnp.stack([a, b]), c0, c1)
-    return state._replace(params=c0, cluster_params=clusters, initialized=jnp.asarray(True)), c0, c1
+    server = state.server._replace(cluster_params=clusters, initialized=jnp.asarray(True))
+    return state._replace(params=c0, server=server), c0, c1
 
 
 def test_assignment_by_hand_and_per_cluster_mean():
@@ -218,14 +219,14 @@ def test_cluster_without_clients_is_unchanged():
     model, data = MODEL, two_groups()
     state, c0, c1 = hand_state(ALGS[2], model)
     # Give both clusters some momentum, then train label-0 clients only.
-    state = state._replace(
-        server_opt_state=jax.tree.map(lambda x: x + 0.25, state.server_opt_state))
+    state = state._replace(server=state.server._replace(
+        opt_state=jax.tree.map(lambda x: x + 0.25, state.server.opt_state)))
     cohort = cohort_of(data, [0, 1, 2, 0], 0)
     new, metrics = step_fn(2)(state, cohort, jax.random.key(0))
     assert float(metrics["hypcluster/cluster_1_clients"]) == 0
     assert_tree_close(stacked(new, 1), c1, atol=0)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[1], b[1]),
-                 new.server_opt_state, state.server_opt_state)
+                 new.server.opt_state, state.server.opt_state)
     assert not np.allclose(stacked(new, 0)["b"], c0["b"])
 
 
@@ -236,7 +237,7 @@ def test_result_does_not_depend_on_chunk_size():
         cohort = cohort_of(data, [0, 4, 2, 5], r)
         s1, m1 = step_fn(2, 1)(s1, cohort, jax.random.key(r))
         s3, m3 = step_fn(2, 3)(s3, cohort, jax.random.key(r))
-        assert_tree_close(s1.cluster_params, s3.cluster_params, atol=1e-6)
+        assert_tree_close(s1.server.cluster_params, s3.server.cluster_params, atol=1e-6)
         for name in m1:
             np.testing.assert_allclose(m1[name], m3[name], rtol=1e-5, atol=1e-6)
 
@@ -254,7 +255,7 @@ def test_padding_client_changes_nothing():
     for r in range(2):  # the k-means round, then a HypCluster round
         a, ma = step_tight(a, tight, jax.random.key(r))
         b, mb = step_fn(2)(b, padded, jax.random.key(r))
-        assert_tree_close(a.cluster_params, b.cluster_params, atol=1e-6)
+        assert_tree_close(a.server.cluster_params, b.server.cluster_params, atol=1e-6)
         for name in ma:
             np.testing.assert_allclose(ma[name], mb[name], rtol=1e-5, atol=1e-6)
 
@@ -264,8 +265,8 @@ def test_all_padding_first_round_does_not_initialise():
     cohort = pack_clients([empty] * 4, batch_size=2, steps=STEPS)
     state = ALGS[2].init(MODEL.init(jax.random.key(0)))
     new, _ = step_fn(2)(state, cohort, jax.random.key(0))
-    assert not bool(new.initialized)
-    assert_tree_close(new.cluster_params, state.cluster_params, atol=0)
+    assert not bool(new.server.initialized)
+    assert_tree_close(new.server.cluster_params, state.server.cluster_params, atol=0)
 
 
 def test_evaluate_uses_each_clients_cluster():
@@ -316,7 +317,7 @@ def test_evaluate_compiles_one_kernel_for_all_clusters():
 def test_entry_builds_with_defaults():
     alg = ENTRY.build(optax.sgd(0.1), 1.0)
     state = alg.init(MODEL.init(jax.random.key(0)))
-    assert jax.tree.leaves(state.cluster_params)[0].shape[0] == 2
+    assert jax.tree.leaves(state.server.cluster_params)[0].shape[0] == 2
     with pytest.raises(ValueError, match="num_clusters"):
         hypcluster(num_clusters=0)
 
@@ -333,3 +334,24 @@ def test_cluster_choice_counts_each_example_once():
         got = first_epoch_loss(MODEL, params, {k: v[c] for k, v in cohort.batches.items()},
                                cohort.mask[c], cohort.num_examples[c])
         np.testing.assert_allclose(got, ref_loss(MODEL, params, data.get_client(c)), rtol=1e-5)
+
+
+def test_per_client_reports_the_assignment():
+    """`per_client=True` reports each client's cluster: the hand-checked assignment in a
+    HypCluster round, the nearest center in the k-means++ round (matching the counts)."""
+    model, data = MODEL, two_groups()
+    step = jit_round(ALGS[2], model, per_client=True)
+    state, c0, c1 = hand_state(ALGS[2], model)
+    cohort = cohort_of(data, [4, 0, 5, 2], 0)
+    _, metrics, per = step(state, cohort, jax.random.key(0))
+    assert per["cluster"].tolist() == [1, 0, 1, 0]
+    losses = [ref_loss(model, [c0, c1][k], data.get_client(i)) for k, i in zip([1, 0, 1, 0],
+                                                                                 [4, 0, 5, 2])]
+    np.testing.assert_allclose(per["cluster_loss"], losses, rtol=1e-5)
+    np.testing.assert_allclose(per["num_examples"], [data.client_sizes[i] for i in (4, 0, 5, 2)])
+    _, metrics, per = step(ALGS[2].init(model.init(jax.random.key(0))), cohort,
+                           jax.random.key(1))
+    a = per["cluster"].tolist()  # one center per group: the label-3 pair, the label-0 pair
+    assert a[0] == a[2] != a[1] == a[3]
+    assert [a.count(k) for k in range(2)] == [
+        int(metrics[f"hypcluster/cluster_{k}_clients"]) for k in range(2)]
