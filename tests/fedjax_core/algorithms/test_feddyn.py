@@ -231,6 +231,6 @@ def test_registry_entry_builds_with_the_facts_it_needs():
     model = tiny_softmax_model()
     data = unequal_clients()
     alg = ENTRY.build(optax.sgd(0.1), 1.0, aggregator=None, num_clients=5)
-    state, metrics = run(alg, model, [pack_cohort(data, [0, 1], 2, 1, 0, 0)])
+    _, metrics = run(alg, model, [pack_cohort(data, [0, 1], 2, 1, 0, 0)])
     assert set(metrics) >= {"train/loss", "train/num_examples", "train/delta_norm",
                             "train/h_norm"}
