@@ -28,11 +28,12 @@ import optax
 from fedjax_core import parallel
 from fedjax_core.client import local_train
 from fedjax_core.data.federated_data import FederatedData
-from fedjax_core.evaluate import GROUP_BATCHES, metric_totals, ratios
 from fedjax_core.data.pack import pack_clients
 from fedjax_core.data.sampling import FINETUNE_STREAM, host_rng
+from fedjax_core.evaluate import GROUP_BATCHES, metric_totals, ratios
 from fedjax_core.models.base import Model
 from fedjax_core.typing import Params, PyTree
+
 
 def client_distribution(values, prefix: str = "") -> dict[str, float]:
     """Summary of a per-client metric over the clients where it is defined (not NaN).
@@ -325,15 +326,17 @@ def evaluate_personal(model: Model, select: SelectFn, personal: PyTree, global_p
     Args:
       model: the model.
       select: picks a client's model from the stacked per-client state (`SelectFn`).
-      personal: the algorithm's per-client state, `[capacity, ...]` leaves.
+      personal: the algorithm's per-client store rows (`state.store.rows` of an
+        algorithm on the round skeleton), `[capacity, ...]` leaves.
       global_params: the global model.
       data: the clients to evaluate.
       batch_size: examples per forward pass.
       rows: `Int[ndarray, "clients"]` store rows in data order (-1: global), or None;
-        `EvalClients.rows` as the facade gives it.
+        `EvalClients.rows` as the facade gives it (`client_state.rows_of(state,
+        positions)`).
 
     Example:
-      >>> evaluate_personal(model, select_v, state.personal.rows, state.params, test,
+      >>> evaluate_personal(model, select_v, state.store.rows, state.params, test,
       ...                   rows=eval_clients.rows)
 
     Returns:

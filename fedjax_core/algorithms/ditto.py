@@ -14,45 +14,25 @@ v_k (it starts at the global model of the round it first trains in). Round t, co
     w_{t+1} = w_t - eta_g Delta
 
 The global model is trained exactly as in FedAvg; the personal models never reach the
-server. A client's personal model is what `evaluate` uses for it once it has one.
+server. They are the algorithm's per-client state, kept by the round skeleton in a
+store that grows with the clients seen. A client's personal model is what `evaluate`
+uses for it once it has one.
 
 Evaluation uses `fedjax_core.personalization.evaluate_personal`: each client with its
 own model, compiled once.
 """
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_core import client_state, parallel, tree
+from fedjax_core import keys, tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.aggregate.mean import mean
 from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
-from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY, round_metrics
-from fedjax_core.client import ClientUpdate, local_train
+from fedjax_core.client import ClientContext, ClientReport
 from fedjax_core.personalization import evaluate_personal
-from fedjax_core.typing import Params, State
-
-PERSONAL_KEY = (-2) & 0x7FFFFFFF
-"""A client's personal pass uses `fold_in(client_key, PERSONAL_KEY)` as its key (its step k
-then folds in k), distinct from the global pass's step keys `fold_in(client_key, k)`."""
-
-
-class DittoState(NamedTuple):
-    """Server state of Ditto.
-
-    Attributes:
-      params: the global model w.
-      personal: the personal models v_k, one store row (shaped like the params) per
-        client seen.
-      aggregator_state: the aggregator's state.
-    """
-
-    params: Params
-    personal: client_state.ClientStore
-    aggregator_state: State
+from fedjax_core.skeleton import RoundResult, algorithm
+from fedjax_core.typing import Params
 
 
 def ditto(client_optimizer: optax.GradientTransformation, server_learning_rate: float = 1.0,
@@ -76,16 +56,17 @@ def ditto(client_optimizer: optax.GradientTransformation, server_learning_rate: 
       aggregator: combines the global deltas; defaults to the example-weighted `mean()`.
 
     Returns:
-      A `FederatedAlgorithm` whose state is a `DittoState`, with `evaluate` (personal
-      models; see `evaluate_personal`). Round metrics: `train/loss` (the global pass),
-      `train/num_examples`, `train/delta_norm`, `train/personal_loss` (the personal pass,
-      without the regularizer), plus the aggregator's.
+      A `FederatedAlgorithm` (state: `RoundState`, no server part; its per-client store
+      holds the personal models v_k, one row shaped like the params per client that has
+      trained), with `evaluate` (personal models; see `evaluate_personal`). Round
+      metrics: `train/loss` (the global pass), `train/num_examples`, `train/delta_norm`,
+      `train/personal_loss` (the personal pass, without the regularizer), plus the
+      aggregator's.
 
     Example:
       >>> alg = ditto(optax.sgd(0.05), 1.0, lam=1.0)
-      >>> state, index = alg.init(params), client_state.StateIndex()
-      >>> state, slots = client_state.prepare(index, state, cohort.client_index)
-      >>> state, metrics = alg.apply(state, cohort._replace(slots=slots), key, model=model)
+      >>> state = alg.init(params)
+      >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
       >>> alg.evaluate(model, state, test_data, 256, EvalClients(rows))
 
     References:
@@ -94,53 +75,33 @@ def ditto(client_optimizer: optax.GradientTransformation, server_learning_rate: 
     """
     if not lam >= 0:
         raise ValueError(f"ditto: lam must be non-negative, got {lam}")
-    aggregator = aggregator or mean()
     lam = float(lam)
 
-    def proximal(v, w_global):  # lam/2 ||v - w_t||^2 (no sqrt: its gradient at v = w_t is 0)
-        return 0.5 * lam * sum(jnp.sum(jnp.square(a - b))
-                               for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(w_global)))
+    def client(c: ClientContext) -> ClientReport:
+        w_t, v = c.params, c.state                 # v: w_t for a client never seen
 
-    def init(params):
-        return DittoState(params, client_state.empty_store(params), aggregator.init(params))
+        def proximal(q):  # lam/2 ||q - w_t||^2 (no sqrt: its gradient at q = w_t is 0)
+            return 0.5 * lam * sum(jnp.sum(jnp.square(a - b))
+                                   for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(w_t)))
 
-    def apply(state, cohort, key, *, model, plan=parallel.Plan()):
-        slots = client_state.require_slots(cohort, "ditto")
-        train_global = local_train(model, client_optimizer)
-        train_personal = local_train(model, client_optimizer, regularizer=proximal)
-        w = state.params
-        v_old = client_state.gather(state.personal, slots, w)
+        w_k, stats = c.train(w_t, client_optimizer)
+        v_k, personal = c.train(v, client_optimizer, key=keys.stream(c.key, keys.PERSONAL),
+                                regularizer=proximal)
+        return ClientReport(tree.sub(w_t, w_k), stats, state=v_k,
+                            sums={"personal_loss": personal.loss_sum,
+                                  "personal_seen": personal.examples_seen})
 
-        def one_client(inputs):
-            batches, mask, n, position, v = inputs
-            client_key = jax.random.fold_in(key, position)
-            w_k, loss_sum, seen = train_global(w, batches, mask, client_key)
-            v_k, personal_loss_sum, _ = train_personal(
-                v, batches, mask, jax.random.fold_in(client_key, PERSONAL_KEY), w)
-            u = ClientUpdate(tree.sub(w, w_k), jnp.asarray(n, jnp.float32), loss_sum, seen)
-            return u, v_k, personal_loss_sum
-
-        positions = jnp.arange(cohort.mask.shape[0], dtype=jnp.int32)
-        updates, v_new, personal_loss = parallel.map_clients(
-            one_client, (cohort.batches, cohort.mask, cohort.num_examples, positions, v_old), plan)
-        delta, aggregator_state, agg_metrics = aggregator.apply(
-            updates.delta, updates.weight, state.aggregator_state,
-            jax.random.fold_in(key, AGGREGATOR_KEY), slots)
-        params = jax.tree.map(lambda p, d: p - server_learning_rate * d, w, delta)
-        # A client without examples keeps its row; a new one gets its fresh v_k = w_t.
-        keep = (jnp.asarray(cohort.num_examples) > 0) | slots.is_new
-        personal = client_state.scatter(state.personal, slots, v_new, keep=keep)
-        seen = jnp.sum(updates.examples_seen)
-        metrics = {**round_metrics(updates, delta),
-                   "train/personal_loss": jnp.sum(personal_loss) / jnp.maximum(seen, 1.0),
-                   **agg_metrics}
-        return DittoState(params, personal, aggregator_state), metrics
+    def server(w, s, r: RoundResult):
+        params = jax.tree.map(lambda p, d: p - server_learning_rate * d, w, r.delta)
+        loss = r.sums["personal_loss"] / jnp.maximum(r.sums["personal_seen"], 1.0)
+        return params, s, {"train/personal_loss": loss}
 
     def evaluate(model, state, data, batch_size=256, clients=None):
-        return evaluate_personal(model, _select_personal, state.personal.rows, state.params,
+        return evaluate_personal(model, _select_personal, state.store.rows, state.params,
                                  data, batch_size, None if clients is None else clients.rows)
 
-    return FederatedAlgorithm(init, apply, evaluate)
+    return algorithm(client, server, client_init=lambda params: params, aggregator=aggregator,
+                     evaluate=evaluate)
 
 
 def _select_personal(personal: Params, global_params: Params, row) -> Params:

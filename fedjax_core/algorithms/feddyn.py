@@ -13,39 +13,19 @@ keeps `grad_i`, its running estimate of the gradient of its loss at its last mod
 
 In terms of the deltas `Delta_i = theta^{t-1} - theta_i` and their uniform mean Delta:
 `h^t = h^{t-1} + alpha (|P_t|/m) Delta` and `theta^t = theta^{t-1} - (Delta + h^t/alpha)`.
-The per-client `grad_i` live in a `client_state.ClientStore` that grows with the
-clients seen, not with m.
+The per-client `grad_i` are the algorithm's per-client state, kept by the round
+skeleton in a store that grows with the clients seen, not with m.
 """
-
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_core import client_state, parallel, tree
+from fedjax_core import tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.aggregate.mean import mean
 from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
-from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY, round_metrics
-from fedjax_core.client import client_update
-from fedjax_core.typing import Params, State
-
-
-class FedDynState(NamedTuple):
-    """Server state of FedDyn.
-
-    Attributes:
-      params: the global model theta^t.
-      h: the server correction h^t, shaped like the params.
-      client_grads: the clients' `grad_i`, one store row per client seen.
-      aggregator_state: the aggregator's state.
-    """
-
-    params: Params
-    h: Params
-    client_grads: client_state.ClientStore
-    aggregator_state: State
+from fedjax_core.client import ClientContext, ClientReport
+from fedjax_core.skeleton import RoundResult, algorithm
 
 
 def feddyn(client_optimizer: optax.GradientTransformation, server_learning_rate: float,
@@ -77,15 +57,16 @@ def feddyn(client_optimizer: optax.GradientTransformation, server_learning_rate:
       aggregator: combines the model deltas; defaults to `mean()`.
 
     Returns:
-      A `FederatedAlgorithm` whose state is a `FedDynState`. Round metrics:
-      `train/loss` (of `L_i` alone, without the regularizer), `train/num_examples`,
-      `train/delta_norm`, `train/h_norm` (`||h^t||`), plus the aggregator's.
+      A `FederatedAlgorithm` (state: `RoundState`; its server part is h, shaped like the
+      params; its per-client store holds the `grad_i`, zero until client i first
+      trains). Round metrics: `train/loss` (of `L_i` alone, without the regularizer),
+      `train/num_examples`, `train/delta_norm`, `train/h_norm` (`||h^t||`), plus the
+      aggregator's.
 
     Example:
       >>> alg = feddyn(optax.sgd(0.1), 1.0, num_clients=100, alpha=0.01)
-      >>> state, index = alg.init(params), client_state.StateIndex()
-      >>> state, slots = client_state.prepare(index, state, cohort.client_index)
-      >>> state, metrics = alg.apply(state, cohort._replace(slots=slots), key, model=model)
+      >>> state = alg.init(params)
+      >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
 
     References:
       Acar et al. 2021, "Federated Learning Based on Dynamic Regularization" (ICLR),
@@ -95,55 +76,36 @@ def feddyn(client_optimizer: optax.GradientTransformation, server_learning_rate:
         raise ValueError(f"feddyn: alpha must be positive, got {alpha}")
     if int(num_clients) < 1:
         raise ValueError(f"feddyn: num_clients must be at least 1, got {num_clients}")
-    aggregator = aggregator or mean()
     alpha = float(alpha)
     population = float(int(num_clients))
 
-    def regularizer(w, context):
-        grad_i, anchor = context
-        linear = sum(jnp.vdot(g, x) for g, x in zip(jax.tree.leaves(grad_i), jax.tree.leaves(w)))
-        prox = sum(jnp.sum(jnp.square(x - a))
-                   for x, a in zip(jax.tree.leaves(w), jax.tree.leaves(anchor)))
-        return -linear + 0.5 * alpha * prox
+    def client(c: ClientContext) -> ClientReport:
+        theta, grad_i = c.params, c.state
 
-    def init(params):
-        zeros = tree.zeros_like(params)
-        return FedDynState(params, zeros, client_state.empty_store(zeros), aggregator.init(params))
+        def regularizer(w):  # -<grad_i, w> + alpha/2 ||w - theta^{t-1}||^2
+            linear = sum(jnp.vdot(g, x)
+                         for g, x in zip(jax.tree.leaves(grad_i), jax.tree.leaves(w)))
+            prox = sum(jnp.sum(jnp.square(x - a))
+                       for x, a in zip(jax.tree.leaves(w), jax.tree.leaves(theta)))
+            return -linear + 0.5 * alpha * prox
 
-    def apply(state, cohort, key, *, model, plan=parallel.Plan()):
-        slots = client_state.require_slots(cohort, "feddyn")
-        update = client_update(model, client_optimizer, regularizer=regularizer)
-        theta = state.params
-        grads_old = client_state.gather(state.client_grads, slots, tree.zeros_like(theta))
+        w, stats = c.train(theta, client_optimizer, regularizer=regularizer)
+        delta = tree.sub(theta, w)
+        # grad_i - alpha (theta_i - theta^{t-1}); a padding client keeps its row.
+        grad_new = jax.tree.map(lambda g, d: g + alpha * d, grad_i, delta)
+        return ClientReport(delta, stats, weight=(c.num_examples > 0) * 1.0, state=grad_new)
 
-        def one_client(inputs):
-            batches, mask, n, position, grad_i = inputs
-            u = update(theta, batches, mask, n, jax.random.fold_in(key, position),
-                       (grad_i, theta))
-            # grad_i - alpha (theta_i - theta^{t-1}); padding clients have delta 0.
-            return u, jax.tree.map(lambda g, d: g + alpha * d, grad_i, u.delta)
-
-        positions = jnp.arange(cohort.mask.shape[0], dtype=jnp.int32)
-        updates, grads_new = parallel.map_clients(
-            one_client, (cohort.batches, cohort.mask, cohort.num_examples, positions, grads_old),
-            plan)
-        real = (jnp.asarray(cohort.num_examples) > 0).astype(jnp.float32)
-        cohort_size = jnp.sum(real)
-        delta, aggregator_state, agg_metrics = aggregator.apply(
-            updates.delta, real, state.aggregator_state,
-            jax.random.fold_in(key, AGGREGATOR_KEY), slots)
-        h = jax.tree.map(lambda hh, d: hh + (alpha * cohort_size / population) * d,
-                         state.h, delta)
-        any_real = cohort_size > 0
+    def server(theta, h, r: RoundResult):
+        h = jax.tree.map(lambda hh, d: hh + (alpha * r.num_clients / population) * d, h,
+                         r.delta)
+        any_real = r.num_clients > 0
         params = jax.tree.map(
             lambda p, d, hh: jnp.where(any_real, p - server_learning_rate * (d + hh / alpha), p),
-            theta, delta, h)
-        store = client_state.scatter(state.client_grads, slots, grads_new, keep=real > 0)
-        metrics = {**round_metrics(updates, delta), "train/h_norm": tree.l2_norm(h),
-                   **agg_metrics}
-        return FedDynState(params, h, store, aggregator_state), metrics
+            theta, r.delta, h)
+        return params, h, {"train/h_norm": tree.l2_norm(h)}
 
-    return FederatedAlgorithm(init, apply)
+    return algorithm(client, server, init=tree.zeros_like, client_init=tree.zeros_like,
+                     aggregator=aggregator)
 
 
 ENTRY = AlgorithmEntry(

@@ -37,29 +37,18 @@ for plain SGD and momentum: with a proximal term it sets `tau_eff = sum p_i tau_
 modelled here.
 """
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_core import parallel, tree
+from fedjax_core import tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.aggregate.mean import mean
 from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
-from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY, round_metrics
 from fedjax_core.algorithms.fedprox import proximal_term
-from fedjax_core.client import client_update
-from fedjax_core.typing import Array, ArrayLike, Params, State
-
-
-class FedNovaState(NamedTuple):
-    """Server state of FedNova."""
-
-    params: Params
-    server_opt_state: optax.OptState
-    aggregator_state: State
+from fedjax_core.client import ClientContext, ClientReport
+from fedjax_core.skeleton import RoundResult, algorithm
+from fedjax_core.typing import Array, ArrayLike
 
 
 def local_solver(client_learning_rate: float, momentum: float = 0.0,
@@ -137,7 +126,8 @@ def fednova(client_learning_rate: float, server_learning_rate: float = 1.0,
         defaults to the example-weighted `mean()` (= `sum p_i d_i`).
 
     Returns:
-      A `FederatedAlgorithm` with `FedNovaState`. Round metrics: `train/loss`,
+      A `FederatedAlgorithm` (state: `RoundState`, server part the server SGD's state,
+      no per-client store). Round metrics: `train/loss`,
       `train/num_examples`, `train/delta_norm` (norm of `tau_eff * d`),
       `train/tau_eff`, `train/mean_local_steps` (example-weighted mean of tau_i), and
       the aggregator's.
@@ -145,7 +135,7 @@ def fednova(client_learning_rate: float, server_learning_rate: float = 1.0,
     Example:
       >>> alg = fednova(client_learning_rate=0.1, momentum=0.9)
       >>> state = alg.init(model.init(jax.random.key(0)))
-      >>> state, metrics = alg.apply(state, cohort, round_key, model=model)
+      >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
 
     References:
       Wang et al. 2020, "Tackling the Objective Inconsistency Problem in Heterogeneous
@@ -159,45 +149,29 @@ def fednova(client_learning_rate: float, server_learning_rate: float = 1.0,
     eta_mu = client_learning_rate * proximal_weight
     if eta_mu >= 1.0:
         raise ValueError(f"client_learning_rate * proximal_weight must be < 1, got {eta_mu}")
-    aggregator = aggregator or mean()
     client_optimizer = local_solver(client_learning_rate, momentum)
-    regularizer = proximal_term(proximal_weight) if proximal_weight else None
+    proximal = proximal_term(proximal_weight) if proximal_weight else None
     server_optimizer = optax.sgd(server_learning_rate,
                                  momentum=server_momentum if server_momentum else None)
 
-    def init(params):
-        return FedNovaState(params, server_optimizer.init(params), aggregator.init(params))
+    def client(c: ClientContext) -> ClientReport:
+        regularizer = None if proximal is None else (lambda w: proximal(w, c.params))
+        w, stats = c.train(c.params, client_optimizer, regularizer=regularizer)
+        norm = a_norm(stats.steps, momentum, eta_mu)              # ||a_i||_1, tau_i = steps
+        d = tree.scale(tree.sub(c.params, w), 1.0 / jnp.where(norm > 0, norm, 1.0))
+        n = c.num_examples
+        return ClientReport(d, stats, sums={"norm": n * norm, "tau": n * stats.steps})
 
-    def apply(state, cohort, key, *, model, plan=parallel.Plan()):
-        update = client_update(model, client_optimizer, regularizer=regularizer)
+    def server(w, opt_state, r: RoundResult):
+        total = jnp.where(r.num_examples > 0, r.num_examples, 1.0)
+        tau_eff = r.sums["norm"] / total                          # sum_i p_i ||a_i||_1
+        step = tree.scale(r.delta, tau_eff)
+        updates, opt_state = server_optimizer.update(step, opt_state, w)
+        return optax.apply_updates(w, updates), opt_state, {
+            "train/delta_norm": tree.l2_norm(step), "train/tau_eff": tau_eff,
+            "train/mean_local_steps": r.sums["tau"] / total}
 
-        def one_client(c):
-            batches, mask, n, slot = c
-            u = update(state.params, batches, mask, n, jax.random.fold_in(key, slot),
-                       context=state.params)
-            tau = jnp.sum(jnp.any(mask, axis=-1))
-            norm = a_norm(tau, momentum, eta_mu)
-            d = tree.scale(u.delta, 1.0 / jnp.where(norm > 0, norm, 1.0))
-            return u._replace(delta=d), norm, tau.astype(jnp.float32)
-
-        slots = jnp.arange(cohort.mask.shape[0], dtype=jnp.int32)
-        updates, norms, taus = parallel.map_clients(
-            one_client, (cohort.batches, cohort.mask, cohort.num_examples, slots), plan)
-        d, aggregator_state, agg_metrics = aggregator.apply(
-            updates.delta, updates.weight, state.aggregator_state,
-            jax.random.fold_in(key, AGGREGATOR_KEY), cohort.slots)
-        total = jnp.sum(updates.weight)
-        p = updates.weight / jnp.where(total > 0, total, 1.0)
-        tau_eff = jnp.sum(p * norms)
-        step = tree.scale(d, tau_eff)
-        server_updates, server_opt_state = server_optimizer.update(
-            step, state.server_opt_state, state.params)
-        params = optax.apply_updates(state.params, server_updates)
-        metrics = {**round_metrics(updates, step), "train/tau_eff": tau_eff,
-                   "train/mean_local_steps": jnp.sum(p * taus), **agg_metrics}
-        return FedNovaState(params, server_opt_state, aggregator_state), metrics
-
-    return FederatedAlgorithm(init, apply)
+    return algorithm(client, server, init=server_optimizer.init, aggregator=aggregator)
 
 
 def _matches_sgd(optimizer: optax.GradientTransformation, learning_rate: float,

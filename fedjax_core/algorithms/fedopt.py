@@ -34,6 +34,10 @@ def fedadam(client_optimizer: optax.GradientTransformation, server_learning_rate
       eps: adaptivity tau (paper's grid; 1e-3 is its common choice).
       aggregator: defaults to the weighted mean.
 
+    Returns:
+      A `FederatedAlgorithm` (state: `RoundState`, server part `optax.adam`'s state:
+      the moments m, v and the step count); metrics as `fedavg`'s.
+
     Example:
       >>> alg = fedadam(optax.sgd(1.0), server_learning_rate=1e-2)
 
@@ -49,6 +53,10 @@ def fedyogi(client_optimizer: optax.GradientTransformation, server_learning_rate
             aggregator: Aggregator | None = None) -> FederatedAlgorithm:
     """FedYogi: `fedavg` with `optax.yogi(server_learning_rate, b1, b2, eps)` on the server.
 
+    Returns:
+      A `FederatedAlgorithm` (state: `RoundState`, server part `optax.yogi`'s state);
+      metrics as `fedavg`'s.
+
     Example:
       >>> alg = fedyogi(optax.sgd(1.0), server_learning_rate=1e-2)
 
@@ -63,6 +71,10 @@ def fedadagrad(client_optimizer: optax.GradientTransformation, server_learning_r
                eps: float = 1e-3, initial_accumulator_value: float = 0.0,
                aggregator: Aggregator | None = None) -> FederatedAlgorithm:
     """FedAdagrad: `fedavg` with `optax.adagrad` on the server, `v_0 = initial_accumulator_value`.
+
+    Returns:
+      A `FederatedAlgorithm` (state: `RoundState`, server part `optax.adagrad`'s
+      accumulator v); metrics as `fedavg`'s.
 
     Example:
       >>> alg = fedadagrad(optax.sgd(1.0), server_learning_rate=1e-1)
@@ -81,6 +93,10 @@ def fedavgm(client_optimizer: optax.GradientTransformation, server_learning_rate
     """FedAvgM: `fedavg` with heavy-ball momentum SGD on the server.
 
     `m_t = momentum * m_{t-1} + Delta`, `w_{t+1} = w_t - eta m_t`.
+
+    Returns:
+      A `FederatedAlgorithm` (state: `RoundState`, server part the momentum m);
+      metrics as `fedavg`'s.
 
     Example:
       >>> alg = fedavgm(optax.sgd(1.0), server_learning_rate=1.0, momentum=0.9)

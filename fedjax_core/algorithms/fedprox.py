@@ -29,7 +29,7 @@ from fedjax_core.algorithms.fedavg import fedavg
 
 
 def proximal_term(proximal_weight: float):
-    """`R(w, w_t) = proximal_weight / 2 * ||w - w_t||^2`, a `client.Regularizer`."""
+    """`R(w, w_t) = proximal_weight / 2 * ||w - w_t||^2`, a `fedavg.ProximalTerm`."""
 
     def regularizer(w, w_global):
         # A sum of squares, not l2_norm(...)**2: sqrt has no gradient at w = w_t.
@@ -58,14 +58,15 @@ def fedprox(client_optimizer: optax.GradientTransformation, server_learning_rate
       aggregator: how deltas are combined; defaults to the example-weighted `mean()`.
 
     Returns:
-      A `FederatedAlgorithm` whose state is a `FedAvgState`. Round metrics:
+      A `FederatedAlgorithm` (state: `RoundState`, server part the server SGD's state,
+      no per-client store). Round metrics:
       `train/loss` (example-weighted loss over the local steps, without the proximal
       term), `train/num_examples`, `train/delta_norm`, and the aggregator's.
 
     Example:
       >>> alg = fedprox(optax.sgd(0.1), server_learning_rate=1.0, proximal_weight=0.01)
       >>> state = alg.init(model.init(jax.random.key(0)))
-      >>> state, metrics = alg.apply(state, cohort, round_key, model=model)
+      >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
 
     References:
       Li et al. 2020, "Federated Optimization in Heterogeneous Networks" (MLSys),

@@ -21,27 +21,14 @@ gradient is accumulated batch by batch (sums of per-example gradients, divided o
 the count), so memory stays that of one batch.
 """
 
-from typing import NamedTuple
-
-import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_core import parallel, tree
+from fedjax_core import tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.aggregate.mean import mean
 from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
-from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY, round_metrics
-from fedjax_core.client import ClientUpdate, first_epoch_mask, full_batch
-from fedjax_core.typing import Params, State
-
-
-class FedSGDState(NamedTuple):
-    """Server state of FedSGD."""
-
-    params: Params
-    server_opt_state: optax.OptState
-    aggregator_state: State
+from fedjax_core.client import ClientContext, ClientReport, TrainStats
+from fedjax_core.skeleton import RoundResult, algorithm
 
 
 def fedsgd(server_learning_rate: float, server_momentum: float = 0.0,
@@ -63,50 +50,34 @@ def fedsgd(server_learning_rate: float, server_momentum: float = 0.0,
         `mean()`.
 
     Returns:
-      A `FederatedAlgorithm` with `FedSGDState`. Round metrics: `train/loss` (the
-      cohort's example-weighted loss at w_t), `train/num_examples`, `train/delta_norm`
-      (norm of the aggregated gradient g), and the aggregator's.
+      A `FederatedAlgorithm` (state: `RoundState`, server part the server SGD's state,
+      no per-client store). Round metrics: `train/loss` (the cohort's example-weighted
+      loss at w_t), `train/num_examples`, `train/delta_norm` (norm of the aggregated
+      gradient g), and the aggregator's.
 
     Example:
       >>> alg = fedsgd(server_learning_rate=0.5)
       >>> state = alg.init(model.init(jax.random.key(0)))
-      >>> state, metrics = alg.apply(state, cohort, round_key, model=model)
+      >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
 
     References:
       McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
       Decentralized Data" (AISTATS): FederatedSGD, the baseline of its experiments.
     """
-    aggregator = aggregator or mean()
     server_optimizer = optax.sgd(server_learning_rate,
                                  momentum=server_momentum if server_momentum else None)
 
-    def init(params):
-        return FedSGDState(params, server_optimizer.init(params), aggregator.init(params))
+    def client(c: ClientContext) -> ClientReport:
+        # Over the first epoch: each example once; no local step.
+        loss_sum, grad_sum, count = c.full_batch(c.params, key=c.key)
+        g = tree.scale(grad_sum, 1.0 / jnp.maximum(count, 1.0))
+        return ClientReport(g, TrainStats(loss_sum, count, jnp.zeros((), jnp.float32)))
 
-    def apply(state, cohort, key, *, model, plan=parallel.Plan()):
-        gradient = full_batch(model, with_grad=True, train=True)
+    def server(w, opt_state, r: RoundResult):
+        updates, opt_state = server_optimizer.update(r.delta, opt_state, w)
+        return optax.apply_updates(w, updates), opt_state, {}
 
-        def one_client(c):
-            batches, mask, n, slot = c
-            loss_sum, grad_sum, count = gradient(
-                state.params, batches, first_epoch_mask(mask, n), jax.random.fold_in(key, slot))
-            return ClientUpdate(delta=tree.scale(grad_sum, 1.0 / jnp.maximum(count, 1.0)),
-                                weight=jnp.asarray(n, jnp.float32),
-                                loss_sum=loss_sum, examples_seen=count)
-
-        slots = jnp.arange(cohort.mask.shape[0], dtype=jnp.int32)
-        updates = parallel.map_clients(
-            one_client, (cohort.batches, cohort.mask, cohort.num_examples, slots), plan)
-        grad, aggregator_state, agg_metrics = aggregator.apply(
-            updates.delta, updates.weight, state.aggregator_state,
-            jax.random.fold_in(key, AGGREGATOR_KEY), cohort.slots)
-        server_updates, server_opt_state = server_optimizer.update(
-            grad, state.server_opt_state, state.params)
-        params = optax.apply_updates(state.params, server_updates)
-        metrics = {**round_metrics(updates, grad), **agg_metrics}
-        return FedSGDState(params, server_opt_state, aggregator_state), metrics
-
-    return FederatedAlgorithm(init, apply)
+    return algorithm(client, server, init=server_optimizer.init, aggregator=aggregator)
 
 
 def _build(client_optimizer, server_learning_rate, aggregator=None, server_momentum=0.0):

@@ -21,29 +21,17 @@ infinity or NaN. With q = 0, `Delta_k = Dw_k` and `h_k = L`, so the step is the
 unweighted mean of the clients' `w_t - wbar_k`: FedAvg with uniform weights.
 """
 
-from typing import NamedTuple
-
-import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_core import parallel, tree
+from fedjax_core import tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.aggregate.mean import mean
 from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
-from fedjax_core.algorithms.fedavg import AGGREGATOR_KEY, round_metrics
-from fedjax_core.client import client_update, first_epoch_mask, full_batch
-from fedjax_core.typing import Params, State
+from fedjax_core.client import ClientContext, ClientReport
+from fedjax_core.skeleton import RoundResult, algorithm
 
 LOSS_OFFSET = 1e-10
 """Added to F_k before taking powers, as in the authors' code."""
-
-
-class QFFLState(NamedTuple):
-    """Server state of q-FedAvg."""
-
-    params: Params
-    aggregator_state: State
 
 
 def qffl(client_optimizer: optax.GradientTransformation, client_learning_rate: float,
@@ -69,16 +57,17 @@ def qffl(client_optimizer: optax.GradientTransformation, client_learning_rate: f
         `mean()`.
 
     Returns:
-      A `FederatedAlgorithm` with `QFFLState`. Round metrics: `train/loss` (loss over
-      the local steps), `train/num_examples`, `train/delta_norm` (norm of the server
-      step before eta_s), `train/client_loss_mean` and `train/client_loss_variance`
-      (unweighted mean and variance over the cohort of `F_k(w_t)`, the figures q-FFL
-      aims to make fair), `train/h_mean`, and the aggregator's.
+      A `FederatedAlgorithm` (state: `RoundState`, no server part, no per-client
+      store). Round metrics: `train/loss` (loss over the local steps),
+      `train/num_examples`, `train/delta_norm` (norm of the server step before eta_s),
+      `train/client_loss_mean` and `train/client_loss_variance` (unweighted mean and
+      variance over the cohort of `F_k(w_t)`, the figures q-FFL aims to make fair),
+      `train/h_mean`, and the aggregator's.
 
     Example:
       >>> alg = qffl(optax.sgd(0.1), client_learning_rate=0.1, q=1.0)
       >>> state = alg.init(model.init(jax.random.key(0)))
-      >>> state, metrics = alg.apply(state, cohort, round_key, model=model)
+      >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
 
     References:
       Li et al. 2020, "Fair Resource Allocation in Federated Learning" (ICLR),
@@ -88,48 +77,32 @@ def qffl(client_optimizer: optax.GradientTransformation, client_learning_rate: f
         raise ValueError(f"q must be >= 0, got {q}")
     if client_learning_rate <= 0:
         raise ValueError(f"client_learning_rate must be > 0, got {client_learning_rate}")
-    aggregator = aggregator or mean()
     lipschitz = 1.0 / client_learning_rate
 
-    def init(params):
-        return QFFLState(params, aggregator.init(params))
+    def client(c: ClientContext) -> ClientReport:
+        loss_sum, _, count = c.full_batch(c.params, with_grad=False, train=False)
+        f = loss_sum / jnp.maximum(count, 1.0) + LOSS_OFFSET      # F_k(w_t), each example once
+        w, stats = c.train(c.params, client_optimizer)
+        dw = tree.scale(tree.sub(c.params, w), lipschitz)
+        f_q = f ** q
+        h = lipschitz * f_q
+        if q != 0:
+            h = h + q * f ** (q - 1.0) * jnp.square(tree.l2_norm(dw))
+        loss = f - LOSS_OFFSET
+        return ClientReport(tree.scale(dw, f_q), stats, weight=(c.num_examples > 0) * 1.0,
+                            sums={"h": h, "loss": loss, "loss_sq": jnp.square(loss)})
 
-    def apply(state, cohort, key, *, model, plan=parallel.Plan()):
-        update = client_update(model, client_optimizer)
-        objective = full_batch(model, with_grad=False, train=False)
+    def server(w, s, r: RoundResult):
+        k = jnp.maximum(r.num_clients, 1.0)
+        h_mean = r.sums["h"] / k
+        step = tree.scale(r.delta, 1.0 / jnp.where(h_mean > 0, h_mean, 1.0))
+        loss_mean = r.sums["loss"] / k
+        loss_var = jnp.maximum(r.sums["loss_sq"] / k - jnp.square(loss_mean), 0.0)
+        return (tree.sub(w, tree.scale(step, server_learning_rate)), s,
+                {"train/delta_norm": tree.l2_norm(step), "train/client_loss_mean": loss_mean,
+                 "train/client_loss_variance": loss_var, "train/h_mean": h_mean})
 
-        def one_client(c):
-            batches, mask, n, slot = c
-            loss_sum, _, count = objective(state.params, batches, first_epoch_mask(mask, n))
-            f = loss_sum / jnp.maximum(count, 1.0) + LOSS_OFFSET
-            u = update(state.params, batches, mask, n, jax.random.fold_in(key, slot))
-            dw = tree.scale(u.delta, lipschitz)
-            f_q = f ** q
-            h = lipschitz * f_q
-            if q != 0:
-                h = h + q * f ** (q - 1.0) * jnp.square(tree.l2_norm(dw))
-            return u._replace(delta=tree.scale(dw, f_q)), h, f - LOSS_OFFSET
-
-        slots = jnp.arange(cohort.mask.shape[0], dtype=jnp.int32)
-        updates, hs, losses = parallel.map_clients(
-            one_client, (cohort.batches, cohort.mask, cohort.num_examples, slots), plan)
-        real = (cohort.num_examples > 0).astype(jnp.float32)
-        k = jnp.sum(real)
-        mean_delta, aggregator_state, agg_metrics = aggregator.apply(
-            updates.delta, real, state.aggregator_state,
-            jax.random.fold_in(key, AGGREGATOR_KEY), cohort.slots)
-        safe_k = jnp.maximum(k, 1.0)
-        h_mean = jnp.sum(real * hs) / safe_k
-        step = tree.scale(mean_delta, 1.0 / jnp.where(h_mean > 0, h_mean, 1.0))
-        params = tree.sub(state.params, tree.scale(step, server_learning_rate))
-        loss_mean = jnp.sum(real * losses) / safe_k
-        loss_var = jnp.sum(real * jnp.square(losses - loss_mean)) / safe_k
-        metrics = {**round_metrics(updates, step), "train/client_loss_mean": loss_mean,
-                   "train/client_loss_variance": loss_var, "train/h_mean": h_mean,
-                   **agg_metrics}
-        return QFFLState(params, aggregator_state), metrics
-
-    return FederatedAlgorithm(init, apply)
+    return algorithm(client, server, aggregator=aggregator)
 
 
 def _build(client_optimizer, server_learning_rate, aggregator=None, *, client_learning_rate,

@@ -16,13 +16,24 @@ from fedjax_core.data import InMemoryFederatedData, pack_clients, pack_cohort
 from fedjax_core.models.base import Model
 from tests.fedjax_core.helpers import (
     close,
-    run_round,
     tiny_softmax_model,
     unequal_clients,
     uniform_mean,
 )
 
 ditto_module = importlib.import_module("fedjax_core.algorithms.ditto")
+
+
+def row_of(state, cid):
+    """Client `cid`'s store row (-1: it has none)."""
+    return int(client_state.rows_of(state, [cid])[0])
+
+
+def personal_model(state, cid):
+    """Client `cid`'s personal model v, read from its store row."""
+    r = row_of(state, cid)
+    assert r >= 0, f"client {cid} has no row"
+    return jax.tree.map(lambda t: t[r], state.store.rows)
 
 
 MODEL = tiny_softmax_model()
@@ -63,20 +74,20 @@ def test_matches_paper_loop(uniform):
     eta, lam, server_lr = 0.3, 0.5, 0.7
     alg = ditto(optax.sgd(eta), server_lr, lam=lam, aggregator=uniform_mean() if uniform else None)
     params = model.init(jax.random.key(1))
-    state, index = alg.init(params), client_state.StateIndex()
+    state = alg.init(params)
     ref, store = params, {}
     step = jit_round(alg, model)
     for r, idx in enumerate(COHORTS):
         cohort = pack_cohort(data, idx, batch_size=2, epochs=2, seed=3, round_num=r, steps=12)
-        state, metrics = run_round(step, state, index, cohort, jax.random.key(r))
+        state, metrics = step(state, cohort, jax.random.key(r))
         ref = reference_round(model, ref, cohort, eta, lam, server_lr, store, uniform)
         close(state.params, ref)
         for cid, v in store.items():
-            close(jax.tree.map(lambda t: t[index.row_of[cid]], state.personal.rows), v)
+            close(personal_model(state, cid), v)
     assert float(metrics["train/num_examples"]) == 9 + 4 + 5
     assert np.isfinite(float(metrics["train/personal_loss"]))
     # The personal models moved away from the global one.
-    v0 = jax.tree.map(lambda t: t[index.row_of[0]], state.personal.rows)
+    v0 = personal_model(state, 0)
     assert float(tree.l2_norm(tree.sub(v0, state.params))) > 1e-3
 
 
@@ -87,9 +98,8 @@ def test_zero_lambda_is_local_training():
     params = model.init(jax.random.key(0))
     cohort = pack_cohort(unequal_clients(), [2], batch_size=3, epochs=1, seed=0, round_num=0)
     alg = ditto(optax.sgd(0.2), 1.0, lam=0.0)
-    state, _ = run_round(jit_round(alg, model), alg.init(params), client_state.StateIndex(),
-                         cohort, jax.random.key(0))
-    close(jax.tree.map(lambda t: t[0], state.personal.rows), state.params, 1e-6)
+    state, _ = jit_round(alg, model)(alg.init(params), cohort, jax.random.key(0))
+    close(jax.tree.map(lambda t: t[0], state.store.rows), state.params, 1e-6)
     assert float(tree.l2_norm(tree.sub(state.params, params))) > 1e-3
 
 
@@ -105,10 +115,9 @@ def test_hand_computed_two_steps():
     alg = ditto(optax.sgd(0.1), 1.0, lam=0.5)
     state = alg.init({"w": jnp.array([1.0])})
     cohort = pack_clients([data.get_client(0)], batch_size=1, bucket=False)
-    state, _ = run_round(jit_round(alg, model), state, client_state.StateIndex(), cohort,
-                         jax.random.key(0))
+    state, _ = jit_round(alg, model)(state, cohort, jax.random.key(0))
     np.testing.assert_allclose(state.params["w"], [0.82], rtol=1e-6)
-    np.testing.assert_allclose(state.personal.rows["w"][0], [0.83], rtol=1e-6)
+    np.testing.assert_allclose(state.store.rows["w"][0], [0.83], rtol=1e-6)
 
 
 def scalar_regression_model() -> Model:
@@ -133,14 +142,14 @@ def test_result_does_not_depend_on_chunk_size():
     outs = []
     for chunk in (1, 3):
         step = jit_round(alg, model, parallel.Plan(chunk))
-        state, index = alg.init(params), client_state.StateIndex()
+        state = alg.init(params)
         for r, idx in enumerate([[0, 1, 2, 3, 4], [3, 0, 4, 1, 2]]):
             cohort = pack_cohort(data, idx, batch_size=2, epochs=1, seed=0, round_num=r, steps=6)
-            state, metrics = run_round(step, state, index, cohort, jax.random.key(r))
+            state, metrics = step(state, cohort, jax.random.key(r))
         outs.append((state, metrics))
     (a, ma), (b, mb) = outs
     close(a.params, b.params, 1e-6)
-    close(a.personal.rows, b.personal.rows, 1e-6)
+    close(a.store.rows, b.store.rows, 1e-6)
     np.testing.assert_allclose(ma["train/personal_loss"], mb["train/personal_loss"], rtol=1e-6)
 
 
@@ -161,29 +170,27 @@ def test_padding_changes_nothing():
     params = model.init(jax.random.key(0))
     results = []
     for cohort, chunk in ((tight, 1), (padded, 2)):
-        state, index = alg.init(params), client_state.StateIndex()
-        state, _ = run_round(jit_round(alg, model, parallel.Plan(chunk)), state, index, cohort,
-                             jax.random.key(0))
-        results.append((state, index))
-    (a, ia) = results[0]
-    for b, ib in results[1:]:
+        state, _ = jit_round(alg, model, parallel.Plan(chunk))(alg.init(params), cohort,
+                                                              jax.random.key(0))
+        results.append(state)
+    a = results[0]
+    for b in results[1:]:
         close(a.params, b.params, 1e-6)
         for cid in (0, 2):
-            close(jax.tree.map(lambda t: t[ia.row_of[cid]], a.personal.rows),
-                  jax.tree.map(lambda t: t[ib.row_of[cid]], b.personal.rows), 1e-6)
+            close(personal_model(a, cid), personal_model(b, cid), 1e-6)
         # The empty client's row holds its fresh personal model w_t.
-        close(jax.tree.map(lambda t: t[ib.row_of[7]], b.personal.rows), params, 1e-7)
+        close(personal_model(b, 7), params, 1e-7)
 
 
 def trained_two_clients(alg, model):
     """Two clients, client 0 trained for two rounds, client 1 never."""
     data = unequal_clients(sizes=(5, 3), seed=4)
-    state, index = alg.init(model.init(jax.random.key(2))), client_state.StateIndex()
+    state = alg.init(model.init(jax.random.key(2)))
     step = jit_round(alg, model)
     for r in range(2):
         cohort = pack_cohort(data, [0], batch_size=2, epochs=1, seed=0, round_num=r)
-        state, _ = run_round(step, state, index, cohort, jax.random.key(r))
-    return data, state, index
+        state, _ = step(state, cohort, jax.random.key(r))
+    return data, state
 
 
 def one_client(data, c):
@@ -193,14 +200,15 @@ def one_client(data, c):
 def test_evaluate_uses_personal_models():
     model = MODEL
     alg = ditto(optax.sgd(0.5), 1.0, lam=0.1)
-    data, state, index = trained_two_clients(alg, model)
+    data, state = trained_two_clients(alg, model)
     for batch_size in (2, 3, 256):
-        check_two_client_evaluation(alg, model, data, state, index, batch_size)
+        check_two_client_evaluation(alg, model, data, state, batch_size)
 
 
-def check_two_client_evaluation(alg, model, data, state, index, batch_size):
-    v0 = jax.tree.map(lambda t: t[index.row_of[0]], state.personal.rows)
-    rows = np.array([index.row_of[0], -1])
+def check_two_client_evaluation(alg, model, data, state, batch_size):
+    v0 = personal_model(state, 0)
+    rows = client_state.rows_of(state, [0, 1])
+    assert rows[0] >= 0 and rows[1] == -1  # client 1 never trained
     out = alg.evaluate(model, state, data, batch_size, EvalClients(rows))
     # Client 0 with its v_0, client 1 with the global model, by hand:
     p0 = core_evaluate.evaluate(model, v0, one_client(data, 0))
@@ -224,13 +232,12 @@ def test_evaluate_compiles_once():
     model = MODEL
     alg = ditto(optax.sgd(0.5), 1.0, lam=0.1)
     params = model.init(jax.random.key(0))
-    state, index = alg.init(params), client_state.StateIndex()
     data = unequal_clients(sizes=(5, 2, 9, 1, 4, 7, 3))
     cohort = pack_cohort(data, list(range(7)), batch_size=2, epochs=1, seed=0, round_num=0)
-    state, _ = run_round(jit_round(alg, model), state, index, cohort, jax.random.key(0))
+    state, _ = jit_round(alg, model)(alg.init(params), cohort, jax.random.key(0))
     before = personalization._accumulate_personal._cache_size()
     outs = []
-    row = [index.row_of[c] for c in range(7)]
+    row = [row_of(state, c) for c in range(7)]
     # Batch size 4: 11 batches when every client is personal, fewer otherwise; one shape.
     for personal in ([0, 1, 2, 3, 4, 5, 6], [0], [1, 2, 4, 6]):
         rows = np.array([row[c] if c in personal else -1 for c in range(7)])
@@ -239,7 +246,7 @@ def test_evaluate_compiles_once():
     # All personal: the totals match evaluating each client's v directly.
     expected = 0.0
     for c in range(7):
-        v = jax.tree.map(lambda t: t[index.row_of[c]], state.personal.rows)
+        v = personal_model(state, c)
         loss = core_evaluate.evaluate(model, v, one_client(data, c))["loss"]
         expected += data.client_sizes[c] * loss
     np.testing.assert_allclose(outs[0]["loss"], expected / np.sum(data.client_sizes),
@@ -247,12 +254,17 @@ def test_evaluate_compiles_once():
     np.testing.assert_allclose(outs[0]["personal/loss"], outs[0]["loss"], rtol=1e-7)
 
 
-def test_needs_slots_and_valid_lambda():
+def test_needs_no_preparation_and_valid_lambda():
+    """The per-client rows need no preparation: `apply` alone (no jit_round) on a cohort
+    that fits the initial store is the jitted round."""
     model = MODEL
     alg = ditto(optax.sgd(0.1), 1.0)
     cohort = pack_cohort(unequal_clients(), [0], 2, 1, seed=0, round_num=0)
-    with pytest.raises(ValueError, match="client_state.prepare"):
-        alg.apply(alg.init(model.init(jax.random.key(0))), cohort, jax.random.key(0), model=model)
+    state0 = alg.init(model.init(jax.random.key(0)))
+    direct, _ = alg.apply(state0, cohort, jax.random.key(0), model=model)
+    jitted, _ = jit_round(alg, model)(state0, cohort, jax.random.key(0))
+    close(direct, jitted, 1e-6)
+    assert float(tree.l2_norm(tree.sub(personal_model(direct, 0), state0.params))) > 1e-3
     with pytest.raises(ValueError, match="lam"):
         ditto(optax.sgd(0.1), 1.0, lam=-1.0)
     assert ditto_module.ENTRY.name == "ditto" and ditto_module.ENTRY.needs == ()

@@ -65,7 +65,7 @@ def test_fedopt_variants_are_fedavg_with_server_optimizer():
     jax.tree.map(np.testing.assert_array_equal, sa.params, sb.params)
     m = fedavgm(optax.sgd(0.1), 1.0, momentum=0.9)
     sm, _ = jit_round(m, model)(m.init(params), cohort, jax.random.key(0))
-    assert sm.server_opt_state[0].trace is not None
+    assert sm.server[0].trace is not None
 
 
 @pytest.mark.parametrize("chunk_size", [2, 3, 5, 8])

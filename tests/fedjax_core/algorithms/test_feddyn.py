@@ -9,8 +9,9 @@ import pytest
 from fedjax_core import client_state, parallel, tree
 from fedjax_core.aggregate.mean import mean
 from fedjax_core.algorithms.base import jit_round
-from fedjax_core.algorithms.feddyn import ENTRY, FedDynState, feddyn
+from fedjax_core.algorithms.feddyn import ENTRY, feddyn
 from fedjax_core.data import pack_clients, pack_cohort
+from fedjax_core.skeleton import RoundState
 from tests.fedjax_core.helpers import tiny_softmax_model, unequal_clients
 
 close = lambda a, b, tol=1e-5: jax.tree.map(  # noqa: E731
@@ -48,20 +49,21 @@ def reference_round(model, theta, h, grads, cohort, eta_l, eta_g, num_clients, a
     return jax.tree.map(lambda t, p: t + eta_g * (p - t), theta, paper), h
 
 
-def run(alg, model, cohorts, plan=parallel.Plan(), state=None, index=None, step=None):
-    """Rounds of `alg` with per-client rows prepared on the host, as the facade does."""
+def run(alg, model, cohorts, plan=parallel.Plan(), state=None, step=None):
+    """Rounds of `alg` through `jit_round`, which keeps the per-client rows."""
     step = step or jit_round(alg, model, plan)
     state = state if state is not None else alg.init(model.init(jax.random.key(1)))
-    index = index if index is not None else client_state.StateIndex()
     metrics = None
     for r, cohort in enumerate(cohorts):
-        state, slots = client_state.prepare(index, state, cohort.client_index)
-        state, metrics = step(state, cohort._replace(slots=slots), jax.random.key(r))
-    return state, index, metrics
+        state, metrics = step(state, cohort, jax.random.key(r))
+    return state, metrics
 
 
-def row(state, index, cid):
-    return jax.tree.map(lambda t: t[index.row_of[cid]], state.client_grads.rows)
+def row(state, cid):
+    """Client `cid`'s grad_i, read from its store row."""
+    r = int(client_state.rows_of(state, [cid])[0])
+    assert r >= 0, f"client {cid} has no row"
+    return jax.tree.map(lambda t: t[r], state.store.rows)
 
 
 def with_padding_client(cohort, client_index):
@@ -86,19 +88,19 @@ def test_feddyn_matches_paper_loop(alpha, eta_g):
     theta = model.init(jax.random.key(1))
     h = jax.tree.map(jnp.zeros_like, theta)
     grads = {}
-    state, index = alg.init(theta), client_state.StateIndex()
+    state = alg.init(theta)
     step = jit_round(alg, model)
     for r, ids in enumerate(COHORTS):
         cohort = pack_cohort(data, ids, batch_size=2, epochs=2, seed=3, round_num=r)
-        state, slots = client_state.prepare(index, state, cohort.client_index)
-        state, metrics = step(state, cohort._replace(slots=slots), jax.random.key(r))
+        state, metrics = step(state, cohort, jax.random.key(r))
         theta, h = reference_round(model, theta, h, grads, cohort, eta_l, eta_g, population, alpha)
         close(state.params, theta)
-        close(state.h, h)
+        close(state.server, h)
         for cid, g_i in grads.items():
-            close(row(state, index, cid), g_i)
-    assert isinstance(state, FedDynState)
-    assert set(index.row_of) == {0, 1, 2, 3, 4}
+            close(row(state, cid), g_i)
+    assert isinstance(state, RoundState)
+    positions = np.arange(state.index.row_of.shape[0])
+    assert set(positions[client_state.rows_of(state, positions) >= 0]) == {0, 1, 2, 3, 4}
     np.testing.assert_allclose(metrics["train/h_norm"], tree.l2_norm(h), rtol=1e-5)
     assert float(metrics["train/num_examples"]) == 5 + 4 + 9
 
@@ -124,9 +126,9 @@ def test_one_full_batch_step_by_hand():
     theta = model.init(jax.random.key(1))
     arrays = data.get_client(2)
     d = jax.tree.map(lambda g: eta_l * g, softmax_grad(theta, arrays["x"], arrays["y"]))
-    state, index, _ = run(alg, model, [cohort], state=alg.init(theta))
-    close(row(state, index, 2), jax.tree.map(lambda v: alpha * v, d))
-    close(state.h, jax.tree.map(lambda v: alpha / population * v, d))
+    state, _ = run(alg, model, [cohort], state=alg.init(theta))
+    close(row(state, 2), jax.tree.map(lambda v: alpha * v, d))
+    close(state.server, jax.tree.map(lambda v: alpha / population * v, d))
     close(state.params, jax.tree.map(lambda t, v: t - (1 + 1 / population) * v, theta, d))
 
 
@@ -137,8 +139,8 @@ def test_result_does_not_depend_on_chunk_size():
     alg = feddyn(optax.sgd(0.2), 1.0, num_clients=5, alpha=0.1)
     cohorts = [pack_cohort(data, ids, 2, 1, seed=0, round_num=r)
                for r, ids in enumerate([[0, 1, 2, 3], [4, 2, 1, 0]])]
-    one, _, m1 = run(alg, model, cohorts, parallel.Plan(1))
-    many, _, mc = run(alg, model, cohorts, parallel.Plan(3))
+    one, m1 = run(alg, model, cohorts, parallel.Plan(1))
+    many, mc = run(alg, model, cohorts, parallel.Plan(3))
     close(one, many, 1e-6)
     np.testing.assert_allclose(m1["train/loss"], mc["train/loss"], rtol=1e-6)
 
@@ -150,23 +152,21 @@ def test_padding_client_changes_nothing():
     alg = feddyn(optax.sgd(0.3), 1.0, num_clients=5, alpha=0.1)
     steps = [jit_round(alg, model, parallel.Plan(1)), jit_round(alg, model, parallel.Plan(2))]
     first = pack_cohort(data, [0, 1, 2], 2, 1, seed=0, round_num=0)
-    state, index, _ = run(alg, model, [first], step=steps[0])
-    row0 = row(state, index, 0)
+    state, _ = run(alg, model, [first], step=steps[0])
+    row0 = row(state, 0)
     assert tree.l2_norm(row0) > 0
     second = pack_cohort(data, [3, 4], 2, 1, seed=0, round_num=1)
-    plain, plain_index, _ = run(alg, model, [second], state=state, index=index.copy(),
-                                step=steps[0])
+    plain, _ = run(alg, model, [second], state=state, step=steps[0])
     with_padding = with_padding_client(with_padding_client(second, 0), 9)
     for step in steps:
-        padded, padded_index, m = run(alg, model, [with_padding], state=state,
-                                      index=index.copy(), step=step)
+        padded, m = run(alg, model, [with_padding], state=state, step=step)
         close(padded.params, plain.params, 1e-6)
-        close(padded.h, plain.h, 1e-6)
+        close(padded.server, plain.server, 1e-6)
         for cid in (0, 1, 2, 3, 4):
-            close(row(padded, padded_index, cid), row(plain, plain_index, cid), 1e-6)
-        close(row(padded, padded_index, 0), row0, 0)
+            close(row(padded, cid), row(plain, cid), 1e-6)
+        close(row(padded, 0), row0, 0)
         # A new client that trained on nothing keeps a zero row.
-        assert float(tree.l2_norm(row(padded, padded_index, 9))) == 0.0
+        assert float(tree.l2_norm(row(padded, 9))) == 0.0
         assert float(m["train/num_examples"]) == 1 + 4
 
 
@@ -175,11 +175,11 @@ def test_round_without_real_clients_changes_nothing():
     data = unequal_clients()
     alg = feddyn(optax.sgd(0.3), 1.0, num_clients=5, alpha=0.1)
     first = pack_cohort(data, [0, 1], 2, 1, seed=0, round_num=0)
-    state, index, _ = run(alg, model, [first])
-    assert tree.l2_norm(state.h) > 0
+    state, _ = run(alg, model, [first])
+    assert tree.l2_norm(state.server) > 0
     empty = first._replace(mask=np.zeros_like(first.mask),
                            num_examples=np.zeros_like(first.num_examples))
-    after, _, _ = run(alg, model, [empty], state=state, index=index)
+    after, _ = run(alg, model, [empty], state=state)
     close(after, state, 0)
 
 
@@ -188,22 +188,22 @@ def test_store_grows_with_clients_seen_not_population():
     data = unequal_clients(sizes=(3,) * 10)
     alg = feddyn(optax.sgd(0.1), 1.0, num_clients=1_000_000)
     state = alg.init(model.init(jax.random.key(0)))
-    assert client_state.capacity(state.client_grads) == client_state.MIN_CAPACITY
-    state, index, _ = run(alg, model, [pack_cohort(data, [7, 3, 5], 3, 1, 0, 0)], state=state)
-    assert client_state.capacity(state.client_grads) == client_state.MIN_CAPACITY
-    assert state.client_grads.rows["w"].shape == (client_state.MIN_CAPACITY, 3, 4)
-    state, index, _ = run(alg, model, [pack_cohort(data, [0, 1, 2, 4, 6, 8, 9], 3, 1, 0, 1)],
-                          state=state, index=index)
-    assert index.size == 10
-    assert client_state.capacity(state.client_grads) == 2 * client_state.MIN_CAPACITY
+    assert client_state.capacity(state.store) == client_state.MIN_CAPACITY
+    state, _ = run(alg, model, [pack_cohort(data, [7, 3, 5], 3, 1, 0, 0)], state=state)
+    assert client_state.capacity(state.store) == client_state.MIN_CAPACITY
+    assert state.store.rows["w"].shape == (client_state.MIN_CAPACITY, 3, 4)
+    state, _ = run(alg, model, [pack_cohort(data, [0, 1, 2, 4, 6, 8, 9], 3, 1, 0, 1)],
+                   state=state)
+    assert int(state.index.size) == 10
+    assert client_state.capacity(state.store) == 2 * client_state.MIN_CAPACITY
 
 
 def test_explicit_mean_aggregator_is_the_default():
     model = tiny_softmax_model()
     data = unequal_clients()
     cohorts = [pack_cohort(data, [0, 1, 2], 2, 1, seed=0, round_num=0)]
-    a, _, _ = run(feddyn(optax.sgd(0.2), 1.0, num_clients=5), model, cohorts)
-    b, _, _ = run(feddyn(optax.sgd(0.2), 1.0, num_clients=5, aggregator=mean()), model, cohorts)
+    a, _ = run(feddyn(optax.sgd(0.2), 1.0, num_clients=5), model, cohorts)
+    b, _ = run(feddyn(optax.sgd(0.2), 1.0, num_clients=5, aggregator=mean()), model, cohorts)
     close(a, b, 0)
 
 
@@ -214,10 +214,15 @@ def test_errors_are_clear():
         feddyn(optax.sgd(0.1), 1.0, num_clients=5, alpha=0.0)
     with pytest.raises(ValueError, match="num_clients"):
         feddyn(optax.sgd(0.1), 1.0, num_clients=0)
+    # The per-client rows need no preparation: `apply` alone (no jit_round) on a cohort
+    # that fits the initial store is the jitted round.
     alg = feddyn(optax.sgd(0.1), 1.0, num_clients=5)
     cohort = pack_clients([data.get_client(0)], batch_size=2)
-    with pytest.raises(ValueError, match="client_state.prepare"):
-        alg.apply(alg.init(model.init(jax.random.key(0))), cohort, jax.random.key(0), model=model)
+    state0 = alg.init(model.init(jax.random.key(0)))
+    direct, _ = alg.apply(state0, cohort, jax.random.key(0), model=model)
+    jitted, _ = jit_round(alg, model)(state0, cohort, jax.random.key(0))
+    close(direct, jitted, 1e-6)
+    assert float(tree.l2_norm(row(direct, 0))) > 0
 
 
 def test_registry_entry_builds_with_the_facts_it_needs():
@@ -226,6 +231,6 @@ def test_registry_entry_builds_with_the_facts_it_needs():
     model = tiny_softmax_model()
     data = unequal_clients()
     alg = ENTRY.build(optax.sgd(0.1), 1.0, aggregator=None, num_clients=5)
-    state, _, metrics = run(alg, model, [pack_cohort(data, [0, 1], 2, 1, 0, 0)])
+    _, metrics = run(alg, model, [pack_cohort(data, [0, 1], 2, 1, 0, 0)])
     assert set(metrics) >= {"train/loss", "train/num_examples", "train/delta_norm",
                             "train/h_norm"}
