@@ -124,8 +124,8 @@ def attack(inner: Aggregator | str = "mean", fraction: float = 0.1, kind: str = 
       - `persistent=True`: each client is malicious with probability `fraction`, drawn
         the first round it takes part with examples and kept in a `ClientStore` in the
         state, so it stays malicious (or honest) for the whole run. Needs the cohort's
-        `ClientSlots` (`clients`): the facade's `Server.step` fills them because the
-        state holds a store; by hand, use `client_state.prepare` before each round.
+        `ClientSlots` (`clients`): algorithms built on the round skeleton pass them
+        (the state then holds a `ClientIndex`); by hand, `client_state.assign` gives them.
 
     For "random", sigma is `std` when given (isotropic noise, as the Gaussian Byzantine
     workers of Blanchard et al. 2017), otherwise the per-coordinate standard deviation
@@ -183,9 +183,9 @@ def attack(inner: Aggregator | str = "mean", fraction: float = 0.1, kind: str = 
         if persistent:
             if clients is None:
                 raise ValueError(
-                    "attack(persistent=True) needs the cohort's ClientSlots: prepare them "
-                    "with client_state.prepare (Server.step does) and use an algorithm "
-                    "that passes cohort.slots to its aggregator")
+                    "attack(persistent=True) needs the cohort's ClientSlots: run it inside "
+                    "an algorithm built on the round skeleton (it passes them), or pass "
+                    "client_state.assign's slots as `clients`")
             attackers, store = _persistent_attackers(choice_key, real, store, clients, fraction)
         else:
             attackers = _per_round_attackers(choice_key, real, m, fraction)

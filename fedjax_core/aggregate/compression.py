@@ -466,8 +466,8 @@ def top_k(fraction: float = 0.01, k: int | None = None, error_feedback: bool = T
         `[1, d]`; ignored if `k` is given.
       k: coordinates to send per client (clipped to d).
       error_feedback: keep a residual per client in a `client_state.ClientStore`. The
-        algorithm must then pass the cohort's `ClientSlots` as `clients` (FedAvg passes
-        `cohort.slots`, filled by `client_state.prepare` before each round).
+        algorithm must then pass the cohort's `ClientSlots` as `clients` (the round
+        skeleton does: the state then holds a `ClientIndex`).
       inner: how the decoded deltas are combined (an `Aggregator` or a registered
         name); `mean()` by default.
       chunk_size: clients encoded together under `vmap`; None: all.
@@ -480,8 +480,8 @@ def top_k(fraction: float = 0.01, k: int | None = None, error_feedback: bool = T
     Example:
       >>> agg = top_k(fraction=0.01)
       >>> state = agg.init(params)                   # holds an empty residual store
-      >>> state, slots = client_state.prepare(index, state, cohort.client_index)
-      >>> delta, state, metrics = agg.apply(deltas, weights, state, key, slots)
+      >>> alg = fedavg(optax.sgd(0.1), aggregator=agg)     # the skeleton passes the slots
+      >>> state, metrics = jit_round(alg, model)(alg.init(params), cohort, key)
 
     References:
       Stich et al. 2018, "Sparsified SGD with Memory" (NeurIPS), Algorithm 1.
@@ -516,8 +516,8 @@ def top_k(fraction: float = 0.01, k: int | None = None, error_feedback: bool = T
         if clients is None:
             raise ValueError(
                 "top_k(error_feedback=True) keeps a residual per client: the algorithm "
-                "must pass the cohort's slots (ClientSlots from client_state.prepare) as "
-                "the aggregator's `clients` argument")
+                "must pass the cohort's ClientSlots as the aggregator's `clients` argument "
+                "(every algorithm built on the round skeleton does)")
         d, unravel = _flat_shape(deltas)
         n = _num_clients(weights)
         residual_dtype = state.residuals.rows.dtype

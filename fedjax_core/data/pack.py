@@ -32,17 +32,14 @@ class Cohort(NamedTuple):
       num_examples: `Int[ndarray, "clients"]`, each client's number of examples (its
         aggregation weight), not multiplied by the epochs.
       client_index: `Int[ndarray, "clients"]`, positions of the clients in their
-        FederatedData (for per-client state).
-      slots: the clients' rows in per-client state stores
-        (`fedjax_core.client_state.ClientSlots`), filled by `client_state.prepare` for
-        algorithms that keep state per client; None otherwise.
+        FederatedData (-1 for a padding client); an algorithm's per-client state is
+        kept by these positions (`fedjax_core.client_state`).
     """
 
     batches: dict[str, np.ndarray]
     mask: np.ndarray
     num_examples: np.ndarray
     client_index: np.ndarray
-    slots: object = None
 
     @property
     def num_clients(self) -> int:

@@ -16,7 +16,7 @@ from fedjax_core.algorithms.base import jit_round
 from fedjax_core.keys import AGGREGATOR as AGGREGATOR_KEY
 from fedjax_core.data import pack_cohort
 from tests.fedjax_core.aggregate.test_robust import reference_deltas
-from tests.fedjax_core.helpers import tiny_softmax_model, unequal_clients
+from tests.fedjax_core.helpers import Rows, tiny_softmax_model, unequal_clients
 
 
 def spy() -> Aggregator:

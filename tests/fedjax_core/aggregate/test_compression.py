@@ -15,7 +15,7 @@ from fedjax_core.aggregate.base import Aggregator, AggregatorEntry
 from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.base import jit_round
 from fedjax_core.data import pack_cohort
-from tests.fedjax_core.helpers import tiny_softmax_model, unequal_clients
+from tests.fedjax_core.helpers import Rows, tiny_softmax_model, unequal_clients
 
 DRAWS = 2000
 
@@ -420,11 +420,10 @@ def test_fedavg_with_top_k_error_feedback_matches_reference():
     params = model.init(jax.random.key(0))
     state = alg.init(params)
     step = jit_round(alg, model, parallel.Plan(2))
-    index, residuals, ref = Rows(), {}, params
+    residuals, ref = {}, params
     for r, ids in enumerate([[4, 0, 2], [2, 1, 0]]):
         cohort = pack_cohort(data, ids, batch_size=2, epochs=1, seed=0, round_num=r)
-        state, slots = index.prepare(state, cohort.client_index)
-        state, metrics = step(state, cohort._replace(slots=slots), jax.random.key(r))
+        state, metrics = step(state, cohort, jax.random.key(r))
         deltas = stack([plain_client_delta(model, ref, cohort, i, 0.3) for i in range(3)])
         mean_delta = reference_top_k_round(deltas, cohort.num_examples, list(ids), residuals, 3)
         ref = jax.tree.map(lambda p, m: np.asarray(p) - m, ref, mean_delta)
@@ -448,11 +447,7 @@ def test_fedavg_round_with_each_aggregator():
         assert isinstance(agg, Aggregator)
         alg = fedavg(optax.sgd(0.2), optax.sgd(1.0), aggregator=agg)
         state = alg.init(params)
-        run = cohort
-        if cs.has_stores(state):
-            state, slots = Rows().prepare(state, cohort.client_index)
-            run = cohort._replace(slots=slots)
-        state, metrics = jit_round(alg, model)(state, run, jax.random.key(1))
+        state, metrics = jit_round(alg, model)(state, cohort, jax.random.key(1))
         got = jax.tree.map(np.subtract, params, state.params)
         assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(got))
         assert float(metrics["aggregate/bits_per_round"]) == 4 * float(
