@@ -15,7 +15,7 @@ reachable. docs/api lists this namespace.
 
 from importlib import metadata as _metadata
 
-from fedjax_core import keys, tree
+from fedjax_core import evaluate, keys, tree  # modules: fc.evaluate.evaluate(...)
 from fedjax_core.aggregate.attacks import attack
 from fedjax_core.aggregate.base import Aggregator, Stream
 from fedjax_core.aggregate.compression import (drive, rotated_quantization,
@@ -43,7 +43,6 @@ from fedjax_core.client import (ClientContext, ClientReport, TrainStats, first_e
                                 full_batch, steps_loop, train_steps)
 from fedjax_core.data import (Cohort, FederatedData, InMemoryFederatedData, pack_clients,
                               pack_cohort)
-from fedjax_core.evaluate import evaluate, evaluate_per_client
 from fedjax_core.models.base import Model
 from fedjax_core.models.emnist_cnn import emnist_cnn
 from fedjax_core.models.linear import logistic_regression, mlp
@@ -60,7 +59,7 @@ except _metadata.PackageNotFoundError:  # run from a source tree that was never 
 __all__ = [
     # writing an algorithm (the round skeleton)
     "algorithm", "ClientContext", "ClientReport", "RoundResult", "RoundState", "TrainStats",
-    "descend", "train_steps", "full_batch", "steps_loop", "first_epoch_mask", "tree", "keys",
+    "descend", "train_steps", "full_batch", "steps_loop", "first_epoch_mask", "tree", "keys", "evaluate",
     # algorithms
     "FederatedAlgorithm", "EvalClients", "jit_round", "fedavg", "fedprox", "fedadam",
     "fedyogi", "fedadagrad", "fedavgm", "fedsgd", "fednova", "qffl", "scaffold", "feddyn",
@@ -73,5 +72,4 @@ __all__ = [
     "Plan", "client_mesh", "map_clients", "sum_clients", "run_clients", "Cohort",
     "FederatedData", "InMemoryFederatedData", "pack_clients", "pack_cohort", "Model",
     "emnist_cnn", "mlp", "logistic_regression", "shakespeare_lstm", "stackoverflow_lstm",
-    "evaluate", "evaluate_per_client",
 ]

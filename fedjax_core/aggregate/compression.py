@@ -516,7 +516,7 @@ def top_k(fraction: float = 0.01, k: int | None = None, error_feedback: bool = T
         if clients is None:
             raise ValueError(
                 "top_k(error_feedback=True) keeps a residual per client: the algorithm "
-                "must pass the cohort's ClientSlots as the aggregator's `clients` argument "
+                "must pass the cohort's slots (ClientSlots) as the aggregator's `clients` argument "
                 "(every algorithm built on the round skeleton does)")
         d, unravel = _flat_shape(deltas)
         n = _num_clients(weights)
