@@ -31,6 +31,11 @@ REPLACEMENTS = {
         ("ROUNDS = 20", "ROUNDS = 2"),
         ("CLIENTS_PER_ROUND = 10", "CLIENTS_PER_ROUND = 3"),
     ],
+    "own_scaffold.py": [
+        ('TASK = "shakespeare-plays"', f'TASK = "{tiny_task.NAME}"'),
+        ("ROUNDS = 10", "ROUNDS = 2"),
+        ("CLIENTS_PER_ROUND = 10", "CLIENTS_PER_ROUND = 3"),
+    ],
     "flax_model.py": [
         ('TASK = "emnist"  # x: float32 [n, 28, 28, 1], y: int32 in 0..61', f'TASK = "{IMAGES}"'),
         ("NUM_CLASSES = 62", "NUM_CLASSES = 3"),
@@ -131,11 +136,30 @@ def test_shrink_fails_when_a_replacement_is_missing():
         shrink("fedavg_shakespeare.py", 'TASK = "shakespeare-plays"\nROUNDS = 3000\n')
 
 
-def test_custom_algorithm_tutorial_is_short_and_correct(capsys):
-    source = (EXAMPLES / "custom_algorithm.py").read_text()
+def algorithm_code(name: str) -> tuple[list[str], set[str]]:
+    """The non-blank lines of an example's algorithm (between its markers) and the names
+    it takes from the core: what it imports from `fedjax_core`, and `tree.X` separately."""
+    source = (EXAMPLES / name).read_text()
     body = source.split("# --- the algorithm ---")[1].split("# --- end of the algorithm ---")[0]
-    lines = [ln for ln in body.splitlines() if ln.strip()]
-    assert len(lines) < 40, f"the tutorial's algorithm takes {len(lines)} lines"
+    imported = re.search(r"^from fedjax_core import (.+)$", source, re.M).group(1)
+    names = {n.strip() for n in imported.split(",")} - {"tree"}
+    names |= {f"tree.{m}" for m in re.findall(r"\btree\.(\w+)", body)}
+    return [ln for ln in body.splitlines() if ln.strip()], names
+
+
+@pytest.mark.parametrize("name", ["custom_algorithm.py", "own_scaffold.py"])
+def test_tutorial_algorithms_are_short_and_use_few_core_names(name):
+    """Issue 13's bar: at most 25 lines of algorithm code and 10 names from the core, every
+    one of them documented on docs/writing_algorithms.md."""
+    lines, names = algorithm_code(name)
+    assert len(lines) <= 25, f"{name}: the algorithm takes {len(lines)} lines"
+    assert len(names) <= 10, f"{name}: {sorted(names)}"
+    page = (EXAMPLES.parent / "writing_algorithms.md").read_text()
+    for n in names:
+        assert f"`{n}" in page or n.split(".")[-1] in page, f"{n} is not documented"
+
+
+def test_custom_algorithm_tutorial_is_short_and_correct(capsys):
     run_example("custom_algorithm.py")
     out = capsys.readouterr().out
     assert "round 2: train loss" in out and "eta_g" in out and "'accuracy'" in out
@@ -150,14 +174,38 @@ def test_custom_algorithm_tutorial_is_short_and_correct(capsys):
     task = tasks.get(tiny_task.NAME)
     params = task.model.init(jax.random.key(0))
     cohort = task.train.sample(4, 0)
-    exp_state, m = jit_round(ns["fedexp"](optax.sgd(0.5)), task.model)(
-        ns["FedExPState"](params), cohort, jax.random.key(1))
+    exp = ns["fedexp"](optax.sgd(0.5))
+    exp_state, m = jit_round(exp, task.model)(exp.init(params), cohort, jax.random.key(1))
     avg = fedavg(optax.sgd(0.5), optax.sgd(1.0))
     avg_state, _ = jit_round(avg, task.model)(avg.init(params), cohort, jax.random.key(1))
     eta = float(m["fedexp/eta_g"])
     assert eta >= 1.0
     jax.tree.map(lambda w, a, e: np.testing.assert_allclose(w - eta * (w - a), e, atol=1e-5),
                  params, avg_state.params, exp_state.params)
+
+
+def test_own_scaffold_equals_the_built_in_scaffold(capsys):
+    """The tutorial's SCAFFOLD, written as a user would, equals `fedjax_core.scaffold` over
+    rounds where clients come back (their control variates read from the store)."""
+    import jax
+    import optax
+    from fedjax_core.algorithms.base import jit_round
+    from fedjax_core.algorithms.scaffold import scaffold
+    run_example("own_scaffold.py")
+    assert "round 2: train loss" in capsys.readouterr().out
+    ns = run_example("own_scaffold.py", main=False)
+    task = tasks.get(tiny_task.NAME)
+    params = task.model.init(jax.random.key(0))
+    n = task.train.num_clients
+    mine = ns["my_scaffold"](eta_l=0.3, eta_g=0.8, num_clients=n)
+    built_in = scaffold(optax.sgd(0.3), 0.8, client_learning_rate=0.3, num_clients=n)
+    states = [mine.init(params), built_in.init(params)]
+    for r in range(3):
+        cohort = task.train.sample(4, r)
+        states = [jit_round(alg, task.model)(st, cohort, jax.random.key(r))[0]
+                  for alg, st in zip((mine, built_in), states)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6), *states)
+    assert int(states[0].index.size) > 4   # clients came back and new ones joined
 
 
 def _records(run_dir: Path) -> list[dict]:
