@@ -83,14 +83,13 @@ def resume_command(schema: Schema = config.OPTIONS) -> Command:
         distributed.initialize(coordinator, num_processes, process_id)
         _train(cfg, resuming=True)
 
-    run_dir = inspect.Parameter("run_dir", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
-        Path, typer.Argument(help="The run directory to continue.")])
-    allow = inspect.Parameter("allow_changes", inspect.Parameter.KEYWORD_ONLY, default=None,
-                              annotation=Annotated[str | None, typer.Option(
-                                  help="Comma-separated options allowed to differ from the "
-                                       "checkpoint's config, e.g. rounds.")])
-    return options.command(resume, [run_dir, *options.parameters(schema, "resume"), allow,
-                                    *options.launch_parameters()])
+    run_dir = Annotated[Path, typer.Argument(help="The run directory to continue.")]
+    allow = Annotated[str | None, typer.Option(help="Comma-separated options allowed to differ "
+                                                    "from the checkpoint's config, e.g. rounds.")]
+    return options.command(resume, [
+        options.param("run_dir", run_dir, inspect.Parameter.empty),
+        *options.parameters(schema, "resume"), options.param("allow_changes", allow),
+        *options.launch_parameters()])
 
 
 run = app.command("run")(run_command())

@@ -1,5 +1,5 @@
 """The options of `fedjax run`, `fedjax sweep` and `fedjax resume`: made from the run-option
-schema (`fedjax_api.options`, declared in `fedjax_api.config.ExperimentConfig`), plus the
+schema (`fedjax_api.options.RunOptions`, the options of `ExperimentConfig`), plus the
 few that only the command line has (`--config`, `--set`, several processes).
 
 `command(fn, parameters)` gives `fn(**given)` the Typer signature of `parameters(schema,
@@ -58,16 +58,17 @@ COMMAND_LINE_ONLY = [
 
 def launch_parameters() -> list[inspect.Parameter]:
     """`--coordinator`, `--num-processes`, `--process-id`."""
-    return [_param("coordinator", Coordinator), _param("num_processes", NumProcesses),
-            _param("process_id", ProcessId)]
+    return [param("coordinator", Coordinator), param("num_processes", NumProcesses),
+            param("process_id", ProcessId)]
 
 
 def file_parameters() -> list[inspect.Parameter]:
     """`--config FILE`, `--set KEY=VALUE`."""
-    return [_param("config_file", ConfigFile), _param("set_", Sets)]
+    return [param("config_file", ConfigFile), param("set_", Sets)]
 
 
-def _param(name: str, annotation: Any, default: Any = None) -> inspect.Parameter:
+def param(name: str, annotation: Any, default: Any = None) -> inspect.Parameter:
+    """A keyword parameter `name: annotation = default` of a command."""
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=annotation)
 
@@ -102,16 +103,16 @@ def parameter(o: Option, command: str) -> inspect.Parameter:
     if o.flag == "TASK":
         text = (f"Task to run: {', '.join(tasks.names())} (see `fedjax tasks`)."
                 + (f" Default: {DEFAULT_TASK}." if command == "run" else ""))
-        return _param("task", Annotated[str | None, typer.Argument(help=text)])
+        return param("task", Annotated[str | None, typer.Argument(help=text)])
     flag = o.sweep_flag if _listed(o, command) else o.flag
     if o.type == "table":
         metavar = "NAME=V1,V2" if _listed(o, command) else o.metavar
-        return _param(name(o, command), Annotated[list[str] | None, typer.Option(
+        return param(name(o, command), Annotated[list[str] | None, typer.Option(
             flag, metavar=metavar, help=text)])
     if o.type == "boolean":
-        return _param(name(o, command), Annotated[bool, typer.Option(flag, help=text)], False)
+        return param(name(o, command), Annotated[bool, typer.Option(flag, help=text)], False)
     kind = str if _listed(o, command) else o.base
-    return _param(name(o, command), Annotated[kind | None, typer.Option(  # type: ignore
+    return param(name(o, command), Annotated[kind | None, typer.Option(  # type: ignore
         flag, metavar=o.metavar, help=text)])
 
 

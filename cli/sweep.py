@@ -6,7 +6,6 @@ The options are those of `fedjax run`; `--client-lr`, `--server-lr`, `--seeds` a
 """
 
 import datetime
-import inspect
 import math
 import time
 from pathlib import Path
@@ -84,13 +83,9 @@ def sweep_command(schema: Schema = config.OPTIONS) -> Command:
         console.print(f"done in {time.perf_counter() - start:.1f} s ({k} members)")
         _print_table(sw, result, metric)
 
-    def param(name: str, annotation: Any, default: Any = None) -> inspect.Parameter:
-        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                 annotation=annotation)
-
     return options.command(sweep, [*options.parameters(schema, "sweep"),
-                                   param("seeds_together", SeedsTogether, 1),
-                                   param("metric", Metric), *options.file_parameters()])
+                                   options.param("seeds_together", SeedsTogether, 1),
+                                   options.param("metric", Metric), *options.file_parameters()])
 
 
 def _print_table(sw: Sweep, result: SweepResult, metric: str | None) -> None:

@@ -12,14 +12,13 @@ Example:
 """
 
 import difflib
-import functools
 import inspect
 import math
 import os
 import re
 import tomllib
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
 from fedjax_api import config, tasks
 from fedjax_api.config import OPTIONS, ConfigError, ExperimentConfig
@@ -38,18 +37,6 @@ _OPTION_PATHS = {("algorithm", "options"), ("aggregator", "options")}
 _TYPE_WORDS = {"string": "a string", "integer": "an integer", "number": "a number",
                "boolean": "true or false", "table": "a table"}
 _BARE = re.compile(r"[A-Za-z0-9_-]+")
-
-
-class _Layout(NamedTuple):
-    by_path: dict[tuple[str, ...], Option]
-    sections: list[str]
-
-
-@functools.cache
-def _layout(schema: Schema) -> _Layout:
-    """A schema's keys by path, and its sections in order."""
-    return _Layout({tuple(k.split(".")): o for k, o in schema.by_key.items()},
-                   list(dict.fromkeys(k.split(".")[0] for k in schema.by_key if "." in k)))
 
 
 # ---------------------------------------------------------------------------------- load
@@ -112,7 +99,7 @@ def _parse(raw: bytes, name: str) -> dict:
 def _flatten(doc: dict, where: str, schema: Schema) -> dict[str, Any]:
     """A parsed TOML document (nested tables) -> flat `ExperimentConfig` options."""
     out: dict[str, Any] = {}
-    for path, value in _leaves(doc, (), _layout(schema).by_path):
+    for path, value in _leaves(doc, (), schema):
         k = _key_of(where, path, value, schema)
         out[k.field] = _check_type(where, _show_key(path), k.type, value)
     return out
@@ -120,28 +107,27 @@ def _flatten(doc: dict, where: str, schema: Schema) -> dict[str, Any]:
 
 def _key_of(where: str, path: tuple, value: Any, schema: Schema) -> Option:
     """The option at `path` (a shorthand taking a name string); a ConfigError otherwise."""
-    by_path, sections = _layout(schema)
-    if path in by_path:
-        return by_path[path]
+    if path in schema.by_path:
+        return schema.by_path[path]
     if len(path) == 1 and path[0] in SHORTHANDS and isinstance(value, str):
         return schema.by_key[SHORTHANDS[path[0]]]
-    if len(path) == 1 and path[0] in sections:
+    if len(path) == 1 and path[0] in schema.sections:
         also = " or a name string" if path[0] in SHORTHANDS else ""
         raise ConfigError(f"{where}{path[0]} expects a table [{path[0]}]{also}, got "
                           f"{_describe(value)}")
     raise _unknown_key(where, path, schema)
 
 
-def _leaves(table: dict, prefix: tuple, keys: dict) -> Iterable[tuple[tuple, Any]]:
-    """(path, value) of every value, descending into tables but for the option `keys`
-    (an option table is one value); an empty section (a prefix of a key) sets nothing."""
+def _leaves(table: dict, prefix: tuple, schema: Schema) -> Iterable[tuple[tuple, Any]]:
+    """(path, value) of every value, descending into tables but for the schema's keys (an
+    option table is one value); an empty section sets nothing."""
     for name, value in table.items():
         path = prefix + (name,)
-        if not isinstance(value, dict) or path in keys:
+        if not isinstance(value, dict) or path in schema.by_path:
             yield path, value
         elif value:
-            yield from _leaves(value, path, keys)
-        elif not (len(path) == 1 and any(len(k) > 1 and k[0] == name for k in keys)):
+            yield from _leaves(value, path, schema)
+        elif not (len(path) == 1 and name in schema.sections):
             yield path, value
 
 
@@ -153,7 +139,7 @@ def _show_key(path) -> str:
 def _unknown_key(where: str, path: tuple, schema: Schema) -> ConfigError:
     """`unknown key 'client.lrr'; did you mean 'client.lr'? (keys of [client]: ...)`."""
     shown = _show_key(path)
-    last, keys, sections = path[-1], list(schema.by_key), _layout(schema).sections
+    last, keys, sections = path[-1], list(schema.by_key), schema.sections
     guesses = ([schema.by_field[last].key] if last in schema.by_field else []) \
         or [k for k in keys if k.split(".")[-1] == last] \
         or difflib.get_close_matches(shown, keys, n=1, cutoff=0.6)
@@ -241,7 +227,7 @@ def apply_overrides(options: dict[str, Any], sets: Iterable[str],
       {'client_lr': 0.1, 'algorithm_options': {'b2': 0.999}}
     """
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in options.items()}
-    by_path = _layout(schema).by_path
+    by_path = schema.by_path
     for item in sets:
         where = f"--set {_printable(item)}: "
         raw_key, sep, raw = item.partition("=")

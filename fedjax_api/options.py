@@ -1,9 +1,9 @@
-"""Every run option, declared once.
+"""Every run option, declared once (`RunOptions`).
 
-A run option is a field of `fedjax_api.config.ExperimentConfig` declared with `option(...)`:
-its type (the annotation), its default (or the task's), its valid range (`check`), its help
-text, its config-file key, whether `fedjax sweep` takes it (and as a list) and whether
-`fedjax resume --allow-changes` may change it. `Schema` reads these declarations, and the
+A run option is a field of `RunOptions` (the options of `fedjax_api.config.ExperimentConfig`)
+declared with `option(...)`: its type (the annotation), its default (or the task's), its
+valid range (`check`), its help text, its config-file key, whether `fedjax sweep` takes it
+(and as a list) and whether `fedjax resume --allow-changes` may change it. `Schema` reads these declarations, and the
 rest is made from them: `ExperimentConfig`'s validation (one-line `ConfigError`s), the
 config-file keys (`fedjax_api.configfile`), config.json (`ExperimentConfig.to_dict`), the
 options of `fedjax run`, `fedjax sweep` and `fedjax resume` (`cli.options`), and the option
@@ -27,7 +27,10 @@ from typing import Any, Literal
 
 import attrs
 
+from fedjax_api import tasks
 from fedjax_api.errors import ConfigError, unknown
+from fedjax_core.aggregate import registry as aggregators
+from fedjax_core.algorithms import registry
 
 METADATA = "fedjax_option"
 """The key of an option's declaration in its attrs field's metadata."""
@@ -199,7 +202,9 @@ class Schema:
     Attributes:
       config_class: the config class, e.g. `ExperimentConfig`.
       options: every option, in declaration order.
-      by_field, by_key: option by field name, by dotted config-file key.
+      by_field, by_key, by_path: option by field name, by dotted config-file key, by the
+        key's parts (`("client", "lr")`).
+      sections: the config-file sections (`client`, `server`, ...), in order.
 
     Example:
       >>> @attrs.frozen(kw_only=True)
@@ -215,6 +220,8 @@ class Schema:
             _read(a) for a in attrs.fields(config_class) if METADATA in a.metadata)
         self.by_field = {o.field: o for o in self.options}
         self.by_key = {o.key: o for o in self.options}
+        self.by_path = {tuple(o.key.split(".")): o for o in self.options}
+        self.sections = list(dict.fromkeys(k.split(".")[0] for k in self.by_key if "." in k))
 
     def for_command(self, command: str) -> list[Option]:
         """The options `fedjax COMMAND` takes ("run", "sweep" or "resume")."""
@@ -232,3 +239,116 @@ def _read(a: attrs.Attribute) -> Option:
     sweep_flag = meta.pop("sweep_flag") or flag
     return Option(field=a.name, type=TYPE_WORDS[base], base=base, optional=optional,
                   flag=flag, sweep_flag=sweep_flag, **meta)
+
+
+NOT_RESUMABLE: dict[str, Any] = {"resumable": False, "sweep": "no"}
+
+
+@attrs.frozen(kw_only=True)
+class RunOptions:
+    """Every run option, declared once: the fields of `fedjax_api.config.ExperimentConfig`
+    (which checks them together). The command line, config files, config.json and the docs
+    are made from these declarations (`Schema`)."""
+
+    task: str = option(key="task", flag="TASK", resumable=False,
+                       check=OneOf(tasks.names, kind="task"),
+                       help="The task: a registered name (`fedjax tasks`).")
+    rounds: int = option(task=True, key="rounds", check=at_least(1), help="Training rounds.")
+    seed: int = option(0, key="seed", check=at_least(0), resumable=False, sweep="list",
+                       sweep_flag="--seeds",
+                       help="Seed of sampling, shuffling, initialization and client keys.")
+    algorithm: str = option(task=True, key="algorithm.name", resumable=False,
+                            check=OneOf(lambda: registry.ALGORITHMS, kind="algorithm"),
+                            help="Federated algorithm (`fedjax algorithms`).")
+    algorithm_options: dict[str, Any] = option(
+        {}, task=True, key="algorithm.options", flag="--option", metavar="NAME=VALUE",
+        resumable=False, sweep="list",
+        help="An algorithm option, repeatable, e.g. --option proximal_weight=0.1 (see "
+             "`fedjax algorithms`); merged over the task's defaults for the algorithm.")
+    client_lr: float = option(task=True, key="client.lr", check=non_negative, sweep="list",
+                              help="Client SGD learning rate.")
+    clients_per_round: int = option(task=True, key="client.per_round", check=at_least(1),
+                                    help="Clients sampled per round.")
+    batch_size: int = option(task=True, key="client.batch_size", check=at_least(1),
+                             help="Client batch size.")
+    epochs: int = option(task=True, key="client.epochs", check=at_least(1),
+                         help="Local epochs per round.")
+    max_steps: int | None = option(None, task=True, key="client.max_steps", check=at_least(1),
+                                   help="Cap on each client's local steps per round.")
+    sampling: str = option("uniform", key="client.sampling", check=one_of("uniform", "poisson"),
+                           resumable=False,
+                           help="Client sampling: uniform (a fixed-size cohort, without "
+                                "replacement) or poisson (each client with probability "
+                                "clients-per-round / clients).")
+    server_lr: float = option(task=True, key="server.lr", check=non_negative, sweep="list",
+                              help="Server learning rate; the task's default depends on the "
+                                   "algorithm.")
+    skip_nonfinite_clients: bool = option(
+        False, key="server.skip_nonfinite_clients",
+        help="Drop clients whose update is NaN or infinite (counted in "
+             "train/nonfinite_clients) instead of stopping the run.")
+    aggregator: str = option("mean", key="aggregator.name", resumable=False,
+                             check=OneOf(lambda: aggregators.AGGREGATORS, kind="aggregator"),
+                             help="How the server combines client updates (`fedjax "
+                                  "algorithms`).")
+    aggregator_options: dict[str, Any] = option(
+        {}, key="aggregator.options", flag="--aggregator-option", metavar="NAME=VALUE",
+        resumable=False, help="An aggregator option, repeatable, e.g. --aggregator-option "
+                              "beta=0.1.")
+    eval_every: int = option(0, task=True, key="eval.every", check=at_least(0),
+                             help="Evaluate the test set at round 0 and every N rounds (0: "
+                                  "only at the end).")
+    eval_train_clients: int = option(100, task=True, key="eval.train_clients",
+                                     check=at_least(0), help="Training clients (a fixed "
+                                                             "sample) evaluated at the end.")
+    personalize_steps: int = option(
+        0, key="eval.personalize_steps", check=at_least(0), sweep="no",
+        help="At each evaluation, also fine-tune on each test client's own training data "
+             "for this many steps and report the per-client accuracy.")
+    clip: float | None = option(None, key="privacy.clip", check=positive, **NOT_RESUMABLE,
+                                help="DP: L2 norm each client's update is clipped to (the "
+                                     "initial one with --adaptive-clip).")
+    noise_multiplier: float | None = option(
+        None, key="privacy.noise_multiplier", check=non_negative, **NOT_RESUMABLE,
+        help="DP: Gaussian noise std on the clipped sum, in units of --clip.")
+    dp_epsilon: float | None = option(
+        None, key="privacy.epsilon", check=positive, **NOT_RESUMABLE,
+        help="DP: target epsilon after all rounds; calibrates --noise-multiplier (give one "
+             "of the two).")
+    dp_delta: float | None = option(None, key="privacy.delta", check=probability,
+                                    **NOT_RESUMABLE, help="DP: target delta.")
+    dp_accountant: str = option("rdp", key="privacy.accountant", check=one_of("rdp", "pld"),
+                                **NOT_RESUMABLE, help="DP accountant: rdp or pld.")
+    adaptive_clip: bool = option(False, key="privacy.adaptive_clip", **NOT_RESUMABLE,
+                                 help="DP: adapt the clip norm to the median update norm "
+                                      "(private quantile estimation).")
+    noise_cohort_size: int | None = option(
+        None, key="privacy.noise_cohort_size", check=at_least(1), **NOT_RESUMABLE,
+        help="DP: add the noise a cohort of this many clients would need (simulate fewer).")
+    out: str | None = option(None, key="run.out", resumable=False, metavar="DIR",
+                             help="Run directory (config.json, metrics.jsonl, checkpoints; a "
+                                  "sweep's holds one per member). Default: "
+                                  "runs/TASK/ALGORITHM-TIME.")
+    data: str | None = option(None, key="run.data", metavar="PATH",
+                              help="Where a task reads its files (e.g. the LEAF folder for "
+                                   "femnist-leaf).")
+    chunk_size: int = option(1, task=True, key="run.chunk_size", check=at_least(1),
+                             help="Clients trained together under vmap (1: one by one).")
+    device_data: bool = option(False, key="run.device_data", sweep="no",
+                               help="Keep every training example on the device; each round "
+                                    "sends an index (large cohorts of small examples).")
+    devices: int = option(1, key="run.devices", check=at_least(0), sweep="no",
+                          help="Devices (per process) each round's clients are split over; "
+                               "0: all. On a CPU-only machine, starts that many CPU devices.")
+    checkpoint_every: int = option(50, key="run.checkpoint_every", check=at_least(0),
+                                   sweep="no", help="Write a checkpoint every N rounds and "
+                                                    "after the last (0: only after the last).")
+    keep_checkpoints: int = option(3, key="run.keep_checkpoints", check=at_least(1),
+                                   sweep="no", help="Checkpoints kept (the newest).")
+    tensorboard: bool = option(False, key="run.tensorboard",
+                               help="Also write TensorBoard event files under out/tb/ (the "
+                                    "tensorboard extra).")
+    time_limit: float | None = option(
+        None, key="run.time_limit", check=positive, sweep="no", metavar="SECONDS",
+        help="Stop after the round during which this many seconds have passed, with a "
+             "checkpoint (exit code 3); `fedjax resume` continues the run.")
