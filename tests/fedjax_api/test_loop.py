@@ -114,8 +114,8 @@ def test_the_command_line_exits_3_at_the_time_limit(tmp_path):
                                    "--out", str(tmp_path / "r")])
     assert res.exit_code == 3, res.output
     errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert errors == [f"error: time limit reached after round 1; resume with: fedjax resume "
-                      f"{tmp_path / 'r'}"]
+    want = f"error: time limit reached after round 1; resume with: fedjax resume {tmp_path / 'r'}"
+    assert errors == [want]
     assert json.loads((tmp_path / "r" / "config.json").read_text())["time_limit"] == 1e-9
 
 

@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import json
+import shutil
 import subprocess
 
 import pytest
@@ -35,7 +36,8 @@ def git(cwd, *args) -> str:
 
 
 def test_git_commit_of_a_clone_and_of_other_folders(tmp_path):
-    pytest.importorskip("shutil").which("git") or pytest.skip("no git")
+    if shutil.which("git") is None:
+        pytest.skip("no git")
     repo = tmp_path / "clone"
     repo.mkdir()
     git(repo, "init", "-q")
@@ -52,7 +54,8 @@ def test_git_commit_of_a_clone_and_of_other_folders(tmp_path):
     assert git_commit(tmp_path) is None       # not a clone
     git_commit.cache_clear()
     if (ROOT / ".git").exists():
-        assert git_commit().split("-")[0] == git(ROOT, "rev-parse", "HEAD")
+        commit = git_commit()
+        assert commit is not None and commit.split("-")[0] == git(ROOT, "rev-parse", "HEAD")
 
 
 def test_config_json_and_checkpoints_record_the_versions(tmp_path):
