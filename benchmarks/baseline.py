@@ -60,7 +60,7 @@ class SequentialFedAvg:
             return jax.tree.map(lambda p, t: p - server_lr * t / weight_sum, params, total)
 
         self.sgd_step = sgd_step
-        self._init = jax.jit(opt.init)
+        self.init = jax.jit(opt.init)
         self._zeros = jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p))
         self._accumulate = accumulate
         self._server_step = server_step
@@ -91,7 +91,7 @@ class SequentialFedAvg:
         losses = []
         zero = jnp.float32(0)
         for c in slots:
-            w, s, loss_sum = params, self._init(params), zero
+            w, s, loss_sum = params, self.init(params), zero
             steps = int(np.count_nonzero(cohort.mask[c].any(axis=-1)))
             for k in range(steps):
                 batch = {n: v[c, k] for n, v in cohort.batches.items()}

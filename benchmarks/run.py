@@ -235,7 +235,7 @@ def _probe_step(runner, params, cohort, key, steps: int = 8) -> tuple[float, flo
     import jax.numpy as jnp
 
     compile_s = runner.compile_step(params, cohort, key)
-    w, s, l0 = params, runner._init(params), jnp.float32(0)
+    w, s, l0 = params, runner.init(params), jnp.float32(0)
     real = int(cohort.mask[0].any(axis=-1).sum())
     times = []
     for k in range(steps + 2):

@@ -251,8 +251,8 @@ def _stackoverflow(options: Options) -> Setup:
 
 def dataset_subset(data, indices):
     """The clients at `indices` of `data`, as a `FederatedData` of their own."""
-    from fedjax_api.dataset import _Subset
-    return _Subset(data, indices)
+    from fedjax_api.dataset import ClientSubset
+    return ClientSubset(data, indices)
 
 
 def _device_resident_supported() -> bool:

@@ -19,7 +19,6 @@ Example:
 """
 
 import hashlib
-import importlib.metadata
 import json
 import operator
 import os
@@ -38,6 +37,7 @@ import numpy as np
 
 from fedjax_api.errors import ConfigError
 from fedjax_api.rundir import fsync_dir
+from fedjax_api.versions import versions
 
 PyTree = Any
 
@@ -99,7 +99,8 @@ def save(run_dir: Path, round_num: int, state: PyTree, meta: dict, keep: int = 3
       The manifest's path.
 
     Example:
-      >>> checkpoint.save(run_dir, server.round, server.state, {"history": history})
+      >>> checkpoint.save(run_dir, server.round, server.state,
+      ...                 {"config": cfg.to_dict(), "history": records})
       PosixPath('runs/x/checkpoints/ckpt-00000020.json')
     """
     round_num = operator.index(round_num)
@@ -147,7 +148,7 @@ def save(run_dir: Path, round_num: int, state: PyTree, meta: dict, keep: int = 3
             "npz": {"file": npz_path.name, "size": size, "sha256": sha256},
             "leaves": entries,
             "treedef": str(treedef),
-            "written_by": _versions(),
+            "written_by": versions(),
             "meta": meta,
         }
         manifest = {**body, "manifest_sha256": _manifest_digest(body)}
@@ -222,14 +223,6 @@ def _jsonable(x):
     if isinstance(x, (set, frozenset)):
         return sorted(x)
     raise TypeError(f"meta holds a {type(x).__name__}, which is not JSON")
-
-
-def _versions() -> dict:
-    try:
-        ours = importlib.metadata.version("fedjax-sim")
-    except importlib.metadata.PackageNotFoundError:
-        ours = None
-    return {"fedjax_sim": ours, "jax": jax.__version__, "numpy": np.__version__}
 
 
 def _tmp_path(final: Path) -> Path:

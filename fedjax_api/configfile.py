@@ -1,8 +1,8 @@
 """Experiment config files (TOML) and dotted `--set` overrides.
 
 A config file groups the flat `ExperimentConfig` fields into sections (`[client]`,
-`[server]`, `[algorithm]`, ...); `SCHEMA` is the one table that maps each dotted key to its
-field and type, and docs/config.md is checked against it. Precedence, lowest first: the
+`[server]`, `[algorithm]`, ...) by each option's declared key (`fedjax_api.options`;
+`SCHEMA` maps each dotted key to its option), and docs/config.md is checked against it. Precedence, lowest first: the
 task's defaults < the file < `--set KEY=VALUE` < options given on the command line.
 
 Example:
@@ -18,107 +18,21 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable
-from typing import Any, NamedTuple
-
-import attrs
+from typing import Any
 
 from fedjax_api import config, tasks
-from fedjax_api.config import ConfigError, ExperimentConfig
+from fedjax_api.config import OPTIONS, ConfigError, ExperimentConfig
+from fedjax_api.options import REQUIRED, Option, Schema
 from fedjax_core.aggregate import registry as aggregators
 from fedjax_core.algorithms import registry as algorithms
 
-
-class Key(NamedTuple):
-    """One key of a config file: `key` (dotted, e.g. "client.lr") sets `field` of
-    `ExperimentConfig`; `type` is one of "string", "integer", "number", "boolean",
-    "table" (a table of the algorithm's or aggregator's own options)."""
-
-    key: str
-    field: str
-    type: str
-    help: str
-
-
-_KEYS = [
-    Key("task", "task", "string",
-        "registered task (see the list below); `fedjax run TASK` overrides it"),
-    Key("rounds", "rounds", "integer", "training rounds"),
-    Key("seed", "seed", "integer",
-        "seed of sampling, shuffling, initialization and client keys"),
-    Key("algorithm.name", "algorithm", "string",
-        "federated algorithm (see the list below); `algorithm = \"NAME\"` is short for it"),
-    Key("algorithm.options", "algorithm_options", "table",
-        "the algorithm's own options, e.g. `b2 = 0.999`; merged over the task's defaults "
-        "for the algorithm"),
-    Key("client.lr", "client_lr", "number", "client SGD learning rate"),
-    Key("client.per_round", "clients_per_round", "integer", "clients sampled per round"),
-    Key("client.batch_size", "batch_size", "integer", "client batch size"),
-    Key("client.epochs", "epochs", "integer", "local epochs per round"),
-    Key("client.max_steps", "max_steps", "integer",
-        "cap on each client's local steps per round"),
-    Key("client.sampling", "sampling", "string",
-        "`\"uniform\"` (a fixed-size cohort, without replacement) or `\"poisson\"` (each "
-        "client with probability per_round / clients)"),
-    Key("server.lr", "server_lr", "number",
-        "server learning rate; the task's default depends on the algorithm"),
-    Key("server.skip_nonfinite_clients", "skip_nonfinite_clients", "boolean",
-        "drop clients whose update is NaN or infinite (counted in `train/nonfinite_clients`) "
-        "instead of stopping the run"),
-    Key("aggregator.name", "aggregator", "string",
-        "how the server combines client updates (see the list below); "
-        "`aggregator = \"NAME\"` is short for it"),
-    Key("aggregator.options", "aggregator_options", "table",
-        "the aggregator's options, e.g. `beta = 0.1`"),
-    Key("eval.every", "eval_every", "integer",
-        "evaluate the test set at round 0 and every this many rounds (0: only at the end)"),
-    Key("eval.train_clients", "eval_train_clients", "integer",
-        "training clients (a fixed sample) evaluated at the end"),
-    Key("eval.personalize_steps", "personalize_steps", "integer",
-        "at each evaluation, also fine-tune each test client this many steps and report "
-        "the per-client accuracy"),
-    Key("privacy.clip", "clip", "number",
-        "DP: L2 norm each client's update is clipped to (the initial one with adaptive_clip)"),
-    Key("privacy.noise_multiplier", "noise_multiplier", "number",
-        "DP: Gaussian noise std on the clipped sum, in units of clip"),
-    Key("privacy.epsilon", "dp_epsilon", "number",
-        "DP: target epsilon after all rounds; calibrates noise_multiplier (give one of the two)"),
-    Key("privacy.delta", "dp_delta", "number", "DP: target delta, in (0, 1)"),
-    Key("privacy.accountant", "dp_accountant", "string", "DP accountant: `\"rdp\"` or `\"pld\"`"),
-    Key("privacy.adaptive_clip", "adaptive_clip", "boolean",
-        "DP: adapt the clip norm to the median update norm"),
-    Key("privacy.noise_cohort_size", "noise_cohort_size", "integer",
-        "DP: add the noise a cohort of this many clients would need"),
-    Key("run.out", "out", "string",
-        "run directory (config.json, metrics.jsonl); default runs/TASK/ALGORITHM-TIME"),
-    Key("run.data", "data", "string",
-        "where a task reads its files (e.g. the LEAF folder for femnist-leaf)"),
-    Key("run.chunk_size", "chunk_size", "integer", "clients trained together under vmap"),
-    Key("run.device_data", "device_data", "boolean",
-        "keep every training example on the device; each round sends an index "
-        "(large cohorts of small examples; no per-round transform)"),
-    Key("run.devices", "devices", "integer",
-        "devices (per process) each round's clients are split over; 0: all "
-        "(docs/scaling.md)"),
-    Key("run.checkpoint_every", "checkpoint_every", "integer",
-        "write a checkpoint every this many rounds (0: only after the last round)"),
-    Key("run.keep_checkpoints", "keep_checkpoints", "integer",
-        "how many checkpoints to keep (the newest)"),
-    Key("run.tensorboard", "tensorboard", "boolean",
-        "also write TensorBoard event files under `out/tb/` (the `tensorboard` extra)"),
-]
-
-SCHEMA: dict[str, Key] = {k.key: k for k in _KEYS}
-"""Every key of a config file, in the order `dump` writes them: dotted key -> `Key`."""
-
-FIELD_KEYS: dict[str, str] = {k.field: k.key for k in _KEYS}
-"""`ExperimentConfig` field -> its dotted key."""
+SCHEMA: dict[str, Option] = OPTIONS.by_key
+"""Every key of a config file (`ExperimentConfig`'s options), in the order `dump` writes
+them: dotted key -> `fedjax_api.options.Option` (`.field`, `.type`, `.help`)."""
 
 SHORTHANDS = {"algorithm": "algorithm.name", "aggregator": "aggregator.name"}
 """`algorithm = "fedadam"` is short for `[algorithm] name = "fedadam"` (no options then)."""
 
-_SECTIONS = list(dict.fromkeys(k.split(".")[0] for k in SCHEMA if "." in k))
-_SECTION_PATHS = {(s,) for s in _SECTIONS}
-_BY_PATH = {tuple(k.key.split(".")): k for k in _KEYS}
 _OPTION_PATHS = {("algorithm", "options"), ("aggregator", "options")}
 _TYPE_WORDS = {"string": "a string", "integer": "an integer", "number": "a number",
                "boolean": "true or false", "table": "a table"}
@@ -128,7 +42,7 @@ _BARE = re.compile(r"[A-Za-z0-9_-]+")
 # ---------------------------------------------------------------------------------- load
 
 
-def load(path: str | os.PathLike) -> dict[str, Any]:
+def load(path: str | os.PathLike, schema: Schema = OPTIONS) -> dict[str, Any]:
     """The options a config file sets, flat, as `config.resolve` takes them.
 
     Keys the file leaves out are absent (the task's defaults fill them later). The
@@ -150,7 +64,7 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file {name} is a directory, not a TOML file") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {name}: {e.strerror or e}") from None
-    return _flatten(_parse(raw, name), f"{name}: ")
+    return _flatten(_parse(raw, name), f"{name}: ", schema)
 
 
 def _parse(raw: bytes, name: str) -> dict:
@@ -182,38 +96,38 @@ def _parse(raw: bytes, name: str) -> dict:
                           f"{_printable(str(e).split(';')[0], quote=False)}") from None
 
 
-def _flatten(doc: dict, where: str) -> dict[str, Any]:
+def _flatten(doc: dict, where: str, schema: Schema) -> dict[str, Any]:
     """A parsed TOML document (nested tables) -> flat `ExperimentConfig` options."""
     out: dict[str, Any] = {}
-    for path, value in _leaves(doc, ()):
-        k = _key_of(where, path, value)
+    for path, value in _leaves(doc, (), schema):
+        k = _key_of(where, path, value, schema)
         out[k.field] = _check_type(where, _show_key(path), k.type, value)
     return out
 
 
-def _key_of(where: str, path: tuple, value: Any) -> Key:
-    """The `Key` at `path` (a shorthand taking a name string); a ConfigError otherwise."""
-    if path in _BY_PATH:
-        return _BY_PATH[path]
+def _key_of(where: str, path: tuple, value: Any, schema: Schema) -> Option:
+    """The option at `path` (a shorthand taking a name string); a ConfigError otherwise."""
+    if path in schema.by_path:
+        return schema.by_path[path]
     if len(path) == 1 and path[0] in SHORTHANDS and isinstance(value, str):
-        return SCHEMA[SHORTHANDS[path[0]]]
-    if path in _SECTION_PATHS:
+        return schema.by_key[SHORTHANDS[path[0]]]
+    if len(path) == 1 and path[0] in schema.sections:
         also = " or a name string" if path[0] in SHORTHANDS else ""
         raise ConfigError(f"{where}{path[0]} expects a table [{path[0]}]{also}, got "
                           f"{_describe(value)}")
-    raise _unknown_key(where, path)
+    raise _unknown_key(where, path, schema)
 
 
-def _leaves(table: dict, prefix: tuple) -> Iterable[tuple[tuple, Any]]:
-    """(path, value) of every value, descending into tables but for the keys of `SCHEMA`
-    (an option table is one value); an empty section sets nothing."""
+def _leaves(table: dict, prefix: tuple, schema: Schema) -> Iterable[tuple[tuple, Any]]:
+    """(path, value) of every value, descending into tables but for the schema's keys (an
+    option table is one value); an empty section sets nothing."""
     for name, value in table.items():
         path = prefix + (name,)
-        if not isinstance(value, dict) or path in _BY_PATH:
+        if not isinstance(value, dict) or path in schema.by_path:
             yield path, value
         elif value:
-            yield from _leaves(value, path)
-        elif path not in _SECTION_PATHS:
+            yield from _leaves(value, path, schema)
+        elif not (len(path) == 1 and name in schema.sections):
             yield path, value
 
 
@@ -222,20 +136,20 @@ def _show_key(path) -> str:
     return ".".join(p if _BARE.fullmatch(p) else _toml_string(p) for p in path)
 
 
-def _unknown_key(where: str, path: tuple) -> ConfigError:
+def _unknown_key(where: str, path: tuple, schema: Schema) -> ConfigError:
     """`unknown key 'client.lrr'; did you mean 'client.lr'? (keys of [client]: ...)`."""
     shown = _show_key(path)
-    last = path[-1]
-    guesses = ([FIELD_KEYS[last]] if last in FIELD_KEYS else []) \
-        or [k for k in SCHEMA if k.split(".")[-1] == last] \
-        or difflib.get_close_matches(shown, list(SCHEMA), n=1, cutoff=0.6)
+    last, keys, sections = path[-1], list(schema.by_key), schema.sections
+    guesses = ([schema.by_field[last].key] if last in schema.by_field else []) \
+        or [k for k in keys if k.split(".")[-1] == last] \
+        or difflib.get_close_matches(shown, keys, n=1, cutoff=0.6)
     hint = ("; did you mean " + " or ".join(repr(g) for g in guesses) + "?") if guesses else ""
-    if len(path) > 1 and path[:1] in _SECTION_PATHS:
+    if len(path) > 1 and path[0] in sections:
         valid = f"keys of [{path[0]}]: " + ", ".join(
-            k.key.split(".", 1)[1] for k in _KEYS if k.key.startswith(path[0] + "."))
+            k.split(".", 1)[1] for k in keys if k.startswith(path[0] + "."))
     else:
         valid = "top-level keys: " + ", ".join(
-            [k for k in SCHEMA if "." not in k] + [f"[{s}]" for s in _SECTIONS])
+            [k for k in keys if "." not in k] + [f"[{s}]" for s in sections])
     return ConfigError(f"{where}unknown key {_printable(shown)}{hint} ({valid}; see "
                        "docs/config.md)")
 
@@ -297,7 +211,8 @@ def _printable(text: str, quote: bool = True, limit: int = 80) -> str:
 # ------------------------------------------------------------------------------ overrides
 
 
-def apply_overrides(options: dict[str, Any], sets: Iterable[str]) -> dict[str, Any]:
+def apply_overrides(options: dict[str, Any], sets: Iterable[str],
+                    schema: Schema = OPTIONS) -> dict[str, Any]:
     """`options` (flat, as `load` returns them) updated by each `KEY=VALUE` of `sets`.
 
     KEY is a dotted key of `SCHEMA` (`client.lr`, `aggregator.name`, or the shorthand
@@ -312,6 +227,7 @@ def apply_overrides(options: dict[str, Any], sets: Iterable[str]) -> dict[str, A
       {'client_lr': 0.1, 'algorithm_options': {'b2': 0.999}}
     """
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in options.items()}
+    by_path = schema.by_path
     for item in sets:
         where = f"--set {_printable(item)}: "
         raw_key, sep, raw = item.partition("=")
@@ -324,14 +240,14 @@ def apply_overrides(options: dict[str, Any], sets: Iterable[str]) -> dict[str, A
             _check_plain(where, _show_key(path), value)
             for name in reversed(path[3:]):  # algorithm.options.a.b=1 sets a = {b = 1}
                 value = {name: value}
-            out.setdefault(_BY_PATH[path[:2]].field, {})[path[2]] = value
+            out.setdefault(by_path[path[:2]].field, {})[path[2]] = value
             continue
-        kind = (_BY_PATH[path].type if path in _BY_PATH
+        kind = (by_path[path].type if path in by_path
                 else "string" if len(path) == 1 and path[0] in SHORTHANDS else "option")
         value = _parse_value(raw, kind)
         for name in reversed(path):  # client.lr=0.1 reads as the file {client = {lr = 0.1}}
             value = {name: value}
-        out.update(_flatten(value, where))
+        out.update(_flatten(value, where, schema))
     return out
 
 
@@ -373,7 +289,7 @@ def _parse_value(raw: str, kind: str) -> Any:
 
 def resolve_file(path: str | os.PathLike | None, sets: Iterable[str] = (),
                  cli_options: dict[str, Any] | None = None, *,
-                 default_task: str | None = None) -> ExperimentConfig:
+                 default_task: str | None = None, schema: Schema = OPTIONS) -> ExperimentConfig:
     """The run's `ExperimentConfig`: task defaults < file < `sets` < `cli_options`.
 
     Args:
@@ -383,13 +299,14 @@ def resolve_file(path: str | os.PathLike | None, sets: Iterable[str] = (),
         `config.resolve` takes them, plus "task"; None values mean "not given". Their
         `algorithm_options` / `aggregator_options` are merged into the file's.
       default_task: the task when neither the command line nor the file names one.
+      schema: the options (those of `ExperimentConfig`, or of a config class of one's own).
 
     Raises:
       ConfigError: anything `load`, `apply_overrides` or `config.resolve` refuses, or an
         option the chosen algorithm or aggregator does not take (with the closest one).
     """
-    opts = load(path) if path is not None else {}
-    opts = apply_overrides(opts, sets)
+    opts = load(path, schema) if path is not None else {}
+    opts = apply_overrides(opts, sets, schema)
     from_file = {name: set(opts.get(name, ())) for name in ("algorithm_options",
                                                              "aggregator_options")}
     for name, value in (cli_options or {}).items():
@@ -407,7 +324,7 @@ def resolve_file(path: str | os.PathLike | None, sets: Iterable[str] = (),
     _check_option_names("algorithm", algorithm, from_file["algorithm_options"])
     _check_option_names("aggregator", opts.get("aggregator", "mean"),
                         from_file["aggregator_options"])
-    return config.resolve(task, **opts)
+    return config.resolve(task, schema=schema, **opts)
 
 
 def _check_option_names(kind: str, name: str, given: Iterable[str]) -> None:
@@ -434,16 +351,17 @@ def _check_option_names(kind: str, name: str, given: Iterable[str]) -> None:
 # ---------------------------------------------------------------------------------- dump
 
 
-def dump(cfg: ExperimentConfig) -> str:
-    """`cfg` as a config file in `SCHEMA`'s layout; `load` of it resolves back to `cfg`.
+def dump(cfg: ExperimentConfig | dict[str, Any], schema: Schema = OPTIONS) -> str:
+    """`cfg` (or its `to_dict()`) as a config file in the schema's layout; `load` of it
+    resolves back to `cfg`.
 
     Unset (None) values are left out; so are option values of None, which TOML cannot
-    write (a comment names them).
+    write (a comment names them), and values the schema has no key for.
     """
-    values = cfg.to_dict()
+    values = cfg if isinstance(cfg, dict) else cfg.to_dict()
     root, sections = [], {}
-    for k in _KEYS:
-        value = values[k.field]
+    for k in schema.options:
+        value = values.get(k.field)
         if value is None or (k.type == "table" and not value):
             continue
         section, _, name = k.key.rpartition(".")
@@ -506,36 +424,29 @@ def _toml_string(text: str) -> str:
 # ---------------------------------------------------------------------------------- docs
 
 
-def default_of(field: str) -> str:
+def default_of(field: str, schema: Schema = OPTIONS) -> str:
     """The default of `field` as docs/config.md shows it."""
-    if field == "task":
-        return "-"
-    if field in attrs.fields_dict(tasks.TaskDefaults):
-        return "the task's"
-    default = attrs.fields_dict(ExperimentConfig)[field].default
-    if isinstance(default, attrs.Factory):
-        default = default.factory()
-    if default is None:
-        return "unset"
-    if isinstance(default, dict) and not default:
-        return "none"
-    return f"`{_toml_value(default)}`"
+    o = schema.by_field[field]
+    if o.from_task or o.default is REQUIRED:
+        return "the task's" if o.from_task else "-"
+    if o.default is None or o.default == {}:
+        return "unset" if o.default is None else "none"
+    return f"`{_toml_value(o.default)}`"
 
 
-def flag_of(field: str) -> str:
+def flag_of(field: str, schema: Schema = OPTIONS) -> str:
     """The `fedjax run` option that sets `field`."""
-    return {"task": "`TASK`", "algorithm_options": "`--option NAME=VALUE`",
-            "aggregator_options": "`--aggregator-option NAME=VALUE`"}.get(
-        field, f"`--{field.replace('_', '-')}`")
+    o = schema.by_field[field]
+    return f"`{o.flag}{' ' + str(o.metavar) if o.type == 'table' else ''}`"
 
 
-def schema_markdown() -> str:
+def schema_markdown(schema: Schema = OPTIONS) -> str:
     """The table of every key, for docs/config.md."""
     rows = ["| key | type | default | `fedjax run` option | `ExperimentConfig` field | meaning |",
             "| --- | --- | --- | --- | --- | --- |"]
-    for k in _KEYS:
-        rows.append(f"| `{k.key}` | {k.type} | {default_of(k.field)} | {flag_of(k.field)} | "
-                     f"`{k.field}` | {k.help} |")
+    for k in schema.options:
+        rows.append(f"| `{k.key}` | {k.type} | {default_of(k.field, schema)} | "
+                    f"{flag_of(k.field, schema)} | `{k.field}` | {k.help} |")
     return "\n".join(rows) + "\n"
 
 

@@ -205,10 +205,10 @@ class FederatedDataset:
             return self
         rng = np.random.default_rng([seed, 0xE7A1])
         idx = np.sort(rng.choice(self.num_clients, num_clients, replace=False))
-        return attrs.evolve(self, data=_Subset(self.data, idx))
+        return attrs.evolve(self, data=ClientSubset(self.data, idx))
 
 
-class _Subset:
+class ClientSubset:
     """A view of some clients of a `FederatedData`."""
 
     def __init__(self, data: FederatedData, indices: np.ndarray):

@@ -4,18 +4,18 @@ A run directory holds `config.json` (the resolved config the run started with) a
 `checkpoints/` (each manifest records the config it was written under). Resuming rebuilds
 the experiment from that config, so every later round samples the same clients, batches and
 keys as a run that never stopped. A change (a longer `--rounds`, or an edit of config.json)
-is refused unless `allow_changes` names every changed option.
+is refused unless `allow_changes` names every changed option; only the options declared
+resumable (`fedjax_api.options.option`) may change.
 """
 
 import json
 from pathlib import Path
 from typing import Any
 
-import attrs
-
 from fedjax_api import checkpoint, rundir
-from fedjax_api.config import ExperimentConfig
-from fedjax_api.errors import ConfigError
+from fedjax_api.config import OPTIONS, ExperimentConfig
+from fedjax_api.errors import ConfigError, unknown
+from fedjax_api.options import Schema
 
 NOT_CONFIG = ("versions", "resolved")
 """Keys of config.json that record facts of the run rather than options."""
@@ -38,13 +38,15 @@ def _checkpoint_config(run_dir: Path) -> dict | None:
 
 
 def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None,
-                  allow_changes: tuple[str, ...] = ()) -> ExperimentConfig:
+                  allow_changes: tuple[str, ...] = (),
+                  schema: Schema = OPTIONS) -> ExperimentConfig:
     """The config to continue `run_dir` with.
 
     Args:
       run_dir: a run directory written by `Experiment` (config.json and checkpoints/).
       overrides: options to change, e.g. `{"rounds": 200}` to train longer.
-      allow_changes: option names whose change is accepted.
+      allow_changes: option names whose change is accepted (resumable ones).
+      schema: the options (of `ExperimentConfig`, or of a config class of one's own).
 
     Returns:
       The `ExperimentConfig`, with `out` set to `run_dir`.
@@ -69,11 +71,13 @@ def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None,
     if not checkpoint.list_checkpoints(run_dir):
         raise ConfigError(f"{str(run_dir)!r} has no checkpoint to resume from; start it again "
                           "with `fedjax run`")
-    fields = attrs.fields_dict(ExperimentConfig)
     for key in list(overrides or {}) + list(allow_changes):
-        if key not in fields:
-            from fedjax_api.errors import unknown
-            raise unknown("option", key, fields)
+        if key not in schema.by_field:
+            raise unknown("option", key, schema.by_field)
+        if not schema.by_field[key].resumable:
+            raise ConfigError(f"{key} cannot change when a run resumes (its checkpoint and "
+                              f"records depend on it); start a new run instead: fedjax run "
+                              f"--config {run_dir / 'config.toml'} --out NEW_DIR")
     base = _checkpoint_config(run_dir) or saved
     new = {**saved, **(overrides or {}), "out": str(run_dir)}
     changed = sorted(k for k in set(new) | set(base)
@@ -88,6 +92,6 @@ def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None,
         # Keep the noise the run was calibrated with (a longer run spends more epsilon).
         new = {**new, "dp_epsilon": None, "noise_multiplier": calibrated}
     try:
-        return ExperimentConfig(**new)
+        return schema.config_class(**new)
     except TypeError as e:
         raise ConfigError(f"{path} does not hold a valid config ({e})") from None

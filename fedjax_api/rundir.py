@@ -140,10 +140,7 @@ class MetricsLog:
         self.path = self.run_dir / METRICS_FILE
         self._file = None
         self._csv: dict[str, tuple[Any, list[str]]] = {}  # kind -> (file, columns)
-        self._tb: dict[str, Any] = {}
-        self._purge_step = None if truncate_after_round is None else truncate_after_round + 1
-        SummaryWriter = _summary_writer() if tensorboard else None  # fail before any write
-        self._tensorboard = tensorboard
+        self._tb = TensorBoardLog(run_dir, truncate_after_round) if tensorboard else None
 
         records = None
         if self.path.exists():
@@ -162,7 +159,6 @@ class MetricsLog:
                     [cols] + [[_csv_cell(r.get(c)) for c in cols] for r in kept]))
             elif csv_path.exists():
                 csv_path.unlink()  # a CSV without records in metrics.jsonl is stale
-        self._SummaryWriter = SummaryWriter
         self._file = open(self.path, "a")
 
     def write(self, record: dict) -> None:
@@ -172,8 +168,8 @@ class MetricsLog:
         kind = record.get("kind")
         if kind in CSV_FILES:
             self._write_csv(kind, record)
-            if self._tensorboard:
-                self._write_tensorboard(kind, record)
+            if self._tb is not None:
+                self._tb.write(record)
 
     def _write_csv(self, kind: str, record: dict) -> None:
         path = self.run_dir / CSV_FILES[kind]
@@ -194,11 +190,55 @@ class MetricsLog:
         f.write(_csv_text([[_csv_cell(record.get(c)) for c in cols]]))
         f.flush()
 
-    def _write_tensorboard(self, kind: str, record: dict) -> None:
-        writer = self._tb.get(kind)
+    def close(self) -> None:
+        """Closes every file (TensorBoard writers flush their events)."""
+        if self._file is not None:
+            self._file.close()
+        for f, _ in self._csv.values():
+            if f is not None:
+                f.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._csv = {}
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class TensorBoardLog:
+    """TensorBoard event files of a run: every numeric metric of every record as a scalar
+    at step = round, under `run_dir/tb/<kind>/` (needs tensorboardX, the `tensorboard`
+    extra; else `ConfigError`, raised here, before anything is written).
+
+    Args:
+      run_dir: the run directory.
+      truncate_after_round: when resuming from round R, TensorBoard hides the events of
+        the earlier attempt from step R + 1 on (`purge_step`).
+
+    Example:
+      >>> tb = TensorBoardLog(run_dir)
+      >>> tb.write({"round": 1, "kind": "train", "train/loss": 2.3})
+      >>> tb.close()
+    """
+
+    def __init__(self, run_dir: Path, truncate_after_round: int | None = None):
+        self.run_dir = Path(run_dir)
+        self._summary_writer = _summary_writer()
+        self._purge_step = None if truncate_after_round is None else truncate_after_round + 1
+        self._writers: dict[str, Any] = {}
+
+    def write(self, record: dict) -> None:
+        """Adds the numeric metrics of a "train" or "eval" record (NaN too)."""
+        kind = record.get("kind")
+        if kind not in CSV_FILES:
+            return
+        writer = self._writers.get(kind)
         if writer is None:
             # The suffix keeps a resumed run's file apart from, and sorted after, the first.
-            writer = self._tb[kind] = self._SummaryWriter(
+            writer = self._writers[kind] = self._summary_writer(
                 logdir=str(self.run_dir / TENSORBOARD_DIR / kind), purge_step=self._purge_step,
                 flush_secs=10, filename_suffix=f".{time.time_ns():020d}")
         step = int(record.get("round", 0))
@@ -211,21 +251,10 @@ class MetricsLog:
                 writer.add_scalar(key, float(value), global_step=step)
 
     def close(self) -> None:
-        """Closes every file (TensorBoard writers flush their events)."""
-        if self._file is not None:
-            self._file.close()
-        for f, _ in self._csv.values():
-            if f is not None:
-                f.close()
-        for writer in self._tb.values():
+        """Flushes and closes the event files."""
+        for writer in self._writers.values():
             writer.close()
-        self._csv, self._tb = {}, {}
-
-    def __enter__(self) -> "MetricsLog":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self._writers = {}
 
 
 def _summary_writer():

@@ -1,13 +1,17 @@
-"""`Server`: the global model and the algorithm's state, one round at a time."""
+"""`Server`: the global model and the algorithm's state, one round at a time; `SweepServer`:
+the states of a sweep's members, stacked, one round at a time."""
 
+import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import attrs
 import jax
 import numpy as np
 
+from fedjax_api import checkpoint
 from fedjax_api.dataset import FederatedDataset
-from fedjax_core import client_state, keys, parallel
+from fedjax_core import client_state, keys, parallel, sweep
 from fedjax_core import evaluate as core_evaluate
 from fedjax_core.algorithms.base import EvalClients, FederatedAlgorithm, jit_round
 from fedjax_core.data import Cohort, FederatedData
@@ -82,11 +86,6 @@ class Server:
         state, metrics = self._round_fn(state, cohort, jax.random.fold_in(self.key, self.round))
         return attrs.evolve(self, state=state, round=self.round + 1, metrics=metrics)
 
-    def store_rows(self, positions) -> np.ndarray:
-        """`Int[ndarray, "clients"]`: each training-data position's row in the algorithm's
-        per-client stores, -1 where the client never trained (e.g. for `EvalClients`)."""
-        return client_state.rows_of(parallel.local_copy(self.state), positions)
-
     def evaluate(self, data: FederatedDataset | FederatedData, batch_size: int = 256,
                  clients: EvalClients | None = None) -> dict[str, float]:
         """Global metrics of the current model over all examples of `data`.
@@ -107,3 +106,86 @@ class Server:
             data = data.data
         return core_evaluate.evaluate_per_client(self.model, parallel.local_copy(self.params),
                                                  data, batch_size)
+
+    def eval_rows(self, positions: np.ndarray) -> np.ndarray:
+        """Each client's row in the algorithm's per-client state, for evaluation
+        (`EvalClients.rows`), read from the state's `ClientIndex`.
+
+        Args:
+          positions: Int[ndarray, "clients"], positions in the training population
+            (negative: a client without training data).
+
+        Returns:
+          Int[ndarray, "clients"]: the rows; -1 for a client never trained (or none).
+        """
+        return client_state.rows_of(parallel.local_copy(self.state), positions)
+
+    def save_checkpoint(self, run_dir: Path, meta: dict, keep: int = 3) -> Path:
+        """Writes the checkpoint of this round (`fedjax_api.checkpoint.save`): the state
+        (per-client stores and their index included) and `meta` in the manifest.
+
+        Example:
+          >>> server.save_checkpoint(run_dir, {"history": records}, keep=3)
+        """
+        return checkpoint.save(run_dir, self.round, self.state, meta, keep=keep)
+
+    def restore(self, run_dir: Path) -> tuple["Server", dict]:
+        """This server continued from the newest good checkpoint of `run_dir`: its state
+        (per-client stores and index included) and round, and the checkpoint's `meta` (a
+        damaged newer checkpoint is skipped with a warning). This server is the template
+        (structure and dtypes; stores may have grown).
+
+        Example:
+          >>> server, meta = Server.create(algorithm, model, seed=0).restore(run_dir)
+        """
+        done, state, meta = checkpoint.load(run_dir, template=self.state)
+        for reason in meta.get("skipped", []):
+            warnings.warn(f"skipped a damaged checkpoint: {reason}", stacklevel=2)
+        return attrs.evolve(self, state=state, round=done), meta
+
+
+def keeps_client_state(algorithm: FederatedAlgorithm, model: Model) -> bool:
+    """Whether `algorithm` keeps state per client (SCAFFOLD's controls, Ditto's models)."""
+    params = jax.eval_shape(model.init, jax.random.key(0))
+    return client_state.has_stores(jax.eval_shape(algorithm.init, params))
+
+
+@attrs.frozen(kw_only=True)
+class SweepServer:
+    """The members' states, stacked `[S, H, ...]` (`fedjax_core.sweep`) and stepped as one
+    jitted program per round: what a sweep's `Loop` trains (a `fedjax_api.loop.Trainer`).
+
+    Attributes:
+      step_fn: `fedjax_core.sweep.sweep_round(...)`.
+      state, layout, keys, hparams: the stacked state, where each member sits in it, the
+        seeds' keys and the swept values (traced).
+      algorithms, seeds: each member's algorithm and seed (to evaluate it as a `Server`).
+      model, plan, round: the model, the execution plan, the rounds done.
+      metrics: the last round's metrics, `[S, H]` each.
+    """
+
+    step_fn: Callable = attrs.field(repr=False)
+    state: Any = attrs.field(repr=False)
+    layout: sweep.Layout
+    keys: Any = attrs.field(repr=False)
+    hparams: dict[str, Any]
+    algorithms: list[FederatedAlgorithm] = attrs.field(repr=False)
+    seeds: list[int]
+    model: Model = attrs.field(repr=False)
+    plan: Plan
+    round: int = 0
+    metrics: dict = attrs.field(factory=dict, repr=False)
+
+    def step(self, cohorts: Any) -> "SweepServer":
+        state, metrics = self.step_fn(self.state, cohorts, self.keys, self.round, self.hparams)
+        return attrs.evolve(self, state=state, metrics=metrics, round=self.round + 1)
+
+    def read_metrics(self) -> list[dict[str, float]]:
+        metrics = jax.device_get(self.metrics)
+        return [{name: float(v[s, h]) for name, v in metrics.items()}
+                for s, h in self.layout.cells]
+
+    def servers(self) -> list[Server]:
+        return [Server(algorithm=a, model=self.model, key=jax.random.key(seed), plan=self.plan,
+                       state=sweep.member(self.state, self.layout, k), round=self.round)
+                for k, (a, seed) in enumerate(zip(self.algorithms, self.seeds))]

@@ -13,6 +13,7 @@ and `summary.csv` (one row per member), one ordinary run directory per member un
 `fedjax run --config members/<member>/config.toml` repeats one alone.
 """
 
+import contextlib
 import csv
 import io
 import itertools
@@ -20,20 +21,30 @@ import math
 import re
 import time
 import types
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any
 
 import attrs
-import jax
 import numpy as np
 
-from fedjax_api import configfile, rundir
+from fedjax_api import rundir
+from fedjax_api.callbacks import (
+    Callback,
+    Evaluation,
+    Evaluator,
+    NonFiniteGuard,
+    RunLog,
+    TensorBoard,
+)
 from fedjax_api.config import ExperimentConfig
 from fedjax_api.errors import ConfigError
-from fedjax_api.experiment import Experiment, _versions, build_algorithm
-from fedjax_api.server import Server
-from fedjax_core import client_state
+from fedjax_api.experiment import Experiment, build_algorithm
+from fedjax_api.loop import Loop, OnRecord, cohort_sampler, final_metrics
+from fedjax_api.server import SweepServer, keeps_client_state
+from fedjax_api.versions import versions
 from fedjax_core import sweep as core
+from fedjax_core.parallel import Plan
 
 SUMMARY_FILE = "sweep.json"
 TABLE_FILE = "summary.csv"
@@ -41,9 +52,6 @@ MEMBERS_DIR = "members"
 
 SWEEPABLE = ("client_lr", "server_lr")
 """Config fields a member may set beside its seed and the algorithm's numeric options."""
-
-Callback = Callable[[dict], None]
-
 
 @attrs.frozen(kw_only=True)
 class Member:
@@ -266,10 +274,13 @@ class Sweep:
         slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.members[k].label.replace(" ", "_"))
         return self.out_dir / MEMBERS_DIR / f"{k:02d}_{slug}"
 
-    def run(self, on_record: Callback | None = None) -> SweepResult:
+    def run(self, on_record: Callable[[dict], object] | None = None,
+            callbacks: Sequence[Callback] = ()) -> SweepResult:
         """Trains every member for `config.rounds` rounds and evaluates them as their own
-        `Experiment.run` would; calls `on_record(record)` for every member's record, the
-        record carrying `"member": k` (the member's index) besides its own fields.
+        `Experiment.run` would, in the same loop (`fedjax_api.loop.Loop`) over a vmapped
+        server (`SweepServer`); calls `on_record(record)` for every member's record, the
+        record carrying `"member": k` (the member's index) besides its own fields, and
+        the hooks of `callbacks` likewise.
 
         A member whose loss or update becomes NaN or infinite does not stop the sweep: its
         `diverged_round` is set and its metrics are NaN from then on.
@@ -277,89 +288,47 @@ class Sweep:
         start = time.perf_counter()
         cfgs = [self.member_config(k) for k in range(len(self.members))]
         lay = core.layout([m.seed for m in self.members])
-        first = Experiment.from_config(attrs.evolve(cfgs[0], out=None))
-        task, plan = first.task, first.plan
-        exps = [attrs.evolve(first, algorithm=build_algorithm(c, task), seed=c.seed,
-                             config=c.to_dict(), personalize_lr=c.client_lr) for c in cfgs]
-        if client_state.has_stores(jax.eval_shape(exps[0].algorithm.init,
-                                                  jax.eval_shape(task.model.init,
-                                                                 jax.random.key(0)))):
+        task, plan = _task_and_plan(cfgs[0])
+        algorithms = [build_algorithm(c, task) for c in cfgs]
+        if keeps_client_state(algorithms[0], task.model):
             raise ConfigError(f"algorithm {self.config.algorithm!r} keeps state per client, "
                               "which a sweep does not stack; run its settings with `fedjax run`")
         swept = self.swept()
-        build = self._builder(cfgs[0], task, swept)
         hparams = {n: core.on_grid(lay, [m.settings()[n] for m in self.members])
                    for n in swept}
-        keys = core.seed_keys(lay.seeds)
-        rows = [exps[int(np.flatnonzero(lay.cells[:, 0] == s)[0])] for s in range(len(lay.seeds))]
-        trains = self._row_datasets(task.train, [e.seed for e in rows])
-        step = core.sweep_round(build, task.model, plan, self.seeds_together)
-
-        logs: list = []  # opened once the first round has run: a refused sweep writes nothing
-        histories: list[list[dict]] = [[] for _ in self.members]
-        diverged: list[int | None] = [None] * len(self.members)
-
-        def emit(k, record):
-            histories[k].append(record)
-            if logs and logs[k] is not None:
-                logs[k].write(record)
-            if on_record is not None:
-                on_record({**record, "member": k})
-
-        def evaluate(state, round_num, train_too):
-            for k, (m, exp) in enumerate(zip(self.members, exps)):
-                server = Server(algorithm=exp.algorithm, model=task.model,
-                                state=core.member(state, lay, k), key=jax.random.key(m.seed),
-                                round=round_num, plan=plan)
-                emit(k, exp._eval_record(server, round_num, train_too=train_too))
-
-        try:
-            with _sweep_errors(self.config.algorithm):
-                state = core.sweep_init(build, task.model, lay, hparams)
-                if self.config.eval_every:
-                    evaluate(state, 0, train_too=False)
-                cohorts = self._sample(rows, trains, 0)
-                rounds = self.config.rounds
-                for r in range(rounds):
-                    t0 = time.perf_counter()
-                    state, metrics = step(state, cohorts, keys, r, hparams)  # asynchronous
-                    if not logs:
-                        logs = self._open_logs(cfgs)
-                        for log, records in zip(logs, histories):  # round 0's evaluations
-                            for record in records if log is not None else ():
-                                log.write(record)
-                    if r + 1 < rounds:
-                        cohorts = self._sample(rows, trains, r + 1)  # overlaps the device
-                    metrics = jax.device_get(metrics)
-                    now = time.perf_counter()
-                    for k in range(len(self.members)):
-                        s, h = lay.cells[k]
-                        values = {name: float(v[s, h]) for name, v in metrics.items()}
-                        if diverged[k] is None and not all(
-                                math.isfinite(values.get(n, 0.0))
-                                for n in ("train/loss", "train/delta_norm")):
-                            diverged[k] = r + 1
-                        emit(k, {"round": r + 1, "kind": "train", **values,
-                                 "round_time_s": now - t0, "wall_time_s": now - start})
-                    last = r + 1 == rounds
-                    if self.config.eval_every and (r + 1) % self.config.eval_every == 0 \
-                            and not last:
-                        evaluate(state, r + 1, train_too=False)
-                    if last:
-                        evaluate(state, rounds, train_too=True)
-        finally:
-            for log in logs:
-                if log is not None:
-                    log.close()
-        results = []
-        for k, m in enumerate(self.members):
-            final_record = histories[k][-1]
-            final = {split: {n.split("/", 1)[1]: v for n, v in final_record.items()
-                             if n.startswith(split + "/")} for split in ("test", "train")}
-            results.append(MemberResult(
-                member=m, history=histories[k], final=final, diverged_round=diverged[k],
-                out_dir=None if self.out_dir is None else self._member_dir(k)))
-        result = SweepResult(members=results, state=state, layout=lay,
+        rows = [cfgs[int(np.flatnonzero(lay.cells[:, 0] == s)[0])] for s in range(len(lay.seeds))]
+        samplers = [cohort_sampler(t, c.clients_per_round, c.sampling, plan) for t, c in
+                    zip(self._row_datasets(task.train, [c.seed for c in rows]), rows)]
+        guard = NonFiniteGuard(stop=False)
+        own: list[Callback] = [guard, Evaluation([Evaluator(
+            task=task, seed=c.seed, eval_train_clients=c.eval_train_clients, plan=plan,
+            personalize_steps=c.personalize_steps, personalize_lr=c.client_lr) for c in cfgs],
+            self.config.eval_every)]
+        if self.out_dir is not None:  # opened once the first round has run: a refused
+            own.append(_SweepFile(self))  # sweep writes nothing
+            for k, c in enumerate(cfgs):
+                own.append(RunLog(self._member_dir(k), c.to_dict(), member=k, lazy=True))
+                if self.config.tensorboard:
+                    own.append(TensorBoard(self._member_dir(k), member=k, lazy=True))
+        with _sweep_errors(self.config.algorithm):
+            build = self._builder(cfgs[0], task, swept)
+            server = SweepServer(
+                step_fn=core.sweep_round(build, task.model, plan, self.seeds_together),
+                state=core.sweep_init(build, task.model, lay, hparams), layout=lay,
+                keys=core.seed_keys(lay.seeds), hparams=hparams, algorithms=algorithms,
+                seeds=[m.seed for m in self.members], model=task.model, plan=plan)
+            loop = Loop(server, rounds=self.config.rounds, members=len(self.members),
+                        sample=lambda r: core.stack_cohorts([s(r) for s in samplers]),
+                        callbacks=[*own, *([OnRecord(on_record)] if on_record else []),
+                                   *callbacks])
+            trained = loop.run()
+        assert isinstance(trained, SweepServer)
+        results = [MemberResult(member=m, history=loop.histories[k],
+                                final=final_metrics(loop.histories[k]),
+                                diverged_round=guard.diverged.get(k),
+                                out_dir=None if self.out_dir is None else self._member_dir(k))
+                   for k, m in enumerate(self.members)]
+        result = SweepResult(members=results, state=trained.state, layout=lay,
                              wall_time_s=time.perf_counter() - start)
         if self.out_dir is not None:
             self._write_summary(result, swept)
@@ -400,47 +369,27 @@ class Sweep:
         first.device_examples  # put on the device once; with_seed shares it with every row
         return [first.with_seed(s) for s in seeds]
 
-    def _sample(self, rows, trains, round_num):
-        return core.stack_cohorts([e._sample(t, round_num) for e, t in zip(rows, trains)])
-
-    def _open_logs(self, cfgs) -> list:
-        if self.out_dir is None:
-            return [None] * len(cfgs)
-        rundir.check_writable_dir(self.out_dir)
-        logs = []
-        for k, cfg in enumerate(cfgs):
-            d = rundir.check_writable_dir(self._member_dir(k))
-            rundir.write_json_atomic(d / rundir.CONFIG_FILE,
-                                     {**cfg.to_dict(), "versions": _versions()})
-            rundir.write_text_atomic(d / "config.toml", configfile.dump(cfg))
-            if (d / rundir.METRICS_FILE).exists():
-                (d / rundir.METRICS_FILE).unlink()  # a fresh sweep (no sweep.json here)
-            logs.append(rundir.MetricsLog(d, tensorboard=self.config.tensorboard))
-        rundir.write_json_atomic(self.out_dir / SUMMARY_FILE, {
-            "status": "running", "config": self.config.to_dict(),
-            "members": [{"index": k, "label": m.label, **m.settings(),
-                         "dir": str(self._member_dir(k).relative_to(self.out_dir))}
-                        for k, m in enumerate(self.members)],
-            "versions": _versions()})
-        return logs
+    def summary(self, **fields: Any) -> dict[str, Any]:
+        """What sweep.json holds: `fields`, the config, the members and `versions()`."""
+        assert self.out_dir is not None
+        return {**fields, "config": self.config.to_dict(), "versions": versions(), "members": [
+            {"index": k, "label": m.label, **m.settings(),
+             "dir": str(self._member_dir(k).relative_to(self.out_dir))}
+            for k, m in enumerate(self.members)]}
 
     def _write_summary(self, result: SweepResult, swept: list[str]) -> None:
+        assert self.out_dir is not None
         metric = default_metric(result.members[0].final)
-        ranked = result.ranked(metric)
-        rank = {id(m): i + 1 for i, m in enumerate(ranked)}
-        members = []
-        for k, m in enumerate(result.members):
-            members.append({"index": k, "label": m.member.label, **m.member.settings(),
-                            "rank": rank[id(m)], "diverged_round": m.diverged_round,
-                            "dir": str(m.out_dir.relative_to(self.out_dir)),
-                            "final": {f"{split}/{n}": _json_float(v)
-                                      for split, values in m.final.items()
-                                      for n, v in values.items()}})
-        rundir.write_json_atomic(self.out_dir / SUMMARY_FILE, {
-            "status": "complete", "config": self.config.to_dict(), "swept": swept,
-            "seeds": sorted({m.seed for m in self.members}), "ranked_by": metric,
-            "wall_time_s": result.wall_time_s, "members": members,
-            "versions": _versions()})
+        rank = {id(m): i + 1 for i, m in enumerate(result.ranked(metric))}
+        doc = self.summary(status="complete", swept=swept, ranked_by=metric,
+                           seeds=sorted({m.seed for m in self.members}),
+                           wall_time_s=result.wall_time_s)
+        members = doc["members"]
+        for entry, m in zip(members, result.members):
+            entry.update(rank=rank[id(m)], diverged_round=m.diverged_round, final={
+                f"{split}/{n}": _json_float(v) for split, values in m.final.items()
+                for n, v in values.items()})
+        rundir.write_json_atomic(self.out_dir / SUMMARY_FILE, doc)
         names = sorted({n for m in members for n in m["final"]})
         settings = ["client_lr", "server_lr", *sorted(self.members[0].options), "seed"]
         buf = io.StringIO()
@@ -470,20 +419,34 @@ def _json_float(v):
     return str(v) if isinstance(v, float) and not math.isfinite(v) else v
 
 
-class _sweep_errors:
+@contextlib.contextmanager
+def _sweep_errors(algorithm: str) -> Iterator[None]:
     """Turns a `fedjax_core.sweep.SweepError` into a one-line `ConfigError` naming the
     algorithm."""
-
-    def __init__(self, algorithm: str):
-        self.algorithm = algorithm
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, tb):
-        if isinstance(error, core.SweepError):
-            raise ConfigError(f"algorithm {self.algorithm!r}: {error}") from None
-        return False
+    try:
+        yield
+    except core.SweepError as e:
+        raise ConfigError(f"algorithm {algorithm!r}: {e}") from None
 
 
-__all__ = ["Member", "MemberResult", "Sweep", "SweepResult", "default_metric"]
+def _task_and_plan(cfg: ExperimentConfig) -> tuple[Any, Plan]:
+    """The task of `cfg` as `fedjax run` loads it, and its plan (chunk size, one device)."""
+    exp = Experiment.from_config(attrs.evolve(cfg, out=None))
+    return exp.task, exp.plan
+
+
+class _SweepFile(Callback):
+    """Writes sweep.json ("status": "running") once the first round has trained."""
+
+    def __init__(self, sweep: Sweep):
+        self.sweep, self.written = sweep, False
+
+    def on_metrics(self, loop: Loop, metrics: list[dict[str, float]]) -> None:
+        if not self.written and self.sweep.out_dir is not None:
+            rundir.check_writable_dir(self.sweep.out_dir)
+            rundir.write_json_atomic(self.sweep.out_dir / SUMMARY_FILE,
+                                     self.sweep.summary(status="running"))
+            self.written = True
+
+
+__all__ = ["Member", "MemberResult", "Sweep", "SweepResult", "SweepServer", "default_metric"]

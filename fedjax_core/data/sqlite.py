@@ -267,7 +267,7 @@ def _compressed_hint(head: bytes) -> str:
     return "check the path, or download the file again"
 
 
-def _check_header(path: str) -> None:
+def check_header(path: str) -> None:
     """Raises DataFormatError if `path` is not a whole SQLite database file."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -336,7 +336,7 @@ class SQLiteFederatedData:
             raise DataFormatError(f"{self.path}: is a directory, not a FedJAX SQLite file")
         if cache_size < 0:
             raise ValueError(f"cache_size={cache_size} must be >= 0")
-        _check_header(self.path)
+        check_header(self.path)
         uri = Path(self.path).resolve().as_uri() + "?mode=ro"
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[int, ClientArrays] = collections.OrderedDict()

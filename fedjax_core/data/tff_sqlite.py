@@ -44,7 +44,7 @@ import numpy as np
 
 from fedjax_core.data.errors import DataFormatError
 from fedjax_core.data.federated_data import ClientArrays
-from fedjax_core.data.sqlite import _check_header
+from fedjax_core.data.sqlite import check_header
 
 FeatureSpec = Mapping[str, tuple[np.dtype | type, tuple[int, ...]]]
 """feature name -> (dtype, shape of one example), like TF's `FixedLenFeature`s."""
@@ -340,7 +340,7 @@ def read_tff_sqlite(path: str | os.PathLike, split: str, *,
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file; check the path or download it")
-    _check_header(path)
+    check_header(path)
     with _connect(path) as connection:  # check the file and the split now, not on first use
         sizes = _split_sizes(connection, path, split)
     return _clients(path, split, spec, sizes)

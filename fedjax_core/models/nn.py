@@ -33,7 +33,7 @@ ConvImpl = Literal["auto", "lax", "im2col"]
 # haiku's VarianceScaling(..., "truncated_normal") divides the stddev by the stddev
 # of a standard normal truncated to [-2, 2], so that the samples have the intended
 # variance.
-_TRUNCATED_NORMAL_STDDEV = 0.87962566103423978
+TRUNCATED_NORMAL_STDDEV = 0.87962566103423978
 
 
 def _truncated_normal(key: PRNGKey, shape: Sequence[int], stddev: float,
@@ -252,7 +252,7 @@ def conv2d_init(key: PRNGKey, in_channels: int, out_channels: int,
     """
     kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
     fan_in = kh * kw * in_channels
-    stddev = (1.0 / fan_in) ** 0.5 / _TRUNCATED_NORMAL_STDDEV
+    stddev = (1.0 / fan_in) ** 0.5 / TRUNCATED_NORMAL_STDDEV
     w = _truncated_normal(key, (kh, kw, in_channels, out_channels), stddev, dtype)
     return {"w": w, "b": jnp.zeros((out_channels,), dtype)}
 

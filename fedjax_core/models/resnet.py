@@ -75,7 +75,7 @@ def he_normal_conv_init(key: PRNGKey, in_channels: int, out_channels: int,
       `Float[Array, "k k C O"]` (HWIO).
     """
     fan_in = kernel_size * kernel_size * in_channels
-    stddev = math.sqrt(2.0 / fan_in) / nn._TRUNCATED_NORMAL_STDDEV
+    stddev = math.sqrt(2.0 / fan_in) / nn.TRUNCATED_NORMAL_STDDEV
     return stddev * jax.random.truncated_normal(
         key, -2.0, 2.0, (kernel_size, kernel_size, in_channels, out_channels), jnp.float32)
 

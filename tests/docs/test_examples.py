@@ -281,3 +281,26 @@ def test_own_dataset_tutorial(registry, tmp_path, monkeypatch, capsys):
     config = json.loads((Path(ns["OUT"]) / "config.json").read_text())
     assert config["task"] == "blobs" and config["rounds"] == 2
     assert [r["round"] for r in _records(Path(ns["OUT"])) if r["kind"] == "train"] == [1, 2]
+
+
+def test_the_early_stopping_callback_of_the_facade_page(tmp_path):
+    """docs/facade.md's early-stopping callback (under 15 lines), run as written on the tiny
+    task: it stops the run once the test accuracy stalls for `patience` evaluations."""
+    page = (EXAMPLES.parent / "facade.md").read_text()
+    code = re.search(r"```python\n(# early stopping: docs/facade.md.*?)```", page, re.S).group(1)
+    callback = code.split("\n\n\ncfg = ")[0].split("\n", 1)[1]
+    assert len(callback.splitlines()) < 15, callback
+    cfg_line = 'cfg = config.resolve("shakespeare-plays", rounds=1200, eval_every=20, out="runs/early")'
+    assert code.count(cfg_line) == 1
+    code = code.replace(cfg_line, f'cfg = config.resolve("{tiny_task.NAME}", rounds=40, '
+                                  f'eval_every=1, out={str(tmp_path / "early")!r})')
+    import fedjax_api
+    namespace = {name: getattr(fedjax_api, name) for name in fedjax_api.__all__}
+    exec(compile(code, "docs/facade.md", "exec"), namespace)
+    result = namespace["result"]
+    evals = [r["test/accuracy"] for r in result.history if r["kind"] == "eval"][:-1]
+    stop = result.server.round
+    assert result.stopped == "no better test accuracy in 3 evaluations" and 3 <= stop < 40
+    best = max(evals[:-3])  # the last 3 evaluations did not beat the best before them
+    assert max(evals[-3:]) <= best and evals.index(best) == len(evals) - 4
+    assert result.history[-1]["round"] == stop and "train/accuracy" in result.history[-1]

@@ -1,0 +1,340 @@
+"""The callbacks a run is made of: evaluation, the run directory, TensorBoard, checkpoints,
+the privacy ledger, the NaN guard and the time limit (the progress bar is the CLI's).
+
+`Experiment.run` assembles them from its settings (`Experiment.callbacks`); `Sweep.run`
+uses the same ones for its members. Write your own by subclassing `Callback`.
+
+Example (an early stop, docs/facade.md):
+  >>> class EarlyStopping(Callback):
+  ...     def __init__(self, patience):
+  ...         self.patience, self.best, self.waited = patience, -1.0, 0
+  ...     def on_record(self, loop, record):
+  ...         if record["kind"] == "eval" and "test/accuracy" in record:
+  ...             ...
+"""
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import optax
+
+from fedjax_api import checkpoint, configfile, rundir, tasks
+from fedjax_api.errors import ConfigError
+from fedjax_api.loop import Callback, Loop, TimeLimitReached
+from fedjax_api.server import Server
+from fedjax_api.versions import versions
+from fedjax_core import evaluate as core_evaluate
+from fedjax_core import parallel, personalization
+from fedjax_core.algorithms.base import EvalClients
+from fedjax_core.data import AlignedFederatedData
+from fedjax_core.parallel import Plan
+
+__all__ = ["Callback", "Checkpoint", "Evaluation", "Evaluator", "NonFiniteError",
+           "NonFiniteGuard", "PrivacyLedger", "RunLog", "TensorBoard", "TimeLimit"]
+
+
+class NonFiniteError(ConfigError):
+    """Training produced NaN or infinity; the message names the round and the last good
+    checkpoint."""
+
+
+@attrs.frozen(kw_only=True)
+class Evaluator:
+    """How a run evaluates its server: `evaluator(server, round_num, train_too)` is an
+    "eval" record.
+
+    The record has the global test metrics (`test/...`) and the per-client test accuracy
+    distribution (`test/accuracy_clients_{mean,p10,worst}`); with `personalize_steps`, the
+    same after fine-tuning each test client on its own training examples
+    (`test/personalized_accuracy_clients_*`); with `train_too`, the metrics of a fixed
+    sample of `eval_train_clients` training clients (`train/...`); and `eval_time_s`.
+
+    Attributes:
+      task: the task (test set, training clients, model, batch sizes).
+      seed: seeds the training-client sample and the fine-tuning.
+      eval_train_clients: size of the training-client sample.
+      personalize_steps: fine-tuning SGD steps per test client (0: none).
+      personalize_lr: the fine-tuning learning rate.
+      plan: how clients are executed (chunk size; its mesh is not used).
+    """
+
+    task: tasks.Task
+    seed: int = 0
+    eval_train_clients: int = 100
+    personalize_steps: int = 0
+    personalize_lr: float = 0.1
+    plan: Plan = Plan()
+
+    def __call__(self, server: Server, round_num: int, train_too: bool) -> dict[str, Any]:
+        start = time.perf_counter()
+        server = attrs.evolve(server, state=parallel.local_copy(server.state))  # one device
+        bs = self.task.defaults.eval_batch_size
+        record: dict[str, Any] = {"round": round_num, "kind": "eval"}
+        test = self.task.test.data
+        if server.algorithm.evaluate is not None:  # its own models (clusters, personal ones)
+            train = self._train_of_test()
+            clients = EvalClients(rows=server.eval_rows(train.positions), train=train)
+            record.update({f"test/{k}": v for k, v in
+                           server.evaluate(test, bs, clients=clients).items()})
+        else:
+            per_client = core_evaluate.metric_totals(self.task.model, server.params, test, bs)
+            record.update({f"test/{k}": v for k, v in
+                           core_evaluate.global_metrics(per_client, test).items()})
+            if "accuracy" in per_client:
+                record.update(_prefixed(personalization.client_distribution(
+                    core_evaluate.ratios(per_client)["accuracy"], "accuracy_")))
+        if self.personalize_steps:
+            tuned = personalization.finetune_evaluate(
+                self.task.model, server.params, optax.sgd(self.personalize_lr),
+                self.personalize_steps, self._train_of_test(), test,
+                self.task.train.batch_size, bs, seed=self.seed, round_num=round_num,
+                plan=self.plan._replace(mesh=None))
+            if "accuracy" in tuned:
+                record.update(_prefixed(personalization.client_distribution(
+                    tuned["accuracy"], "personalized_accuracy_")))
+        if train_too and self.eval_train_clients:
+            sample = self.task.train_eval.subset(self.eval_train_clients, seed=self.seed)
+            record.update({f"train/{k}": v for k, v in server.evaluate(sample, bs).items()})
+        record["eval_time_s"] = time.perf_counter() - start
+        return record
+
+    def _train_of_test(self) -> AlignedFederatedData:
+        """Each test client's training examples (as evaluation reads them), aligned."""
+        return AlignedFederatedData(self.task.train_eval.data, self.task.test.data.client_ids)
+
+
+def _prefixed(metrics: dict[str, float]) -> dict[str, float]:
+    return {f"test/{k}": v for k, v in metrics.items()}
+
+
+class Evaluation(Callback):
+    """Evaluates every member at round 0 and every `every` rounds (0: neither) on the test
+    set, and after the last round also a sample of training clients.
+
+    Args:
+      evaluators: one `Evaluator` per member of the loop.
+      every: the evaluation period in rounds.
+    """
+
+    def __init__(self, evaluators: list[Evaluator], every: int):
+        self.evaluators, self.every = evaluators, every
+
+    def evaluate(self, loop: Loop, train_too: bool) -> None:
+        """Makes an "eval" record of each member at `loop.round`."""
+        for k, (server, evaluator) in enumerate(zip(loop.trainer.servers(), self.evaluators)):
+            loop.emit(evaluator(server, loop.round, train_too), k)
+
+    def on_start(self, loop: Loop) -> None:
+        if self.every and loop.round == 0:
+            self.evaluate(loop, train_too=False)
+
+    def on_round_end(self, loop: Loop) -> None:
+        if self.every and loop.round % self.every == 0:
+            self.evaluate(loop, train_too=False)
+
+    def on_end(self, loop: Loop) -> None:
+        self.evaluate(loop, train_too=True)
+
+
+class _MemberFiles(Callback):
+    """Writes one member's records to files (`open`, `write`, `close`), from `on_start`, or
+    when `lazy` once the first round has trained (so that a run refused while compiling
+    writes nothing); records made before are written then."""
+
+    def __init__(self, member: int | None, lazy: bool):
+        self.member, self.lazy = member, lazy
+        self.opened = False
+        self.pending: list[dict[str, Any]] = []
+
+    def open(self) -> None: ...
+
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+    def on_start(self, loop: Loop) -> None:
+        if not self.lazy:
+            self.open()
+            self.opened = True
+
+    def on_record(self, loop: Loop, record: dict[str, Any]) -> None:
+        if self.member is not None:
+            if record.get("member") != self.member:
+                return
+            record = {k: v for k, v in record.items() if k != "member"}
+        self.pending.append(record)
+        if not self.opened and record["kind"] == "train":
+            self.open()
+            self.opened = True
+        if self.opened:
+            for pending in self.pending:
+                self.write(pending)
+            self.pending = []
+
+    def on_close(self, loop: Loop) -> None:
+        if self.opened:
+            self.close()
+
+
+class RunLog(_MemberFiles):
+    """The run directory (`fedjax_api.rundir`): config.json (the config and `versions()`)
+    and config.toml at the start of a new run, and every record in metrics.jsonl, train.csv
+    and eval.csv.
+
+    Args:
+      out_dir: the run directory.
+      config: the run's config (`ExperimentConfig.to_dict()`, maybe with "resolved").
+      resume_round: when resuming from this round: keep the records up to it and append.
+      member: the sweep member whose records these are, or None (the run's).
+      lazy: open once the first round has trained, replacing a stale metrics.jsonl.
+    """
+
+    def __init__(self, out_dir: Path, config: dict[str, Any], *,
+                 resume_round: int | None = None, member: int | None = None,
+                 lazy: bool = False):
+        super().__init__(member, lazy)
+        self.out_dir, self.config, self.resume_round = Path(out_dir), config, resume_round
+        self.log: rundir.MetricsLog | None = None
+
+    def open(self) -> None:
+        if self.resume_round is None:
+            rundir.check_writable_dir(self.out_dir)
+            rundir.write_json_atomic(self.out_dir / rundir.CONFIG_FILE,
+                                     {**self.config, "versions": versions()})
+            if self.config:  # the same config as TOML, to re-run with `fedjax run --config`
+                rundir.write_text_atomic(self.out_dir / "config.toml",
+                                         configfile.dump(self.config))
+            if self.lazy:
+                (self.out_dir / rundir.METRICS_FILE).unlink(missing_ok=True)
+        self.log = rundir.MetricsLog(self.out_dir, truncate_after_round=self.resume_round)
+
+    def write(self, record: dict[str, Any]) -> None:
+        assert self.log is not None
+        self.log.write(record)
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+
+class TensorBoard(_MemberFiles):
+    """TensorBoard event files of every metric under `out_dir/tb/` (`rundir.TensorBoardLog`;
+    the `tensorboard` extra). Arguments as `RunLog`'s."""
+
+    def __init__(self, out_dir: Path, *, resume_round: int | None = None,
+                 member: int | None = None, lazy: bool = False):
+        super().__init__(member, lazy)
+        self.out_dir, self.resume_round = Path(out_dir), resume_round
+        self.log: rundir.TensorBoardLog | None = None
+
+    def open(self) -> None:
+        self.log = rundir.TensorBoardLog(self.out_dir, self.resume_round)
+
+    def write(self, record: dict[str, Any]) -> None:
+        assert self.log is not None
+        self.log.write(record)
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+
+class Checkpoint(Callback):
+    """Checkpoints the server (`Server.save_checkpoint`) every `every` rounds (0: never
+    but) after the last round and when interrupted, keeping the newest `keep`; the manifest
+    holds `config`, `versions()`, the metric history and the sampler's position."""
+
+    def __init__(self, out_dir: Path, *, every: int, keep: int, config: dict[str, Any],
+                 seed: int):
+        self.out_dir, self.every, self.keep = Path(out_dir), every, keep
+        self.config, self.seed = config, seed
+        self.saved: int | None = None
+
+    def save(self, loop: Loop) -> None:
+        """Writes the checkpoint of `loop.round` (once per round)."""
+        if self.saved == loop.round:
+            return
+        meta = {"config": self.config, "versions": versions(), "history": loop.history,
+                "sampler": {"seed": self.seed, "next_round": loop.round}}
+        loop.server.save_checkpoint(self.out_dir, meta, keep=self.keep)
+        self.saved = loop.round
+
+    def on_round_end(self, loop: Loop) -> None:
+        if self.every and loop.round % self.every == 0:
+            self.save(loop)
+
+    def on_interrupt(self, loop: Loop) -> None:
+        self.save(loop)
+
+    def on_end(self, loop: Loop) -> None:
+        self.save(loop)
+
+
+class PrivacyLedger(Callback):
+    """Adds `privacy/epsilon`, the epsilon spent so far, to the train records: every round
+    with the RDP accountant; with PLD (a fraction of a second per query) at the evaluation
+    rounds (`every`) and the last.
+
+    Args:
+      ledger: `fedjax_core.privacy.PrivacyLedger` of the run.
+      every: the evaluation period (0: none).
+    """
+
+    def __init__(self, ledger: Any, every: int):
+        self.ledger, self.every = ledger, every
+
+    def on_metrics(self, loop: Loop, metrics: list[dict[str, float]]) -> None:
+        r = loop.round
+        if self.ledger.accountant == "rdp" or r == loop.rounds or (
+                self.every and r % self.every == 0):
+            for m in metrics:
+                m["privacy/epsilon"] = self.ledger.epsilon_after(r)
+
+
+class NonFiniteGuard(Callback):
+    """Watches the metrics `names` of every round for NaN or infinity.
+
+    With `stop`, raises `NonFiniteError` naming the round, the metric and the last good
+    checkpoint in `out_dir`; otherwise (a sweep) records the member's first such round in
+    `diverged` and lets it train on.
+    """
+
+    def __init__(self, names: tuple[str, ...] = ("train/delta_norm", "train/loss"), *,
+                 stop: bool = True, out_dir: Path | None = None):
+        self.names, self.stop, self.out_dir = names, stop, out_dir
+        self.diverged: dict[int, int] = {}
+
+    def on_metrics(self, loop: Loop, metrics: list[dict[str, float]]) -> None:
+        for k, m in enumerate(metrics):
+            bad = [(n, m[n]) for n in self.names if n in m and not math.isfinite(m[n])]
+            if bad and not self.stop:
+                self.diverged.setdefault(k, loop.round)
+            elif bad:
+                name, value = bad[0]
+                where = "no checkpoint was written yet"
+                found = checkpoint.list_checkpoints(self.out_dir) if self.out_dir else []
+                if found:
+                    where = f"the last good checkpoint is {found[-1][1]} (round {found[-1][0]})"
+                raise NonFiniteError(
+                    f"round {loop.round}: {name} is {value}; the run stopped and {where}. "
+                    "Lower the learning rate or clip updates, or pass "
+                    "--skip-nonfinite-clients to drop diverging clients")
+
+
+class TimeLimit(Callback):
+    """Interrupts the run (with a checkpoint; `TimeLimitReached`) after the round during
+    which `seconds` have passed since it started (or resumed)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.start = time.perf_counter()
+
+    def on_start(self, loop: Loop) -> None:
+        self.start = time.perf_counter()
+
+    def on_round_end(self, loop: Loop) -> None:
+        if time.perf_counter() - self.start >= self.seconds:
+            loop.interrupt(TimeLimitReached)

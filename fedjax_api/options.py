@@ -1,0 +1,354 @@
+"""Every run option, declared once (`RunOptions`).
+
+A run option is a field of `RunOptions` (the options of `fedjax_api.config.ExperimentConfig`)
+declared with `option(...)`: its type (the annotation), its default (or the task's), its
+valid range (`check`), its help text, its config-file key, whether `fedjax sweep` takes it
+(and as a list) and whether `fedjax resume --allow-changes` may change it. `Schema` reads these declarations, and the
+rest is made from them: `ExperimentConfig`'s validation (one-line `ConfigError`s), the
+config-file keys (`fedjax_api.configfile`), config.json (`ExperimentConfig.to_dict`), the
+options of `fedjax run`, `fedjax sweep` and `fedjax resume` (`cli.options`), and the option
+tables of docs/cli.md and docs/config.md. A new option is one declaration plus its use:
+
+    time_limit: float | None = option(
+        None, key="run.time_limit", check=positive, sweep="no",
+        help="Stop after the round during which this many seconds have passed.")
+
+Example:
+  >>> from fedjax_api.config import OPTIONS
+  >>> OPTIONS.by_field["client_lr"].key, OPTIONS.by_field["client_lr"].type
+  ('client.lr', 'number')
+"""
+
+import builtins
+import types
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import attrs
+
+from fedjax_api import tasks
+from fedjax_api.errors import ConfigError, unknown
+from fedjax_core.aggregate import registry as aggregators
+from fedjax_core.algorithms import registry
+
+METADATA = "fedjax_option"
+"""The key of an option's declaration in its attrs field's metadata."""
+
+TYPE_WORDS = {int: "integer", float: "number", str: "string", bool: "boolean", dict: "table"}
+"""Python type -> config-file type."""
+
+
+@attrs.frozen
+class Check:
+    """A valid range: `check(name, value)` raises `ConfigError("NAME PROBLEM, got VALUE")`
+    unless `ok(value)`; `text` is the range as the docs show it (e.g. `>= 1`)."""
+
+    ok: Callable[[Any], bool]
+    problem: str
+    text: str
+
+    def __call__(self, name: str, value: Any) -> None:
+        if not self.ok(value):
+            raise ConfigError(f"{name} {self.problem}, got {value}")
+
+
+def at_least(low: int) -> Check:
+    """An integer of at least `low`."""
+    return Check(lambda v: v >= low, f"must be at least {low}", f">= {low}")
+
+
+non_negative = Check(lambda v: v >= 0, "must be a non-negative number", ">= 0")  # NaN fails
+positive = Check(lambda v: v > 0, "must be a positive number", "> 0")
+probability = Check(lambda v: 0 < v < 1, "must be between 0 and 1", "in (0, 1)")
+
+
+@attrs.frozen
+class OneOf:
+    """A name among `choices()` (fixed, or a registry's); otherwise `unknown KIND 'x'; did
+    you mean ...? choose one of: ...`, KIND being `kind` or the option's name."""
+
+    choices: Callable[[], Iterable[str]]
+    kind: str | None = None
+    text: str = "name"
+
+    def __call__(self, name: str, value: Any) -> None:
+        names = list(self.choices())
+        if value not in names:
+            raise unknown(self.kind or name, value, names)
+
+
+def one_of(*names: str) -> OneOf:
+    """One of the fixed `names`."""
+    return OneOf(lambda: names, text=" or ".join(f"`{n}`" for n in names))
+
+
+REQUIRED: Any = attrs.NOTHING
+"""The default of an option that every config must give (or take from the task)."""
+
+
+def option(default: Any = REQUIRED, *, key: str, help: str,
+           check: Check | OneOf | None = None, task: bool = False, resumable: bool = True,
+           sweep: Literal["no", "one", "list"] = "one", flag: str | None = None,
+           metavar: str | None = None, sweep_flag: str | None = None) -> Any:
+    """Declares one run option as an attrs field of a config class (`ExperimentConfig`).
+
+    Args:
+      default: its value when nothing sets it; `REQUIRED`: none (the task's, or given).
+      key: its dotted config-file key, e.g. "client.lr".
+      help: one or two sentences, for `--help`, docs/cli.md and docs/config.md.
+      check: its valid range (`at_least(1)`, `positive`, `one_of("a", "b")`, ...); None
+        values of an optional option are not checked.
+      task: `config.resolve` fills it from the task's defaults (`tasks.TaskDefaults`).
+      resumable: `fedjax resume --allow-changes NAME` may change it (and `fedjax resume`
+        takes it as an option).
+      sweep: "no": `fedjax sweep` does not take it; "one": one value, shared by the
+        members; "list": comma-separated values, one member each.
+      flag: the command-line flag, if not `--name-with-dashes`; "TASK": the argument.
+      metavar: the value's name in `--help`.
+      sweep_flag: `fedjax sweep`'s flag for the list, if not `flag` (e.g. `--seeds`).
+
+    Returns:
+      The `attrs.field`, validated by `check` and by type.
+    """
+    meta = {"default": default, "key": key, "help": help, "check": check, "from_task": task,
+            "resumable": resumable, "sweep": sweep, "flag": flag, "metavar": metavar,
+            "sweep_flag": sweep_flag}
+    extra: dict[str, Any] = {}
+    if isinstance(default, dict):
+        extra["factory"] = lambda: dict(default)
+    elif default is not REQUIRED:
+        extra["default"] = default
+    return attrs.field(validator=_validate, metadata={METADATA: meta}, **extra)
+
+
+def _base(annotation: Any) -> tuple[type, bool]:
+    """`int | None` -> `(int, True)`; `dict[str, Any]` -> `(dict, False)`."""
+    optional = False
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional, (annotation,) = len(args) < len(typing.get_args(annotation)), args
+    return typing.get_origin(annotation) or annotation, optional
+
+
+def _validate(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    name = attribute.name.replace("_", "-")
+    base, optional = _base(attribute.type)
+    if value is None:
+        if not optional:
+            raise ConfigError(f"{name} needs a value, got None")
+        return
+    ok = isinstance(value, base) and (base is bool or not isinstance(value, bool))
+    if base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise ConfigError(f"{name} expects {'an' if base is int else 'a'} "
+                          f"{TYPE_WORDS[base]}, got {value!r}")
+    check = attribute.metadata[METADATA]["check"]
+    if check is not None:
+        check(name, value)
+
+
+@attrs.frozen(kw_only=True)
+class Option:
+    """One run option, as `Schema` reads it from its declaration (see `option`).
+
+    Attributes:
+      field: the config field, e.g. "client_lr".
+      key: the config-file key, e.g. "client.lr".
+      type: the config-file type: "string", "integer", "number", "boolean" or "table".
+      base: the Python type (`int`, `float`, `str`, `bool` or `dict`).
+      optional: None is a valid value (unset).
+      default: the default value, or `REQUIRED`.
+      from_task: the task's defaults fill it.
+      help, check, resumable, sweep, metavar: as given to `option`.
+      flag: the command-line flag (`--client-lr`), or "TASK" for the argument.
+      sweep_flag: `fedjax sweep`'s flag.
+    """
+
+    field: str
+    key: str
+    type: str
+    base: builtins.type
+    optional: bool
+    default: Any
+    from_task: bool
+    help: str
+    check: Check | OneOf | None
+    resumable: bool
+    sweep: str
+    flag: str
+    metavar: str | None
+    sweep_flag: str
+
+    @property
+    def param(self) -> str:
+        """The command's parameter name: the flag in snake_case (`option`, `task`)."""
+        return self.flag.lstrip("-").replace("-", "_").lower()
+
+    def default_text(self) -> str | None:
+        """The default in words: "the task's", the value, or None when it is unset/off."""
+        if self.from_task:
+            return "the task's"
+        if self.default is REQUIRED or self.default is None or self.default is False \
+                or self.default == {}:
+            return None
+        return str(self.default)
+
+
+class Schema:
+    """The run options declared (with `option`) in the attrs class `config_class`.
+
+    Attributes:
+      config_class: the config class, e.g. `ExperimentConfig`.
+      options: every option, in declaration order.
+      by_field, by_key, by_path: option by field name, by dotted config-file key, by the
+        key's parts (`("client", "lr")`).
+      sections: the config-file sections (`client`, `server`, ...), in order.
+
+    Example:
+      >>> @attrs.frozen(kw_only=True)
+      ... class FooConfig(ExperimentConfig):
+      ...     foo: int = option(3, key="run.foo", check=at_least(0), help="Foo.")
+      >>> Schema(FooConfig).by_field["foo"].flag
+      '--foo'
+    """
+
+    def __init__(self, config_class: type):
+        self.config_class = config_class
+        self.options: tuple[Option, ...] = tuple(
+            _read(a) for a in attrs.fields(config_class) if METADATA in a.metadata)
+        self.by_field = {o.field: o for o in self.options}
+        self.by_key = {o.key: o for o in self.options}
+        self.by_path = {tuple(o.key.split(".")): o for o in self.options}
+        self.sections = list(dict.fromkeys(k.split(".")[0] for k in self.by_key if "." in k))
+
+    def for_command(self, command: str) -> list[Option]:
+        """The options `fedjax COMMAND` takes ("run", "sweep" or "resume")."""
+        if command == "sweep":
+            return [o for o in self.options if o.sweep != "no"]
+        if command == "resume":
+            return [o for o in self.options if o.resumable]
+        return list(self.options)
+
+
+def _read(a: attrs.Attribute) -> Option:
+    meta = dict(a.metadata[METADATA])
+    base, optional = _base(a.type)
+    flag = meta.pop("flag") or f"--{a.name.replace('_', '-')}"
+    sweep_flag = meta.pop("sweep_flag") or flag
+    return Option(field=a.name, type=TYPE_WORDS[base], base=base, optional=optional,
+                  flag=flag, sweep_flag=sweep_flag, **meta)
+
+
+NOT_RESUMABLE: dict[str, Any] = {"resumable": False, "sweep": "no"}
+
+
+@attrs.frozen(kw_only=True)
+class RunOptions:
+    """Every run option, declared once: the fields of `fedjax_api.config.ExperimentConfig`
+    (which checks them together). The command line, config files, config.json and the docs
+    are made from these declarations (`Schema`)."""
+
+    task: str = option(key="task", flag="TASK", resumable=False,
+                       check=OneOf(tasks.names, kind="task"),
+                       help="The task: a registered name (`fedjax tasks`).")
+    rounds: int = option(task=True, key="rounds", check=at_least(1), help="Training rounds.")
+    seed: int = option(0, key="seed", check=at_least(0), resumable=False, sweep="list",
+                       sweep_flag="--seeds",
+                       help="Seed of sampling, shuffling, initialization and client keys.")
+    algorithm: str = option(task=True, key="algorithm.name", resumable=False,
+                            check=OneOf(lambda: registry.ALGORITHMS, kind="algorithm"),
+                            help="Federated algorithm (`fedjax algorithms`).")
+    algorithm_options: dict[str, Any] = option(
+        {}, task=True, key="algorithm.options", flag="--option", metavar="NAME=VALUE",
+        resumable=False, sweep="list",
+        help="An algorithm option, repeatable, e.g. --option proximal_weight=0.1 (see "
+             "`fedjax algorithms`); merged over the task's defaults for the algorithm.")
+    client_lr: float = option(task=True, key="client.lr", check=non_negative, sweep="list",
+                              help="Client SGD learning rate.")
+    clients_per_round: int = option(task=True, key="client.per_round", check=at_least(1),
+                                    help="Clients sampled per round.")
+    batch_size: int = option(task=True, key="client.batch_size", check=at_least(1),
+                             help="Client batch size.")
+    epochs: int = option(task=True, key="client.epochs", check=at_least(1),
+                         help="Local epochs per round.")
+    max_steps: int | None = option(None, task=True, key="client.max_steps", check=at_least(1),
+                                   help="Cap on each client's local steps per round.")
+    sampling: str = option("uniform", key="client.sampling", check=one_of("uniform", "poisson"),
+                           resumable=False,
+                           help="Client sampling: uniform (a fixed-size cohort, without "
+                                "replacement) or poisson (each client with probability "
+                                "clients-per-round / clients).")
+    server_lr: float = option(task=True, key="server.lr", check=non_negative, sweep="list",
+                              help="Server learning rate; the task's default depends on the "
+                                   "algorithm.")
+    skip_nonfinite_clients: bool = option(
+        False, key="server.skip_nonfinite_clients",
+        help="Drop clients whose update is NaN or infinite (counted in "
+             "train/nonfinite_clients) instead of stopping the run.")
+    aggregator: str = option("mean", key="aggregator.name", resumable=False,
+                             check=OneOf(lambda: aggregators.AGGREGATORS, kind="aggregator"),
+                             help="How the server combines client updates (`fedjax "
+                                  "algorithms`).")
+    aggregator_options: dict[str, Any] = option(
+        {}, key="aggregator.options", flag="--aggregator-option", metavar="NAME=VALUE",
+        resumable=False, help="An aggregator option, repeatable, e.g. --aggregator-option "
+                              "beta=0.1.")
+    eval_every: int = option(0, task=True, key="eval.every", check=at_least(0),
+                             help="Evaluate the test set at round 0 and every N rounds (0: "
+                                  "only at the end).")
+    eval_train_clients: int = option(100, task=True, key="eval.train_clients",
+                                     check=at_least(0), help="Training clients (a fixed "
+                                                             "sample) evaluated at the end.")
+    personalize_steps: int = option(
+        0, key="eval.personalize_steps", check=at_least(0), sweep="no",
+        help="At each evaluation, also fine-tune on each test client's own training data "
+             "for this many steps and report the per-client accuracy.")
+    clip: float | None = option(None, key="privacy.clip", check=positive, **NOT_RESUMABLE,
+                                help="DP: L2 norm each client's update is clipped to (the "
+                                     "initial one with --adaptive-clip).")
+    noise_multiplier: float | None = option(
+        None, key="privacy.noise_multiplier", check=non_negative, **NOT_RESUMABLE,
+        help="DP: Gaussian noise std on the clipped sum, in units of --clip.")
+    dp_epsilon: float | None = option(
+        None, key="privacy.epsilon", check=positive, **NOT_RESUMABLE,
+        help="DP: target epsilon after all rounds; calibrates --noise-multiplier (give one "
+             "of the two).")
+    dp_delta: float | None = option(None, key="privacy.delta", check=probability,
+                                    **NOT_RESUMABLE, help="DP: target delta.")
+    dp_accountant: str = option("rdp", key="privacy.accountant", check=one_of("rdp", "pld"),
+                                **NOT_RESUMABLE, help="DP accountant: rdp or pld.")
+    adaptive_clip: bool = option(False, key="privacy.adaptive_clip", **NOT_RESUMABLE,
+                                 help="DP: adapt the clip norm to the median update norm "
+                                      "(private quantile estimation).")
+    noise_cohort_size: int | None = option(
+        None, key="privacy.noise_cohort_size", check=at_least(1), **NOT_RESUMABLE,
+        help="DP: add the noise a cohort of this many clients would need (simulate fewer).")
+    out: str | None = option(None, key="run.out", resumable=False, metavar="DIR",
+                             help="Run directory (config.json, metrics.jsonl, checkpoints; a "
+                                  "sweep's holds one per member). Default: "
+                                  "runs/TASK/ALGORITHM-TIME.")
+    data: str | None = option(None, key="run.data", metavar="PATH",
+                              help="Where a task reads its files (e.g. the LEAF folder for "
+                                   "femnist-leaf).")
+    chunk_size: int = option(1, task=True, key="run.chunk_size", check=at_least(1),
+                             help="Clients trained together under vmap (1: one by one).")
+    device_data: bool = option(False, key="run.device_data", sweep="no",
+                               help="Keep every training example on the device; each round "
+                                    "sends an index (large cohorts of small examples).")
+    devices: int = option(1, key="run.devices", check=at_least(0), sweep="no",
+                          help="Devices (per process) each round's clients are split over; "
+                               "0: all. On a CPU-only machine, starts that many CPU devices.")
+    checkpoint_every: int = option(50, key="run.checkpoint_every", check=at_least(0),
+                                   sweep="no", help="Write a checkpoint every N rounds and "
+                                                    "after the last (0: only after the last).")
+    keep_checkpoints: int = option(3, key="run.keep_checkpoints", check=at_least(1),
+                                   sweep="no", help="Checkpoints kept (the newest).")
+    tensorboard: bool = option(False, key="run.tensorboard",
+                               help="Also write TensorBoard event files under out/tb/ (the "
+                                    "tensorboard extra).")
+    time_limit: float | None = option(
+        None, key="run.time_limit", check=positive, sweep="no", metavar="SECONDS",
+        help="Stop after the round during which this many seconds have passed, with a "
+             "checkpoint (exit code 3); `fedjax resume` continues the run.")
