@@ -102,7 +102,8 @@ def feddyn(client_optimizer: optax.GradientTransformation, server_learning_rate:
         params = jax.tree.map(
             lambda p, d, hh: jnp.where(any_real, p - server_learning_rate * (d + hh / alpha), p),
             theta, r.delta, h)
-        return params, h, {"train/h_norm": tree.l2_norm(h)}
+        metrics = {"train/h_norm": tree.l2_norm(h)}
+        return params, h, metrics
 
     return algorithm(client, server, init=tree.zeros_like, client_init=tree.zeros_like,
                      aggregator=aggregator)

@@ -53,12 +53,16 @@ def fedyogi(client_optimizer: optax.GradientTransformation, server_learning_rate
             aggregator: Aggregator | None = None) -> FederatedAlgorithm:
     """FedYogi: `fedavg` with `optax.yogi(server_learning_rate, b1, b2, eps)` on the server.
 
+    Update rule: as FedAdam's, but the second moment moves additively,
+    `v_t = v_{t-1} - (1 - b2) Delta^2 sign(v_{t-1} - Delta^2)`, so it grows more slowly.
+
     Returns:
-      A `FederatedAlgorithm` (state: `RoundState`, server part `optax.yogi`'s state);
-      metrics as `fedavg`'s.
+      A `FederatedAlgorithm` (state: `RoundState`, server part `optax.yogi`'s state,
+      whose moments start at 1e-6 as optax's do); metrics as `fedavg`'s.
 
     Example:
       >>> alg = fedyogi(optax.sgd(1.0), server_learning_rate=1e-2)
+      >>> state, metrics = jit_round(alg, model)(alg.init(params), cohort, round_key)
 
     References:
       Reddi et al. 2021, "Adaptive Federated Optimization" (ICLR), Algorithm 2.

@@ -66,8 +66,7 @@ def qffl(client_optimizer: optax.GradientTransformation, client_learning_rate: f
 
     Example:
       >>> alg = qffl(optax.sgd(0.1), client_learning_rate=0.1, q=1.0)
-      >>> state = alg.init(model.init(jax.random.key(0)))
-      >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
+      >>> state, metrics = jit_round(alg, model)(alg.init(params), cohort, round_key)
 
     References:
       Li et al. 2020, "Fair Resource Allocation in Federated Learning" (ICLR),
