@@ -171,7 +171,7 @@ def test_rounds_over_devices_match_one_device(name, devices, chunk, clients):
     leaf = jax.tree.leaves(got)[0]
     assert leaf.sharding == parallel.replicated(plan)  # the state sits whole on every device
     if stateful:  # SCAFFOLD's per-client control variates, one store row per client
-        rows = np.asarray(got.client_controls.rows["w"])[:clients]
+        rows = np.asarray(got.store.rows["w"])[:clients]
         assert np.abs(rows).sum(axis=(1, 2)).min() > 0  # every client trained and kept its c_i
 
 
