@@ -18,7 +18,7 @@ call compiles once per (group, bucketed step count) shape, not once per client.
 
 import functools
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +28,12 @@ import optax
 from fedjax_core import parallel
 from fedjax_core.client import local_train
 from fedjax_core.data.federated_data import FederatedData
-from fedjax_core.evaluate import GROUP_BATCHES, metric_totals, ratios
 from fedjax_core.data.pack import pack_clients
 from fedjax_core.data.sampling import FINETUNE_STREAM, host_rng
+from fedjax_core.evaluate import GROUP_BATCHES, metric_totals, ratios
 from fedjax_core.models.base import Model
 from fedjax_core.typing import Params, PyTree
+
 
 def client_distribution(values, prefix: str = "") -> dict[str, float]:
     """Summary of a per-client metric over the clients where it is defined (not NaN).
@@ -310,6 +311,7 @@ def personal_metric_totals(model: Model, select: SelectFn, personal: PyTree,
             pending = []
     if pending:
         totals = run(pending, totals)
+    assert totals is not None  # the data has examples, so at least one group ran
     return {k: (np.asarray(n), np.asarray(d)) for k, (n, d) in totals.items()}
 
 

@@ -2,8 +2,12 @@
 
 from fedjax_core.aggregate.attacks import attack
 from fedjax_core.aggregate.base import Aggregator, AggregatorEntry
-from fedjax_core.aggregate.compression import (drive, rotated_quantization,
-                                               stochastic_quantization, top_k)
+from fedjax_core.aggregate.compression import (
+    drive,
+    rotated_quantization,
+    stochastic_quantization,
+    top_k,
+)
 from fedjax_core.aggregate.mean import mean
 from fedjax_core.aggregate.privacy import adaptive_gaussian, gaussian, local, tree_ftrl
 from fedjax_core.aggregate.robust import coordinate_median, krum, norm_bounding, trimmed_mean
