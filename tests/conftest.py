@@ -41,4 +41,6 @@ if os.environ.get("FEDJAX_TYPECHECK", "1") != "0":
 
     _early = [m for m in TYPECHECKED_MODULES if m in sys.modules]
     assert not _early, f"imported before the type-check hook: {_early}"
-    install_import_hook(TYPECHECKED_MODULES, "beartype.beartype")
+    # is_pep484_tower: an int passes where a float is annotated, as for pyright (PEP 484).
+    install_import_hook(TYPECHECKED_MODULES,
+                        "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
