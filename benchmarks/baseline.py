@@ -23,6 +23,13 @@ from fedjax_core.data.pack import Cohort
 from fedjax_core.models.base import Model, masked_mean_loss
 
 
+def _dense(cohort: Cohort) -> dict:
+    """The cohort's feature arrays; the baseline reads host-packed cohorts only."""
+    if not isinstance(cohort.batches, dict):
+        raise TypeError("the baseline reads dense cohorts (pack_cohort), not IndexedBatches")
+    return cohort.batches
+
+
 class SequentialFedAvg:
     """FedAvg as a Python loop: one jitted call per client batch.
 
@@ -67,7 +74,7 @@ class SequentialFedAvg:
 
     def compile_step(self, params, cohort: Cohort, round_key) -> float:
         """Seconds to lower and compile the per-batch step for `cohort`'s batch shape."""
-        batch = {n: v[0, 0] for n, v in cohort.batches.items()}
+        batch = {n: v[0, 0] for n, v in _dense(cohort).items()}
         t = time.perf_counter()
         self.sgd_step.lower(params, self._opt.init(params), jnp.float32(0), batch,
                             cohort.mask[0, 0], round_key, 0, 0).compile()
@@ -75,7 +82,7 @@ class SequentialFedAvg:
 
     def step_flops(self, params, cohort: Cohort, round_key):
         """The compiled step's executable (for `measure.xla_flops`)."""
-        batch = {n: v[0, 0] for n, v in cohort.batches.items()}
+        batch = {n: v[0, 0] for n, v in _dense(cohort).items()}
         return self.sgd_step.lower(params, self._opt.init(params), jnp.float32(0), batch,
                                    cohort.mask[0, 0], round_key, 0, 0).compile()
 
@@ -86,6 +93,7 @@ class SequentialFedAvg:
           `(new params, mean training loss over the examples seen)`, both on the device.
         """
         slots = range(cohort.num_clients) if clients is None else clients
+        batches = _dense(cohort)
         total = self._zeros(params)
         weight_sum, seen = 0.0, 0.0
         losses = []
@@ -94,7 +102,7 @@ class SequentialFedAvg:
             w, s, loss_sum = params, self.init(params), zero
             steps = int(np.count_nonzero(cohort.mask[c].any(axis=-1)))
             for k in range(steps):
-                batch = {n: v[c, k] for n, v in cohort.batches.items()}
+                batch = {n: v[c, k] for n, v in batches.items()}
                 w, s, loss_sum = self.sgd_step(w, s, loss_sum, batch, cohort.mask[c, k],
                                                round_key, c, k)
             losses.append(loss_sum)

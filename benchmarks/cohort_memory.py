@@ -147,7 +147,7 @@ def worker(mode: str, cohort_size: int, args) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     p.add_argument("--clients", type=int, default=20_000, help="population size")
     p.add_argument("--cohorts", type=int, nargs="+", default=[1_000, 10_000])
     p.add_argument("--modes", nargs="+", default=["dense", "device"])

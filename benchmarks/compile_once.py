@@ -30,18 +30,18 @@ def child(task_name: str, rounds: int, cache: str) -> dict:
     start = time.perf_counter()
     import jax
     import jax.monitoring
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT
 
     from fedjax_api import Experiment, compile_cache, config
-    from jax._src.dispatch import BACKEND_COMPILE_EVENT
 
     compile_cache.enable_compilation_cache(cache, min_compile_seconds=0.0)
     phase = {"name": "setup"}
     compiles = {"setup": [], "first_round": [], "later_rounds": [], "final_eval": []}
     hits = {"n": 0}
 
-    def on_duration(event, duration, **kwargs):
+    def on_duration(event: str, duration_secs: float, **kwargs: str | int) -> None:
         if event == BACKEND_COMPILE_EVENT:
-            compiles[phase["name"]].append(duration)
+            compiles[phase["name"]].append(duration_secs)
 
     def on_event(event, **kwargs):
         if event == "/jax/compilation_cache/cache_hits":
@@ -72,7 +72,7 @@ def child(task_name: str, rounds: int, cache: str) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--task", default="synthetic")
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--child", metavar="CACHE_DIR", help=argparse.SUPPRESS)

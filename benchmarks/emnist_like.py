@@ -214,17 +214,18 @@ class EmnistLikeData(ArraysData):
       >>> data.get_client(int(sched[0, 0]))["x"].shape     # (n, 28, 28, 1)
     """
 
-    def __init__(self, sizes: np.ndarray, keep: Sequence[int] | None = None, seed: int = 1):
+    def __init__(self, sizes: np.ndarray, keep: Sequence[int] | np.ndarray | None = None,
+                 seed: int = 1):
         sizes = np.asarray(sizes, np.int64)
         offsets = offsets_of(sizes)
-        keep = (np.arange(len(sizes)) if keep is None else  # + the largest (fixed_steps reads it)
+        kept = (np.arange(len(sizes)) if keep is None else  # + the largest (fixed_steps reads it)
                 np.unique(np.append(np.asarray(keep, np.int64), np.argmax(sizes))))
-        rows = np.concatenate([np.arange(offsets[i], offsets[i] + sizes[i]) for i in keep]
-                              ) if len(keep) else np.zeros(0, np.int64)
+        rows = np.concatenate([np.arange(offsets[i], offsets[i] + sizes[i]) for i in kept]
+                              ) if len(kept) else np.zeros(0, np.int64)
         pixels, labels = make_examples(int(sizes.sum()), seed=seed, rows=rows)
         np.subtract(np.float32(1.0), pixels, out=pixels)  # FedJAX: x = 1 - pixels
         stored = np.full(len(sizes), -1, np.int64)  # the kept clients, back to back
-        stored[keep] = offsets_of(sizes[keep]) if len(keep) else []
+        stored[kept] = offsets_of(sizes[kept]) if len(kept) else []
         super().__init__(sizes, {"x": pixels[..., None], "y": labels}, stored,
                          ids=[client_id(i) for i in range(len(sizes))])
 

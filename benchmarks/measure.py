@@ -41,7 +41,7 @@ def cpu_model() -> str:
 def machine_info() -> dict:
     """CPU model, cores, memory, Python/JAX versions and the default backend and devices."""
     import jax
-    import jaxlib
+    import jaxlib.version
 
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -52,7 +52,7 @@ def machine_info() -> dict:
         "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "cpus_usable": affinity,
         "memory_gib": None if mem is None else round(mem, 1),
         "machine": platform.machine(), "python": platform.python_version(),
-        "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+        "jax": jax.__version__, "jaxlib": jaxlib.version.__version__,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "xla_flags": os.environ.get("XLA_FLAGS", ""),

@@ -22,7 +22,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("--devices", type=int, default=8)
     ap.add_argument("--clients", type=int, default=32, help="clients per round")
     ap.add_argument("--rounds", type=int, default=10, help="timed rounds per variant")

@@ -79,6 +79,7 @@ class _Rounds:
         cohort = s.cohort(self.r, dense=False)
         pack = time.perf_counter() - t
         while self.r < end:
+            assert cohort is not None  # the next round's cohort is packed while this one runs
             r = self.r
             key = jax.random.fold_in(self.key, r)
             shape = self._shape(cohort)
@@ -104,7 +105,8 @@ class _Rounds:
             self.loss = metrics["train/loss"]
             cohort, pack = nxt, next_pack
             self.r += 1
-        self.loss = float(self.loss)
+        if self.loss is not None:
+            self.loss = float(self.loss)
 
     def summary(self, warmup: int) -> dict:
         timed = [row for row in self.rows if row["round"] >= warmup]
@@ -265,7 +267,7 @@ def _baseline_train(setup, options: Options) -> dict:
         for name, runner in runners.items():
             probes[name], compiles[name] = _probe_step(runner, params, cohort0, key)
             print(f"  baseline step with {name}: {1000 * probes[name]:.1f} ms", flush=True)
-        chosen = min(probes, key=probes.get)
+        chosen = min(probes, key=lambda n: probes[n])
     else:
         chosen = next(iter(runners))
     runner = runners[chosen]
@@ -303,7 +305,7 @@ def _baseline_train(setup, options: Options) -> dict:
            "model_variant": chosen, "step_probe_s": probes or None,
            "xla_flops_per_step": xla,
            "xla_flops_per_example": None if xla is None else xla / setup.batch_size,
-           "last_loss": float(loss), "extrapolated": extrapolated, "rounds": rows,
+           "last_loss": None if loss is None else float(loss), "extrapolated": extrapolated, "rounds": rows,
            **_rates(timed, setup.flops)}
     if extrapolated:
         out["extrapolation"] = (f"each round: packing of the whole cohort (measured) + training "
@@ -339,6 +341,7 @@ def worker(side: str, name: str, options: Options) -> dict:
     setup = build(name, options)
     build_s = time.perf_counter() - t
     if setup.kind == "train":  # device-resident data goes to the device at the first cohort
+        assert setup.cohort is not None  # every train scenario packs cohorts
         setup.cohort(0, dense=side != "ours")
     data_rss = measure.peak_rss_mb()
     matmul = measure.matmul_gflops()
@@ -440,9 +443,9 @@ def _targets(rows: dict) -> dict:
             "note": "ratio of the workers' whole-process peaks (ru_maxrss: the population, "
                     "its device copy and the rounds); rounds_added_mb is what the timed "
                     "rounds added above the memory resident before them (VmHWM)"}
-    padded = {n: get(n, "padded_fraction") for n in
-              ("emnist-cnn", "emnist-logreg", "cohort-1000", "cohort-10000")
-              if get(n, "padded_fraction") is not None}
+    fractions = {n: get(n, "padded_fraction")
+                 for n in ("emnist-cnn", "emnist-logreg", "cohort-1000", "cohort-10000")}
+    padded = {n: v for n, v in fractions.items() if v is not None}
     if padded:
         out["padded"] = {"target": TARGETS["padded"], "fractions": padded,
                          "met": bool(all(v < 0.15 for v in padded.values()))}

@@ -15,11 +15,14 @@ data is `benchmarks.emnist_like` (FedJAX's benchmark's generator); the other sce
 client sizes follow the same gamma law unless they use real data (Shakespeare).
 """
 
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 
 from benchmarks import emnist_like, measure
+
+if TYPE_CHECKING:
+    from fedjax_core.models.nn import ConvImpl
 
 SCENARIOS = ("emnist-cnn", "emnist-logreg", "shakespeare-lstm", "stackoverflow-lstm",
              "cohort-1000", "cohort-10000", "emnist-eval")
@@ -121,7 +124,7 @@ def _candidates(default: tuple[int, ...], options: Options, cohort: int) -> tupl
     return sizes[:1] if options.quick and not options.chunk_sizes else sizes
 
 
-def _cnn(conv_impl: str | None = None):
+def _cnn(conv_impl: "ConvImpl | None" = None):
     from fedjax_core.models.emnist_cnn import emnist_cnn
 
     if conv_impl is None:

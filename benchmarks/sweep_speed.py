@@ -77,7 +77,7 @@ def time_sweep(cfg, warmup, seeds_together=1, examples_on_device=None, **grid):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--task", default="synthetic")
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=2, help="first rounds left out")

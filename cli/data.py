@@ -6,7 +6,14 @@ from typing import Annotated, Optional
 
 import numpy as np
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from cli.common import console, user_errors
@@ -72,7 +79,7 @@ def download(
     datasets.get(name)  # unknown names fail before any progress bar
     progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                         TransferSpeedColumn(), console=console)
-    bars: dict[str, int] = {}
+    bars: dict[str, TaskID] = {}
 
     def on_progress(label: str, done: int, total: int | None) -> None:
         if label not in bars:

@@ -174,7 +174,7 @@ def save(run_dir: Path, round_num: int, state: PyTree, meta: dict, keep: int = 3
 def _encode(name: str, leaf) -> tuple[np.ndarray, dict]:
     """The array stored for one leaf and its manifest entry."""
     dtype = getattr(leaf, "dtype", None)
-    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
         stored = np.asarray(jax.random.key_data(leaf))
         return stored, {"shape": list(stored.shape), "dtype": str(dtype),
                         "stored_dtype": stored.dtype.str, "key": str(jax.random.key_impl(leaf)),
@@ -217,7 +217,7 @@ def _jsonable(x):
     if isinstance(x, np.generic):
         return x.item()
     if isinstance(x, (np.ndarray, jax.Array)):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
             raise TypeError("meta cannot hold PRNG keys; put them in the state")
         return np.asarray(x).tolist()
     if isinstance(x, (set, frozenset)):
@@ -480,4 +480,4 @@ def _weakly_typed(x: jax.Array) -> jax.Array:
         out = _convert_element_type(x, x.dtype, weak_type=True)
     except Exception:  # noqa: BLE001 - private API; being strong only costs a retrace
         return x
-    return out if getattr(out, "weak_type", False) else x
+    return out if isinstance(out, jax.Array) and getattr(out, "weak_type", False) else x

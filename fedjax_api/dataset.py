@@ -6,8 +6,7 @@ import numpy as np
 from fedjax_api.errors import ConfigError
 from fedjax_core.data import Cohort, FederatedData, pack_cohort, uniform_without_replacement
 from fedjax_core.data.device import DeviceExamples, IndexedBatches, device_examples, index_cohort
-from fedjax_core.data.pack import (Transform, cohort_steps, fixed_steps, pad_cohort,
-                                   step_bucket)
+from fedjax_core.data.pack import Transform, cohort_steps, fixed_steps, pad_cohort, step_bucket
 from fedjax_core.data.sampling import poisson
 
 

@@ -85,6 +85,7 @@ def settings(coordinator: str | None = None, num_processes: int | None = None,
                           f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID} "
                           "environment variables; --coordinator auto lets JAX detect a "
                           "TPU pod, Slurm or Open MPI cluster)")
+    assert coordinator is not None and num_processes is not None and process_id is not None
     host, sep, port = coordinator.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ConfigError(f"--coordinator must be HOST:PORT (process 0's address and a free "
@@ -152,7 +153,7 @@ def request_cpu_devices(count: int) -> bool:
       True if set, False when `count` is at most 1 or at most the count already asked
       for, or when JAX already started (its device count stays).
     """
-    if count <= 1 or count <= jax.config.jax_num_cpu_devices:
+    if count <= 1 or count <= jax.config.values["jax_num_cpu_devices"]:
         return False
     try:
         jax.config.update("jax_num_cpu_devices", count)

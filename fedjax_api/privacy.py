@@ -64,6 +64,10 @@ def setup(cfg: ExperimentConfig, num_clients: int) -> PrivacySetup:
     """
     from fedjax_core.aggregate import privacy as dp_agg
 
+    delta, clip, epsilon = cfg.dp_delta, cfg.clip, cfg.dp_epsilon
+    if delta is None or clip is None or (epsilon is None and cfg.noise_multiplier is None):
+        raise ConfigError("a private run needs --dp-delta, --clip and --noise-multiplier or "
+                          "--dp-epsilon")
     privacy = _accounting()
     m = cfg.clients_per_round
     cohort = cfg.noise_cohort_size or m
@@ -81,18 +85,18 @@ def setup(cfg: ExperimentConfig, num_clients: int) -> PrivacySetup:
             z = cfg.noise_multiplier
             how_z = f"noise multiplier {z:.4g}"
         else:
-            z = privacy.calibrate_noise(cfg.dp_epsilon, cfg.dp_delta, sampling, cfg.rounds,
-                                        cfg.dp_accountant)
-            how_z = (f"noise multiplier {z:.4g} calibrated for epsilon {cfg.dp_epsilon:g} "
+            assert epsilon is not None  # checked above
+            z = privacy.calibrate_noise(epsilon, delta, sampling, cfg.rounds, cfg.dp_accountant)
+            how_z = (f"noise multiplier {z:.4g} calibrated for epsilon {epsilon:g} "
                      f"after {cfg.rounds} rounds")
-        ledger = privacy.PrivacyLedger(z, sampling, cfg.dp_delta, cfg.dp_accountant)
+        ledger = privacy.PrivacyLedger(z, sampling, delta, cfg.dp_accountant)
         noise_cohort = cfg.noise_cohort_size if cfg.noise_cohort_size != m else None
         if cfg.adaptive_clip:
             aggregator = dp_agg.adaptive_gaussian(
-                initial_clip_norm=cfg.clip, noise_multiplier=z, expected_clients=m,
+                initial_clip_norm=clip, noise_multiplier=z, expected_clients=m,
                 noise_cohort_size=noise_cohort)
         else:
-            aggregator = dp_agg.gaussian(clip_norm=cfg.clip, noise_multiplier=z,
+            aggregator = dp_agg.gaussian(clip_norm=clip, noise_multiplier=z,
                                          expected_clients=m, noise_cohort_size=noise_cohort)
     except ValueError as e:
         raise ConfigError(f"cannot set up the private run: {e}") from None

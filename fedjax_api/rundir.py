@@ -20,7 +20,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fedjax_api.errors import ConfigError
 
@@ -138,7 +138,7 @@ class MetricsLog:
                  truncate_after_round: int | None = None):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
-        self._file = None
+        self._file: IO[str] | None = None
         self._csv: dict[str, tuple[Any, list[str]]] = {}  # kind -> (file, columns)
         self._tb = TensorBoardLog(run_dir, truncate_after_round) if tensorboard else None
 
@@ -163,6 +163,7 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         """Appends `record` (`round`, `kind` and metrics) to every log, flushed."""
+        assert self._file is not None  # opened by __init__
         self._file.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
         self._file.flush()
         kind = record.get("kind")
@@ -237,6 +238,7 @@ class TensorBoardLog:
             return
         writer = self._writers.get(kind)
         if writer is None:
+            assert self._SummaryWriter is not None  # tensorboard=True
             # The suffix keeps a resumed run's file apart from, and sorted after, the first.
             writer = self._writers[kind] = self._summary_writer(
                 logdir=str(self.run_dir / TENSORBOARD_DIR / kind), purge_step=self._purge_step,

@@ -8,7 +8,7 @@ metrics divide each client's own.
 """
 
 import functools
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp

@@ -18,7 +18,7 @@ call compiles once per (group, bucketed step count) shape, not once per client.
 
 import functools
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -311,6 +311,7 @@ def personal_metric_totals(model: Model, select: SelectFn, personal: PyTree,
             pending = []
     if pending:
         totals = run(pending, totals)
+    assert totals is not None  # the data has examples, so at least one group ran
     return {k: (np.asarray(n), np.asarray(d)) for k, (n, d) in totals.items()}
 
 

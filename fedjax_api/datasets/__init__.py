@@ -12,8 +12,17 @@ Example:
 """
 
 from fedjax_api.datasets import download
-from fedjax_api.datasets.catalog import (CATALOG, CatalogEntry, RemoteFile, cached_size, fetch,
-                                         get, is_cached, local_paths, names)
+from fedjax_api.datasets.catalog import (
+    CATALOG,
+    CatalogEntry,
+    RemoteFile,
+    cached_size,
+    fetch,
+    get,
+    is_cached,
+    local_paths,
+    names,
+)
 from fedjax_api.datasets.download import DownloadError, cache_dir
 
 __all__ = ["CATALOG", "CatalogEntry", "DownloadError", "RemoteFile", "cache_dir", "cached_size",

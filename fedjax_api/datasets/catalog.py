@@ -21,8 +21,7 @@ from pathlib import Path
 
 import attrs
 
-from fedjax_api.datasets.download import (DownloadError, Progress, cache_dir, download,
-                                          partial_path)
+from fedjax_api.datasets.download import DownloadError, Progress, cache_dir, download, partial_path
 from fedjax_api.errors import ConfigError
 
 # `progress(label, done_bytes, total_bytes_or_None)`; label names the file in flight.
@@ -85,7 +84,8 @@ class CatalogEntry:
     def download_size(self) -> int | None:
         """Bytes to download for every output; None if a size is unknown."""
         sizes = [f.size for f in self.files.values()]
-        return None if None in sizes else sum(sizes)
+        known = [s for s in sizes if s is not None]
+        return sum(known) if len(known) == len(sizes) else None
 
 
 def _fedjax_sqlite(folder: str, stem: str, splits: tuple[str, ...]) -> dict[str, RemoteFile]:
@@ -257,8 +257,9 @@ def _fetch_file(remote: RemoteFile, folder: Path, progress: FetchProgress | None
         return dest
     report: Progress | None = None
     if progress is not None:
-        def report(done: int, total: int | None, _label=remote.filename) -> None:
+        def report_file(done: int, total: int | None, _label=remote.filename) -> None:
             progress(_label, done, total)
+        report = report_file
     return download(remote.url, dest, sha256=remote.sha256, size=remote.size, progress=report)
 
 

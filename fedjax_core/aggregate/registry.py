@@ -6,6 +6,7 @@ Each aggregator module ends with `ENTRIES`, a list of `AggregatorEntry` whose
 
 import importlib
 import inspect
+
 from fedjax_core.aggregate.base import Aggregator, AggregatorEntry
 from fedjax_core.aggregate.mean import mean
 

@@ -32,7 +32,6 @@ from fedjax_core.aggregate.base import Aggregator, AggregatorEntry, real_clients
 from fedjax_core.aggregate.mean import mean
 from fedjax_core.typing import Array
 
-
 # ----------------------------------------------------------------------------- helpers
 
 def _sorted_real(x, real):

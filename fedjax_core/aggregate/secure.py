@@ -139,6 +139,7 @@ def encode(x: Float[Array, " d"], scale: ArrayLike, bound: ArrayLike, bits: int,
       Array([  2, 255], dtype=uint32)
     """
     bits = _check_bits(bits)
+    bound = jnp.asarray(bound)
     v = jnp.clip(jnp.asarray(x, jnp.float32) * scale, -bound, bound)
     lo = jnp.floor(v)
     up = jax.random.uniform(key, v.shape, jnp.float32) < v - lo

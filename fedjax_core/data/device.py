@@ -19,14 +19,15 @@ numbers either way.
 """
 
 import gc
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fedjax_core.data.federated_data import FederatedData
-from fedjax_core.data.pack import Cohort, positions
+from fedjax_core.data.pack import Cohort, Counts, positions
 from fedjax_core.data.sampling import SHUFFLE_STREAM, host_rng
 from fedjax_core.typing import Array, PyTree
 
@@ -66,7 +67,7 @@ class IndexedBatches(NamedTuple):
     """
 
     source: dict[str, Array]
-    index: Array
+    index: np.ndarray | Array
 
     def gather(self) -> dict[str, Array]:
         """The dense batches, feature -> `[*index.shape, ...]` (`source[k][index]`)."""
@@ -145,6 +146,7 @@ def device_examples(data: FederatedData, device=None) -> DeviceExamples:
                 raise ValueError(f"client {i}: feature {k!r} has {len(v)} examples but "
                                  f"client_sizes says {sizes[i]}")
             host[k][offsets[i]:offsets[i] + sizes[i]] = v
+    assert host is not None  # there is at least one client
     features = {k: jax.device_put(v, device) for k, v in host.items()}
     jax.block_until_ready(features)
     # jax.device_put leaves its numpy source in a reference cycle (jax 0.10): without a
@@ -154,8 +156,8 @@ def device_examples(data: FederatedData, device=None) -> DeviceExamples:
     return DeviceExamples(features, offsets, sizes)
 
 
-def index_clients(examples: DeviceExamples, indices: Sequence[int], batch_size: int,
-                  epochs: int = 1, rngs: Sequence[np.random.Generator] | None = None,
+def index_clients(examples: DeviceExamples, indices: Counts, batch_size: int,
+                  epochs: int = 1, rngs: Sequence[np.random.Generator | None] | None = None,
                   bucket: bool = True, steps: int | None = None,
                   max_steps: int | None = None) -> Cohort:
     """`pack.pack_clients` for the clients at `indices`, as an index into `examples`.
@@ -169,17 +171,17 @@ def index_clients(examples: DeviceExamples, indices: Sequence[int], batch_size: 
       A `Cohort` whose `batches` is `IndexedBatches(examples.features, index)`; mask,
       `num_examples` and `client_index` are those `pack_clients` gives.
     """
-    indices = np.asarray(indices, np.int64).reshape(-1)
-    sizes = examples.sizes[indices]
+    idx = np.asarray(indices, np.int64).reshape(-1)
+    sizes = examples.sizes[idx]
     pos = positions(sizes, batch_size, epochs, rngs, bucket, steps, max_steps)
     mask = pos >= 0
-    rows = np.where(mask, examples.offsets[indices][:, None, None] + pos, 0).astype(np.int32)
+    rows = np.where(mask, examples.offsets[idx][:, None, None] + pos, 0).astype(np.int32)
     return Cohort(batches=IndexedBatches(examples.features, rows), mask=mask,
                   num_examples=sizes.astype(np.int32),
-                  client_index=indices.astype(np.int32))
+                  client_index=idx.astype(np.int32))
 
 
-def index_cohort(examples: DeviceExamples, indices: Sequence[int], batch_size: int,
+def index_cohort(examples: DeviceExamples, indices: Counts, batch_size: int,
                  epochs: int, seed: int, round_num: int, shuffle: bool = True,
                  bucket: bool = True, steps: int | None = None,
                  max_steps: int | None = None) -> Cohort:

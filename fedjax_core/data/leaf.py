@@ -13,11 +13,11 @@ mixed-up folders (train next to test, a shard copied twice) and is an error, not
 
 What each layout becomes (one dict of arrays per user, features `x` and `y`):
 
-| layout        | LEAF example `x`                     | `x` here                         | `y` here                  |
-| ------------- | ------------------------------------ | -------------------------------- | ------------------------- |
-| `femnist`     | 784 floats, a 28x28 image row-major  | `float32 [n, 28, 28]`, as stored | `int32 [n]`, 0..61        |
-| `shakespeare` | a string (80 characters in LEAF)     | `bytes_ [n]` (`S` dtype), UTF-8  | `bytes_ [n]`, the next char, UTF-8 |
-| `sent140`     | a tweet's fields, text at index 4    | `bytes_ [n]` (`S` dtype), UTF-8 text | `int32 [n]`, 0 or 1   |
+| layout        | LEAF example `x`                    | `x` here                             | `y` here                |
+| ------------- | ----------------------------------- | ------------------------------------ | ----------------------- |
+| `femnist`     | 784 floats, a 28x28 image row-major | `float32 [n, 28, 28]`, as stored     | `int32 [n]`, 0..61      |
+| `shakespeare` | a string (80 characters in LEAF)    | `bytes_ [n]` (`S` dtype), UTF-8      | `bytes_ [n]`, next char |
+| `sent140`     | a tweet's fields, text at index 4   | `bytes_ [n]` (`S` dtype), UTF-8 text | `int32 [n]`, 0 or 1     |
 
 - FEMNIST pixels are kept exactly as the file has them (values k/255 in [0, 1], background 1.0,
   ink dark), only reshaped; no channel axis is added and nothing is inverted. Labels: 0-9
@@ -363,7 +363,7 @@ def load_leaf(path: str | os.PathLike, layout: Layout = "auto") -> InMemoryFeder
             if chosen is None:  # every user here is empty: keep the order, fill in at the end
                 clients.update({u: None for u, _, _ in records})
                 continue
-        label_map = _sent140_label_map(file, records) if chosen == "sent140" else None
+        label_map = _sent140_label_map(file, records) if chosen == "sent140" else {}
         for u, x, y in records:
             if chosen == "femnist":
                 clients[u] = _femnist(file, u, x, y)

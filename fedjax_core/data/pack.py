@@ -3,17 +3,27 @@
 A client with `n` examples trained for `E` epochs at batch size `B` takes
 `ceil(n * E / B)` steps, at most `max_steps`: each epoch is a fresh permutation of its
 examples, the epochs are concatenated and cut into batches (the last one partial), and
-the stream stops after `max_steps` batches, as FedJAX's `shuffle_repeat_batch` does. All clients of a cohort are padded to one step count,
-rounded up to a bucket so that rounds reuse compiled code; padded slots are masked.
+the stream stops after `max_steps` batches, as FedJAX's `shuffle_repeat_batch` does. All
+clients of a cohort are padded to one step count, rounded up to a bucket so that rounds reuse
+compiled code; padded slots are masked.
 """
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+from jaxtyping import Bool, Int
 
 from fedjax_core.data.federated_data import ClientArrays, FederatedData
 from fedjax_core.data.sampling import SHUFFLE_STREAM, TRANSFORM_STREAM, host_rng
+from fedjax_core.typing import Array
+
+if TYPE_CHECKING:  # it imports this module
+    from fedjax_core.data.device import IndexedBatches
+
+Counts = Sequence[int] | Int[np.ndarray, " clients"]
+"""One integer per client (sizes, client positions): a sequence of ints or a 1-D int array."""
 
 Transform = Callable[[ClientArrays, np.random.Generator], ClientArrays]
 """`transform(arrays, rng) -> arrays`: per-round host-side augmentation of one client."""
@@ -36,10 +46,10 @@ class Cohort(NamedTuple):
         kept by these positions (`fedjax_core.client_state`).
     """
 
-    batches: dict[str, np.ndarray]
-    mask: np.ndarray
-    num_examples: np.ndarray
-    client_index: np.ndarray
+    batches: "dict[str, np.ndarray] | dict[str, Array] | IndexedBatches"
+    mask: Bool[np.ndarray | Array, "clients steps batch"]
+    num_examples: Int[np.ndarray | Array, " clients"]
+    client_index: Int[np.ndarray | Array, " clients"]
 
     @property
     def num_clients(self) -> int:
@@ -69,7 +79,7 @@ def num_steps(num_examples: int, batch_size: int, epochs: int,
     return steps if max_steps is None else min(steps, max_steps)
 
 
-def cohort_steps(sizes: Sequence[int], batch_size: int, epochs: int = 1, bucket: bool = True,
+def cohort_steps(sizes: Counts, batch_size: int, epochs: int = 1, bucket: bool = True,
                  max_steps: int | None = None) -> int:
     """Steps of a cohort packed without a fixed `steps`: `bucket(max_i min(ceil(n_i E / B),
     max_steps))`, at least 1 (what `positions` and `pack_clients` pad to).
@@ -82,8 +92,8 @@ def cohort_steps(sizes: Sequence[int], batch_size: int, epochs: int = 1, bucket:
     return step_bucket(needed) if bucket else needed
 
 
-def positions(sizes: Sequence[int], batch_size: int, epochs: int = 1,
-              rngs: Sequence[np.random.Generator] | None = None, bucket: bool = True,
+def positions(sizes: Counts, batch_size: int, epochs: int = 1,
+              rngs: Sequence[np.random.Generator | None] | None = None, bucket: bool = True,
               steps: int | None = None, max_steps: int | None = None) -> np.ndarray:
     """Where each slot of a packed cohort reads from: the packing rule without the data.
 
@@ -98,7 +108,8 @@ def positions(sizes: Sequence[int], batch_size: int, epochs: int = 1,
       sizes: each client's number of examples n_i.
       batch_size: examples per step B.
       epochs: passes over each client's data E.
-      rngs: one generator per client for the per-epoch shuffles, or None (stored order).
+      rngs: one generator per client for the per-epoch shuffles, or None (stored order);
+        a client with no examples may have None.
       bucket: round the step count up with `step_bucket`.
       steps: pad every client to exactly this many steps; None: `bucket(max_i
         min(ceil(n_i E / B), max_steps))` for these clients.
@@ -134,15 +145,19 @@ def positions(sizes: Sequence[int], batch_size: int, epochs: int = 1,
         if rngs is None:
             order = np.tile(np.arange(n), epochs)
         else:
-            order = np.concatenate([rngs[i].permutation(n) for _ in range(epochs)])
+            rng = rngs[i]
+            if rng is None:
+                raise ValueError(f"client {i} has {n} examples but no generator (rngs[{i}] is "
+                                 "None); only a client with no examples may have none")
+            order = np.concatenate([rng.permutation(n) for _ in range(epochs)])
         order = order[:slots]  # max_steps cuts the stream
         index[i, :len(order)] = order
     return index.reshape(len(sizes), steps, batch_size)
 
 
 def pack_clients(clients: Sequence[ClientArrays], batch_size: int, epochs: int = 1,
-                 rngs: Sequence[np.random.Generator] | None = None,
-                 bucket: bool = True, client_index: Sequence[int] | None = None,
+                 rngs: Sequence[np.random.Generator | None] | None = None,
+                 bucket: bool = True, client_index: Counts | None = None,
                  steps: int | None = None, max_steps: int | None = None) -> Cohort:
     """Packs the given clients' arrays into a `Cohort`.
 
@@ -151,7 +166,7 @@ def pack_clients(clients: Sequence[ClientArrays], batch_size: int, epochs: int =
       batch_size: examples per step B.
       epochs: passes over each client's data E.
       rngs: one generator per client for the per-epoch shuffles, or None to keep
-        the stored order (evaluation, tests).
+        the stored order (evaluation, tests); a client with no examples may have None.
       bucket: round the step count up with `step_bucket`.
       client_index: positions recorded in `Cohort.client_index` (default 0..n-1).
       steps: pad every client to exactly this many steps (e.g. the bucket of the
@@ -192,7 +207,7 @@ def pack_clients(clients: Sequence[ClientArrays], batch_size: int, epochs: int =
     )
 
 
-def pack_cohort(data: FederatedData, indices: Sequence[int], batch_size: int, epochs: int,
+def pack_cohort(data: FederatedData, indices: Counts, batch_size: int, epochs: int,
                 seed: int, round_num: int, shuffle: bool = True, bucket: bool = True,
                 steps: int | None = None, max_steps: int | None = None,
                 transform: Transform | None = None, first_slot: int = 0) -> Cohort:

@@ -35,10 +35,11 @@ def _num_examples(arrays: Arrays) -> int:
     if not arrays:
         raise ValueError("arrays is empty; give a dict feature -> array, e.g. {'x': x, 'y': y}")
     lengths = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in arrays.items()}
-    if None in lengths.values() or len(set(lengths.values())) != 1:
+    sizes = [np.shape(v)[0] for v in arrays.values() if np.ndim(v)]
+    if len(sizes) != len(arrays) or len(set(sizes)) != 1:
         raise ValueError(f"features disagree on the number of examples {lengths}; every array "
                          "needs the same leading axis")
-    return int(next(iter(lengths.values())))
+    return int(sizes[0])
 
 
 def _check_clients(num_clients: int, n: int, per_client: int = 1) -> None:

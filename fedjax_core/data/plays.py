@@ -40,8 +40,13 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from fedjax_core.data.federated_data import FederatedData, InMemoryFederatedData
-from fedjax_core.data.shakespeare import (DEFAULT_SEQUENCE_LENGTH, EOS, PAD, VOCAB_SIZE,
-                                          preprocess_client)
+from fedjax_core.data.shakespeare import (
+    DEFAULT_SEQUENCE_LENGTH,
+    EOS,
+    PAD,
+    VOCAB_SIZE,
+    preprocess_client,
+)
 
 MIN_LINES = 3
 """A character needs at least this many text lines in a play to become a client (LEAF drops <= 2)."""
@@ -110,6 +115,7 @@ def _speeches_with_lines(markdown_text: str) -> list[tuple[str, list[str]]]:
     def close() -> None:
         nonlocal current
         if current:
+            assert speaker is not None  # lines are kept only under a speaker
             speeches.append((speaker, current))
         current = None
 

@@ -40,7 +40,7 @@ import threading
 import uuid
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, cast
 
 import msgpack
 import numpy as np
@@ -250,7 +250,13 @@ def encode_client(arrays: Mapping[str, np.ndarray]) -> bytes:
     """
     _check_arrays(arrays)
     packed = {key: _ext_of(key, value) for key, value in arrays.items()}
-    return zlib.compress(msgpack.packb(packed, use_bin_type=True))
+    return zlib.compress(_packb(packed))
+
+
+def _packb(obj: Any) -> bytes:
+    # msgpack's pure-Python fallback, which type checkers read, says `bytes | None`: None only
+    # comes from a `Packer(autoreset=False)`, never from `packb`.
+    return cast(bytes, msgpack.packb(obj, use_bin_type=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,9 +598,8 @@ def write_sqlite(path: str | os.PathLike,
             seen.add(raw)
             try:
                 n = _check_arrays(arrays)
-                blob = zlib.compress(msgpack.packb(
-                    {key: _ext_of(key, value) for key, value in arrays.items()},
-                    use_bin_type=True))
+                blob = zlib.compress(_packb(
+                    {key: _ext_of(key, value) for key, value in arrays.items()}))
             except ValueError as e:
                 raise ValueError(f"client {client_id!r}: {e}") from None
             count += 1

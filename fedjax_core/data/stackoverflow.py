@@ -36,7 +36,7 @@ References:
 """
 
 import os
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence, cast
 
 import numpy as np
 
@@ -148,7 +148,10 @@ def build_vocab(word_counts: Mapping[str, int] | Iterable[tuple[str, int]],
     """
     if size < 0:
         raise ValueError(f"vocabulary size must be >= 0, got {size}")
-    pairs = list(word_counts.items() if isinstance(word_counts, Mapping) else word_counts)
+    if isinstance(word_counts, Mapping):  # (pyright widens a Mapping that is also an Iterable)
+        pairs = list(cast(Mapping[str, int], word_counts).items())
+    else:
+        pairs = list(word_counts)
     order = sorted(range(len(pairs)), key=lambda i: -pairs[i][1])  # sorted() is stable
     return vocab_from_words([pairs[i][0] for i in order[:size]])
 

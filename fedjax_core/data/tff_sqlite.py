@@ -125,6 +125,20 @@ def _fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
         yield number, wire, value
 
 
+def _blob(value: int | bytes) -> bytes:
+    """The bytes of a `_fields` value whose wire type (2, 1 or 5) the caller has checked."""
+    if isinstance(value, int):
+        raise DataFormatError("tf.train.Example: a varint where bytes were expected")
+    return value
+
+
+def _varint(value: int | bytes) -> int:
+    """The int of a `_fields` value whose wire type (0) the caller has checked."""
+    if not isinstance(value, int):
+        raise DataFormatError("tf.train.Example: bytes where a varint was expected")
+    return value
+
+
 def _packed_varints(buf: bytes) -> np.ndarray:
     """Decodes packed varints into int64 (two's complement), vectorized."""
     b = np.frombuffer(buf, np.uint8)
@@ -158,28 +172,29 @@ def _parse_feature(buf: bytes, previous: Feature | None = None) -> Feature:
         new_kind = ("bytes", "float", "int64")[number - 1]
         if new_kind != kind:  # a oneof: setting another member clears the previous one
             kind, chunks = new_kind, []
-        for n, w, v in _fields(value):
+        for n, w, v in _fields(_blob(value)):
             if n != 1:
                 continue
             if kind == "bytes":
                 if w != 2:
                     raise DataFormatError("tf.train.Example: bytes_list value is not bytes")
-                chunks.append([bytes(v)])
+                chunks.append([_blob(v)])
             elif kind == "float":
                 if w == 2:
+                    v = _blob(v)
                     if len(v) % 4:
                         raise DataFormatError("tf.train.Example: packed float list length "
                                               f"{len(v)} is not a multiple of 4")
                     chunks.append(np.frombuffer(v, "<f4").astype(np.float32))
                 elif w == 5:
-                    chunks.append(np.array(struct.unpack("<f", v), np.float32))
+                    chunks.append(np.array(struct.unpack("<f", _blob(v)), np.float32))
                 else:
                     raise DataFormatError(f"tf.train.Example: float_list value has wire type {w}")
             else:
                 if w == 2:
-                    chunks.append(_packed_varints(v))
+                    chunks.append(_packed_varints(_blob(v)))
                 elif w == 0:
-                    chunks.append(np.array([_to_int64(v)], np.int64))
+                    chunks.append(np.array([_to_int64(_varint(v))], np.int64))
                 else:
                     raise DataFormatError(f"tf.train.Example: int64_list value has wire type {w}")
     if kind is None:
@@ -209,16 +224,16 @@ def parse_example(serialized: bytes) -> dict[str, Feature]:
     for number, wire, value in _fields(serialized):
         if number != 1 or wire != 2:
             continue
-        for n, w, entry in _fields(value):
+        for n, w, entry in _fields(_blob(value)):
             if n != 1 or w != 2:
                 continue
             key = b""
             feature: Feature | None = None
-            for en, ew, ev in _fields(entry):
+            for en, ew, ev in _fields(_blob(entry)):
                 if en == 1 and ew == 2:
-                    key = ev
+                    key = _blob(ev)
                 elif en == 2 and ew == 2:
-                    feature = _parse_feature(ev, feature)
+                    feature = _parse_feature(_blob(ev), feature)
             try:
                 name = key.decode("utf-8")
             except UnicodeDecodeError:
@@ -245,7 +260,7 @@ def _stack_with_spec(examples: list[dict[str, Feature]], spec: FeatureSpec) -> C
             if feature is None:
                 raise DataFormatError(f"example {i} lacks feature {name!r}")
             values = feature.values
-            expected = "bytes" if dtype == object else ("float" if dtype.kind == "f" else "int64")
+            expected = "bytes" if dtype.kind == "O" else ("float" if dtype.kind == "f" else "int64")
             if dtype == np.uint8 and feature.kind == "bytes" and len(values) == 1 \
                     and len(values[0]) == size:
                 values = np.frombuffer(values[0], np.uint8)  # raw pixel bytes
@@ -256,7 +271,7 @@ def _stack_with_spec(examples: list[dict[str, Feature]], spec: FeatureSpec) -> C
                 raise DataFormatError(f"example {i}: feature {name!r} has {len(values)} values, "
                                       f"expected {size} for shape {list(shape)}")
             flats.append(values)
-        if dtype == object:
+        if dtype.kind == "O":
             stacked = np.empty(len(examples) * size, dtype=object)
             stacked[:] = [b for flat in flats for b in flat]
         else:

@@ -68,7 +68,7 @@ import logging
 import math
 import numbers
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import optimize
@@ -187,21 +187,22 @@ def effective_noise_multiplier(noise_multiplier: NoiseMultiplier) -> float:
       >>> round(effective_noise_multiplier([1.2, 2 * 5.0]), 6)   # adaptive clipping
       1.191452
     """
-    if isinstance(noise_multiplier, str) or np.ndim(noise_multiplier) == 0:
-        zs = [noise_multiplier]
-    else:
-        zs = list(noise_multiplier)
-        if not zs:
-            raise ValueError("noise_multiplier must be a number or a non-empty list of numbers")
-    for i, z in enumerate(zs):
+    value: Any = noise_multiplier  # whatever the caller passed: checked here
+    raw = [value] if isinstance(value, str) or np.ndim(value) == 0 else list(value)
+    if not raw:
+        raise ValueError("noise_multiplier must be a number or a non-empty list of numbers")
+    zs: list[float] = []
+    for z in raw:
         bad = isinstance(z, (bool, str, bytes)) or np.ndim(z) != 0
+        zf = math.nan
         if not bad:
             try:
-                zs[i] = float(z)
+                zf = float(z)
             except (TypeError, ValueError):
                 bad = True
-        if bad or not zs[i] >= 0:
+        if bad or not zf >= 0:
             raise ValueError(f"noise multipliers must be non-negative numbers, got {z!r}")
+        zs.append(zf)
     if any(z == 0 for z in zs):
         return 0.0
     inverse_square = sum(z**-2 for z in zs)
@@ -249,7 +250,7 @@ def _check_rounds(rounds) -> int:
 
 
 def _check_delta(delta) -> float:
-    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta < 1:
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < float(delta) < 1:
         raise ValueError(f"delta must be a number in (0, 1), got {delta!r}; "
                          "a common choice is below 1 / (number of clients)")
     return float(delta)
@@ -541,7 +542,7 @@ class PrivacyLedger:
         self.delta = _check_delta(delta)
         self.accountant = _check_accountant(accountant)
         acc = make_accountant(self.sampling, self.accountant)
-        if self.accountant == "rdp":
+        if isinstance(acc, rdp_privacy_accountant.RdpAccountant):
             acc.compose(dp_event(self.noise_multiplier, self.sampling, 1))
             self.orders = acc.orders
             self.rdp_per_round = acc.rdp
@@ -562,7 +563,7 @@ class PrivacyLedger:
             return 0.0
         if self.accountant == "rdp":
             eps, _ = rdp_privacy_accountant.compute_epsilon(
-                self.orders, rounds * self.rdp_per_round, self.delta)
+                [float(o) for o in self.orders], (rounds * self.rdp_per_round).tolist(), self.delta)
             return float(eps)
         if rounds not in self._pld_cache:
             if len(self._pld_cache) >= 1024:

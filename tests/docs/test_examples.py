@@ -167,6 +167,7 @@ def test_custom_algorithm_tutorial_is_short_and_correct(capsys):
     import jax
     import numpy as np
     import optax
+
     from fedjax_api import tasks
     from fedjax_core.algorithms.fedavg import fedavg
     from fedjax_core.algorithms.base import jit_round
@@ -235,6 +236,7 @@ def test_equinox_model_checkpoint_resumes_bit_identically(tmp_path):
     import attrs
     import jax
     import optax
+
     from fedjax_api import Experiment, checkpoint
     from fedjax_core.algorithms.fedopt import fedadam
     from fedjax_core.models.adapters import from_equinox

@@ -20,6 +20,7 @@ os.environ.setdefault("FEDJAX_COMPILATION_CACHE", "0")
 
 import attrs  # noqa: E402
 import jax  # noqa: E402
+
 from fedjax_api import config, distributed  # noqa: E402
 from fedjax_api.experiment import Experiment  # noqa: E402
 from tests.fedjax_api import tiny_task  # noqa: E402

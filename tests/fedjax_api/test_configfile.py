@@ -324,7 +324,9 @@ def test_dump_load_round_trip(tmp_path, options):
     cfg = config.resolve(**options)
     text = configfile.dump(cfg)
     again = configfile.resolve_file(write(tmp_path, text), [], {})
-    drop_none = lambda d: {k: v for k, v in d.items() if v is not None}
+    def drop_none(d):
+        return {k: v for k, v in d.items() if v is not None}
+
     assert attrs.evolve(again, algorithm_options=drop_none(again.algorithm_options),
                         aggregator_options=drop_none(again.aggregator_options)) == attrs.evolve(
         cfg, algorithm_options=drop_none(cfg.algorithm_options),

@@ -42,9 +42,10 @@ def test_private_round_equals_dp_aggregator_by_hand():
                          dp_delta=1e-3)
     exp = Experiment.from_config(cfg)
     result = exp.run()
+    import optax
+
     from fedjax_api import Server, tasks
     from fedjax_core.algorithms.fedavg import fedavg
-    import optax
     task = tasks.get(NAME)
     alg = fedavg(optax.sgd(cfg.client_lr), optax.sgd(cfg.server_lr),
                  aggregator=dp_agg.gaussian(0.3, 0.7, expected_clients=3))

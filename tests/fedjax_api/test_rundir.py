@@ -272,8 +272,10 @@ def parse_csv(path: Path, kind_records: list[dict]) -> None:
 @given(records_strategy, st.integers(0, 12), records_strategy)
 def test_logs_hold_exactly_the_records_written(first, cut, second):
     CASES["n"] += 1
-    as_records = lambda pairs, start: [
-        {"round": start + i, "kind": kind, **metrics} for i, (kind, metrics) in enumerate(pairs)]
+    def as_records(pairs, start):
+        return [{"round": start + i, "kind": kind, **metrics}
+                for i, (kind, metrics) in enumerate(pairs)]
+
     first, second = as_records(first, 1), as_records(second, cut + 1)
     with tempfile.TemporaryDirectory() as d:
         run_dir = Path(d)

@@ -1,6 +1,5 @@
 """`parallel.sum_clients`: the cohort's sum without stacking, and FedAvg's use of it."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

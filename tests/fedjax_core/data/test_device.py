@@ -17,8 +17,14 @@ from fedjax_core.algorithms.fedsgd import fedsgd
 from fedjax_core.algorithms.mime import mime
 from fedjax_core.algorithms.scaffold import scaffold
 from fedjax_core.data import pack_clients, pack_cohort
-from fedjax_core.data.device import (IndexedBatches, device_examples, feature_names, gather,
-                                     index_clients, index_cohort)
+from fedjax_core.data.device import (
+    IndexedBatches,
+    device_examples,
+    feature_names,
+    gather,
+    index_clients,
+    index_cohort,
+)
 from fedjax_core.data.pack import num_steps, pad_cohort, positions, step_bucket
 from tests.fedjax_core.helpers import tiny_softmax_model, unequal_clients
 

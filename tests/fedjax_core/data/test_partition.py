@@ -134,7 +134,9 @@ def test_dirichlet_small_alpha_skews_labels_large_alpha_does_not():
     labels = np.repeat(np.arange(10), 100)
     skewed = P.dirichlet_label_skew(_dataset(labels), 10, 0.05, seed=0, min_size=1)
     even = P.dirichlet_label_skew(_dataset(labels), 10, 1e4, seed=0)
-    hist = lambda d, k: np.bincount(d.get_client(k)["y"], minlength=10) / d.client_sizes[k]
+    def hist(d, k):
+        return np.bincount(d.get_client(k)["y"], minlength=10) / d.client_sizes[k]
+
     # A client's largest class share: near 1 with alpha=0.05, near 1/10 with alpha=1e4.
     assert np.mean([hist(skewed, k).max() for k in range(10)]) > 0.6
     assert max(hist(even, k).max() for k in range(10)) < 0.13
