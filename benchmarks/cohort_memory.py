@@ -83,8 +83,8 @@ def worker(mode: str, cohort_size: int, args) -> dict:
 
     from fedjax_api.dataset import FederatedDataset
     from fedjax_core import parallel
-    from fedjax_core.algorithms.fedavg import fedavg
     from fedjax_core.algorithms.base import jit_round
+    from fedjax_core.algorithms.fedavg import fedavg
     from fedjax_core.data.device import IndexedBatches
     from fedjax_core.models.linear import mlp
 

@@ -12,11 +12,11 @@ Example:
 
 from fedjax_api import config, tasks
 from fedjax_api.client import Client
-from fedjax_api.loop import Callback
 from fedjax_api.config import ExperimentConfig
 from fedjax_api.dataset import FederatedDataset
 from fedjax_api.errors import ConfigError
 from fedjax_api.experiment import Experiment, RunResult
+from fedjax_api.loop import Callback
 from fedjax_api.server import Server
 
 __all__ = ["Callback", "Client", "ConfigError", "Experiment", "ExperimentConfig",

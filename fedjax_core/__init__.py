@@ -18,8 +18,12 @@ from importlib import metadata as _metadata
 from fedjax_core import evaluate, keys, tree  # modules: fc.evaluate.evaluate(...)
 from fedjax_core.aggregate.attacks import attack
 from fedjax_core.aggregate.base import Aggregator, Stream
-from fedjax_core.aggregate.compression import (drive, rotated_quantization,
-                                               stochastic_quantization, top_k)
+from fedjax_core.aggregate.compression import (
+    drive,
+    rotated_quantization,
+    stochastic_quantization,
+    top_k,
+)
 from fedjax_core.aggregate.mean import mean
 from fedjax_core.aggregate.privacy import adaptive_gaussian, gaussian, tree_ftrl
 from fedjax_core.aggregate.robust import coordinate_median, krum, norm_bounding, trimmed_mean
@@ -39,10 +43,16 @@ from fedjax_core.algorithms.hypcluster import hypcluster
 from fedjax_core.algorithms.mime import mime, mimelite
 from fedjax_core.algorithms.qffl import qffl
 from fedjax_core.algorithms.scaffold import scaffold
-from fedjax_core.client import (ClientContext, ClientReport, TrainStats, first_epoch_mask,
-                                full_batch, steps_loop, train_steps)
-from fedjax_core.data import (Cohort, FederatedData, InMemoryFederatedData, pack_clients,
-                              pack_cohort)
+from fedjax_core.client import (
+    ClientContext,
+    ClientReport,
+    TrainStats,
+    first_epoch_mask,
+    full_batch,
+    steps_loop,
+    train_steps,
+)
+from fedjax_core.data import Cohort, FederatedData, InMemoryFederatedData, pack_clients, pack_cohort
 from fedjax_core.models.base import Model
 from fedjax_core.models.emnist_cnn import emnist_cnn
 from fedjax_core.models.linear import logistic_regression, mlp

@@ -68,8 +68,12 @@ def num_steps(mask: Array) -> Array:
     return jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
 
 
-def steps_loop(step: Callable[[Any, dict, Array, PRNGKey | None], Any], carry: Any, batches,
-               mask: Array, key: PRNGKey | None = None) -> Any:
+StepKeys = PRNGKey | tuple[PRNGKey, ...] | None
+"""A loop's key, several keys (each step gets each folded with its index), or None."""
+
+
+def steps_loop(step: Callable[..., Any], carry: Any, batches, mask: Array,
+               key: StepKeys = None) -> Any:
     """Runs `carry = step(carry, batch_k, mask_k, key_k)` over one client's non-empty steps.
 
     The library's one loop over local steps. Step k reads its batch with
@@ -161,9 +165,11 @@ def train_steps(model: Model, optimizer: optax.GradientTransformation, params: P
 
         value_and_grad = jax.value_and_grad(objective, has_aux=True)
 
-        def gradient(w, b, m, k):
+        def corrected(w, b, m, k):
             (_, value), grads = value_and_grad(w, b, m, k)
             return value, grads if correction is None else correction(grads, w)
+
+        gradient = corrected
 
     def step(carry, batch, m, k):
         w, opt_state, loss_sum, seen, steps = carry
@@ -268,8 +274,9 @@ class ClientContext:
       ...     return ClientReport(tree.sub(c.params, w), stats)
     """
 
-    def __init__(self, *, params, server, state, is_new, key, num_examples, batches, mask,
-                 model: Model, slot=None, round_key=None, first_pass=None):
+    def __init__(self, *, params: Params, server: Any, state: PyTree, is_new: Array,
+                 key: PRNGKey, num_examples: Array, batches, mask: Array, model: Model,
+                 slot: Array, round_key: PRNGKey, first_pass: dict | None = None):
         self.params, self.server, self.state, self.is_new = params, server, state, is_new
         self.key, self.num_examples, self.batches, self.mask = key, num_examples, batches, mask
         self.model, self.slot, self.round_key = model, slot, round_key
@@ -296,7 +303,7 @@ class ClientContext:
                           self.first_epoch if mask is None else mask, key,
                           with_grad=with_grad, train=train)
 
-    def loop(self, step, carry, *, key: PRNGKey | None = None, mask: Array | None = None):
+    def loop(self, step, carry, *, key: StepKeys = None, mask: Array | None = None):
         """`steps_loop(step, carry, ...)` over this client's batches (all its steps unless
         `mask` is given); step k's key is `fold_in(key, k)` (None when `key` is None; a
         tuple of keys gives a tuple)."""

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_core import tree
-from fedjax_core.typing import Array, PyTree
+from fedjax_core.typing import Array, ArrayLike, PyTree
 
 MIN_CAPACITY = 8
 
@@ -78,7 +78,7 @@ def capacity(store: ClientStore) -> int:
     return leaves[0].shape[0] if leaves else 0
 
 
-def assign(index: ClientIndex, client_index: Array) -> tuple[ClientIndex, ClientSlots]:
+def assign(index: ClientIndex, client_index: ArrayLike) -> tuple[ClientIndex, ClientSlots]:
     """Rows of a cohort's clients, new rows for the clients never seen (inside jit).
 
     New clients get the next free rows in cohort-slot order. A negative position is a
@@ -205,7 +205,9 @@ def fit(state: PyTree, client_index) -> PyTree:
         return state
     have = min(capacity(s) for s in stores)
     cohort = int(np.sum(positions >= 0))
-    if have >= find_index(state).row_of.shape[0]:
+    grown = find_index(state)
+    assert grown is not None
+    if have >= grown.row_of.shape[0]:
         return state  # a row for every position there can be
     if have >= int(index.size) + cohort:
         return state

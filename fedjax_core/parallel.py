@@ -34,7 +34,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from fedjax_core.data.device import split_indexed
 from fedjax_core.typing import PyTree
 
-
 CLIENTS = "clients"
 """Name of the mesh axis the cohort's clients are split over."""
 
@@ -126,7 +125,9 @@ class _MeshJit:
     """`jit_replicated` with a mesh: one compiled executable per argument signature."""
 
     def __init__(self, fn: Callable, plan: Plan):
-        self._replicated = replicated(plan)
+        sharding = replicated(plan)
+        assert sharding is not None  # jit_replicated makes one only with a mesh
+        self._replicated = sharding
         self._jit = lambda in_shardings: jax.jit(fn, in_shardings=in_shardings,
                                                  out_shardings=self._replicated)
         self._plan = plan
@@ -155,7 +156,7 @@ class _MeshJit:
 
 
 def _is_key(x) -> bool:
-    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _put(x, sharding: NamedSharding):
@@ -204,8 +205,11 @@ def local_slots(num_clients: int, plan: Plan) -> range:
     if num_clients % num_shards(plan):
         raise ValueError(f"{num_clients} clients do not split evenly over "
                          f"{num_shards(plan)} devices; pad the cohort first")
-    held = cohort_sharding(plan).addressable_devices_indices_map((num_clients,)).values()
-    rows = sorted({i for index in held for i in range(num_clients)[index[0]]})
+    sharding = cohort_sharding(plan)
+    assert sharding is not None  # a mesh was given
+    held = sharding.addressable_devices_indices_map((num_clients,)).values()
+    rows = sorted({i for index in held if index is not None
+                   for i in range(num_clients)[index[0]]})
     if not rows or rows != list(range(rows[0], rows[-1] + 1)):
         raise ValueError("this process's devices do not hold one contiguous share of the "
                          "cohort; build the mesh with client_mesh() over jax.devices()")

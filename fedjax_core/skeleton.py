@@ -156,7 +156,8 @@ def algorithm(client: ClientFn, server: ServerFn = descend, *,
 
         pre = {}
         if first_pass is not None:
-            pre = for_each_client(lambda c: (_real_only(c, first_pass(c)), ()), clients, plan)[0]
+            passing = first_pass
+            pre = for_each_client(lambda c: (_real_only(c, passing(c)), ()), clients, plan)[0]
 
         store = state.store if isinstance(state.store, ClientStore) else None
 

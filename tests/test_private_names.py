@@ -69,7 +69,9 @@ def violations(path: Path) -> list[str]:
                 parts = alias.name.split(".")
                 if parts[0] in PACKAGES and any(is_private(p) for p in parts):
                     flag(node, f"imports {alias.name}")
-        elif isinstance(node, ast.Attribute) and is_private(node.attr) and node.attr not in own or (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+        elif (isinstance(node, ast.Attribute) and is_private(node.attr)
+              and node.attr not in own) or (
+              isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
               and node.func.id in ("getattr", "setattr", "hasattr") and len(node.args) >= 2
               and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
               and is_private(node.args[1].value) and node.args[1].value not in own):

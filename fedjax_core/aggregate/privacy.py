@@ -197,6 +197,7 @@ def gaussian(clip_norm: float = 1.0, noise_multiplier: float = 1.0,
         m_noise = float(noise_cohort_size) if noise_cohort_size is not None else m
         summed = total["sum"]
         if noise_multiplier > 0:
+            assert key is not None  # _need_key refused a missing one
             summed = tree.add(summed, _normal_like(key, summed,
                                                    noise_multiplier * clip_norm * m / m_noise))
         out = jax.tree.map(lambda s: s / m, summed)

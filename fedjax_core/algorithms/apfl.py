@@ -139,7 +139,8 @@ def apfl(client_optimizer: optax.GradientTransformation, server_learning_rate: f
     if adaptive_alpha and alpha_learning_rate is None and not fedjax_compat:
         raise ValueError("apfl: adaptive_alpha needs a step size: give client_learning_rate "
                          "or alpha_learning_rate")
-    if adaptive_alpha and not fedjax_compat and not alpha_learning_rate >= 0:
+    if (adaptive_alpha and not fedjax_compat and alpha_learning_rate is not None
+            and not alpha_learning_rate >= 0):
         raise ValueError(f"apfl: alpha_learning_rate must be non-negative, "
                          f"got {alpha_learning_rate}")
     alpha0 = float(alpha)

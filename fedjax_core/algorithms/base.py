@@ -3,18 +3,19 @@
 import functools
 from typing import Any, Callable, NamedTuple, Protocol
 
-import jax
-
+from fedjax_core import client_state, parallel
 from fedjax_core.data.pack import Cohort
 from fedjax_core.models.base import Model
-from fedjax_core import client_state, parallel
 from fedjax_core.parallel import Plan
-from fedjax_core.typing import Metrics, Params, PRNGKey, State
+from fedjax_core.typing import Params, PRNGKey, State
 
 
 class ApplyFn(Protocol):
+    """`apply(state, cohort, key, *, model, plan, per_client=False) -> (state, metrics)`, or
+    `(state, metrics, per_client)` when asked for per-client outputs."""
+
     def __call__(self, state: State, cohort: Cohort, key: PRNGKey, *, model: Model,
-                 plan: Plan = Plan()) -> tuple[State, Metrics]: ...
+                 plan: Plan = Plan(), per_client: bool = False) -> tuple[Any, ...]: ...
 
 
 class FederatedAlgorithm(NamedTuple):

@@ -20,13 +20,19 @@ import optax
 from fedjax_core import tree
 from fedjax_core.aggregate.base import Aggregator
 from fedjax_core.algorithms.base import FederatedAlgorithm
-from fedjax_core.client import ClientContext, ClientReport
+from fedjax_core.client import ClientContext, ClientReport, Regularizer
 from fedjax_core.skeleton import RoundResult, algorithm
 from fedjax_core.typing import Array, Params
 
 ProximalTerm = Callable[[Params, Params], Array]
 """`R(w, w_t) -> scalar` added to every local step's loss, with the round's global model
 w_t as context (FedProx's `mu/2 ||w - w_t||^2`)."""
+
+
+def anchored(term: ProximalTerm, anchor: Params) -> Regularizer:
+    """The one-argument regularizer `w -> term(w, anchor)` of a client's local steps (e.g.
+    FedProx's `mu/2 ||w - w_t||^2` with `anchor = w_t`)."""
+    return lambda w: term(w, anchor)
 
 
 def fedavg(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
@@ -64,7 +70,7 @@ def fedavg(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
       Optimization" (ICLR).
     """
     def client(c: ClientContext) -> ClientReport:
-        proximal = None if regularizer is None else (lambda w: regularizer(w, c.params))
+        proximal = None if regularizer is None else anchored(regularizer, c.params)
         w, stats = c.train(c.params, client_optimizer, regularizer=proximal)
         return ClientReport(tree.sub(c.params, w), stats)
 

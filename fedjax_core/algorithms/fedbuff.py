@@ -119,11 +119,11 @@ def slot_staleness(round_key: PRNGKey, slot, max_staleness: int = 4, delay: str 
 
 def client_staleness(round_key: PRNGKey, num_clients: int, max_staleness: int = 4,
                      delay: str = "uniform", delay_scale: float | None = None
-                     ) -> Int[Array, "clients"]:
+                     ) -> Int[Array, " clients"]:
     """`slot_staleness` of every slot of a cohort of `num_clients`.
 
     Returns:
-      `Int[Array, "clients"]`, values in `[0, max_staleness]`.
+      `Int[Array, " clients"]`, values in `[0, max_staleness]`.
 
     Example:
       >>> client_staleness(jax.random.key(0), 5, max_staleness=4)

@@ -45,6 +45,7 @@ import optax
 from fedjax_core import tree
 from fedjax_core.aggregate.base import Aggregator
 from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
+from fedjax_core.algorithms.fedavg import anchored
 from fedjax_core.algorithms.fedprox import proximal_term
 from fedjax_core.client import ClientContext, ClientReport
 from fedjax_core.skeleton import RoundResult, algorithm
@@ -155,7 +156,7 @@ def fednova(client_learning_rate: float, server_learning_rate: float = 1.0,
                                  momentum=server_momentum if server_momentum else None)
 
     def client(c: ClientContext) -> ClientReport:
-        regularizer = None if proximal is None else (lambda w: proximal(w, c.params))
+        regularizer = None if proximal is None else anchored(proximal, c.params)
         w, stats = c.train(c.params, client_optimizer, regularizer=regularizer)
         norm = a_norm(stats.steps, momentum, eta_mu)              # ||a_i||_1, tau_i = steps
         d = tree.scale(tree.sub(c.params, w), 1.0 / jnp.where(norm > 0, norm, 1.0))
@@ -182,7 +183,7 @@ def _matches_sgd(optimizer: optax.GradientTransformation, learning_rate: float,
     got = []
     for g in (2.0, 0.0, 0.0):
         u, state = optimizer.update(jnp.float32(g), state, w)
-        got.append(float(u))
+        got.append(float(jnp.asarray(u)))
     want = [-2.0 * learning_rate * momentum ** k for k in range(3)]
     return np.allclose(got, want, rtol=1e-5, atol=1e-12 + 1e-6 * abs(learning_rate))
 

@@ -25,16 +25,16 @@ import optax
 
 from fedjax_core.aggregate.base import Aggregator
 from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
-from fedjax_core.algorithms.fedavg import fedavg
+from fedjax_core.algorithms.fedavg import ProximalTerm, fedavg
 
 
-def proximal_term(proximal_weight: float):
+def proximal_term(proximal_weight: float) -> ProximalTerm:
     """`R(w, w_t) = proximal_weight / 2 * ||w - w_t||^2`, a `fedavg.ProximalTerm`."""
 
     def regularizer(w, w_global):
         # A sum of squares, not l2_norm(...)**2: sqrt has no gradient at w = w_t.
         sq = jax.tree.leaves(jax.tree.map(lambda a, b: jnp.sum(jnp.square(a - b)), w, w_global))
-        return 0.5 * proximal_weight * sum(sq)
+        return jnp.asarray(0.5 * proximal_weight * sum(sq))
 
     return regularizer
 

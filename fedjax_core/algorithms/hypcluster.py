@@ -88,7 +88,7 @@ class HypClusterServer(NamedTuple):
     initialized: Array          # Bool[Array, ""]: False until the k-means++ round has run
 
 
-def kmeans_first_center(round_key: PRNGKey, num_examples: Int[Array, "clients"]) -> Int[Array, ""]:
+def kmeans_first_center(round_key: PRNGKey, num_examples: Int[Array, " clients"]) -> Int[Array, ""]:
     """The cohort slot of the first k-means++ center: uniform among clients with examples.
 
     Slot s draws `u_s ~ U(0, 1)` from `client_key(fold_in(round_key, keys.KMEANS), s)` and
@@ -289,7 +289,7 @@ def hypcluster(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
                 report = client(ctx)
                 return _summed(ctx, report), {"delta": report.delta, "weight": ctx.num_examples,
                                               "per_client": outputs(ctx, report),
-                                              **report.per_client}
+                                              **(report.per_client or {})}
 
             total, out = for_each_client(one, clients, plan)
             assign, weight = out["cluster"], out["weight"]
@@ -420,7 +420,7 @@ def cluster_assignment(model: Model, state: RoundState, data,
       batch_size: examples per forward pass.
 
     Returns:
-      `Int[ndarray, "clients"]` in `data.client_ids` order.
+      `Int[ndarray, " clients"]` in `data.client_ids` order.
     """
     num_clients = len(data.client_ids)
     if num_clients == 0 or int(np.sum(data.client_sizes)) == 0:

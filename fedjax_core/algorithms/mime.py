@@ -40,16 +40,17 @@ from fedjax_core.skeleton import RoundResult, algorithm
 
 
 def frozen(base_optimizer: optax.GradientTransformation,
-           state: optax.OptState) -> optax.GradientTransformation:
-    """`base_optimizer` with its state frozen at `state` (the server's): each step's update
-    is `U(g, state, y)`, and its own new state is dropped.
+           server_state: optax.OptState) -> optax.GradientTransformation:
+    """`base_optimizer` with its state frozen at `server_state` (the server's): each step's
+    update is `U(g, server_state, y)`, and its own new state is dropped.
 
     Example:
       >>> y, stats = ctx.train(ctx.params, frozen(optax.adam(1e-3), ctx.server))
     """
     return optax.GradientTransformation(
         lambda params: optax.EmptyState(),
-        lambda g, s, params=None: (base_optimizer.update(g, state, params)[0], s))
+        lambda updates, state, params=None: (
+            base_optimizer.update(updates, server_state, params)[0], state))
 
 
 def _full_gradient(ctx: ClientContext) -> dict:

@@ -5,8 +5,8 @@ factories whose names match their modules (`emnist_cnn`, `shakespeare_lstm`,
 `stackoverflow_lstm`) are reached flat from `fedjax_core` or from their modules.
 """
 
-from fedjax_core.models.adapters import from_equinox, from_flax
 from fedjax_core.models import metrics, nn
+from fedjax_core.models.adapters import from_equinox, from_flax
 from fedjax_core.models.base import Model, masked_mean_loss
 from fedjax_core.models.linear import logistic_regression, mlp
 from fedjax_core.models.resnet import cifar100_logistic, resnet18

@@ -6,10 +6,12 @@ and says which extra to install when it is missing (`pip install 'fedjax-sim[fla
 are a pytree of arrays that every algorithm, aggregator and optimizer handles like the
 params of the models written in plain JAX.
 
-| adapter | params | `apply(params, batch, key, train)` runs |
-| --- | --- | --- |
-| `from_flax(module, example_batch, loss)` | `variables["params"]` of a `flax.linen.Module` | `module.apply({"params": params}, batch["x"], train=train, rngs={"dropout": key})` |
-| `from_equinox(make_module, loss)` | the floating-point array leaves of `make_module(key)` (`eqx.partition`) | `eqx.combine(params, static)` in inference mode unless `train`, `vmap`ped over the examples with one dropout key each |
+- `from_flax(module, example_batch, loss)`: params are `variables["params"]` of a
+  `flax.linen.Module`; `apply(params, batch, key, train)` runs
+  `module.apply({"params": params}, batch["x"], train=train, rngs={"dropout": key})`.
+- `from_equinox(make_module, loss)`: params are the floating-point array leaves of
+  `make_module(key)` (`eqx.partition`); `apply` runs `eqx.combine(params, static)` in
+  inference mode unless `train`, `vmap`ped over the examples with one dropout key each.
 
 Example:
   >>> import flax.linen as nn
@@ -131,15 +133,12 @@ def from_flax(module: Any, example_batch: Batch, loss: LossFn,
                         f"{type(module).__name__}; for flax.nnx, wrap the module with "
                         "flax.nnx.bridge.to_linen or write init/apply with nnx.split/merge")
     call_params = _call_parameters(module.__call__)
-    if "train" in call_params:
-        def mode(train):
+    def mode(train) -> dict:
+        if "train" in call_params:
             return {"train": train}
-    elif "deterministic" in call_params:
-        def mode(train):
+        if "deterministic" in call_params:
             return {"deterministic": not train}
-    else:
-        def mode(train):
-            return {}
+        return {}
     example = _inputs(example_batch, inputs, "from_flax")
     spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype),
                         example)

@@ -5,8 +5,8 @@ module holds their rewrites, with the same values:
 
 | kernel | replaces | why (measured in docs/performance.md) |
 | --- | --- | --- |
-| `matmul(x, w)` | `jnp.dot(x, w)` | autodiff's weight gradient `X^T dY` contracts the leading axis: Eigen, half YNNPACK's speed |
-| `bernoulli(key, p, shape)` | `jax.random.bernoulli` | JAX's Threefry is a rolled loop on CPU; written out, it fuses (same bits) |
+| `matmul(x, w)` | `jnp.dot(x, w)` | autodiff's `X^T dY` goes to Eigen: half YNNPACK's speed |
+| `bernoulli(key, p, shape)` | `jax.random.bernoulli` | Threefry is a rolled loop on CPU; unrolled, it fuses |
 
 The layers in `nn` never pick these by themselves: a model chooses them when it is built,
 through an `nn.Kernels` record (`nn.Kernels.cpu()`, or `kernels="auto"` on a CPU backend).
@@ -140,13 +140,14 @@ def bernoulli(key: PRNGKey, p: float, shape: tuple[int, ...]) -> Bool[Array, "..
 
 def _threefry_key_data(key) -> Array | None:
     """The `uint32[2]` data of a Threefry key whose bits `bernoulli` can reproduce, else None."""
-    if jax.config.jax_enable_x64 or not jax.config.jax_threefry_partitionable:
+    config = jax.config.values
+    if config["jax_enable_x64"] or not config["jax_threefry_partitionable"]:
         return None
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if str(jax.random.key_impl(key)) != "threefry2x32" or key.shape != ():
             return None
         return jax.random.key_data(key)
-    if jax.config.jax_default_prng_impl != "threefry2x32" or key.shape != (2,):
+    if config["jax_default_prng_impl"] != "threefry2x32" or key.shape != (2,):
         return None
     return jnp.asarray(key, jnp.uint32)
 
@@ -187,7 +188,7 @@ def threefry2x32(k1: ArrayLike, k2: ArrayLike, x1: ArrayLike,
             x2 = x1 ^ ((x2 << jnp.uint32(r)) | (x2 >> jnp.uint32(32 - r)))
         x1 = x1 + ks[(i + 1) % 3]
         x2 = x2 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
-    return x1, x2
+    return jnp.asarray(x1), jnp.asarray(x2)
 
 
 __all__ = ["bernoulli", "matmul", "threefry2x32"]

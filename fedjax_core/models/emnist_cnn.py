@@ -55,7 +55,7 @@ def emnist_cnn(num_classes: int = 62, conv_impl: nn.ConvImpl = "auto",
               train: bool = False) -> Array:
         if train and key is None:
             raise ValueError("emnist_cnn: train=True needs a dropout key")
-        k1, k2 = jax.random.split(key) if train else (None, None)
+        k1, k2 = jax.random.split(key) if train and key is not None else (None, None)
         x = batch["x"]
         x = jax.nn.relu(nn.conv2d(params["conv_0"], x, impl=conv_impl, train=train, kernels=k))
         x = jax.nn.relu(nn.conv2d(params["conv_1"], x, impl=conv_impl, train=train, kernels=k))

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 
 from fedjax_core.typing import Array, ArrayLike, Bool, Float, Int
 
-
 # ---------------------------------------------------------------- classification
 
 
@@ -89,7 +88,7 @@ def token_mask(targets: Int[ArrayLike, "B T"],
     return mask
 
 
-def make_logits_mask(num_classes: int, excluded_classes: Sequence[int]) -> Float[Array, "C"]:
+def make_logits_mask(num_classes: int, excluded_classes: Sequence[int]) -> Float[Array, " C"]:
     """An additive logits mask: 0 for allowed classes, -inf for excluded ones.
 
     `mask[c] = -inf if c in excluded_classes else 0`.
@@ -99,7 +98,7 @@ def make_logits_mask(num_classes: int, excluded_classes: Sequence[int]) -> Float
       excluded_classes: class ids that may never be predicted.
 
     Returns:
-      `Float[Array, "C"]`, to add to logits before `argmax`.
+      `Float[Array, " C"]`, to add to logits before `argmax`.
 
     Example:
       >>> make_logits_mask(3, [0])
@@ -132,7 +131,7 @@ def sequence_token_cross_entropy(logits: Float[ArrayLike, "B T C"],
 
 
 def sequence_token_count(targets: Int[ArrayLike, "B T"],
-                         masked_target_values: Sequence[int] = (0,)) -> Float[Array, "B"]:
+                         masked_target_values: Sequence[int] = (0,)) -> Float[Array, " B"]:
     """Number of counted (non-masked) target tokens per sequence.
 
     `n[b] = sum_t [targets[b, t] not in masked_target_values]`.
@@ -142,7 +141,7 @@ def sequence_token_count(targets: Int[ArrayLike, "B T"],
       masked_target_values: token ids not counted.
 
     Returns:
-      `Float[Array, "B"]`.
+      `Float[Array, " B"]`.
 
     Example:
       >>> sequence_token_count(jnp.array([[5, 2, 0]]), (0,))
@@ -153,7 +152,7 @@ def sequence_token_count(targets: Int[ArrayLike, "B T"],
 
 def sequence_cross_entropy(logits: Float[ArrayLike, "B T C"],
                            targets: Int[ArrayLike, "B T"],
-                           masked_target_values: Sequence[int] = (0,)) -> Float[Array, "B"]:
+                           masked_target_values: Sequence[int] = (0,)) -> Float[Array, " B"]:
     """Token cross-entropy summed over the counted tokens of each sequence.
 
     `s[b] = sum_t m[b, t] * ce[b, t]`, `m = token_mask(targets, masked_target_values)`.
@@ -165,7 +164,7 @@ def sequence_cross_entropy(logits: Float[ArrayLike, "B T C"],
       masked_target_values: token ids whose loss is left out (e.g. PAD).
 
     Returns:
-      `Float[Array, "B"]`.
+      `Float[Array, " B"]`.
 
     Example:
       >>> sequence_cross_entropy(jnp.zeros((1, 3, 4)), jnp.array([[1, 3, 0]]))  # 2 log 4
@@ -178,8 +177,8 @@ def sequence_cross_entropy(logits: Float[ArrayLike, "B T C"],
 def sequence_token_correct(logits: Float[ArrayLike, "B T C"],
                            targets: Int[ArrayLike, "B T"],
                            masked_target_values: Sequence[int] = (0,),
-                           logits_mask: Float[ArrayLike, "C"] | None = None
-                           ) -> Float[Array, "B"]:
+                           logits_mask: Float[ArrayLike, " C"] | None = None
+                           ) -> Float[Array, " B"]:
     """Number of correctly predicted counted tokens per sequence.
 
     `k[b] = sum_t m[b, t] * [argmax(logits[b, t] + logits_mask) == targets[b, t]]`,
@@ -190,11 +189,11 @@ def sequence_token_correct(logits: Float[ArrayLike, "B T C"],
       logits: `Float[Array, "B T C"]`.
       targets: `Int[Array, "B T"]`.
       masked_target_values: token ids not counted (e.g. PAD, EOS).
-      logits_mask: optional additive `Float[Array, "C"]`, -inf for classes that may
+      logits_mask: optional additive `Float[Array, " C"]`, -inf for classes that may
         not be predicted (see `make_logits_mask`).
 
     Returns:
-      `Float[Array, "B"]`.
+      `Float[Array, " B"]`.
 
     Example:
       >>> logits = jnp.array([[[0., 1., 2.], [2., 1., 0.]]])
@@ -212,8 +211,8 @@ def sequence_token_correct(logits: Float[ArrayLike, "B T C"],
 def sequence_token_accuracy(logits: Float[ArrayLike, "B T C"],
                             targets: Int[ArrayLike, "B T"],
                             masked_target_values: Sequence[int] = (0,),
-                            logits_mask: Float[ArrayLike, "C"] | None = None
-                            ) -> tuple[Float[Array, "B"], Float[Array, "B"]]:
+                            logits_mask: Float[ArrayLike, " C"] | None = None
+                            ) -> tuple[Float[Array, " B"], Float[Array, " B"]]:
     """Token accuracy as a `(correct, counted)` pair per sequence.
 
     `(sequence_token_correct(...), sequence_token_count(targets, masked_target_values))`.
@@ -222,10 +221,10 @@ def sequence_token_accuracy(logits: Float[ArrayLike, "B T C"],
       logits: `Float[Array, "B T C"]`.
       targets: `Int[Array, "B T"]`.
       masked_target_values: token ids not counted (e.g. PAD, EOS).
-      logits_mask: optional additive `Float[Array, "C"]` (see `make_logits_mask`).
+      logits_mask: optional additive `Float[Array, " C"]` (see `make_logits_mask`).
 
     Returns:
-      `(numerator, denominator)`, each `Float[Array, "B"]`.
+      `(numerator, denominator)`, each `Float[Array, " B"]`.
 
     Example:
       >>> logits = jnp.eye(3)[jnp.array([[1, 2]])]
@@ -237,7 +236,7 @@ def sequence_token_accuracy(logits: Float[ArrayLike, "B T C"],
 
 
 def sequence_oov_count(targets: Int[ArrayLike, "B T"], oov_target_values: Sequence[int],
-                       masked_target_values: Sequence[int] = (0,)) -> Float[Array, "B"]:
+                       masked_target_values: Sequence[int] = (0,)) -> Float[Array, " B"]:
     """Number of counted target tokens that are out-of-vocabulary, per sequence.
 
     `o[b] = sum_t m[b, t] * [targets[b, t] in oov_target_values]`. Pair it with
@@ -249,7 +248,7 @@ def sequence_oov_count(targets: Int[ArrayLike, "B T"], oov_target_values: Sequen
       masked_target_values: token ids not counted (e.g. PAD).
 
     Returns:
-      `Float[Array, "B"]`.
+      `Float[Array, " B"]`.
 
     Example:
       >>> sequence_oov_count(jnp.array([[89, 5, 0]]), (89,), (0,))
@@ -261,7 +260,7 @@ def sequence_oov_count(targets: Int[ArrayLike, "B T"], oov_target_values: Sequen
 
 
 def sequence_nonempty(targets: Int[ArrayLike, "B T"],
-                      masked_target_values: Sequence[int] = (0,)) -> Float[Array, "B"]:
+                      masked_target_values: Sequence[int] = (0,)) -> Float[Array, " B"]:
     """1.0 for a sequence with at least one counted target token, else 0.0.
 
     `e[b] = [any_t targets[b, t] not in masked_target_values]`: the per-sequence weight of
@@ -272,7 +271,7 @@ def sequence_nonempty(targets: Int[ArrayLike, "B T"],
       masked_target_values: token ids not counted (e.g. PAD).
 
     Returns:
-      `Float[Array, "B"]` of 0.0 and 1.0.
+      `Float[Array, " B"]` of 0.0 and 1.0.
 
     Example:
       >>> sequence_nonempty(jnp.array([[5, 0], [0, 0]]))
@@ -283,7 +282,7 @@ def sequence_nonempty(targets: Int[ArrayLike, "B T"],
 
 def sequence_length(targets: Int[ArrayLike, "B T"],
                     masked_target_values: Sequence[int] = (0,)
-                    ) -> tuple[Float[Array, "B"], Float[Array, "B"]]:
+                    ) -> tuple[Float[Array, " B"], Float[Array, " B"]]:
     """Mean counted length of the non-empty sequences, as a pair (FedJAX's `SequenceLength`).
 
     `(n[b], e[b])`, `n = sequence_token_count(targets, masked_target_values)`,
@@ -294,7 +293,7 @@ def sequence_length(targets: Int[ArrayLike, "B T"],
       masked_target_values: token ids not counted (e.g. PAD).
 
     Returns:
-      `(numerator, denominator)`, each `Float[Array, "B"]`.
+      `(numerator, denominator)`, each `Float[Array, " B"]`.
 
     Example:
       >>> sequence_length(jnp.array([[1, 2, 3, 4, 0, 0]]))
@@ -306,7 +305,7 @@ def sequence_length(targets: Int[ArrayLike, "B T"],
 
 def sequence_truncation_rate(targets: Int[ArrayLike, "B T"], eos_target_value: int,
                              masked_target_values: Sequence[int] = (0,)
-                             ) -> tuple[Float[Array, "B"], Float[Array, "B"]]:
+                             ) -> tuple[Float[Array, " B"], Float[Array, " B"]]:
     """Share of non-empty sequences whose targets hold no EOS (FedJAX's `SequenceTruncationRate`).
 
     `(e[b] * [all_t targets[b, t] != eos], e[b])`,
@@ -319,7 +318,7 @@ def sequence_truncation_rate(targets: Int[ArrayLike, "B T"], eos_target_value: i
       masked_target_values: token ids not counted (e.g. PAD).
 
     Returns:
-      `(numerator, denominator)`, each `Float[Array, "B"]`.
+      `(numerator, denominator)`, each `Float[Array, " B"]`.
 
     Example:
       >>> sequence_truncation_rate(jnp.array([[5, 6, 2, 0], [5, 6, 7, 8], [0, 0, 0, 0]]), 2)
@@ -367,8 +366,8 @@ def top_k_accuracy(logits: Float[ArrayLike, "*B C"], labels: Int[ArrayLike, "*B"
 def sequence_token_top_k_correct(logits: Float[ArrayLike, "B T C"],
                                  targets: Int[ArrayLike, "B T"], k: int,
                                  masked_target_values: Sequence[int] = (0,),
-                                 logits_mask: Float[ArrayLike, "C"] | None = None
-                                 ) -> Float[Array, "B"]:
+                                 logits_mask: Float[ArrayLike, " C"] | None = None
+                                 ) -> Float[Array, " B"]:
     """Number of counted tokens whose target is among the top `k` logits, per sequence.
 
     `k[b] = sum_t m[b, t] * [targets[b, t] in top_k(logits[b, t] + logits_mask)]`, ties
@@ -380,10 +379,10 @@ def sequence_token_top_k_correct(logits: Float[ArrayLike, "B T C"],
       targets: `Int[Array, "B T"]`.
       k: a Python int.
       masked_target_values: token ids not counted (e.g. PAD, EOS).
-      logits_mask: optional additive `Float[Array, "C"]` (see `make_logits_mask`).
+      logits_mask: optional additive `Float[Array, " C"]` (see `make_logits_mask`).
 
     Returns:
-      `Float[Array, "B"]`.
+      `Float[Array, " B"]`.
 
     Example:
       >>> logits = jnp.array([[[0., 1., .5, 0.], [1., .5, 0., 0.], [.8, 0., .7, 0.]]])

@@ -19,7 +19,7 @@ fused Threefry dropout mask: same values, no `jax.jvp` / `jax.jacfwd`); `"auto"`
 for the measurements.
 """
 
-from typing import Callable, Literal, NamedTuple, Sequence, Union
+from typing import Callable, Literal, NamedTuple, Sequence, Union, cast
 
 import jax
 import jax.numpy as jnp
@@ -655,7 +655,7 @@ def lstm_unroll(params: dict[str, Array], xs: Float[ArrayLike, "B T I"],
         hs, h, c = _lstm_recurrence(x_proj, w_h, h0, c0)
     else:
         (h, c), hs = _lstm_scan(x_proj, w_h, h0, c0)
-    return jnp.swapaxes(hs, 0, 1), LSTMState(hidden=h, cell=c)
+    return jnp.swapaxes(cast(Array, hs), 0, 1), LSTMState(hidden=h, cell=c)
 
 
 __all__ = [

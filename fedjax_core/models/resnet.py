@@ -138,6 +138,7 @@ def max_pool_same(x: Float[ArrayLike, "B H W C"], window: int = 3,
                           (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
                           (1, stride, stride, 1))
             out = s if out is None else jnp.maximum(out, s)
+    assert out is not None  # window >= 1
     return out
 
 

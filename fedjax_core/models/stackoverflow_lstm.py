@@ -1,5 +1,7 @@
 """FedJAX's Stack Overflow next-word LSTM (4,050,748 parameters)."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -77,7 +79,7 @@ def stackoverflow_lstm(vocab_size: int = 10_000, embed_size: int = 96, hidden_si
 
     def init(key: PRNGKey) -> Params:
         keys = jax.random.split(key, 2 * num_layers + 2)
-        params = {"embed": nn.embedding_init(keys[0], full_vocab, embed_size)}
+        params: dict[str, Any] = {"embed": nn.embedding_init(keys[0], full_vocab, embed_size)}
         for i in range(num_layers):
             params[f"lstm_{i}"] = nn.lstm_init(keys[1 + 2 * i], embed_size, hidden_size)
             params[f"proj_{i}"] = nn.dense_init(keys[2 + 2 * i], hidden_size, embed_size)

@@ -8,8 +8,7 @@ from typer.testing import CliRunner
 
 from cli import report
 from cli.main import app as main_app
-from tests.fedjax_api.test_report import (CONFIG, PNG, RECORDS, make_run, seeded_runs,
-                                          two_runs)
+from tests.fedjax_api.test_report import CONFIG, PNG, RECORDS, make_run, seeded_runs, two_runs
 from tests.fedjax_api.tiny_task import NAME
 
 runner = CliRunner()

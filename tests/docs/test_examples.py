@@ -169,8 +169,8 @@ def test_custom_algorithm_tutorial_is_short_and_correct(capsys):
     import optax
 
     from fedjax_api import tasks
-    from fedjax_core.algorithms.fedavg import fedavg
     from fedjax_core.algorithms.base import jit_round
+    from fedjax_core.algorithms.fedavg import fedavg
     ns = run_example("custom_algorithm.py", main=False)
     task = tasks.get(tiny_task.NAME)
     params = task.model.init(jax.random.key(0))
@@ -190,6 +190,7 @@ def test_own_scaffold_equals_the_built_in_scaffold(capsys):
     rounds where clients come back (their control variates read from the store)."""
     import jax
     import optax
+
     from fedjax_core.algorithms.base import jit_round
     from fedjax_core.algorithms.scaffold import scaffold
     run_example("own_scaffold.py")

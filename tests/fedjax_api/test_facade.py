@@ -8,8 +8,8 @@ import pytest
 
 from fedjax_api import Client, ConfigError, Experiment, Server, config, tasks
 from fedjax_api.rundir import read_metrics
-from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.base import jit_round
+from fedjax_core.algorithms.fedavg import fedavg
 from tests.fedjax_api.tiny_task import NAME
 
 

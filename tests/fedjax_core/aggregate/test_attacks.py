@@ -6,15 +6,14 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_core import client_state
 from fedjax_core.aggregate import attacks, registry, robust
 from fedjax_core.aggregate.attacks import attack, num_attackers_for
 from fedjax_core.aggregate.base import Aggregator
 from fedjax_core.aggregate.mean import mean
-from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.base import jit_round
-from fedjax_core.keys import AGGREGATOR as AGGREGATOR_KEY
+from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.data import pack_cohort
+from fedjax_core.keys import AGGREGATOR as AGGREGATOR_KEY
 from tests.fedjax_core.aggregate.test_robust import reference_deltas
 from tests.fedjax_core.helpers import Rows, tiny_softmax_model, unequal_clients
 

@@ -8,12 +8,11 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from fedjax_core import client_state as cs
 from fedjax_core import parallel
 from fedjax_core.aggregate import compression as c
 from fedjax_core.aggregate.base import Aggregator, AggregatorEntry
-from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.base import jit_round
+from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.data import pack_cohort
 from tests.fedjax_core.helpers import Rows, tiny_softmax_model, unequal_clients
 

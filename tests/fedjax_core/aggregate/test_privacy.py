@@ -21,10 +21,10 @@ from fedjax_core.aggregate.privacy import (
     tree_noise,
     zcdp_to_dp,
 )
-from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.base import jit_round
-from fedjax_core.keys import AGGREGATOR as AGGREGATOR_KEY
+from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.data import pack_cohort
+from fedjax_core.keys import AGGREGATOR as AGGREGATOR_KEY
 from tests.fedjax_core.helpers import (
     plain_local_train,
     tiny_softmax_model,

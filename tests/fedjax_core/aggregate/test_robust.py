@@ -16,8 +16,8 @@ from fedjax_core.aggregate.robust import (
     norm_bounding,
     trimmed_mean,
 )
-from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.base import jit_round
+from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.data import pack_cohort
 from tests.fedjax_core.helpers import (
     plain_local_train,

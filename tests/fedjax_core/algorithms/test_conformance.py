@@ -13,8 +13,8 @@ import pytest
 from fedjax_core import client_state, parallel
 from fedjax_core.aggregate import registry as aggregators
 from fedjax_core.algorithms import registry
-from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.base import jit_round
+from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.data import pack_cohort
 from tests.fedjax_api.tiny_task import with_domains
 from tests.fedjax_core.helpers import tiny_softmax_model, unequal_clients

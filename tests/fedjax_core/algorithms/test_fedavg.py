@@ -6,10 +6,9 @@ import optax
 import pytest
 
 from fedjax_core import parallel
-from fedjax_core.algorithms.fedopt import fedadam
-from fedjax_core.algorithms.fedavg import fedavg
-from fedjax_core.algorithms.fedopt import fedavgm
 from fedjax_core.algorithms.base import jit_round
+from fedjax_core.algorithms.fedavg import fedavg
+from fedjax_core.algorithms.fedopt import fedadam, fedavgm
 from fedjax_core.data import pack_cohort
 from tests.fedjax_core.helpers import (
     plain_local_train,

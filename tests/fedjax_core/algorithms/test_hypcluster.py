@@ -8,8 +8,8 @@ import pytest
 
 from fedjax_core import evaluate as evaluate_mod
 from fedjax_core import parallel
-from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.base import EvalClients, jit_round
+from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.hypcluster import (
     ENTRY,
     first_epoch_loss,

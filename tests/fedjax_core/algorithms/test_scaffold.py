@@ -9,8 +9,8 @@ import pytest
 from fedjax_core import client_state, parallel, tree
 from fedjax_core.algorithms.base import jit_round
 from fedjax_core.algorithms.scaffold import ENTRY, scaffold
-from fedjax_core.skeleton import RoundState
 from fedjax_core.data import pack_clients, pack_cohort
+from fedjax_core.skeleton import RoundState
 from tests.fedjax_core.helpers import tiny_softmax_model, unequal_clients
 
 close = lambda a, b, tol=1e-5: jax.tree.map(  # noqa: E731

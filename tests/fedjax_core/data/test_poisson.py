@@ -6,9 +6,9 @@ import optax
 import pytest
 
 from fedjax_core import client_state
+from fedjax_core.algorithms.base import jit_round
 from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.scaffold import scaffold
-from fedjax_core.algorithms.base import jit_round
 from fedjax_core.data import pack_cohort
 from fedjax_core.data.pack import pad_cohort
 from fedjax_core.data.sampling import poisson

@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.base import jit_round
+from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.data import pack_cohort
 from fedjax_core.models.adapters import from_equinox, from_flax
 from fedjax_core.models.linear import classification_loss, classification_metrics

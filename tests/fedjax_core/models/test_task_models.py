@@ -9,8 +9,7 @@ import pytest
 
 from fedjax_core.models import Model, logistic_regression, mlp
 from fedjax_core.models.emnist_cnn import emnist_cnn
-from fedjax_core.models.shakespeare_lstm import shakespeare_lstm
-from fedjax_core.models.shakespeare_lstm import BOS, EOS, OOV, PAD
+from fedjax_core.models.shakespeare_lstm import BOS, EOS, OOV, PAD, shakespeare_lstm
 
 
 def _count(model):
