@@ -82,10 +82,11 @@ class Experiment:
       config: the resolved config saved in the run dir (`ExperimentConfig.to_dict()`).
       privacy: a private run's `fedjax_api.privacy.PrivacySetup`.
       personalize_lr: the fine-tuning learning rate (`from_config`: the client's).
-      rounds, clients_per_round, seed, eval_every, eval_train_clients, devices,
-        personalize_steps, sampling, checkpoint_every, keep_checkpoints,
-        skip_nonfinite_clients, tensorboard, time_limit: the options of those names
-        (`ExperimentConfig`, docs/cli.md).
+
+    The other attributes (`rounds`, `clients_per_round`, `seed`, `eval_every`,
+    `eval_train_clients`, `devices`, `personalize_steps`, `sampling`, `checkpoint_every`,
+    `keep_checkpoints`, `skip_nonfinite_clients`, `tensorboard`, `time_limit`) are the run
+    options of those names (`ExperimentConfig`, docs/cli.md).
 
     Example:
       >>> exp = Experiment.from_config(config.resolve("shakespeare-plays", rounds=20))
