@@ -22,6 +22,10 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used, as jax is
+    from fedjax_core.data.pack import Cohort
 
 RESULTS = Path(__file__).parent / "results"
 FACTS = {"num_domains": 2, "client_learning_rate": 0.1}
@@ -42,20 +46,25 @@ def model_and_batch(name: str):
                                                "domain_id": ((), np.int32)}
 
 
-def abstract_cohort(features: dict, clients: int):
+def abstract_cohort(features: dict, clients: int) -> "Cohort":
+    """A cohort of `clients` clients of STEPS steps at batch BATCH as shapes only
+    (`jax.ShapeDtypeStruct` leaves: nothing is allocated), but for its `client_index`."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from fedjax_core.data.pack import Cohort
 
-    def spec(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype)
+    def zeros() -> Cohort:  # run abstractly by `jax.eval_shape`
+        return Cohort(
+            batches={k: jnp.zeros((clients, STEPS, BATCH) + s, d)
+                     for k, (s, d) in features.items()},
+            mask=jnp.zeros((clients, STEPS, BATCH), np.bool_),
+            num_examples=jnp.zeros((clients,), np.int32),
+            client_index=jnp.zeros((clients,), np.int32))
 
-    return Cohort(
-        batches={k: spec((clients, STEPS, BATCH) + s, d) for k, (s, d) in features.items()},
-        mask=spec((clients, STEPS, BATCH), np.bool_),
-        num_examples=spec((clients,), np.int32),
-        client_index=np.arange(clients, dtype=np.int32))
+    shapes: Cohort = jax.eval_shape(zeros)
+    return shapes._replace(client_index=np.arange(clients, dtype=np.int32))
 
 
 def temp_bytes(name: str, model_name: str, clients: int) -> dict:
@@ -82,6 +91,8 @@ def temp_bytes(name: str, model_name: str, clients: int) -> dict:
     compiled = round_fn.lower(state, cohort, jax.random.key(1)).compile()
     seconds = time.perf_counter() - t
     memory = compiled.memory_analysis()
+    if memory is None:
+        raise RuntimeError(f"{jax.default_backend()} reports no memory analysis")
     stores = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(
         x, client_state.ClientStore)) if isinstance(x, client_state.ClientStore)]
     store_bytes = sum(leaf.size * leaf.dtype.itemsize for s in stores
@@ -99,7 +110,7 @@ def temp_bytes(name: str, model_name: str, clients: int) -> dict:
 def main(argv=None) -> None:
     from fedjax_core.algorithms import registry
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
     parser.add_argument("--cohorts", nargs="+", type=int, default=[8, 128, 1000])
     parser.add_argument("--algorithms", nargs="+", default=sorted(registry.ALGORITHMS))

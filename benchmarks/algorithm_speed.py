@@ -36,20 +36,26 @@ def time_case(algorithm: str, scenario: str, rounds: int, warmup: int) -> dict:
     from fedjax_core import client_state, parallel
     from fedjax_core.algorithms import registry
     from fedjax_core.algorithms.base import jit_round
+    from fedjax_core.models.base import Model
 
     setup = scenarios.build(scenario, scenarios.Options(rounds=rounds, warmup=warmup))
+    model, sample = setup.model, setup.cohort
+    assert isinstance(model, Model) and sample is not None  # a training scenario
     entry = registry.get(algorithm)
     facts = {"num_clients": 3400, "client_learning_rate": setup.client_lr}
     alg = registry.build(algorithm, optax.sgd(setup.client_lr), setup.server_lr,
                          **{k: facts[k] for k in entry.needs})
-    step = jit_round(alg, setup.model, parallel.Plan(chunk_size=1))
-    state = alg.init(jax.jit(setup.model.init)(jax.random.key(0)))
-    host_index = client_state.StateIndex() if hasattr(client_state, "StateIndex") else None
+    step = jit_round(alg, model, parallel.Plan(chunk_size=1))
+    state = alg.init(jax.jit(model.init)(jax.random.key(0)))
+    # A tree from before the skeleton has `client_state.StateIndex` and `prepare`.
+    state_index = getattr(client_state, "StateIndex", None)
+    host_index = state_index() if state_index is not None else None
     seconds = []
     for r in range(warmup + rounds):
-        cohort = setup.cohort(r, False)
+        cohort = sample(r, False)
         if host_index is not None and client_state.has_stores(state):  # before the skeleton
-            state, slots = client_state.prepare(host_index, state, cohort.client_index)
+            prepare = getattr(client_state, "prepare")
+            state, slots = prepare(host_index, state, cohort.client_index)
             cohort = cohort._replace(slots=slots)
         t = time.perf_counter()
         state, metrics = step(state, cohort, jax.random.key(r))
@@ -62,7 +68,7 @@ def time_case(algorithm: str, scenario: str, rounds: int, warmup: int) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--label", default="")

@@ -165,6 +165,7 @@ def _check_type(where: str, key: str, kind: str, value: Any) -> Any:
     if kind == "number":
         return float(value)
     if kind == "table":
+        assert isinstance(value, dict)  # `ok` checked it
         for name, v in value.items():
             _check_plain(where, f"{key}.{_show_key((name,))}", v)
         return dict(value)

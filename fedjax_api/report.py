@@ -168,8 +168,8 @@ def _compose(flats: list[dict | None], keys: list[str]) -> list[str]:
     labels = []
     for f in flats:
         parts = []
-        for k in keys if f is not None else ():
-            if k in f:
+        for k in keys:
+            if f is not None and k in f:
                 value = paths[k][_fmt(f[k])] if k in paths else _fmt(f[k])
                 parts.append(value if k in _BARE else f"{shown[k]}={value}")
         labels.append(" ".join(parts))
@@ -244,7 +244,8 @@ def curve_labels(run_dirs, configs: list[dict | None],
     if all(len(g) == 1 for g in groups):
         return run_labels([run_dirs[g[0]] for g in groups], [configs[g[0]] for g in groups])
     names = [Path(run_dirs[g[0]]).name or str(run_dirs[g[0]]) for g in groups]
-    flats = [None if configs[g[0]] is None else _flat(configs[g[0]]) for g in groups]
+    firsts = [configs[g[0]] for g in groups]
+    flats = [None if c is None else _flat(c) for c in firsts]
     labels = _labels(names, flats)
     out = []
     for label, g in zip(labels, groups):
@@ -410,8 +411,12 @@ def plot_runs(run_dirs, metric: str, out, kind: str | None = None) -> PlotResult
             loss_series = [losses[j] for j in group if losses[j][0]]
             if loss_series:
                 _draw(loss_ax, loss_series, style, None, markers=False)
+    from matplotlib.ticker import MaxNLocator
+
     for a in (ax, loss_ax) if loss_ax is not None else (ax,):
-        a.xaxis.get_major_locator().set_params(integer=True)  # rounds are whole numbers
+        locator = a.xaxis.get_major_locator()
+        assert isinstance(locator, MaxNLocator)  # a new axes' AutoLocator
+        locator.set_params(integer=True)  # rounds are whole numbers
         a.grid(alpha=0.3)
     ax.set_ylabel(metric)
     ax.set_title(_title(metric, kind, configs))

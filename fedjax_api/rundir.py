@@ -238,7 +238,6 @@ class TensorBoardLog:
             return
         writer = self._writers.get(kind)
         if writer is None:
-            assert self._SummaryWriter is not None  # tensorboard=True
             # The suffix keeps a resumed run's file apart from, and sorted after, the first.
             writer = self._writers[kind] = self._summary_writer(
                 logdir=str(self.run_dir / TENSORBOARD_DIR / kind), purge_step=self._purge_step,

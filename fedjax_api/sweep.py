@@ -271,6 +271,7 @@ class Sweep:
                 if len({_plain(m.settings()[n]) for m in self.members}) > 1]
 
     def _member_dir(self, k: int) -> Path:
+        assert self.out_dir is not None, "member directories exist only with an out_dir"
         slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.members[k].label.replace(" ", "_"))
         return self.out_dir / MEMBERS_DIR / f"{k:02d}_{slug}"
 

@@ -30,11 +30,12 @@ client (SCAFFOLD's control variates, Ditto's personal models, error feedback): i
 store grows on the host between rounds (`client_state.fit`), outside the program.
 """
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Shaped
 
 from fedjax_core import client_state
 from fedjax_core import keys as streams  # not `keys`: the rounds' argument of seed keys
@@ -43,7 +44,7 @@ from fedjax_core.data.device import IndexedBatches
 from fedjax_core.data.pack import Cohort, pad_cohort
 from fedjax_core.models.base import Model
 from fedjax_core.parallel import Plan
-from fedjax_core.typing import Array, Float, PyTree, State
+from fedjax_core.typing import Array, PyTree, State
 
 INIT_KEY = streams.INIT
 """`model.init(fold_in(key(seed), INIT_KEY))` (`keys.init_key`), as `fedjax_api.Server.create`
@@ -130,18 +131,18 @@ def on_grid(lay: Layout, values: Sequence[float]) -> np.ndarray:
       >>> on_grid(layout([0, 0, 1]), [0.5, 0.25, 2.0]).tolist()
       [[0.5, 0.25], [2.0, 2.0]]
     """
-    values = np.asarray(values)
-    if values.dtype.kind == "f":
-        values = values.astype(np.float32)
-    elif values.dtype.kind in "iu":
-        values = values.astype(np.int32)
-    if values.shape[:1] != (len(lay.cells),):
+    arr = np.asarray(values)
+    if arr.dtype.kind == "f":
+        arr = arr.astype(np.float32)
+    elif arr.dtype.kind in "iu":
+        arr = arr.astype(np.int32)
+    if arr.shape[:1] != (len(lay.cells),):
         raise ValueError(f"expected one value per member ({len(lay.cells)}), got "
-                         f"{values.shape[:1]}")
-    grid = np.empty(lay.shape + values.shape[1:], values.dtype)
+                         f"{arr.shape[:1]}")
+    grid = np.empty(lay.shape + arr.shape[1:], arr.dtype)
     for s in range(lay.shape[0]):
-        grid[s] = values[int(np.flatnonzero(lay.cells[:, 0] == s)[0])]
-    grid[lay.cells[:, 0], lay.cells[:, 1]] = values
+        grid[s] = arr[int(np.flatnonzero(lay.cells[:, 0] == s)[0])]
+    grid[lay.cells[:, 0], lay.cells[:, 1]] = arr
     return grid
 
 
@@ -184,37 +185,53 @@ def stack_cohorts(cohorts: Sequence[Cohort]) -> Cohort:
     """
     if not cohorts:
         raise ValueError("no cohorts to stack")
-    indexed = [isinstance(c.batches, IndexedBatches) for c in cohorts]
-    if any(indexed):
-        source = cohorts[0].batches.source if indexed[0] else None
-        if not all(indexed) or any(
-                any(c.batches.source[k] is not v for k, v in source.items())
-                for c in cohorts):
+    indexed = [c.batches for c in cohorts if isinstance(c.batches, IndexedBatches)]
+    if indexed:
+        source = indexed[0].source
+        if len(indexed) != len(cohorts) or any(
+                any(b.source[k] is not v for k, v in source.items()) for b in indexed):
             raise ValueError("indexed cohorts must all read the same device examples")
-        rows = stack_cohorts([c._replace(batches={"index": np.asarray(c.batches.index)})
-                              for c in cohorts])
-        return rows._replace(batches=IndexedBatches(source, rows.batches["index"]))
+        rows = stack_cohorts([c._replace(batches={"index": np.asarray(b.index)})
+                              for c, b in zip(cohorts, indexed)])
+        return rows._replace(batches=IndexedBatches(source, _dense(rows)["index"]))
     if len(cohorts) == 1:
         c = cohorts[0]
-        return Cohort({k: v[None] for k, v in c.batches.items()}, c.mask[None],
-                      c.num_examples[None], c.client_index[None])
+        return Cohort(_lead_axis(_dense(c)), c.mask[None], c.num_examples[None],
+                      c.client_index[None])
     clients = max(c.num_clients for c in cohorts)
     steps = max(c.num_steps for c in cohorts)
-    padded = []
+    padded: list[Cohort] = []
     for c in cohorts:
         c = pad_cohort(c, clients)
         extra = steps - c.num_steps
         if extra:
-            def more(x):
+            def more(x: np.ndarray | Array) -> np.ndarray:
                 return np.concatenate(
                     [x, np.zeros((x.shape[0], extra) + x.shape[2:], x.dtype)], axis=1)
-            c = c._replace(batches={k: more(v) for k, v in c.batches.items()},
+            c = c._replace(batches={k: more(v) for k, v in _dense(c).items()},
                            mask=more(c.mask))
         padded.append(c)
-    return Cohort({k: np.stack([c.batches[k] for c in padded]) for k in padded[0].batches},
+    batches = [_dense(c) for c in padded]
+    return Cohort({k: np.stack([b[k] for b in batches]) for k in batches[0]},
                   np.stack([c.mask for c in padded]),
                   np.stack([c.num_examples for c in padded]),
                   np.stack([c.client_index for c in padded]))
+
+
+def _dense(cohort: Cohort) -> dict[str, np.ndarray] | dict[str, Array]:
+    """`cohort.batches` of a cohort whose batches are dense (not `IndexedBatches`)."""
+    batches = cohort.batches
+    assert not isinstance(batches, IndexedBatches), "expected dense batches"
+    return batches
+
+
+@overload
+def _lead_axis(batches: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+@overload
+def _lead_axis(batches: dict[str, Array]) -> dict[str, Array]: ...
+def _lead_axis(batches):
+    """`batches` with a new leading axis of size 1 on every feature (no copy)."""
+    return {k: v[None] for k, v in batches.items()}
 
 
 def _maker(build: Build, hparams: dict) -> Build:
@@ -245,18 +262,21 @@ def _round_one(make: Build, model: Model, plan: Plan):
     return one
 
 
-def _split_source(cohorts: Cohort):
-    """`(cohorts with IndexedBatches replaced by their index, source or None)`: the
-    population's examples are shared by every row, not mapped over."""
-    if isinstance(cohorts.batches, IndexedBatches):
-        return cohorts._replace(batches=cohorts.batches.index), cohorts.batches.source
+def _split_source(cohorts: Cohort) -> tuple[Cohort, dict[str, Array] | None]:
+    """`(cohorts with an IndexedBatches' source set aside, source or None)`: the
+    population's examples are shared by every row, not mapped over; only the index is."""
+    batches = cohorts.batches
+    if isinstance(batches, IndexedBatches):
+        return cohorts._replace(batches=batches._replace(source={})), batches.source
     return cohorts, None
 
 
-def _join_source(cohort: Cohort, source) -> Cohort:
-    if source is None:
+def _join_source(cohort: Cohort, source: dict[str, Array] | None) -> Cohort:
+    """`cohort` with the source that `_split_source` set aside put back."""
+    batches = cohort.batches
+    if source is None or not isinstance(batches, IndexedBatches):
         return cohort
-    return cohort._replace(batches=IndexedBatches(source, cohort.batches))
+    return cohort._replace(batches=batches._replace(source=source))
 
 
 def _over_rows(fn, xs, seeds_together: int):
@@ -268,7 +288,7 @@ def _over_rows(fn, xs, seeds_together: int):
 
 
 def sweep_init(build: Build, model: Model, lay: Layout,
-               hparams: dict[str, Float[Array, "S H"]]) -> State:
+               hparams: Mapping[str, Shaped[np.ndarray | Array, "S H"]]) -> State:
     """The initial state of every member: `build(hp).init(model.init(fold_in(key_s, INIT_KEY)))`.
 
     Members of a row share their seed and so their initial parameters (as separate runs

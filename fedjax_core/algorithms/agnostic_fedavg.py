@@ -58,13 +58,13 @@ class AgnosticServer(NamedTuple):
 
     Attributes:
       opt_state: the server optimizer's state.
-      domain_weights: `Float[Array, "domains"]`, lambda, on the simplex.
+      domain_weights: `Float[Array, " domains"]`, lambda, on the simplex.
       domain_window: `Float[Array, "window domains"]`, the cohorts' per-domain example
         counts over the last `domain_window_size` rounds, oldest first.
     """
 
     opt_state: optax.OptState
-    domain_weights: Float[Array, "domains"]
+    domain_weights: Float[Array, " domains"]
     domain_window: Float[Array, "window domains"]
 
 
@@ -88,7 +88,7 @@ def update_domain_weights(domain_weights: Array, domain_loss: Array, domain_lear
 
 
 def domain_sums(ctx: ClientContext, num_domains: int
-                ) -> tuple[Float[Array, "domains"], Float[Array, "domains"]]:
+                ) -> tuple[Float[Array, " domains"], Float[Array, " domains"]]:
     """`(L_d, N_d)`: one client's per-domain sums of the loss at the global model and its
     per-domain example counts, over its first epoch (each example once), in training mode.
 
@@ -175,19 +175,17 @@ def agnostic_fedavg(client_optimizer: optax.GradientTransformation,
     num_domains = int(num_domains)
     if num_domains < 1:
         raise ValueError(f"num_domains must be at least 1, got {num_domains}")
-    if init_domain_weights is None:
-        init_domain_weights = np.full(num_domains, 1.0 / num_domains)
-    init_domain_weights = np.asarray(init_domain_weights, np.float32)
-    if init_domain_weights.shape != (num_domains,):
-        raise ValueError(f"init_domain_weights has {init_domain_weights.size} entries, "
+    weights0 = np.asarray(np.full(num_domains, 1.0 / num_domains)
+                          if init_domain_weights is None else init_domain_weights, np.float32)
+    if weights0.shape != (num_domains,):
+        raise ValueError(f"init_domain_weights has {weights0.size} entries, "
                          f"expected num_domains = {num_domains}")
-    if (init_domain_weights < 0).any() or abs(float(init_domain_weights.sum()) - 1.0) > 1e-6:
+    if (weights0 < 0).any() or abs(float(weights0.sum()) - 1.0) > 1e-6:
         raise ValueError("init_domain_weights must be non-negative and sum to 1")
-    if init_domain_window is None:
-        init_domain_window = np.ones(num_domains)
-    init_domain_window = np.asarray(init_domain_window, np.float32)
-    if init_domain_window.shape != (num_domains,):
-        raise ValueError(f"init_domain_window has {init_domain_window.size} entries, "
+    window0 = np.asarray(np.ones(num_domains) if init_domain_window is None
+                         else init_domain_window, np.float32)
+    if window0.shape != (num_domains,):
+        raise ValueError(f"init_domain_window has {window0.size} entries, "
                          f"expected num_domains = {num_domains}")
     if domain_window_size < 1:
         raise ValueError(f"domain_window_size must be at least 1, got {domain_window_size}")
@@ -198,8 +196,8 @@ def agnostic_fedavg(client_optimizer: optax.GradientTransformation,
 
     def init(params):
         return AgnosticServer(
-            server_optimizer.init(params), jnp.asarray(init_domain_weights),
-            jnp.tile(jnp.asarray(init_domain_window)[None], (domain_window_size, 1)))
+            server_optimizer.init(params), jnp.asarray(weights0),
+            jnp.tile(jnp.asarray(window0)[None], (domain_window_size, 1)))
 
     def client(ctx: ClientContext) -> ClientReport:
         if "domain_id" not in feature_names(ctx.batches):
