@@ -4,6 +4,7 @@ callbacks they call for (`fedjax_api.callbacks`)."""
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import attrs
 import optax
@@ -229,7 +230,26 @@ class Experiment:
                          host=loop.host, stopped=loop.stopped)
 
 
-def build_algorithm(cfg: ExperimentConfig, task: tasks.Task,
+class AlgorithmOptions(NamedTuple):
+    """What `build_algorithm` reads of a config (`from_config`): a sweep member's settings
+    carry traced learning rates, which an `ExperimentConfig` would refuse."""
+
+    algorithm: str
+    client_lr: Any
+    server_lr: Any
+    aggregator: str
+    aggregator_options: dict
+    algorithm_options: dict
+    skip_nonfinite_clients: bool
+
+    @classmethod
+    def of(cls, cfg: "ExperimentConfig | dict") -> "AlgorithmOptions":
+        """The options of a config, or of a dict holding its fields."""
+        values = cfg if isinstance(cfg, dict) else cfg.to_dict()
+        return cls(**{name: values[name] for name in cls._fields})
+
+
+def build_algorithm(cfg: "ExperimentConfig | AlgorithmOptions", task: tasks.Task,
                     aggregator: Aggregator | None = None) -> FederatedAlgorithm:
     """The configured algorithm with its aggregator (or `aggregator`, e.g. a private run's);
     supplies what the algorithm `needs` (the number of training clients, of domains, the

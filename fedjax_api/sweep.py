@@ -20,7 +20,6 @@ import itertools
 import math
 import re
 import time
-import types
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from fedjax_api.callbacks import (
 )
 from fedjax_api.config import ExperimentConfig
 from fedjax_api.errors import ConfigError
-from fedjax_api.experiment import Experiment, build_algorithm
+from fedjax_api.experiment import AlgorithmOptions, Experiment, build_algorithm
 from fedjax_api.loop import Loop, OnRecord, cohort_sampler, final_metrics
 from fedjax_api.server import SweepServer, keeps_client_state
 from fedjax_api.versions import versions
@@ -348,7 +347,7 @@ class Sweep:
                     values[name] = v
                 else:
                     values["algorithm_options"][name] = v
-            return build_algorithm(types.SimpleNamespace(**values), task)
+            return build_algorithm(AlgorithmOptions.of(values), task)
 
         return build
 
