@@ -14,6 +14,10 @@ through the round skeleton, so the ratio should stay near 1 at every cohort size
     python -m benchmarks.algorithm_memory                     # every algorithm, both models
     python -m benchmarks.algorithm_memory --models mlp --cohorts 8 128   # quick
 
+Per-client rows are written inside the loop over chunks (`--stacked-rows-bytes 0`), the
+path `parallel.run_clients` takes when a cohort's new rows exceed
+`parallel.STACKED_ROWS_BYTES` (256 MiB); below it they are stacked, which is faster.
+
 Writes benchmarks/results/algorithm_memory.json. Never part of the tests.
 """
 
@@ -115,7 +119,13 @@ def main(argv=None) -> None:
     parser.add_argument("--cohorts", nargs="+", type=int, default=[8, 128, 1000])
     parser.add_argument("--algorithms", nargs="+", default=sorted(registry.ALGORITHMS))
     parser.add_argument("--out", type=Path, default=RESULTS / "algorithm_memory.json")
+    parser.add_argument("--stacked-rows-bytes", type=int, default=0,
+                        help="parallel.STACKED_ROWS_BYTES for the run; 0 (the default here) "
+                             "writes per-client rows inside the loop over chunks, the path "
+                             "whose memory does not grow with the cohort")
     args = parser.parse_args(argv)
+    from fedjax_core import parallel
+    parallel.STACKED_ROWS_BYTES = args.stacked_rows_bytes
     rows = []
     for model_name in args.models:
         for clients in args.cohorts:

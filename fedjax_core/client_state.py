@@ -184,11 +184,13 @@ def grow_index(state: PyTree, positions: int) -> PyTree:
 def fit(state: PyTree, client_index) -> PyTree:
     """`state` with its index and stores grown so that the cohort `client_index` fits.
 
-    Host side, before a round (`jit_round` calls it): the index covers the largest
-    position (rounded up to a power of two), and every store has a row for each client
-    seen so far plus each of the cohort's clients. Reads the number of rows in use
-    from the device only when the stores might be too small. A state without a
-    `ClientIndex` is returned as it is.
+    Host side, before a round (`jit_round` calls it): every store gets a row for each
+    client seen so far plus each of the cohort's clients (capacity doubling), and the
+    index covers the largest position. Each growth changes the round's shapes (one
+    recompile), so whenever anything grows the index is given room for twice the
+    largest position seen: its growth then rides along with the stores'. Reads the number
+    of rows in use from the device only when the stores might be too small. A state
+    without a `ClientIndex` is returned as it is.
 
     Example:
       >>> state = fit(state, cohort.client_index)
@@ -198,20 +200,19 @@ def fit(state: PyTree, client_index) -> PyTree:
         return state
     positions = np.asarray(client_index)
     largest = int(positions.max(initial=-1))
-    if largest >= index.row_of.shape[0]:
-        state = grow_index(state, _pow2(largest + 1))
     stores = [x for x in jax.tree.leaves(state, is_leaf=_is_store) if _is_store(x)]
-    if not stores:
+    have = min(capacity(s) for s in stores) if stores else None
+    need_index = largest >= index.row_of.shape[0]
+    need_rows = False
+    if have is not None and have < max(index.row_of.shape[0], largest + 1):
+        used = int(index.size)
+        need_rows = have < used + int(np.sum(positions >= 0))
+    if not (need_index or need_rows):
         return state
-    have = min(capacity(s) for s in stores)
-    cohort = int(np.sum(positions >= 0))
-    grown = find_index(state)
-    assert grown is not None
-    if have >= grown.row_of.shape[0]:
-        return state  # a row for every position there can be
-    if have >= int(index.size) + cohort:
-        return state
-    return grow(state, _pow2(int(index.size) + cohort))
+    state = grow_index(state, _pow2(2 * (largest + 1)))
+    if need_rows:
+        state = grow(state, _pow2(used + int(np.sum(positions >= 0))))
+    return state
 
 
 def rows_of(state: PyTree, positions) -> np.ndarray:

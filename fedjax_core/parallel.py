@@ -342,6 +342,17 @@ class ClientsRun(NamedTuple):
     table: PyTree
 
 
+STACKED_ROWS_BYTES = 256 * 2**20
+"""Up to this size, a cohort's new per-client rows are stacked and written after the loop
+over chunks; above it they are written inside the loop (memory bounded by one chunk).
+Writing inside the loop makes XLA:CPU carry the whole table through it, which costs time:
+SCAFFOLD with the EMNIST CNN, 10 clients a round, 1.86 s stacked against 2.68 s carried."""
+
+
+def _row_bytes(table: PyTree) -> int:
+    return sum(x.dtype.itemsize * (x.size // max(x.shape[0], 1)) for x in jax.tree.leaves(table))
+
+
 NO_ROW = np.iinfo(np.int32).max
 """A row index past the end of every table: reads clamp to the last row, writes are dropped."""
 
@@ -392,7 +403,11 @@ def run_clients(fn: Callable[[PyTree, PyTree], tuple[PyTree, PyTree, PyTree]], i
     if table is not None:
         rows = jnp.asarray(rows, jnp.int32)
     if plan.mesh is None:
-        return _run_chunks(one, inputs, rows, table, plan.chunk_size, n, 0, write=True)
+        if table is None or _row_bytes(table) * n > STACKED_ROWS_BYTES:
+            return _run_chunks(one, inputs, rows, table, plan.chunk_size, n, 0, write=True)
+        run = _run_chunks(one, inputs, rows, table, plan.chunk_size, n, 0, write=False)
+        return ClientsRun(run.total, run.stacked,
+                          jax.tree.map(lambda t, v: t.at[rows].set(v), table, run.table))
     d = num_shards(plan)
     share = -(-n // d)
     spec = PartitionSpec(CLIENTS)

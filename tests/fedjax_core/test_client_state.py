@@ -62,9 +62,10 @@ def test_fit_grows_index_and_stores_to_powers_of_two():
     assert cs.capacity(store) == cs.MIN_CAPACITY == 8
     # Everything fits: the same state, untouched.
     assert cs.fit(state, np.array([3, 5, -1])) is state
-    # Position 20 needs an index over 32 positions; 2 clients still fit 8 rows.
+    # Position 20 needs an index over 21 positions: it gets room for twice that, 64, so
+    # that its next growth comes with the stores'; 2 clients still fit 8 rows.
     state = cs.fit(state, np.array([20, 2]))
-    assert state["index"].row_of.shape == (32,)
+    assert state["index"].row_of.shape == (64,)
     assert np.all(np.asarray(state["index"].row_of) == -1)
     assert cs.capacity(state["store"]) == 8 and state["other"].shape == (3,)
     # 7 rows in use, written 1..7.
@@ -77,10 +78,12 @@ def test_fit_grows_index_and_stores_to_powers_of_two():
     np.testing.assert_array_equal(grown["store"].rows["c"][:7],
                                   np.arange(1.0, 8.0)[:, None] * np.ones(2))
     np.testing.assert_array_equal(grown["store"].rows["c"][7:], np.zeros((9, 2)))
-    assert grown["index"].row_of.shape == (32,) and int(grown["index"].size) == 7
-    # Position 40: the index doubles to 64 positions; the rows stay.
-    far = cs.fit(grown, np.array([40]))
-    assert far["index"].row_of.shape == (64,) and cs.capacity(far["store"]) == 16
+    assert grown["index"].row_of.shape == (64,) and int(grown["index"].size) == 7
+    # Position 40 fits the index's room: nothing grows, the state is returned as it is.
+    assert cs.fit(grown, np.array([40])) is grown
+    # Position 70 does not: room for 2 x 71 positions, 256; the rows stay.
+    far = cs.fit(grown, np.array([70]))
+    assert far["index"].row_of.shape == (256,) and cs.capacity(far["store"]) == 16
     np.testing.assert_array_equal(far["index"].row_of[:7], np.arange(7))
     # A state without an index is returned as it is.
     plain = {"params": jnp.ones(2)}

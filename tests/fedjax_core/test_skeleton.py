@@ -102,13 +102,36 @@ def _temp_bytes(alg, clients: int) -> tuple[int, int]:
     return compiled.memory_analysis().temp_size_in_bytes, store_bytes
 
 
-def test_stateful_rounds_need_fedavgs_memory_store_rows_aside():
+def test_stateful_rounds_need_fedavgs_memory_store_rows_aside(monkeypatch):
     """SCAFFOLD streams its deltas and its control changes like FedAvg: at 128 clients its
     temporaries, less (at most) one working copy of its store, stay within 1.5x FedAvg's,
-    where stacking would hold 128 deltas and 128 new controls."""
+    where stacking would hold 128 deltas and 128 new controls. (Rows are written inside
+    the loop, as for any cohort whose new rows exceed `parallel.STACKED_ROWS_BYTES`.)"""
+    monkeypatch.setattr(parallel, "STACKED_ROWS_BYTES", 0)
     params_bytes = 4 * (16 * 256 + 256 + 256 * 64 + 64)
     fedavg_temp, _ = _temp_bytes(fedavg(optax.sgd(0.1)), 128)
     temp, store = _temp_bytes(scaffold(optax.sgd(0.1), 1.0, 0.1, num_clients=128), 128)
     assert store == 128 * params_bytes
     assert temp - store <= 1.5 * fedavg_temp, (temp, store, fedavg_temp)
     assert temp < store + 100 * params_bytes   # nothing like 2 x 128 stacked copies
+
+
+@pytest.mark.parametrize("limit", [0, 2**30])
+def test_rows_written_in_the_loop_or_after_it_give_the_same_round(monkeypatch, limit):
+    """`parallel.run_clients` writes a small cohort's new per-client rows after its loop
+    (stacked) and a large one's inside it: the same state either way."""
+    model, data = tiny_softmax_model(), unequal_clients()
+    alg = scaffold(optax.sgd(0.2), 1.0, client_learning_rate=0.2, num_clients=5)
+    monkeypatch.setattr(parallel, "STACKED_ROWS_BYTES", limit)
+    step = jit_round(alg, model, parallel.Plan(2))
+    state = alg.init(model.init(jax.random.key(0)))
+    for r, ids in enumerate([[4, 1, 0], [1, 3, 2], [0, 4, 2]]):
+        cohort = pad_cohort(pack_cohort(data, ids, 2, 1, seed=0, round_num=r), 4)
+        state, _ = step(state, cohort, jax.random.key(r))
+    monkeypatch.setattr(parallel, "STACKED_ROWS_BYTES", 2**30 - limit)
+    other_step = jit_round(alg, model, parallel.Plan(2))
+    other = alg.init(model.init(jax.random.key(0)))
+    for r, ids in enumerate([[4, 1, 0], [1, 3, 2], [0, 4, 2]]):
+        cohort = pad_cohort(pack_cohort(data, ids, 2, 1, seed=0, round_num=r), 4)
+        other, _ = other_step(other, cohort, jax.random.key(r))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), state, other)
