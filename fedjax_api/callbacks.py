@@ -148,12 +148,17 @@ class _MemberFiles(Callback):
         self.member, self.lazy = member, lazy
         self.opened = False
         self.pending: list[dict[str, Any]] = []
+        self.log: rundir.MetricsLog | rundir.TensorBoardLog | None = None
 
     def open(self) -> None: ...
 
-    def write(self, record: dict[str, Any]) -> None: ...
+    def write(self, record: dict[str, Any]) -> None:
+        assert self.log is not None
+        self.log.write(record)
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
 
     def on_start(self, loop: Loop) -> None:
         if not self.lazy:
@@ -211,14 +216,6 @@ class RunLog(_MemberFiles):
                 (self.out_dir / rundir.METRICS_FILE).unlink(missing_ok=True)
         self.log = rundir.MetricsLog(self.out_dir, truncate_after_round=self.resume_round)
 
-    def write(self, record: dict[str, Any]) -> None:
-        assert self.log is not None
-        self.log.write(record)
-
-    def close(self) -> None:
-        if self.log is not None:
-            self.log.close()
-
 
 class TensorBoard(_MemberFiles):
     """TensorBoard event files of every metric under `out_dir/tb/` (`rundir.TensorBoardLog`;
@@ -232,14 +229,6 @@ class TensorBoard(_MemberFiles):
 
     def open(self) -> None:
         self.log = rundir.TensorBoardLog(self.out_dir, self.resume_round)
-
-    def write(self, record: dict[str, Any]) -> None:
-        assert self.log is not None
-        self.log.write(record)
-
-    def close(self) -> None:
-        if self.log is not None:
-            self.log.close()
 
 
 class Checkpoint(Callback):

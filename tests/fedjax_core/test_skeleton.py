@@ -12,11 +12,15 @@ from fedjax_core.algorithms.base import jit_round
 from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.scaffold import scaffold
 from fedjax_core.client import ClientReport
-from fedjax_core.data import InMemoryFederatedData, pack_cohort
+from fedjax_core.data import pack_cohort
 from fedjax_core.data.pack import pad_cohort
-from fedjax_core.models.linear import mlp
 from fedjax_core.skeleton import RoundState, algorithm
-from tests.fedjax_core.helpers import plain_local_train, tiny_softmax_model, unequal_clients
+from tests.fedjax_core.helpers import (
+    mlp_round_memory,
+    plain_local_train,
+    tiny_softmax_model,
+    unequal_clients,
+)
 
 
 @pytest.mark.parametrize("chunk", [1, 3])
@@ -84,24 +88,6 @@ def test_state_is_a_round_state_with_the_index_inside():
     assert not client_state.has_stores(plain) and client_state.find_index(plain) is None
 
 
-def _temp_bytes(alg, clients: int) -> tuple[int, int]:
-    """(compiled temporaries of one round, bytes of its per-client stores)."""
-    model = mlp((16,), (256,), num_classes=64)  # 21k params: deltas dominate memory
-    rng = np.random.default_rng(0)
-    data = InMemoryFederatedData({
-        f"c{i}": {"x": rng.normal(size=(4, 16)).astype(np.float32),
-                  "y": rng.integers(0, 64, size=4).astype(np.int32)} for i in range(clients)})
-    cohort = pack_cohort(data, list(range(clients)), batch_size=4, epochs=1, seed=0, round_num=0)
-    state = alg.init(model.init(jax.random.key(0)))
-    compiled = jit_round(alg, model, parallel.Plan(4)).lower(
-        state, cohort, jax.random.key(1)).compile()
-    state = client_state.fit(state, cohort.client_index)
-    stores = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(
-        x, client_state.ClientStore)) if isinstance(s, client_state.ClientStore)]
-    store_bytes = sum(x.nbytes for s in stores for x in jax.tree.leaves(s.rows))
-    return compiled.memory_analysis().temp_size_in_bytes, store_bytes
-
-
 def test_stateful_rounds_need_fedavgs_memory_store_rows_aside(monkeypatch):
     """SCAFFOLD streams its deltas and its control changes like FedAvg: at 128 clients its
     temporaries, less (at most) one working copy of its store, stay within 1.5x FedAvg's,
@@ -109,8 +95,8 @@ def test_stateful_rounds_need_fedavgs_memory_store_rows_aside(monkeypatch):
     the loop, as for any cohort whose new rows exceed `parallel.STACKED_ROWS_BYTES`.)"""
     monkeypatch.setattr(parallel, "STACKED_ROWS_BYTES", 0)
     params_bytes = 4 * (16 * 256 + 256 + 256 * 64 + 64)
-    fedavg_temp, _ = _temp_bytes(fedavg(optax.sgd(0.1)), 128)
-    temp, store = _temp_bytes(scaffold(optax.sgd(0.1), 1.0, 0.1, num_clients=128), 128)
+    fedavg_temp, _ = mlp_round_memory(fedavg(optax.sgd(0.1)), 128)
+    temp, store = mlp_round_memory(scaffold(optax.sgd(0.1), 1.0, 0.1, num_clients=128), 128)
     assert store == 128 * params_bytes
     assert temp - store <= 1.5 * fedavg_temp, (temp, store, fedavg_temp)
     assert temp < store + 100 * params_bytes   # nothing like 2 x 128 stacked copies

@@ -13,8 +13,7 @@ from fedjax_core.aggregate.mean import mean
 from fedjax_core.algorithms.base import jit_round
 from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.data import pack_cohort
-from fedjax_core.models.linear import mlp
-from tests.fedjax_core.helpers import close, tiny_softmax_model, unequal_clients
+from tests.fedjax_core.helpers import close, mlp_round_memory, tiny_softmax_model, unequal_clients
 
 
 def affine(c):
@@ -75,18 +74,8 @@ def test_fedavg_sums_deltas_as_the_stacked_mean_does(chunk):
 
 
 def _round_temp_bytes(aggregator, clients: int) -> int:
-    model = mlp((16,), (256,), num_classes=64)  # 21k params: deltas dominate memory
-    alg = fedavg(optax.sgd(0.1), optax.sgd(1.0), aggregator=aggregator)
-    rng = np.random.default_rng(0)
-    from fedjax_core.data import InMemoryFederatedData
-    data = InMemoryFederatedData({
-        f"c{i}": {"x": rng.normal(size=(4, 16)).astype(np.float32),
-                  "y": rng.integers(0, 64, size=4).astype(np.int32)} for i in range(clients)})
-    cohort = pack_cohort(data, list(range(clients)), batch_size=4, epochs=1, seed=0, round_num=0)
-    state = alg.init(model.init(jax.random.key(0)))
-    round_fn = jit_round(alg, model, parallel.Plan(4))
-    compiled = round_fn.lower(state, cohort, jax.random.key(1)).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+    return mlp_round_memory(fedavg(optax.sgd(0.1), optax.sgd(1.0), aggregator=aggregator),
+                            clients)[0]
 
 
 def test_fedavg_round_memory_does_not_grow_with_the_cohort():
