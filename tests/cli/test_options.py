@@ -3,7 +3,6 @@ files, config.json, validation and docs/cli.md are all made from the declaration
 
 import inspect
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from fedjax_api import config, configfile
 from fedjax_api.errors import ConfigError
 from fedjax_api.options import Schema, at_least, option
 from fedjax_api.resume import resume_config
+from tests import generated_docs
 from tests.fedjax_api.tiny_task import NAME
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
@@ -94,26 +94,13 @@ def test_a_new_option_is_one_declaration(tmp_path):
         configfile.schema_markdown(FOO)
 
 
-def _generated(text: str) -> tuple[str, str, str]:
-    m = re.search(r"(<!-- BEGIN generated: options[^\n]*-->\n)(.*?)(<!-- END generated: "
-                  r"options -->)", text, re.DOTALL)
-    assert m, "docs/cli.md lost its generated options block"
-    return m.group(1), m.group(2), m.group(3)
-
-
 def test_docs_option_table_is_current():
-    text = DOCS.read_text()
-    begin, body, end = _generated(text)
-    want = "\n" + options.markdown(config.OPTIONS) + "\n"
-    if os.environ.get("FEDJAX_UPDATE_DOCS") and body != want:
-        DOCS.write_text(text.replace(begin + body + end, begin + want + end))
-        body = want
-    assert body == want, ("docs/cli.md is stale; regenerate it with FEDJAX_UPDATE_DOCS=1 "
-                          ".venv/bin/python -m pytest -q tests/cli/test_options.py -k docs")
+    generated_docs.check(DOCS, "options", options.markdown(config.OPTIONS),
+                         ".venv/bin/python -m pytest -q tests/cli/test_options.py -k docs")
 
 
 def test_docs_option_table_lists_every_option_of_fedjax_run():
-    _, body, _ = _generated(DOCS.read_text())
+    body = generated_docs.block(DOCS, "options")
     flags = {row.split("|")[1].strip().strip("`").split()[0]
              for row in body.strip().splitlines()[2:]}
     params = inspect.signature(main.run).parameters.values()

@@ -17,6 +17,7 @@ from fedjax_api import config, configfile, tasks
 from fedjax_api.config import ConfigError, ExperimentConfig
 from fedjax_core.aggregate import registry as aggregators
 from fedjax_core.algorithms import registry as algorithms
+from tests import generated_docs
 from tests.fedjax_api import tiny_task
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "config.md"
@@ -62,13 +63,6 @@ def test_schema_types_match_the_field_annotations():
 # --------------------------------------------------------------------------------- docs
 
 
-def _generated(text: str, name: str) -> tuple[str, str, str]:
-    m = re.search(rf"(<!-- BEGIN generated: {name}[^\n]*-->\n)(.*?)(<!-- END generated: "
-                  rf"{name} -->)", text, re.DOTALL)
-    assert m, f"docs/config.md lost its generated {name} block"
-    return m.group(1), m.group(2), m.group(3)
-
-
 def _builtin_task_names():
     return [n for n in tasks.names() if n != tiny_task.NAME]
 
@@ -78,24 +72,17 @@ def _builtin_task_names():
     ("registries", lambda: configfile.registries_markdown(_builtin_task_names())),
 ])
 def test_docs_generated_blocks_are_current(name, make):
-    text = DOCS.read_text()
-    begin, body, end = _generated(text, name)
-    want = "\n" + make() + "\n"
-    if os.environ.get("FEDJAX_UPDATE_DOCS") and body != want:
-        DOCS.write_text(text.replace(begin + body + end, begin + want + end))
-        body = want
-    assert body == want, ("docs/config.md is stale; regenerate it with FEDJAX_UPDATE_DOCS=1 "
-                          ".venv/bin/python -m pytest -q tests/fedjax_api/test_configfile.py -k docs")
+    generated_docs.check(DOCS, name, make(), ".venv/bin/python -m pytest -q "
+                         "tests/fedjax_api/test_configfile.py -k docs")
 
 
 def test_docs_list_every_field_key_and_registered_name():
-    text = DOCS.read_text()
-    _, table, _ = _generated(text, "schema")
+    table = generated_docs.block(DOCS, "schema")
     rows = [[c.strip() for c in line.strip("|").split("|")]
             for line in table.strip().splitlines()[2:]]
     assert collections.Counter(r[4].strip("`") for r in rows) == collections.Counter(FIELDS)
     assert [r[0].strip("`") for r in rows] == list(configfile.SCHEMA)
-    _, listing, _ = _generated(text, "registries")
+    listing = generated_docs.block(DOCS, "registries")
     names = re.findall(r"^- `([^`]+)`:", listing, re.MULTILINE)
     assert names == (_builtin_task_names() + sorted(algorithms.ALGORITHMS)
                      + sorted(aggregators.AGGREGATORS))
