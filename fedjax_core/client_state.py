@@ -12,7 +12,7 @@ host, before the round, `fit` grows the index and every store in the state so th
 cohort fits (`jit_round` does this; nobody else needs to).
 
     state = client_state.fit(state, cohort.client_index)          # jit_round, on the host
-    index, slots = client_state.assign(state.clients.index, cohort.client_index)   # jitted
+    index, slots = client_state.assign(state.index, cohort.client_index)   # jitted
 """
 
 from typing import NamedTuple

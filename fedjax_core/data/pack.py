@@ -36,7 +36,7 @@ class Cohort(NamedTuple):
       batches: feature -> `[clients, steps, batch, ...]`, zeros where masked; or, for
         data held on the device, a `fedjax_core.data.device.IndexedBatches` (the
         population's examples and an index `[clients, steps, batch]` into them) that
-        `parallel.map_clients` gathers into the same arrays one chunk at a time.
+        each client's loop reads one step at a time (`data.device.step_batch`).
       mask: `Bool[ndarray, "clients steps batch"]`, True for real examples. Within a
         client, the non-empty steps come first.
       num_examples: `Int[ndarray, "clients"]`, each client's number of examples (its
