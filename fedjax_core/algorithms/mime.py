@@ -68,17 +68,34 @@ def _mean_gradient(sums: dict):
 
 def _svrg_gradient(ctx: ClientContext, c):
     """Mime's step gradient `grad f_b(y) - grad f_b(x) + c`, both gradients on the step's
-    batch b with its dropout key; the reported loss is `f_b(y)`."""
+    batch b with its dropout key; the reported loss is `f_b(y)`.
+
+    `c - grad f_b(x)` is computed first and `grad f_b(y)` strictly after it (`_after`), so
+    that the two backward passes never hold their activations at the same time: with the
+    EMNIST CNN this halves the step's extra memory over FedAvg's."""
     def loss(p, b, m, k):
         return masked_mean_loss(ctx.model, p, b, m, k, train=True)
 
     value_and_grad, grad = jax.value_and_grad(loss), jax.grad(loss)
 
     def gradient(y, b, m, k):
-        value, g = value_and_grad(y, b, m, k)
-        return value, tree.add(tree.sub(g, grad(ctx.params, b, m, k)), c)
+        correction = tree.sub(c, grad(ctx.params, b, m, k))
+        value, g = value_and_grad(_after(y, correction), b, m, k)
+        return value, tree.add(g, correction)
 
     return gradient
+
+
+def _after(params, dependency):
+    """`params`, bit for bit, but computed only once `dependency` is.
+
+    XLA:CPU schedules the two gradients of a step side by side (an optimization barrier
+    does not order them there), so the second pass reads its parameters through a data
+    dependency on the first one's result: `w - 0 * isfinite(d)` subtracts an exact +0,
+    which leaves every w unchanged, -0.0 included."""
+    first = jax.tree.leaves(dependency)[0].ravel()[0]
+    zero = jnp.isfinite(first).astype(first.dtype) * 0
+    return jax.tree.map(lambda w: w - zero.astype(w.dtype), params)
 
 
 def _mime(base_optimizer, server_learning_rate, aggregator, corrected, client_delta_clip_norm):
