@@ -21,14 +21,12 @@ from cli import bench, data, options, privacy, report, sweep
 from cli.common import console, print_error, user_errors
 from cli.options import Command
 from cli.progress import ProgressBar
-from fedjax_api import config, configfile, distributed, tasks
+from fedjax_api import config, configfile, distributed, listing
 from fedjax_api.compile_cache import enable_compilation_cache
 from fedjax_api.config import ExperimentConfig
 from fedjax_api.experiment import Experiment, Interrupted, RunResult, TimeLimitReached
 from fedjax_api.options import Schema
 from fedjax_api.resume import resume_config
-from fedjax_core.aggregate import registry as aggregators
-from fedjax_core.algorithms import registry
 
 DEFAULT_TASK = options.DEFAULT_TASK
 
@@ -159,38 +157,25 @@ def list_tasks() -> None:
     table = Table(title="tasks")
     for col in ("name", "description", "defaults"):
         table.add_column(col)
-    for name in tasks.names():
-        e = tasks.entry(name)
-        d = e.defaults
-        table.add_row(name, e.description,
-                      f"{d.algorithm}, {d.rounds} rounds x {d.clients_per_round} clients, "
-                      f"batch {d.batch_size}, client lr {d.client_lr:g}")
+    for row in listing.tasks():
+        table.add_row(*row)
     console.print(table)
-
-
-def _format_options(opts: dict, skip=()) -> str:
-    return ", ".join(k if v is inspect.Parameter.empty else f"{k}={v}"
-                     for k, v in opts.items() if k not in skip)
 
 
 @app.command("algorithms")
 def list_algorithms() -> None:
     """List the federated algorithms and aggregators, with their options and papers."""
-    def show(title, table, options, skip=lambda e: ()):
+    for title, entries in (("algorithms (--algorithm NAME --option NAME=VALUE)",
+                            listing.algorithm_entries()),
+                           ("aggregators (--aggregator NAME --aggregator-option NAME=VALUE)",
+                            listing.aggregator_entries())):
         console.print(f"[bold]{title}[/]")
-        for name in sorted(table):
-            e = table[name]
-            console.print(f"  [bold]{name:<18}[/] {e.description}", soft_wrap=True,
+        for e in entries:
+            console.print(f"  [bold]{e.name:<18}[/] {e.description}", soft_wrap=True,
                           highlight=False)
-            opts = _format_options(options(name), skip(e)) or "none"
-            console.print(f"  {'':<18} options: {opts}; paper: {e.paper}", soft_wrap=True,
-                          highlight=False, style="dim")
-
-    show("algorithms (--algorithm NAME --option NAME=VALUE)", registry.ALGORITHMS,
-         registry.options, lambda e: e.needs)
-    console.print()
-    show("aggregators (--aggregator NAME --aggregator-option NAME=VALUE)",
-         aggregators.AGGREGATORS, aggregators.options)
+            console.print(f"  {'':<18} options: {listing.options_text(e.options)}; paper: "
+                          f"{e.paper}", soft_wrap=True, highlight=False, style="dim")
+        console.print()
 
 
 def main() -> None:

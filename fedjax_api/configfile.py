@@ -12,17 +12,23 @@ Example:
 """
 
 import difflib
-import inspect
-import math
 import os
-import re
 import tomllib
 from collections.abc import Iterable
 from typing import Any
 
 from fedjax_api import config, tasks
 from fedjax_api.config import OPTIONS, ConfigError, ExperimentConfig
-from fedjax_api.options import REQUIRED, Option, Schema
+from fedjax_api.options import Option, Schema
+from fedjax_api.toml_text import (
+    TYPE_WORDS,
+    check_plain,
+    describe,
+    literal,
+    parse,
+    printable,
+    show_key,
+)
 from fedjax_core.aggregate import registry as aggregators
 from fedjax_core.algorithms import registry as algorithms
 
@@ -34,9 +40,6 @@ SHORTHANDS = {"algorithm": "algorithm.name", "aggregator": "aggregator.name"}
 """`algorithm = "fedadam"` is short for `[algorithm] name = "fedadam"` (no options then)."""
 
 _OPTION_PATHS = {("algorithm", "options"), ("aggregator", "options")}
-_TYPE_WORDS = {"string": "a string", "integer": "an integer", "number": "a number",
-               "boolean": "true or false", "table": "a table"}
-_BARE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 # ---------------------------------------------------------------------------------- load
@@ -54,7 +57,7 @@ def load(path: str | os.PathLike, schema: Schema = OPTIONS) -> dict[str, Any]:
         or a value of the wrong type.
     """
     name = os.fspath(path)
-    name = name if name.isprintable() else _printable(name)
+    name = name if name.isprintable() else printable(name)
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -64,36 +67,7 @@ def load(path: str | os.PathLike, schema: Schema = OPTIONS) -> dict[str, Any]:
         raise ConfigError(f"config file {name} is a directory, not a TOML file") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {name}: {e.strerror or e}") from None
-    return _flatten(_parse(raw, name), f"{name}: ", schema)
-
-
-def _parse(raw: bytes, name: str) -> dict:
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ConfigError(f"{name}:{line}: invalid TOML: not UTF-8 text (byte {e.start})") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        msg = str(e).splitlines()[0] if str(e) else "syntax error"
-        m = re.search(r"\s*\(at line (\d+), column (\d+)\)$", msg)
-        if m:
-            line, col = m[1], m[2]
-        else:  # "(at end of document)"
-            m = re.search(r"\s*\(at end of document\)$", msg)
-            line = text.count("\n") + 1
-            col = len(text) - (text.rfind("\n") + 1) + 1
-        what = msg[:m.start()] if m else msg
-        if what.startswith(("Cannot overwrite", "Cannot declare")):
-            what += " (a key or table defined twice?)"
-        raise ConfigError(f"{name}:{line}:{col}: invalid TOML: "
-                          f"{_printable(what, quote=False)}") from None
-    except RecursionError:
-        raise ConfigError(f"{name}: invalid TOML: arrays or tables nested too deeply") from None
-    except ValueError as e:  # e.g. an integer of more than 4300 digits
-        raise ConfigError(f"{name}: invalid TOML: "
-                          f"{_printable(str(e).split(';')[0], quote=False)}") from None
+    return _flatten(parse(raw, name), f"{name}: ", schema)
 
 
 def _flatten(doc: dict, where: str, schema: Schema) -> dict[str, Any]:
@@ -101,7 +75,7 @@ def _flatten(doc: dict, where: str, schema: Schema) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for path, value in _leaves(doc, (), schema):
         k = _key_of(where, path, value, schema)
-        out[k.field] = _check_type(where, _show_key(path), k.type, value)
+        out[k.field] = _check_type(where, show_key(path), k.type, value)
     return out
 
 
@@ -114,7 +88,7 @@ def _key_of(where: str, path: tuple, value: Any, schema: Schema) -> Option:
     if len(path) == 1 and path[0] in schema.sections:
         also = " or a name string" if path[0] in SHORTHANDS else ""
         raise ConfigError(f"{where}{path[0]} expects a table [{path[0]}]{also}, got "
-                          f"{_describe(value)}")
+                          f"{describe(value)}")
     raise _unknown_key(where, path, schema)
 
 
@@ -131,14 +105,9 @@ def _leaves(table: dict, prefix: tuple, schema: Schema) -> Iterable[tuple[tuple,
             yield path, value
 
 
-def _show_key(path) -> str:
-    """A key path as TOML writes it: bare parts, or quoted ones."""
-    return ".".join(p if _BARE.fullmatch(p) else _toml_string(p) for p in path)
-
-
 def _unknown_key(where: str, path: tuple, schema: Schema) -> ConfigError:
     """`unknown key 'client.lrr'; did you mean 'client.lr'? (keys of [client]: ...)`."""
-    shown = _show_key(path)
+    shown = show_key(path)
     last, keys, sections = path[-1], list(schema.by_key), schema.sections
     guesses = ([schema.by_field[last].key] if last in schema.by_field else []) \
         or [k for k in keys if k.split(".")[-1] == last] \
@@ -150,7 +119,7 @@ def _unknown_key(where: str, path: tuple, schema: Schema) -> ConfigError:
     else:
         valid = "top-level keys: " + ", ".join(
             [k for k in keys if "." not in k] + [f"[{s}]" for s in sections])
-    return ConfigError(f"{where}unknown key {_printable(shown)}{hint} ({valid}; see "
+    return ConfigError(f"{where}unknown key {printable(shown)}{hint} ({valid}; see "
                        "docs/config.md)")
 
 
@@ -161,52 +130,15 @@ def _check_type(where: str, key: str, kind: str, value: Any) -> Any:
           "boolean": isinstance(value, bool),
           "table": isinstance(value, dict)}[kind]
     if not ok:
-        raise ConfigError(f"{where}{key} expects {_TYPE_WORDS[kind]}, got {_describe(value)}")
+        raise ConfigError(f"{where}{key} expects {TYPE_WORDS[kind]}, got {describe(value)}")
     if kind == "number":
         return float(value)
     if kind == "table":
         assert isinstance(value, dict)  # `ok` checked it
         for name, v in value.items():
-            _check_plain(where, f"{key}.{_show_key((name,))}", v)
+            check_plain(where, f"{key}.{show_key((name,))}", v)
         return dict(value)
     return value
-
-
-def _check_plain(where: str, key: str, value: Any) -> None:
-    """Option values are TOML strings, numbers, booleans, arrays and tables, not dates."""
-    if isinstance(value, dict):
-        for name, v in value.items():
-            _check_plain(where, f"{key}.{_show_key((name,))}", v)
-    elif isinstance(value, list):
-        for v in value:
-            _check_plain(where, key, v)
-    elif not isinstance(value, (str, int, float, bool)):
-        raise ConfigError(f"{where}{key} expects a string, number, boolean, array or table, "
-                          f"got {_describe(value)}")
-
-
-def _describe(value: Any) -> str:
-    """`string 'ten'`, `float 10.0`, `boolean true`, `array`, `table`, `date/time ...`."""
-    if isinstance(value, str):
-        return f"string {_printable(value)}"
-    if isinstance(value, (bool, int, float)):
-        kind = ("boolean" if isinstance(value, bool) else "integer" if isinstance(value, int)
-                else "float")
-        return f"{kind} {_printable(_toml_value(value), quote=False)}"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    return f"date/time {_printable(str(value), quote=False)}"
-
-
-def _printable(text: str, quote: bool = True, limit: int = 80) -> str:
-    """`text` safe for a one-line message, shortened: repr-quoted, or (`quote=False`) with
-    only its unprintable characters escaped."""
-    text = text if len(text) <= limit else text[:limit] + "..."
-    if quote:
-        return repr(text)
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # ------------------------------------------------------------------------------ overrides
@@ -230,15 +162,15 @@ def apply_overrides(options: dict[str, Any], sets: Iterable[str],
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in options.items()}
     by_path = schema.by_path
     for item in sets:
-        where = f"--set {_printable(item)}: "
+        where = f"--set {printable(item)}: "
         raw_key, sep, raw = item.partition("=")
         if not sep or not raw_key.strip():
             raise ConfigError(f"--set expects KEY=VALUE (e.g. client.lr=0.1), got "
-                              f"{_printable(item)}")
+                              f"{printable(item)}")
         path = _parse_key(raw_key, where)
         if len(path) >= 3 and path[:2] in _OPTION_PATHS:
             value = _parse_value(raw, "option")
-            _check_plain(where, _show_key(path), value)
+            check_plain(where, show_key(path), value)
             for name in reversed(path[3:]):  # algorithm.options.a.b=1 sets a = {b = 1}
                 value = {name: value}
             out.setdefault(by_path[path[:2]].field, {})[path[2]] = value
@@ -254,7 +186,7 @@ def apply_overrides(options: dict[str, Any], sets: Iterable[str],
 
 def _parse_key(raw_key: str, where: str) -> tuple[str, ...]:
     """`client.lr` or `algorithm.options."odd name"` -> its parts, by TOML's key grammar."""
-    bad = ConfigError(f"{where}{_printable(raw_key.strip())} is not a dotted key like client.lr")
+    bad = ConfigError(f"{where}{printable(raw_key.strip())} is not a dotted key like client.lr")
     if "\n" in raw_key or "\r" in raw_key:
         raise bad
     try:
@@ -344,8 +276,8 @@ def _check_option_names(kind: str, name: str, given: Iterable[str]) -> None:
             close = difflib.get_close_matches(option, valid, n=1, cutoff=0.5)
             hint = f" did you mean '{kind}.options.{close[0]}'?" if close else ""
             raise ConfigError(f"unknown key "
-                              f"{_printable(kind + '.options.' + _show_key((option,)))}: "
-                              f"{kind} {name!r} has no option {_printable(option)};{hint} "
+                              f"{printable(kind + '.options.' + show_key((option,)))}: "
+                              f"{kind} {name!r} has no option {printable(option)};{hint} "
                               f"its options are: {', '.join(valid) or 'none'}")
 
 
@@ -366,118 +298,17 @@ def dump(cfg: ExperimentConfig | dict[str, Any], schema: Schema = OPTIONS) -> st
         if value is None or (k.type == "table" and not value):
             continue
         section, _, name = k.key.rpartition(".")
-        if k.type == "table":
-            sections[k.key] = _table_lines(value)
+        if k.type == "table":  # TOML has no None: name it in a comment
+            sections[k.key] = [f"# {show_key((n,))}: None, which TOML cannot write (left out)"
+                               if v is None else f"{show_key((n,))} = {literal(v)}"
+                               for n, v in value.items()]
         elif section:
-            sections.setdefault(section, []).append(f"{name} = {_toml_value(value)}")
+            sections.setdefault(section, []).append(f"{name} = {literal(value)}")
         else:
-            root.append(f"{name} = {_toml_value(value)}")
+            root.append(f"{name} = {literal(value)}")
     out = ["# fedjax-sim experiment config (docs/config.md); run it with",
            "# `fedjax run --config THIS_FILE`", *root]
     for section, lines in sections.items():
         out += ["", f"[{section}]", *lines]
     return "\n".join(out) + "\n"
 
-
-def _table_lines(table: dict) -> list[str]:
-    lines = []
-    for name, value in table.items():
-        key = _show_key((name,))
-        if value is None:
-            lines.append(f"# {key}: None, which TOML cannot write (left out)")
-        else:
-            lines.append(f"{key} = {_toml_value(value)}")
-    return lines
-
-
-def _toml_value(value: Any) -> str:
-    """A TOML literal: strings, integers, floats (inf, nan), booleans, arrays, inline tables."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_show_key((k,))} = {_toml_value(v)}"
-                               for k, v in value.items() if v is not None) + "}"
-    raise TypeError(f"cannot write {type(value).__name__} {value!r} as TOML")
-
-
-_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
-            "\r": "\\r"}
-
-
-def _toml_string(text: str) -> str:
-    return '"' + "".join(
-        _ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c)
-        for c in text) + '"'
-
-
-# ---------------------------------------------------------------------------------- docs
-
-
-def default_of(field: str, schema: Schema = OPTIONS) -> str:
-    """The default of `field` as docs/config.md shows it."""
-    o = schema.by_field[field]
-    if o.from_task or o.default is REQUIRED:
-        return "the task's" if o.from_task else "-"
-    if o.default is None or o.default == {}:
-        return "unset" if o.default is None else "none"
-    return f"`{_toml_value(o.default)}`"
-
-
-def flag_of(field: str, schema: Schema = OPTIONS) -> str:
-    """The `fedjax run` option that sets `field`."""
-    o = schema.by_field[field]
-    return f"`{o.flag}{' ' + str(o.metavar) if o.type == 'table' else ''}`"
-
-
-def schema_markdown(schema: Schema = OPTIONS) -> str:
-    """The table of every key, for docs/config.md."""
-    rows = ["| key | type | default | `fedjax run` option | `ExperimentConfig` field | meaning |",
-            "| --- | --- | --- | --- | --- | --- |"]
-    for k in schema.options:
-        rows.append(f"| `{k.key}` | {k.type} | {default_of(k.field, schema)} | "
-                    f"{flag_of(k.field, schema)} | `{k.field}` | {k.help} |")
-    return "\n".join(rows) + "\n"
-
-
-def _options_text(options: dict, skip=()) -> str:
-    shown = [f"`{name}`" if v is inspect.Parameter.empty else
-             f"`{name}` (unset)" if v is None else f"`{name} = {_toml_value(v)}`"
-             for name, v in options.items() if name not in skip]
-    return ", ".join(shown) or "none"
-
-
-def registries_markdown(task_names: Iterable[str] | None = None) -> str:
-    """The registered tasks, algorithms (with options and defaults) and aggregators (with
-    options), for docs/config.md."""
-    lines = ["### Tasks (`task`)", ""]
-    for name in (tasks.names() if task_names is None else task_names):
-        e = tasks.entry(name)
-        d = e.defaults
-        lines.append(f"- `{name}`: {e.description}. Defaults: `{d.algorithm}`, {d.rounds} "
-                     f"rounds x {d.clients_per_round} clients, batch {d.batch_size}, "
-                     f"{d.epochs} epoch{'s' if d.epochs > 1 else ''}, client lr {d.client_lr:g}"
-                     + (f", max {d.max_steps} steps" if d.max_steps else "") + ".")
-    lines += ["", "### Algorithms (`algorithm.name`, `[algorithm.options]`)", ""]
-    for name in sorted(algorithms.ALGORITHMS):
-        e = algorithms.ALGORITHMS[name]
-        filled = f"; filled in by the run: {', '.join(e.needs)}" if e.needs else ""
-        lines.append(f"- `{name}`: {e.description}. Options: "
-                     f"{_options_text(algorithms.options(name), e.needs)}{filled}.")
-    lines += ["", "### Aggregators (`aggregator.name`, `[aggregator.options]`)", ""]
-    for name in sorted(aggregators.AGGREGATORS):
-        e = aggregators.AGGREGATORS[name]
-        lines.append(f"- `{name}`: {e.description}. Options: "
-                     f"{_options_text(aggregators.options(name))}.")
-    return "\n".join(lines) + "\n"

@@ -4,12 +4,11 @@ callbacks they call for (`fedjax_api.callbacks`)."""
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import attrs
-import optax
 
 from fedjax_api import distributed, privacy, rundir, tasks
+from fedjax_api.algorithm import build_algorithm
 from fedjax_api.callbacks import (
     Callback,
     Checkpoint,
@@ -34,15 +33,10 @@ from fedjax_api.loop import (
     final_metrics,
 )
 from fedjax_api.server import Server
-from fedjax_core.aggregate import registry as aggregators
-from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.aggregate.guard import skip_nonfinite
-from fedjax_core.algorithms import registry
 from fedjax_core.algorithms.base import FederatedAlgorithm
 from fedjax_core.parallel import Plan
 
-__all__ = ["Experiment", "Interrupted", "NonFiniteError", "RunResult", "TimeLimitReached",
-           "build_algorithm"]
+__all__ = ["Experiment", "Interrupted", "NonFiniteError", "RunResult", "TimeLimitReached"]
 
 
 @attrs.frozen(kw_only=True)
@@ -142,14 +136,11 @@ class Experiment:
         saved = cfg.to_dict()
         if dp is not None:  # calibrated when --dp-epsilon
             saved["resolved"] = {"noise_multiplier": dp.noise_multiplier}
+        same = {a.name: getattr(cfg, a.name) for a in attrs.fields(cls)  # run options
+                if a.name in saved and a.name not in ("task", "algorithm")}
         exp = cls(task=task, algorithm=build_algorithm(cfg, task, dp and dp.aggregator),
-                  rounds=cfg.rounds, clients_per_round=cfg.clients_per_round, seed=cfg.seed,
-                  eval_every=cfg.eval_every, eval_train_clients=cfg.eval_train_clients,
-                  plan=Plan(cfg.chunk_size), devices=cfg.devices, config=saved,
-                  personalize_steps=cfg.personalize_steps, personalize_lr=cfg.client_lr,
-                  sampling=cfg.sampling, privacy=dp, checkpoint_every=cfg.checkpoint_every,
-                  keep_checkpoints=cfg.keep_checkpoints, time_limit=cfg.time_limit,
-                  skip_nonfinite_clients=cfg.skip_nonfinite_clients, tensorboard=cfg.tensorboard)
+                  plan=Plan(cfg.chunk_size), config=saved, personalize_lr=cfg.client_lr,
+                  privacy=dp, **same)
         # Only a valid experiment creates its run directory; process 0 checks and writes it.
         if cfg.out and distributed.is_primary():
             if not resuming and (Path(cfg.out) / rundir.METRICS_FILE).exists():
@@ -228,46 +219,3 @@ class Experiment:
         loop.run()
         return RunResult(server=loop.server, history=history, final=final_metrics(history),
                          host=loop.host, stopped=loop.stopped)
-
-
-class AlgorithmOptions(NamedTuple):
-    """What `build_algorithm` reads of a config (`from_config`): a sweep member's settings
-    carry traced learning rates, which an `ExperimentConfig` would refuse."""
-
-    algorithm: str
-    client_lr: Any
-    server_lr: Any
-    aggregator: str
-    aggregator_options: dict
-    algorithm_options: dict
-    skip_nonfinite_clients: bool
-
-    @classmethod
-    def of(cls, cfg: "ExperimentConfig | dict") -> "AlgorithmOptions":
-        """The options of a config, or of a dict holding its fields."""
-        values = cfg if isinstance(cfg, dict) else cfg.to_dict()
-        return cls(**{name: values[name] for name in cls._fields})
-
-
-def build_algorithm(cfg: "ExperimentConfig | AlgorithmOptions", task: tasks.Task,
-                    aggregator: Aggregator | None = None) -> FederatedAlgorithm:
-    """The configured algorithm with its aggregator (or `aggregator`, e.g. a private run's);
-    supplies what the algorithm `needs` (the number of training clients, of domains, the
-    client learning rate)."""
-    entry = registry.get(cfg.algorithm)
-    facts = {"num_clients": task.train.num_clients, "num_domains": task.num_domains,
-             "client_learning_rate": cfg.client_lr}
-    if "num_domains" in entry.needs and not task.num_domains:
-        raise ConfigError(f"algorithm {cfg.algorithm!r} needs examples with a domain_id; "
-                          f"task {task.name!r} has none (try emnist or stackoverflow)")
-    try:
-        if aggregator is None and (cfg.aggregator != "mean" or cfg.aggregator_options):
-            aggregator = aggregators.build(cfg.aggregator, **cfg.aggregator_options)
-        if cfg.skip_nonfinite_clients:
-            aggregator = skip_nonfinite(aggregator)
-        return registry.build(cfg.algorithm, optax.sgd(cfg.client_lr), cfg.server_lr,
-                              aggregator=aggregator, **cfg.algorithm_options,
-                              **{k: facts[k] for k in entry.needs})
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"cannot build {cfg.algorithm} with aggregator {cfg.aggregator}: "
-                          f"{e}") from None

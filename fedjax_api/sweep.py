@@ -28,6 +28,7 @@ import attrs
 import numpy as np
 
 from fedjax_api import rundir
+from fedjax_api.algorithm import AlgorithmOptions, build_algorithm
 from fedjax_api.callbacks import (
     Callback,
     Evaluation,
@@ -38,8 +39,9 @@ from fedjax_api.callbacks import (
 )
 from fedjax_api.config import ExperimentConfig
 from fedjax_api.errors import ConfigError
-from fedjax_api.experiment import AlgorithmOptions, Experiment, build_algorithm
+from fedjax_api.experiment import Experiment
 from fedjax_api.loop import Loop, OnRecord, cohort_sampler, final_metrics
+from fedjax_api.report import higher_is_better
 from fedjax_api.server import SweepServer, keeps_client_state
 from fedjax_api.versions import versions
 from fedjax_core import sweep as core
@@ -123,11 +125,11 @@ class SweepResult:
 
     def ranked(self, metric: str | None = None) -> list[MemberResult]:
         """Members best first by the final `metric` (e.g. "test/accuracy"; default: test
-        accuracy if reported, else test loss); losses and perplexities rank lowest first,
-        other metrics highest first; NaN last."""
+        accuracy if reported, else test loss); losses, errors and perplexities rank lowest
+        first (`report.higher_is_better`), other metrics highest first; NaN last."""
         metric = metric or default_metric(self.members[0].final)
         split, _, name = metric.partition("/")
-        lower = _lower_is_better(name)
+        lower = higher_is_better(name) is False  # losses, errors, perplexities
 
         def key(m):
             v = m.final.get(split, {}).get(name, math.nan)
@@ -139,10 +141,6 @@ class SweepResult:
 def default_metric(final: dict) -> str:
     """The metric a sweep ranks by: test accuracy when reported, else test loss."""
     return "test/accuracy" if "accuracy" in final.get("test", {}) else "test/loss"
-
-
-def _lower_is_better(name: str) -> bool:
-    return "loss" in name or "perplexity" in name
 
 
 def _values(name: str, given, default) -> list:

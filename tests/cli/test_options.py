@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from cli import main, options
 from cli import sweep as sweep_cli
-from fedjax_api import config, configfile
+from fedjax_api import config, configfile, listing
 from fedjax_api.errors import ConfigError
 from fedjax_api.options import Schema, at_least, option
 from fedjax_api.resume import resume_config
@@ -91,7 +91,7 @@ def test_a_new_option_is_one_declaration(tmp_path):
     assert re.search(r"^\| `--foo` \| int >= 0 \| 3 \| `run.foo` \| yes \| yes \| "
                      r"A made-up option\. \|$", options.markdown(FOO), re.MULTILINE)
     assert "| `run.foo` | integer | `3` | `--foo` | `foo` | A made-up option. |" in \
-        configfile.schema_markdown(FOO)
+        listing.schema_markdown(FOO)
 
 
 def test_docs_option_table_is_current():

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from fedjax_api import config, configfile, tasks
+from fedjax_api import config, configfile, listing, tasks, toml_text
 from fedjax_api.config import ConfigError, ExperimentConfig
 from fedjax_core.aggregate import registry as aggregators
 from fedjax_core.algorithms import registry as algorithms
@@ -68,8 +68,8 @@ def _builtin_task_names():
 
 
 @pytest.mark.parametrize("name, make", [
-    ("schema", configfile.schema_markdown),
-    ("registries", lambda: configfile.registries_markdown(_builtin_task_names())),
+    ("schema", listing.schema_markdown),
+    ("registries", lambda: listing.registries_markdown(_builtin_task_names())),
 ])
 def test_docs_generated_blocks_are_current(name, make):
     generated_docs.check(DOCS, name, make(), ".venv/bin/python -m pytest -q "
@@ -106,7 +106,7 @@ def test_docs_name_the_real_command_line_options():
     renamed = {"algorithm_options": "option", "aggregator_options": "aggregator_option"}
     for field in FIELDS:
         assert renamed.get(field, field) in params, f"fedjax run has no option for {field}"
-        flag = configfile.flag_of(field)
+        flag = listing.flag_of(field)
         assert flag.strip("`").split()[0] in (
             "TASK", f"--{renamed.get(field, field).replace('_', '-')}"), (field, flag)
 
@@ -378,7 +378,7 @@ def test_every_key_refuses_every_wrong_type(tmp_path):
                 configfile.load(path)
                 continue
             message = one_line_error(configfile.load, path)
-            assert f"{key} expects {configfile._TYPE_WORDS[k.type]}, got " in message, message
+            assert f"{key} expects {toml_text.TYPE_WORDS[k.type]}, got " in message, message
             if k.type != "string":  # a string key takes any --set text as written
                 message = one_line_error(configfile.apply_overrides, {}, [f"{key}={literal}"])
                 assert f"{key} expects" in message, message
@@ -541,7 +541,7 @@ def valid_configs(draw):
 
 def render(d: dict, style: str) -> str:
     """A TOML file holding `d` (dotted key -> value), in sections or with dotted keys."""
-    lit = configfile._toml_value
+    lit = toml_text.literal
     if style == "dotted":
         return "".join(f"{key} = {lit(v)}\n" for key, v in d.items())
     root = [f"{key} = {lit(v)}" for key, v in d.items() if "." not in key]
@@ -550,7 +550,7 @@ def render(d: dict, style: str) -> str:
         if "." in key:
             section, name = key.rsplit(".", 1)
             if isinstance(v, dict):
-                sections[key] += [f"{configfile._show_key((k,))} = {lit(x)}" for k, x in v.items()]
+                sections[key] += [f"{toml_text.show_key((k,))} = {lit(x)}" for k, x in v.items()]
                 sections.setdefault(section, [])  # the parent table exists
             else:
                 sections[section].append(f"{name} = {lit(v)}")
@@ -581,7 +581,7 @@ def test_property_valid_configs_resolve_and_round_trip(tmp_path):
         for k in set_keys:
             if configfile.SCHEMA[k].type == "integer":
                 in_file[k] = 1  # valid, but overridden
-        sets = [f"{k}={configfile._toml_value(d[k])}" for k in set_keys]
+        sets = [f"{k}={toml_text.literal(d[k])}" for k in set_keys]
         path = tmp_path / f"case{count['cases']}.toml"
         path.write_text(render(in_file, style), encoding="utf-8")
         cfg = configfile.resolve_file(path, sets, {}, default_task=task)
