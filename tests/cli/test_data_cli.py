@@ -1,13 +1,11 @@
 """`fedjax data ...` commands, offline."""
 
-from pathlib import Path
-
 import numpy as np
-import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
 from fedjax_core.data.sqlite import SQLiteFederatedData, write_sqlite
+from tests.fixtures import FEMNIST_LEAF_SAMPLE
 
 runner = CliRunner()
 
@@ -15,7 +13,7 @@ runner = CliRunner()
 def flat(res) -> str:
     """The output with line wrapping undone (rich wraps at the terminal width)."""
     return " ".join(res.output.split())
-FEMNIST = Path(__file__).resolve().parents[2].parent / "shared" / "femnist_leaf_sample"
+FEMNIST = FEMNIST_LEAF_SAMPLE
 
 
 def test_list_shows_catalog_and_cache(tmp_path, monkeypatch):
@@ -44,7 +42,6 @@ def test_info_on_sqlite_and_errors(tmp_path, monkeypatch):
     assert res.exit_code == 2 and "Traceback" not in flat(res)
 
 
-@pytest.mark.skipif(not FEMNIST.is_dir(), reason=f"FEMNIST sample not found at {FEMNIST}")
 def test_info_and_convert_leaf(tmp_path):
     res = runner.invoke(app, ["data", "info", str(FEMNIST / "test")])
     assert res.exit_code == 0 and "184 clients, 4088 examples" in flat(res)

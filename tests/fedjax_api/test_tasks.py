@@ -8,8 +8,9 @@ import pytest
 from fedjax_api import ConfigError, Experiment, config, tasks
 from fedjax_api.datasets import catalog
 from fedjax_core.data.sqlite import write_sqlite
+from tests.fixtures import FEMNIST_LEAF_SAMPLE
 
-FEMNIST = __import__("pathlib").Path(__file__).resolve().parents[2].parent / "shared" / "femnist_leaf_sample"
+FEMNIST = FEMNIST_LEAF_SAMPLE
 
 
 def _write(name, split, clients):
@@ -91,7 +92,6 @@ def test_synthetic_task():
     assert t.train.data.get_client(0)["x"].shape[1] == 60
 
 
-@pytest.mark.skipif(not FEMNIST.is_dir(), reason=f"FEMNIST sample not found at {FEMNIST}")
 def test_femnist_leaf_task(tmp_path):
     t = tasks.get("femnist-leaf", data_path=str(FEMNIST))
     assert (t.train.num_clients, t.train.num_examples) == (105, 14708)

@@ -21,16 +21,15 @@ from fedjax_core.data.sqlite import (
     encode_client,
     write_sqlite,
 )
+from tests.fixtures import FEDJAX_SQLITE
 
-FIXTURES = Path(__file__).resolve().parents[3].parent / "shared" / "fixtures" / "fedjax_sqlite"
+FIXTURES = FEDJAX_SQLITE
 FIXTURE_FILES = ["emnist_like.sqlite", "shakespeare_like.sqlite", "stackoverflow_like.sqlite"]
 
 
 @pytest.fixture
 def fixtures() -> Path:
-    if not (FIXTURES / "manifest.json").exists():
-        pytest.skip(f"FedJAX SQLite fixtures not found at {FIXTURES} (written by FedJAX itself; "
-                    "they live outside the repository, in shared/fixtures)")
+    assert (FIXTURES / "manifest.json").exists(), f"the FedJAX SQLite fixtures are not in {FIXTURES}"
     return FIXTURES
 
 
