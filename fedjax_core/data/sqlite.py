@@ -705,6 +705,9 @@ def write_sqlite(path: str | os.PathLike,
 
     Raises:
       FileExistsError: `path` exists and `overwrite` is False.
+      IsADirectoryError / FileNotFoundError / PermissionError: `path` is a folder, or its
+        folder does not exist or is not writable.
+      OSError: the file cannot be written (e.g. the disk is full); nothing is left behind.
       ValueError: a client's arrays cannot be stored, or an id repeats.
 
     Example:
@@ -743,15 +746,22 @@ def write_sqlite(path: str | os.PathLike,
             count += 1
             yield raw, blob, n
 
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(f"{path}: cannot write in {directory} (permission denied); "
+                              "give a path in a folder you can write to")
     try:
-        connection = sqlite3.connect(tmp)
         try:
-            connection.execute(CREATE_TABLE + ";")
-            connection.commit()
-            connection.executemany("INSERT INTO federated_data VALUES (?, ?, ?);", rows())
-            connection.commit()
-        finally:
-            connection.close()
+            connection = sqlite3.connect(tmp)
+            try:
+                connection.execute(CREATE_TABLE + ";")
+                connection.commit()
+                connection.executemany("INSERT INTO federated_data VALUES (?, ?, ?);", rows())
+                connection.commit()
+            finally:
+                connection.close()
+        except sqlite3.Error as e:  # cannot create the file, the disk is full, ...
+            raise OSError(f"{path}: cannot write it in {directory} (sqlite: {e}); check that "
+                          "the folder is writable and the disk has room") from None
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         _publish(tmp, path, overwrite)
