@@ -115,7 +115,7 @@ def _toml(doc: dict) -> str:
         if isinstance(v, float):
             return {"nan": "nan", "inf": "inf", "-inf": "-inf"}.get(repr(v), repr(v))
         if isinstance(v, str):
-            return '"' + "".join(c if c.isprintable() and c not in '"\\' else f"\\u{ord(c):04x}"
+            return '"' + "".join(c if c.isprintable() and c not in '"\\' else f"\\U{ord(c):08x}"
                                  for c in v) + '"'
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
