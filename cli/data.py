@@ -1,10 +1,11 @@
 """`fedjax data list | info | download | convert | partition`."""
 
-import zipfile
+import contextlib
+import os
+import sqlite3
 from pathlib import Path
 from typing import Annotated, Optional
 
-import numpy as np
 import typer
 from rich.progress import (
     BarColumn,
@@ -19,7 +20,7 @@ from rich.table import Table
 from cli.common import console, user_errors
 from fedjax_api import datasets
 from fedjax_api.datasets.download import format_bytes
-from fedjax_api.datasets.local import describe, open_data
+from fedjax_api.datasets.local import check_clients, describe, open_data
 from fedjax_api.errors import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -52,9 +53,12 @@ def info(
     name_or_path: Annotated[str, typer.Argument(help="Dataset name (see `fedjax data list`) or a "
                                                      ".sqlite file or LEAF JSON file/folder.")],
     split: Annotated[Optional[str], typer.Option(help="Split of a named dataset.")] = None,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Decode every client; report the first bad one (exit 2).")] = False,
 ) -> None:
     """Clients, examples, client-size distribution and features."""
-    d = describe(open_data(name_or_path, split))
+    data = open_data(name_or_path, split)
+    d = describe(data)
     console.print(f"[bold]{name_or_path}[/]{f' ({split})' if split else ''}: {d['clients']} clients, "
                   f"{d['examples']} examples")
     if d["sizes"]:
@@ -67,6 +71,11 @@ def info(
     for name, f in d["features"].items():
         table.add_row(name, f["dtype"], str(tuple(f["shape"])))
     console.print(table)
+    if check:
+        n, bad = check_clients(data)
+        if bad is not None:
+            raise ConfigError(f"client {n + 1} of {d['clients']} is bad: {bad[1]}")
+        console.print(f"all {n} clients OK")
 
 
 @app.command()
@@ -103,18 +112,38 @@ def convert(
 ) -> None:
     """Convert LEAF JSON or TFF SQLite to FedJAX's SQLite format."""
     from fedjax_core.data.convert import leaf_to_sqlite, tff_to_sqlite
-    from fedjax_core.data.errors import DataFormatError
 
     if not source.exists():
         raise ConfigError(f"{str(source)!r} does not exist")
-    if dest.exists() and not overwrite:
-        raise ConfigError(f"{str(dest)!r} exists; pass --overwrite to replace it")
-    try:
+    _check_dest(dest, overwrite)
+    with _data_errors():
         n = (tff_to_sqlite(source, tff_split, dest, overwrite=overwrite) if tff_split
              else leaf_to_sqlite(source, dest, overwrite=overwrite))
-    except DataFormatError as e:
-        raise ConfigError(str(e)) from None
     console.print(f"wrote {n} clients to {dest}")
+
+
+def _check_dest(dest: Path, overwrite: bool) -> None:
+    """One line, before any work, for a DEST that cannot be written."""
+    if dest.is_dir():
+        raise ConfigError(f"{str(dest)!r} is a directory; give a file name ending in .sqlite")
+    if dest.exists() and not overwrite:
+        raise ConfigError(f"{str(dest)!r} exists; pass --overwrite to replace it")
+    parent = dest.absolute().parent
+    if not parent.is_dir():
+        raise ConfigError(f"the folder of {str(dest)!r} ({parent}) does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write in {parent} (permission denied); give another DEST")
+
+
+@contextlib.contextmanager
+def _data_errors():
+    """A malformed input file or a failed write as one `ConfigError` line."""
+    from fedjax_core.data.errors import DataFormatError
+
+    try:
+        yield
+    except (DataFormatError, OSError, sqlite3.Error) as e:
+        raise ConfigError(" ".join(str(e).split()) or type(e).__name__) from None
 
 
 @app.command()
@@ -138,14 +167,9 @@ def partition(
 
     if not source.exists():
         raise ConfigError(f"{str(source)!r} does not exist")
-    if dest.exists() and not overwrite:
-        raise ConfigError(f"{str(dest)!r} exists; pass --overwrite to replace it")
-    try:
-        with np.load(source, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise ConfigError(f"cannot read {str(source)!r} as a pickle-free .npz "
-                          f"({type(e).__name__}: {e})") from None
+    _check_dest(dest, overwrite)
+    with _data_errors():
+        arrays = part.read_npz(source)
     makers = {
         "iid": lambda: part.iid(arrays, clients, seed),
         "dirichlet": lambda: part.dirichlet_label_skew(arrays, clients, alpha, seed, label_key=label),
@@ -162,6 +186,7 @@ def partition(
     except (ValueError, KeyError) as e:
         raise ConfigError(f"cannot partition {str(source)!r}: {e}") from None
     from fedjax_core.data.convert import to_fedjax_arrays
-    n = write_sqlite(dest, ((cid, to_fedjax_arrays(data.get_client(i)))
-                            for i, cid in enumerate(data.client_ids)), overwrite=overwrite)
+    with _data_errors():
+        n = write_sqlite(dest, ((cid, to_fedjax_arrays(data.get_client(i)))
+                                for i, cid in enumerate(data.client_ids)), overwrite=overwrite)
     console.print(f"wrote {n} clients ({int(data.client_sizes.sum())} examples) to {dest}")

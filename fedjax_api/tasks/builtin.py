@@ -58,7 +58,7 @@ def _load_shakespeare_plays(data_path: str | None) -> Loaded:
 
     try:
         train, test = plays.load_plays(plays_dir=data_path)
-    except (ImportError, OSError) as e:
+    except (ImportError, OSError, DataFormatError) as e:
         raise ConfigError(f"cannot load the plays: {e}") from None
     _, baseline = plays.majority_baseline(train, test)
     return Loaded(shakespeare_lstm(), train, test, {"accuracy": baseline})
@@ -165,8 +165,12 @@ def _load_femnist_leaf(data_path: str | None) -> Loaded:
     try:
         train, test = (PreprocessedFederatedData(load_leaf(root / s, layout="femnist"), prep, True)
                        for s in ("train", "test"))
-    except DataFormatError as e:
+    except (DataFormatError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
+    for split, data in (("train", train), ("test", test)):
+        if not int(np.sum(data.client_sizes)):
+            raise ConfigError(f"{root / split}: every LEAF user there has 0 examples; point --data "
+                              "at LEAF's data/femnist/data")
     return Loaded(emnist_cnn(num_classes=62), train, test, _majority_baseline(train, test))
 
 

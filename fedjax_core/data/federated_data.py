@@ -4,6 +4,8 @@ from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from fedjax_core.data.errors import DataFormatError
+
 ClientArrays = dict[str, np.ndarray]
 """One client's examples: feature name -> array with a leading `examples` axis."""
 
@@ -123,7 +125,18 @@ class PreprocessedFederatedData:
         return self._sizes
 
     def get_client(self, index: int) -> ClientArrays:
-        return self._fn(self._base.client_ids[index], self._base.get_client(index))
+        cid = self._base.client_ids[index]
+        arrays = self._base.get_client(index)
+        try:
+            return self._fn(cid, arrays)
+        except KeyError as e:  # a file of another dataset: name the client and what it holds
+            key = e.args[0] if e.args else None
+            if isinstance(key, str) and key not in arrays:
+                raise DataFormatError(
+                    f"client {cid!r} has no feature {key!r} (it has {', '.join(sorted(arrays))}); "
+                    "the file holds another dataset, check the path or download it again"
+                ) from None
+            raise
 
 
 class AlignedFederatedData:

@@ -16,13 +16,91 @@ from `np.random.default_rng(seed)`: the same arguments give the same partition.
 | `by_column`            | one client per distinct value of a column (natural ids)             |
 """
 
+import os
+import zipfile
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from fedjax_core.data.errors import DataFormatError
 from fedjax_core.data.federated_data import InMemoryFederatedData
 
 Arrays = Mapping[str, np.ndarray]
+
+
+class _NotPlain(Exception):
+    """Why a member of a `.npz` is refused (the caller adds the file and the member)."""
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no check
+        return 2**62
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of a plain `.npz` file (what `np.savez` writes), never unpickling anything.
+
+    Every member's `.npy` header is checked against the member's size before its array is
+    read, so a crafted header cannot make numpy allocate more than the file holds.
+
+    Args:
+      path: a `.npz` file of numeric (or fixed-width string) arrays.
+
+    Returns:
+      `{name: array}` in the file's order.
+
+    Raises:
+      FileNotFoundError / IsADirectoryError / PermissionError: the path cannot be read.
+      DataFormatError: the file is not a plain `.npz` (not a zip of `.npy` arrays, a damaged
+        member, or an array of Python objects, which would need unpickling).
+
+    Example:
+      >>> np.savez("d.npz", x=np.zeros((4, 2)), y=np.arange(4))
+      >>> sorted(read_npz("d.npz"))
+      ['x', 'y']
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a directory, not a .npz file")
+    not_plain = (f"{path}: not a plain, pickle-free .npz file (a zip of .npy arrays without "
+                 "Python objects); write it with numpy.savez")
+    with open(path, "rb") as f:
+        try:
+            archive = zipfile.ZipFile(f)
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+            raise DataFormatError(not_plain) from None
+        arrays: dict[str, np.ndarray] = {}
+        with archive:
+            total = sum(info.file_size for info in archive.infolist())
+            if total > _physical_memory():
+                raise DataFormatError(f"{path}: its arrays declare {total} bytes, more than this "
+                                      "machine's memory; is the file damaged?")
+            for info in archive.infolist():
+                name = info.filename.removesuffix(".npy")
+                try:
+                    with archive.open(info) as member:
+                        version = np.lib.format.read_magic(member)
+                        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                       else np.lib.format.read_array_header_2_0)
+                        shape, _, dtype = read_header(member)
+                        if dtype.hasobject:
+                            raise _NotPlain("it holds Python objects")
+                        declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                        if declared > info.file_size:
+                            raise _NotPlain(f"it declares {declared} bytes but holds "
+                                            f"{info.file_size}")
+                    with archive.open(info) as member:
+                        arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+                except Exception as e:  # zip, zlib, numpy header and read errors of bad bytes
+                    if isinstance(e, MemoryError):
+                        raise
+                    # numpy's own text may suggest allow_pickle=True: never pass that on
+                    why = str(e) if isinstance(e, _NotPlain) else f"damaged: {type(e).__name__}"
+                    raise DataFormatError(f"{not_plain} (member {info.filename!r}: {why})"
+                                          ) from None
+    return arrays
 
 
 def client_id(index: int, num_clients: int) -> str:

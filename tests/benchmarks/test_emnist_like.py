@@ -1,20 +1,18 @@
 """benchmarks/emnist_like.py draws the same data as FedJAX's benchmark generator."""
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from benchmarks import emnist_like
+from tests.fixtures import SYNTH_EMNIST
 
-SYNTH = Path(__file__).resolve().parents[3] / "shared" / "bench" / "synth_emnist.py"
+SYNTH = SYNTH_EMNIST
 
 
 @pytest.fixture(scope="module")
 def synth():
-    if not SYNTH.exists():
-        pytest.skip(f"{SYNTH} is not here")
     spec = importlib.util.spec_from_file_location("synth_emnist", SYNTH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -8,8 +8,9 @@ import pytest
 from fedjax_api import ConfigError, Experiment, config, tasks
 from fedjax_api.datasets import catalog
 from fedjax_core.data.sqlite import write_sqlite
+from tests.fixtures import FEMNIST_LEAF_SAMPLE
 
-FEMNIST = __import__("pathlib").Path(__file__).resolve().parents[2].parent / "shared" / "femnist_leaf_sample"
+FEMNIST = FEMNIST_LEAF_SAMPLE
 
 
 def _write(name, split, clients):
@@ -91,7 +92,6 @@ def test_synthetic_task():
     assert t.train.data.get_client(0)["x"].shape[1] == 60
 
 
-@pytest.mark.skipif(not FEMNIST.is_dir(), reason=f"FEMNIST sample not found at {FEMNIST}")
 def test_femnist_leaf_task(tmp_path):
     t = tasks.get("femnist-leaf", data_path=str(FEMNIST))
     assert (t.train.num_clients, t.train.num_examples) == (105, 14708)
@@ -102,3 +102,39 @@ def test_femnist_leaf_task(tmp_path):
         tasks.get("femnist-leaf")
     with pytest.raises(ConfigError, match="must hold the LEAF folders"):
         tasks.get("femnist-leaf", data_path=str(tmp_path))
+
+
+def test_bad_data_folders_are_one_line_config_errors(tmp_path):
+    empty = tmp_path / "leaf"
+    (empty / "train").mkdir(parents=True)
+    (empty / "test").mkdir()
+    with pytest.raises(ConfigError, match="holds no"):
+        tasks.get("femnist-leaf", data_path=str(empty))
+    for split in ("train", "test"):
+        (empty / split / "a.json").write_text(json.dumps(
+            {"users": ["u"], "num_samples": [0], "user_data": {"u": {"x": [], "y": []}}}))
+    with pytest.raises(ConfigError, match="every LEAF user there has 0 examples"):
+        tasks.get("femnist-leaf", data_path=str(empty))
+    plays = tmp_path / "plays"
+    plays.mkdir()
+    (plays / "hamlet.md").write_bytes(bytes(range(256)) * 4)  # binary, not UTF-8
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        tasks.get("shakespeare-plays", data_path=str(plays))
+    (plays / "hamlet.md").write_text("no speeches here\n")
+    with pytest.raises(ConfigError, match="no speeches found"):
+        tasks.get("shakespeare-plays", data_path=str(plays))
+
+
+def test_a_client_of_another_dataset_names_the_client(fake_cache):
+    from fedjax_core.data.errors import DataFormatError
+
+    catalog.local_paths("emnist")["train"].unlink()
+    _write("emnist", "train", {"f0001_00": {"pixels": np.zeros((2, 28, 28), np.float32),
+                                      "label": np.zeros(2, np.int32)},
+                               "f0002_00": {"image": np.zeros((2, 28, 28), np.float32),
+                                      "label": np.zeros(2, np.int32)}})
+    t = tasks.get("emnist")
+    t.train.data.get_client(0)
+    with pytest.raises(DataFormatError, match="client 'f0002_00' has no feature 'pixels' "
+                                              r"\(it has image, label\)"):
+        t.train.data.get_client(1)

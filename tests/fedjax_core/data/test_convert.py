@@ -1,6 +1,5 @@
 """Converters into FedJAX's SQLite format: flat arrays, LEAF JSON, TFF SQLite (CIFAR-100)."""
 
-import importlib.util
 import json
 import lzma
 import os
@@ -19,12 +18,11 @@ from fedjax_core.data.convert import (
 )
 from fedjax_core.data.errors import DataFormatError
 from fedjax_core.data.sqlite import SQLiteFederatedData, write_sqlite
+from tests.fixtures import FEMNIST_LEAF_SAMPLE
 
 from .test_tff_sqlite import make_tff_db, tiny_cifar
 
-LEAF_SAMPLE = (Path(__file__).resolve().parents[3].parent / "shared" / "femnist_leaf_sample"
-               / "test" / "all_data_0_niid_05_keep_0_test_9.json.gz")
-HAVE_LEAF = importlib.util.find_spec("fedjax_core.data.leaf") is not None
+LEAF_SAMPLE = FEMNIST_LEAF_SAMPLE / "test" / "all_data_0_niid_05_keep_0_test_9.json.gz"
 
 
 def test_clients_to_sqlite_is_write_sqlite():
@@ -129,7 +127,6 @@ def write_leaf(path: Path, users: dict) -> Path:
     return path
 
 
-@pytest.mark.skipif(not HAVE_LEAF, reason="fedjax_core.data.leaf is not written yet")
 def test_leaf_femnist_and_shakespeare_to_sqlite(tmp_path):
     from fedjax_core.data.leaf import load_leaf
 
@@ -157,10 +154,7 @@ def test_leaf_femnist_and_shakespeare_to_sqlite(tmp_path):
     assert text["x"].dtype == object and text["x"][1] == "été".encode()
 
 
-@pytest.mark.skipif(not HAVE_LEAF, reason="fedjax_core.data.leaf is not written yet")
 def test_leaf_sample_shard_to_sqlite(tmp_path):
-    if not LEAF_SAMPLE.exists():
-        pytest.skip(f"FEMNIST LEAF sample not found at {LEAF_SAMPLE}")
     from fedjax_core.data.leaf import load_leaf
 
     out = tmp_path / "femnist_test_0.sqlite"

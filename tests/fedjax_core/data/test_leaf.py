@@ -11,11 +11,9 @@ import pytest
 from fedjax_core.data.errors import DataFormatError
 from fedjax_core.data.federated_data import InMemoryFederatedData
 from fedjax_core.data.leaf import load_leaf
+from tests.fixtures import FEMNIST_LEAF_SAMPLE
 
-SAMPLE = Path(__file__).resolve().parents[3].parent / "shared" / "femnist_leaf_sample"
-needs_sample = pytest.mark.skipif(
-    not (SAMPLE / "train").is_dir() or not (SAMPLE / "test").is_dir(),
-    reason=f"the FEMNIST LEAF sample is not at {SAMPLE} (a checkout without ../shared)")
+SAMPLE = FEMNIST_LEAF_SAMPLE
 
 
 # ----------------------------------------------------------------------------- the real sample
@@ -40,7 +38,6 @@ def _labels(data):
     return np.concatenate([data.get_client(i)["y"] for i in range(len(data))])
 
 
-@needs_sample
 def test_femnist_sample_train_counts(femnist_train):
     sizes = femnist_train.client_sizes
     assert isinstance(femnist_train, InMemoryFederatedData)
@@ -50,7 +47,6 @@ def test_femnist_sample_train_counts(femnist_train):
     assert np.array_equal(np.unique(_labels(femnist_train)), np.arange(62))
 
 
-@needs_sample
 def test_femnist_sample_test_counts_and_overlap(femnist_train, femnist_test):
     assert len(femnist_test) == 184
     assert int(femnist_test.client_sizes.sum()) == 4_088
@@ -58,7 +54,6 @@ def test_femnist_sample_test_counts_and_overlap(femnist_train, femnist_test):
     assert len(set(femnist_train.client_ids) & set(femnist_test.client_ids)) == 105
 
 
-@needs_sample
 def test_femnist_sample_representation(femnist_train):
     client = femnist_train.get_client(0)
     x, y = client["x"], client["y"]
@@ -70,7 +65,6 @@ def test_femnist_sample_representation(femnist_train):
     assert femnist_train.client_ids[0].startswith("f")  # writer ids like f3313_11
 
 
-@needs_sample
 def test_femnist_sample_one_shard_matches_folder(femnist_train):
     shard = sorted((SAMPLE / "train").glob("*.json.gz"))[0]
     one = load_leaf(shard)

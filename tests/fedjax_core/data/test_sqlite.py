@@ -21,16 +21,15 @@ from fedjax_core.data.sqlite import (
     encode_client,
     write_sqlite,
 )
+from tests.fixtures import FEDJAX_SQLITE
 
-FIXTURES = Path(__file__).resolve().parents[3].parent / "shared" / "fixtures" / "fedjax_sqlite"
+FIXTURES = FEDJAX_SQLITE
 FIXTURE_FILES = ["emnist_like.sqlite", "shakespeare_like.sqlite", "stackoverflow_like.sqlite"]
 
 
 @pytest.fixture
 def fixtures() -> Path:
-    if not (FIXTURES / "manifest.json").exists():
-        pytest.skip(f"FedJAX SQLite fixtures not found at {FIXTURES} (written by FedJAX itself; "
-                    "they live outside the repository, in shared/fixtures)")
+    assert (FIXTURES / "manifest.json").exists(), f"the FedJAX SQLite fixtures are not in {FIXTURES}"
     return FIXTURES
 
 
@@ -420,6 +419,56 @@ def test_bad_blob(tmp_path, blob, match):
     with pytest.raises(DataFormatError, match=match) as error:
         data.get_client_by_id("bad")
     assert_one_line(error, path, "'bad'")
+
+
+def bomb(declared: int) -> bytes:
+    """A 1 MB blob whose one feature declares `declared` zero bytes (zlib's ratio: ~1000:1)."""
+    payload = msgpack.packb(([declared], "uint8", bytes(declared)), use_bin_type=True)
+    return zlib.compress(msgpack.packb({"x": msgpack.ExtType(1, payload)}, use_bin_type=True), 9)
+
+
+def test_decompression_bomb_is_refused_before_it_is_decompressed(tmp_path):
+    import tracemalloc
+
+    from fedjax_core.data import sqlite
+
+    blob = bomb(2**30)  # 1 GiB of zeros in ~1 MB
+    assert len(blob) < 1_100_000
+    path = make_db(tmp_path / "bomb.sqlite", [(b"good", encode_client({"x": ONE}), 2),
+                                             (b"bomb", blob, 2**30)])
+    data = SQLiteFederatedData(path)
+    tracemalloc.start()
+    with pytest.raises(DataFormatError, match="declares 1073741851 bytes once decompressed, "
+                                              "more than the 268435456 bytes") as error:
+        data.get_client_by_id("bomb")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 * 2**20, peak  # the limit is checked before the bytes are decompressed
+    assert_one_line(error, path, "'bomb'", "MAX_CLIENT_BYTES")
+    assert sqlite.MAX_CLIENT_BYTES == 256 * 2**20
+
+
+def test_client_bytes_limit_and_undeclared_bombs(monkeypatch):
+    from fedjax_core.data import sqlite
+
+    monkeypatch.setattr(sqlite, "MAX_CLIENT_BYTES", 4096)
+    ok = encode_client({"x": np.zeros(1000, np.uint8)})  # 1000 bytes + headers: under the limit
+    assert decode_client(ok)["x"].shape == (1000,)
+    with pytest.raises(DataFormatError, match="declares 4.* bytes once decompressed"):
+        decode_client(encode_client({"x": np.zeros(4096, np.uint8)}))
+    # Not a map of encoded arrays: only a bounded part is decompressed, to name the problem.
+    with pytest.raises(DataFormatError, match="not a msgpack map of feature name"):
+        decode_client(zlib.compress(bytes(64 * 2**20), 9))
+    with pytest.raises(DataFormatError, match="declares 100000 features; at most 1024"):
+        decode_client(zlib.compress(b"\xdf" + (100000).to_bytes(4, "big")))
+    # A blob cut short, or with bytes after the map, is still refused with one line.
+    with pytest.raises(DataFormatError, match="incomplete or truncated stream"):
+        decode_client(ok[:-4])
+    extra = zlib.compress(zlib.decompress(ok) + b"\x00")
+    with pytest.raises(DataFormatError, match="bytes after its map of features"):
+        decode_client(extra)
+    with pytest.raises(DataFormatError, match="maximum supported dimension|dimensions"):
+        decode_client(ext_blob({"x": msgpack.ExtType(1, msgpack.packb([[1] * 65, "uint8", b"\x00"]))}))
 
 
 def test_bad_num_examples_and_ids(tmp_path):
