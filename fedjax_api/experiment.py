@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import attrs
 import optax
 
-from fedjax_api import distributed, privacy, rundir, tasks
+from fedjax_api import accelerator, distributed, privacy, rundir, tasks
 from fedjax_api.callbacks import (
     Callback,
     Checkpoint,
@@ -145,7 +145,8 @@ class Experiment:
         exp = cls(task=task, algorithm=build_algorithm(cfg, task, dp and dp.aggregator),
                   rounds=cfg.rounds, clients_per_round=cfg.clients_per_round, seed=cfg.seed,
                   eval_every=cfg.eval_every, eval_train_clients=cfg.eval_train_clients,
-                  plan=Plan(cfg.chunk_size), devices=cfg.devices, config=saved,
+                  plan=Plan(cfg.chunk_size or accelerator.default_chunk_size(
+                      task, cfg.clients_per_round, cfg.devices)), devices=cfg.devices, config=saved,
                   personalize_steps=cfg.personalize_steps, personalize_lr=cfg.client_lr,
                   sampling=cfg.sampling, privacy=dp, checkpoint_every=cfg.checkpoint_every,
                   keep_checkpoints=cfg.keep_checkpoints, time_limit=cfg.time_limit,
