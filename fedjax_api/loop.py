@@ -279,6 +279,8 @@ def cohort_sampler(train: Any, clients_per_round: int, sampling: str,
     clients uniformly without replacement, or each with probability clients_per_round / N
     ("poisson"); with a mesh across processes, this process packs its devices' share."""
     rate = clients_per_round / train.num_clients
+    if getattr(train, "device_resident", False):
+        train.place_examples(plan)  # once, on the mesh: rounds do not copy them again
 
     def sample(round_num: int) -> Cohort:
         if distributed.spans_processes(plan):
