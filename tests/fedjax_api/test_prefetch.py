@@ -102,8 +102,8 @@ def test_to_device_copies_the_cohort_in_the_prefetch_thread_unchanged():
     from fedjax_core.parallel import Plan
     from tests.fedjax_api.tiny_task import NAME
 
-    host = tasks.get(NAME).train.sample(8, 0)
-    for plan, devices in ((Plan(), 1), (Plan(mesh=parallel.client_mesh(8)), 8)):
+    host = tasks.get(NAME).train.sample(4, 0)
+    for plan, devices in ((Plan(), 1), (Plan(mesh=parallel.client_mesh(4)), 4)):
         put = to_device(host, plan)
         for a, b in zip(jax.tree.leaves((put.batches, put.mask, put.num_examples)),
                         jax.tree.leaves((host.batches, host.mask, host.num_examples))):
