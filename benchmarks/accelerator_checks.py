@@ -41,7 +41,7 @@ def _compiles():
     """A counter of XLA compilations (JAX's backend-compile events)."""
     count = [0]
 
-    def listen(event, duration, **kw):
+    def listen(event: str, duration_secs: float, **kwargs: str | int) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
             count[0] += 1
 
@@ -158,8 +158,9 @@ def conv(quick: bool) -> None:
     params = nn.conv2d_init(key, 1, 32, 3)
     x = jax.random.normal(key, (8 if quick else 64, 20, 28, 28, 1))
     times, vals = {}, {}
-    for impl in ("lax", "im2col"):
-        def loss(p, xb, impl=impl):
+    impls: tuple[nn.ConvImpl, ...] = ("lax", "im2col")
+    for impl in impls:
+        def loss(p, xb, impl: nn.ConvImpl = impl):
             return jnp.sum(jnp.square(nn.conv2d(p, xb, impl=impl, train=True)))
         f = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))
         with jax.default_matmul_precision("highest"):
@@ -178,7 +179,7 @@ def conv(quick: bool) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     p.add_argument("check", choices=["mesh", "determinism", "memory", "conv"])
     p.add_argument("--quick", action="store_true", help="small sizes (the CPU run)")
     args = p.parse_args()

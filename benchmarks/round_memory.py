@@ -53,6 +53,7 @@ def measure(donate: bool) -> dict:
         x, client_state.ClientStore)) if isinstance(s, client_state.ClientStore)]
     store_bytes = sum(x.nbytes for s in stores for x in jax.tree.leaves(s))
     a = analysis
+    assert a is not None  # XLA:CPU and GPU both report it
     return {"donate_state": donate, "store_mb": store_bytes / 2**20,
             "argument_mb": a.argument_size_in_bytes / 2**20,
             "output_mb": a.output_size_in_bytes / 2**20,
@@ -62,7 +63,7 @@ def measure(donate: bool) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     p.add_argument("--out", default="benchmarks/results/round_memory.json")
     p.add_argument("--variant", choices=["keep", "donate"], help=argparse.SUPPRESS)
     args = p.parse_args()

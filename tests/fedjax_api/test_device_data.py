@@ -110,8 +110,8 @@ def test_with_seed_shares_the_device_copy_and_samples_like_a_new_dataset():
 
 
 def test_device_examples_are_placed_once_replicated_on_the_mesh():
-    from fedjax_core import parallel
     from fedjax_api.loop import cohort_sampler
+    from fedjax_core import parallel
     dense, device = datasets()
     plan = Plan(chunk_size=1, mesh=parallel.client_mesh(8))
     before = device.device_examples.features["x"]
