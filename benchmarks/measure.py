@@ -61,13 +61,19 @@ def machine_info() -> dict:
 
 def matmul_gflops(n: int = 2048, reps: int = 10) -> dict:
     """f32 matmul throughput of this machine now: median of `reps` timed `jit(jnp.dot)`
-    of two `n x n` matrices, `2 n^3 / seconds`.
+    of two `n x n` matrices, `2 n^3 / seconds`, at the precision the models train with
+    (`jax_default_matmul_precision`: on an NVIDIA GPU the default is TF32, so this is the
+    TF32 peak that a round's FLOP fraction is measured against; on a CPU, f32).
 
     Returns:
-      `{"gflops": median, "best_gflops": fastest rep, "n": n, "reps": reps}`.
+      `{"gflops": median, "best_gflops": fastest rep, "n": n, "reps": reps, "precision":
+      the default matmul precision (None: the backend's default), "backend": ...}`.
     """
     import jax
     import jax.numpy as jnp
+
+    if jax.default_backend() != "cpu":
+        n = max(n, 8192)  # large enough to reach an accelerator's peak
 
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     f = jax.jit(jnp.dot)
@@ -79,7 +85,21 @@ def matmul_gflops(n: int = 2048, reps: int = 10) -> dict:
         times.append(time.perf_counter() - t)
     flops = 2 * n ** 3
     return {"gflops": flops / statistics.median(times) / 1e9,
-            "best_gflops": flops / min(times) / 1e9, "n": n, "reps": reps}
+            "best_gflops": flops / min(times) / 1e9, "n": n, "reps": reps,
+            "precision": jax.config.values.get("jax_default_matmul_precision"),
+            "backend": jax.default_backend()}
+
+
+def device_peak_mb() -> float | None:
+    """Peak memory in use on the first device so far, MiB (`memory_stats()
+    ["peak_bytes_in_use"]`); None on a CPU, where the host's peak RSS is the measure."""
+    import jax
+
+    if jax.default_backend() == "cpu":
+        return None
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**20
 
 
 def peak_rss_mb() -> float:

@@ -356,7 +356,7 @@ def worker(side: str, name: str, options: Options) -> dict:
     res.update(peak_rss_mb=measure.peak_rss_mb(), rss_after_build_mb=data_rss,
                rss_before_rounds_mb=rss_start, rounds_peak_rss_mb=hwm if rss_start else None,
                rounds_added_mb=hwm - rss_start if rss_start and hwm else None,
-               build_s=build_s, matmul=matmul)
+               build_s=build_s, matmul=matmul, device_peak_mb=measure.device_peak_mb())
     return {"setup": {"kind": setup.kind, "clients_per_round": setup.clients_per_round,
                       "batch_size": setup.batch_size, "epochs": setup.epochs,
                       "client_lr": setup.client_lr, "server_lr": setup.server_lr,
@@ -462,7 +462,9 @@ def row(result: dict) -> dict:
             "flops_fraction": result.get("flops_fraction_of_matmul"),
             "conv_flops_fraction": result.get("conv_flops_fraction_of_matmul"),
             "padded_fraction": o.get("median_padded_fraction"),
-            "peak_mb": o.get("peak_rss_mb"), "baseline_peak_mb": b.get("peak_rss_mb"),
+            # device memory on an accelerator, the host's RSS on a CPU (where they are one)
+            "peak_mb": o.get("device_peak_mb") or o.get("peak_rss_mb"),
+            "baseline_peak_mb": b.get("device_peak_mb") or b.get("peak_rss_mb"),
             "rounds_added_mb": o.get("rounds_added_mb"),
             "compile_s": o.get("compile_s"), "best_chunk_size": o.get("best_chunk_size"),
             "examples_per_s": o.get("examples_per_s"),

@@ -102,6 +102,11 @@ def bench(
     m = summary["machine"]
     console.print(f"machine: {m['cpu_model']}, {m['cpu_count']} cores, jax {m['jax']} "
                   f"({m['backend']}); JSON in {out or run.default_out()}", highlight=False)
+    where = "device memory (memory_stats peak_bytes_in_use)" if m["backend"] != "cpu" \
+        else "host peak RSS"
+    console.print(f"peak MB: {where}; FLOP/s %: against the f32 matmul peak measured in the "
+                  f"same run, at the default matmul precision (TF32 on NVIDIA GPUs)",
+                  highlight=False)
     if any(r.get("error") for r in rows):
         raise typer.Exit(1)
 

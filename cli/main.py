@@ -21,7 +21,7 @@ from cli import bench, data, options, privacy, report, sweep
 from cli.common import console, print_error, user_errors
 from cli.options import Command
 from cli.progress import ProgressBar
-from fedjax_api import config, configfile, distributed, listing
+from fedjax_api import accelerator, config, configfile, distributed, listing
 from fedjax_api.compile_cache import enable_compilation_cache
 from fedjax_api.config import ExperimentConfig
 from fedjax_api.experiment import Experiment, Interrupted, RunResult, TimeLimitReached
@@ -50,7 +50,7 @@ def run_command(schema: Schema = config.OPTIONS) -> Command:
         cfg = configfile.resolve_file(config_file, set_ or [], {
             **options.values(schema, "run", given), "task": task},
             default_task=DEFAULT_TASK, schema=schema)
-        distributed.request_cpu_devices(cfg.devices)  # before JAX starts: no effect after
+        accelerator.prepare(cfg)  # CPU devices, deterministic ops: before JAX starts
         distributed.initialize(coordinator, num_processes, process_id)
         if cfg.out is None:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -77,7 +77,7 @@ def resume_command(schema: Schema = config.OPTIONS) -> Command:
         changes = {k: v for k, v in options.values(schema, "resume", given).items()
                    if v is not None}
         cfg = resume_config(run_dir, changes, allowed, schema=schema)
-        distributed.request_cpu_devices(cfg.devices)  # before JAX starts: no effect after
+        accelerator.prepare(cfg)  # CPU devices, deterministic ops: before JAX starts
         distributed.initialize(coordinator, num_processes, process_id)
         _train(cfg, resuming=True)
 
@@ -112,6 +112,8 @@ def _train(cfg: ExperimentConfig, resuming: bool = False) -> None:
     console.print(f"{t.train.num_clients} training clients ({t.train.num_examples} examples), "
                   f"{t.test.num_clients} test clients ({t.test.num_examples} examples); "
                   f"run dir {cfg.out}")
+    console.print(accelerator.describe(exp.plan.chunk_size, cfg.chunk_size is not None),
+                  highlight=False)
     if exp.plan.mesh is not None:
         console.print(distributed.describe(exp.plan), highlight=False)
     start = time.perf_counter()

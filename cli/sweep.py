@@ -19,7 +19,7 @@ from cli import options
 from cli.common import console, print_error, user_errors
 from cli.options import Command
 from cli.progress import ProgressBar
-from fedjax_api import config, configfile
+from fedjax_api import accelerator, config, configfile
 from fedjax_api.errors import ConfigError
 from fedjax_api.loop import Interrupted
 from fedjax_api.options import Schema
@@ -60,6 +60,7 @@ def sweep_command(schema: Schema = config.OPTIONS) -> Command:
         lists = options.sweep_lists(schema, given)
         cfg = configfile.resolve_file(config_file, set_ or [], {
             **options.values(schema, "sweep", given), "task": task}, schema=schema)
+        accelerator.set_deterministic(cfg.deterministic)  # before JAX starts
         if cfg.out is None:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             cfg = attrs.evolve(cfg, out=str(Path("runs") / cfg.task /

@@ -4,10 +4,12 @@ import attrs
 import numpy as np
 
 from fedjax_api.errors import ConfigError
+from fedjax_core import parallel
 from fedjax_core.data import Cohort, FederatedData, pack_cohort, uniform_without_replacement
 from fedjax_core.data.device import DeviceExamples, IndexedBatches, device_examples, index_cohort
 from fedjax_core.data.pack import Transform, cohort_steps, fixed_steps, pad_cohort, step_bucket
 from fedjax_core.data.sampling import poisson
+from fedjax_core.parallel import Plan
 
 
 def _positive(instance, attribute, value):
@@ -90,6 +92,21 @@ class FederatedDataset:
         if "examples" not in self._device_cache:
             self._device_cache["examples"] = device_examples(self.data)
         return self._device_cache["examples"]
+
+    def place_examples(self, plan: Plan) -> None:
+        """Puts the device-resident examples (`device_examples`) where the rounds of `plan`
+        read them, once: replicated on every device of its mesh (each device gathers its
+        own clients' batches), so that no round copies them again. No-op without a mesh
+        or without `device_resident`.
+
+        Example:
+          >>> train.place_examples(Plan(mesh=client_mesh(8)))   # one copy per device
+        """
+        if not self.device_resident or plan.mesh is None:
+            return
+        examples = self.device_examples
+        self._device_cache["examples"] = examples._replace(
+            features=parallel.replicate(examples.features, plan))
 
     def with_seed(self, seed: int) -> "FederatedDataset":
         """The same dataset with another sampling/shuffling seed, sharing this one's

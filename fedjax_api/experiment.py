@@ -7,7 +7,7 @@ from pathlib import Path
 
 import attrs
 
-from fedjax_api import distributed, privacy, rundir, tasks
+from fedjax_api import accelerator, distributed, privacy, rundir, tasks
 from fedjax_api.algorithm import build_algorithm
 from fedjax_api.callbacks import (
     Callback,
@@ -139,8 +139,9 @@ class Experiment:
         same = {a.name: getattr(cfg, a.name) for a in attrs.fields(cls)  # run options
                 if a.name in saved and a.name not in ("task", "algorithm")}
         exp = cls(task=task, algorithm=build_algorithm(cfg, task, dp and dp.aggregator),
-                  plan=Plan(cfg.chunk_size), config=saved, personalize_lr=cfg.client_lr,
-                  privacy=dp, **same)
+                  plan=Plan(cfg.chunk_size or accelerator.default_chunk_size(
+                      task, cfg.clients_per_round, cfg.devices)),
+                  config=saved, personalize_lr=cfg.client_lr, privacy=dp, **same)
         # Only a valid experiment creates its run directory; process 0 checks and writes it.
         if cfg.out and distributed.is_primary():
             if not resuming and (Path(cfg.out) / rundir.METRICS_FILE).exists():

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import attrs
 
 from fedjax_api import distributed
-from fedjax_api.prefetch import Prefetcher
+from fedjax_api.prefetch import Prefetcher, to_device
 from fedjax_api.server import Server
 from fedjax_core.data import Cohort
 from fedjax_core.parallel import Plan
@@ -233,25 +233,20 @@ class Loop:
                     self._each("on_record", record)
                 cohorts = Prefetcher(self.sample, start_round, self.rounds,
                                      depth=self.prefetch_depth)
+                # Round r + 1 is dispatched before round r's metrics are read (which waits
+                # for it) and before its callbacks run, so the device never idles on the
+                # host. The callbacks see round r's trainer (`self.trainer`); when they stop
+                # the run, the round dispatched ahead is dropped unread.
+                done = None  # (trainer, start time) of the round trained but not yet read
                 for r in range(start_round, self.rounds):
                     t0 = time.perf_counter()
-                    self.trainer = self.trainer.step(cohorts.get(r))
-                    self.round = r + 1
-                    metrics = self.trainer.read_metrics()
-                    self._each("on_metrics", metrics)
-                    now = time.perf_counter()
-                    for k, values in enumerate(metrics):
-                        self.emit({"round": r + 1, "kind": "train", **values,
-                                   "round_time_s": now - t0,
-                                   "wall_time_s": wall_before + now - run_start}, k)
-                    if self.round == self.rounds or self.stopped:
+                    ahead = (done[0] if done else self.trainer).step(cohorts.get(r))
+                    if done is not None and not self._finish(*done, wall_before, run_start):
+                        done = None
                         break
-                    self._each("on_round_end")
-                    if self.stopped:
-                        break
-                    if self.interrupt_event.is_set():
-                        self._each("on_interrupt")
-                        raise (self._error or Interrupted)(self.round, self.out_dir)
+                    done = (ahead, t0)
+                if done is not None:
+                    self._finish(*done, wall_before, run_start)
                 self._each("on_end")
         finally:
             if cohorts is not None:
@@ -260,6 +255,27 @@ class Loop:
                              "hidden_fraction": cohorts.hidden_fraction}
             self._each("on_close")
         return self.trainer
+
+    def _finish(self, trainer: Trainer, t0: float, wall_before: float,
+                run_start: float) -> bool:
+        """Reads the metrics of the round `trainer` trained and runs the callbacks of that
+        round; False when the run ends after it (the last round, or stopped)."""
+        self.trainer, self.round = trainer, trainer.round
+        metrics = trainer.read_metrics()
+        self._each("on_metrics", metrics)
+        now = time.perf_counter()
+        for k, values in enumerate(metrics):
+            self.emit({"round": self.round, "kind": "train", **values, "round_time_s": now - t0,
+                       "wall_time_s": wall_before + now - run_start}, k)
+        if self.round == self.rounds or self.stopped:
+            return False
+        self._each("on_round_end")
+        if self.stopped:
+            return False
+        if self.interrupt_event.is_set():
+            self._each("on_interrupt")
+            raise (self._error or Interrupted)(self.round, self.out_dir)
+        return True
 
     def _each(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
@@ -279,6 +295,8 @@ def cohort_sampler(train: Any, clients_per_round: int, sampling: str,
     clients uniformly without replacement, or each with probability clients_per_round / N
     ("poisson"); with a mesh across processes, this process packs its devices' share."""
     rate = clients_per_round / train.num_clients
+    if getattr(train, "device_resident", False):
+        train.place_examples(plan)  # once, on the mesh: rounds do not copy them again
 
     def sample(round_num: int) -> Cohort:
         if distributed.spans_processes(plan):
@@ -288,8 +306,8 @@ def cohort_sampler(train: Any, clients_per_round: int, sampling: str,
                 idx, size = train.sample_indices(clients_per_round, round_num), None
             return distributed.sample_cohort(train, idx, round_num, plan, pad_to=size)
         if sampling == "poisson":
-            return train.sample_poisson(rate, round_num)
-        return train.sample(clients_per_round, round_num)
+            return to_device(train.sample_poisson(rate, round_num), plan)
+        return to_device(train.sample(clients_per_round, round_num), plan)
 
     return sample
 

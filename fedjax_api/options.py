@@ -332,8 +332,14 @@ class RunOptions:
     data: str | None = option(None, key="run.data", metavar="PATH",
                               help="Where a task reads its files (e.g. the LEAF folder for "
                                    "femnist-leaf).")
-    chunk_size: int = option(1, task=True, key="run.chunk_size", check=at_least(1),
-                             help="Clients trained together under vmap (1: one by one).")
+    chunk_size: int | None = option(
+        None, task=True, key="run.chunk_size", check=at_least(1),
+        help="Clients trained together under vmap (1: one by one). Unset: chosen for the "
+             "backend (1 on CPU; on GPU/TPU the largest that fits half the device memory).")
+    deterministic: str = option(
+        "auto", key="run.deterministic", check=one_of("auto", "on", "off"), sweep="no",
+        help="Deterministic GPU kernels (XLA's --xla_gpu_deterministic_ops), so the same "
+             "seed gives the same bits; auto: on when the backend is a GPU.")
     device_data: bool = option(False, key="run.device_data", sweep="no",
                                help="Keep every training example on the device; each round "
                                     "sends an index (large cohorts of small examples).")

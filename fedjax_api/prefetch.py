@@ -10,7 +10,13 @@ the device (and behind the consumer's own work: logging, evaluation, checkpoints
 import queue
 import threading
 import time
-from typing import Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
+
+import jax
+
+from fedjax_core import parallel
+from fedjax_core.data import Cohort
+from fedjax_core.parallel import Plan
 
 T = TypeVar("T")
 
@@ -117,3 +123,27 @@ class Prefetcher(Generic[T]):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def to_device(cohort: Any, plan: Plan) -> Any:
+    """`cohort`'s examples, mask and weights copied to the devices its round reads them on:
+    split over the mesh's devices (`parallel.shard_clients`), or on the default device.
+    Called in the prefetch thread, so the host-to-device copy of the next cohort overlaps
+    the current round instead of being made when the round is dispatched. The values are
+    unchanged (the round's results are bit-identical); `client_index` stays on the host,
+    where the per-client stores are fitted to it. Anything but a `Cohort` is returned as
+    it is.
+
+    Example:
+      >>> Prefetcher(lambda r: to_device(train.sample(10, r), plan), 0, rounds)
+    """
+    if not isinstance(cohort, Cohort):
+        return cohort
+    heavy = (cohort.batches, cohort.mask, cohort.num_examples)
+    if plan.mesh is not None:
+        if not isinstance(cohort.batches, dict):  # indexed: the source is placed already
+            return cohort
+        batches, mask, n = parallel.shard_clients(heavy, plan)
+    else:
+        batches, mask, n = jax.device_put(heavy)
+    return cohort._replace(batches=batches, mask=mask, num_examples=n)

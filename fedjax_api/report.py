@@ -28,7 +28,7 @@ _NOT_OPTIONS = ("out", "versions")
 # How a run is carried out, not what it computes: named in a label only when nothing else
 # tells two curves apart.
 _MECHANICS = ("checkpoint_every", "keep_checkpoints", "tensorboard", "device_data",
-              "chunk_size", "devices", "eval_every")
+              "chunk_size", "devices", "eval_every", "deterministic")
 # Paths, shown by the shortest tail that tells them apart.
 _PATHS = ("data",)
 # Shown first, as bare values, when they differ between runs.

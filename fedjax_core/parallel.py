@@ -96,7 +96,7 @@ def replicated(plan: Plan) -> NamedSharding | None:
     return None if plan.mesh is None else NamedSharding(plan.mesh, PartitionSpec())
 
 
-def jit_replicated(fn: Callable, plan: Plan) -> Callable:
+def jit_replicated(fn: Callable, plan: Plan, donate_argnums: tuple[int, ...] = ()) -> Callable:
     """`jax.jit(fn)`; with a mesh, every output is replicated on the mesh's devices.
 
     A round's outputs (the server state and the metrics) then sit whole on every device
@@ -117,19 +117,20 @@ def jit_replicated(fn: Callable, plan: Plan) -> Callable:
       >>> state, metrics = step(replicate(alg.init(params), plan), cohort, key)
     """
     if plan.mesh is None:
-        return jax.jit(fn)
-    return _MeshJit(fn, plan)
+        return jax.jit(fn, donate_argnums=donate_argnums)
+    return _MeshJit(fn, plan, donate_argnums)
 
 
 class _MeshJit:
     """`jit_replicated` with a mesh: one compiled executable per argument signature."""
 
-    def __init__(self, fn: Callable, plan: Plan):
+    def __init__(self, fn: Callable, plan: Plan, donate_argnums: tuple[int, ...] = ()):
         sharding = replicated(plan)
         assert sharding is not None  # jit_replicated makes one only with a mesh
         self._replicated = sharding
         self._jit = lambda in_shardings: jax.jit(fn, in_shardings=in_shardings,
-                                                 out_shardings=self._replicated)
+                                                 out_shardings=self._replicated,
+                                                 donate_argnums=donate_argnums)
         self._plan = plan
         self._compiled: dict = {}
 

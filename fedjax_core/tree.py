@@ -29,8 +29,14 @@ def zeros_like(tree: PyTree) -> PyTree:
     return jax.tree.map(jnp.zeros_like, tree)
 
 
+EXACT = jax.lax.Precision.HIGHEST
+"""The precision of every dot in aggregation: exact float32 passes, whatever the user's
+`jax_default_matmul_precision` (the default is TF32 on NVIDIA GPUs, one bf16 pass on TPUs;
+XLA:CPU computes f32 either way). Model training keeps the user's precision."""
+
+
 def weighted_sum(stacked: PyTree, weights: ArrayLike) -> PyTree:
-    """`sum_i w_i x_i` over the leading axis of every leaf.
+    """`sum_i w_i x_i` over the leading axis of every leaf, in exact f32 (`EXACT`).
 
     Args:
       stacked: pytree whose leaves are `[n, ...]`.
@@ -40,7 +46,8 @@ def weighted_sum(stacked: PyTree, weights: ArrayLike) -> PyTree:
       Pytree of leaves `[...]`.
     """
     w = jnp.asarray(weights)
-    return jax.tree.map(lambda x: jnp.tensordot(w.astype(x.dtype), x, axes=1), stacked)
+    return jax.tree.map(lambda x: jnp.tensordot(w.astype(x.dtype), x, axes=1,
+                                                     precision=EXACT), stacked)
 
 
 def weighted_mean(stacked: PyTree, weights: ArrayLike) -> PyTree:

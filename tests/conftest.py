@@ -1,4 +1,10 @@
-"""Test set-up: 8 CPU devices, set before any JAX operation runs; run-time shape checks.
+"""Test set-up: the CPU backend with 8 CPU devices, set before JAX starts; run-time shape checks.
+
+The suite runs on the CPU on any machine: `JAX_PLATFORMS=cpu` is set before JAX is imported
+(subprocesses, e.g. the multi-host workers and CLI runs, inherit it), and no process
+pre-allocates accelerator memory (`XLA_PYTHON_CLIENT_PREALLOCATE=false`). Accelerator
+tests carry the `gpu` marker: `pytest -m gpu` leaves the platform to JAX and runs only
+them, at the accelerator's real precision; without an accelerator they are deselected.
 
 Under pytest (only here, never when the library runs) the jaxtyping annotations of the
 public kernels are checked at every call: `jaxtyping.install_import_hook` wraps each
@@ -10,8 +16,25 @@ after the hook, which is why it is installed here, before any test module import
 """
 
 import os
+import sys
 
-import jax
+
+def _gpu_run(argv: list[str]) -> bool:
+    """Whether the command line selects the `gpu` marker (`-m gpu`, `-m "gpu and ..."`)."""
+    for i, arg in enumerate(argv):
+        expr = argv[i + 1] if arg == "-m" and i + 1 < len(argv) else (
+            arg[2:] if arg.startswith("-m") and len(arg) > 2 else None)
+        if expr is not None and "gpu" in expr and "not gpu" not in expr:
+            return True
+    return False
+
+
+GPU_RUN = _gpu_run(sys.argv)
+if not GPU_RUN:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
 
 # Tests (and the CLI subprocesses they start) do not write JAX's compilation cache into the
 # user's cache directory; tests/cli/test_compile_cache.py checks the cache on its own.
@@ -42,8 +65,6 @@ TYPECHECKED_MODULES = [
 TYPECHECK = os.environ.get("FEDJAX_TYPECHECK", "1") != "0"
 
 if TYPECHECK:
-    import sys
-
     from jaxtyping import install_import_hook
 
     _early = [m for m in TYPECHECKED_MODULES if m in sys.modules]
@@ -51,6 +72,17 @@ if TYPECHECK:
     # is_pep484_tower: an int passes where a float is annotated, as for pyright (PEP 484).
     install_import_hook(TYPECHECKED_MODULES,
                         "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselects the `gpu` tests unless the backend is an accelerator (`pytest -m gpu` on a
+    machine with one)."""
+    if jax.default_backend() != "cpu":
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if item.get_closest_marker("gpu") is None]
 
 
 def pytest_configure(config):

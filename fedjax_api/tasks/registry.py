@@ -24,7 +24,8 @@ class TaskDefaults:
       client_lr: client SGD learning rate.
       server_lr: server learning rate for each algorithm name.
       eval_batch_size: evaluation batch size.
-      chunk_size: clients per vmapped chunk (measured fastest on a 2-core CPU).
+      chunk_size: clients per vmapped chunk; None: chosen for the backend
+        (`fedjax_api.accelerator.default_chunk_size`: 1 on CPU).
       eval_every: evaluate the test set every this many rounds (0: only at the end).
       eval_train_clients: training clients (a fixed sample) evaluated at the end.
       max_steps: cap on each client's local steps per round (None: no cap).
@@ -40,7 +41,7 @@ class TaskDefaults:
     client_lr: float
     server_lr: dict[str, float]
     eval_batch_size: int = 256
-    chunk_size: int = 1
+    chunk_size: int | None = None
     eval_every: int = 0
     eval_train_clients: int = 100
     max_steps: int | None = None

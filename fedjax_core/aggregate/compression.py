@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from fedjax_core import client_state, keys, parallel
+from fedjax_core import client_state, keys, parallel, tree
 from fedjax_core.aggregate.base import Aggregator, AggregatorEntry
 from fedjax_core.aggregate.mean import mean
 from fedjax_core.typing import Array, ArrayLike, Float, Int, PRNGKey, State
@@ -198,7 +198,8 @@ def _drive_rotation(key: PRNGKey, d: int, rotation: str):
     if rotation == "hadamard":
         return (lambda x: rotate(x, key)), (lambda z: unrotate(z, key, d))
     q = jax.random.orthogonal(key, d)
-    return (lambda x: q @ x), (lambda z: q.T @ z)
+    return ((lambda x: jnp.matmul(q, x, precision=tree.EXACT)),
+            (lambda z: jnp.matmul(q.T, z, precision=tree.EXACT)))
 
 
 def drive_encode(x: Float[Array, " d"], key: PRNGKey, rotation: str = "hadamard") -> DriveMessage:

@@ -75,7 +75,7 @@ class AlgorithmEntry(NamedTuple):
 
 
 def jit_round(algorithm: FederatedAlgorithm, model: Model, plan: Plan = Plan(),
-              per_client: bool = False):
+              per_client: bool = False, donate_state: bool = False):
     """The round as one jitted call: `round(state, cohort, round_key) -> (state, metrics)`.
 
     It compiles once per distinct cohort shape (clients, bucketed steps, batch). Before
@@ -91,6 +91,10 @@ def jit_round(algorithm: FederatedAlgorithm, model: Model, plan: Plan = Plan(),
       per_client: also return per-client outputs, `(state, metrics, per_client)` with
         `per_client` a dict of `[clients]` arrays (algorithms built on the round
         skeleton: `num_examples`, `weight`, `loss`, `delta_norm` and their own).
+      donate_state: donate the state's buffers to the round, so that the new state
+        (per-client stores included) is written in place of the old one rather than
+        beside it. The state passed in is then deleted: keep only the returned one (a
+        `Server` does not donate, since its old servers stay valid after `step`).
 
     Example:
       >>> step = jit_round(fedavg(), model)
@@ -98,7 +102,8 @@ def jit_round(algorithm: FederatedAlgorithm, model: Model, plan: Plan = Plan(),
       ...     state, metrics = step(state, cohorts[r], jax.random.fold_in(key, r))
     """
     options = {"model": model, "plan": plan, **({"per_client": True} if per_client else {})}
-    return _Round(parallel.jit_replicated(functools.partial(algorithm.apply, **options), plan),
+    fn = functools.partial(algorithm.apply, **options)
+    return _Round(parallel.jit_replicated(fn, plan, donate_argnums=(0,) if donate_state else ()),
                   plan)
 
 

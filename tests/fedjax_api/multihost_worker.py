@@ -17,6 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("FEDJAX_COMPILATION_CACHE", "0")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # CPU devices, on any machine
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import attrs  # noqa: E402
 import jax  # noqa: E402

@@ -107,3 +107,26 @@ def test_with_seed_shares_the_device_copy_and_samples_like_a_new_dataset():
     a, b = resident.sample(3, round=2), other.sample(3, round=2)  # another seed, other draws
     assert not (np.array_equal(a.client_index, b.client_index)
                 and np.array_equal(a.batches.index, b.batches.index))
+
+
+def test_device_examples_are_placed_once_replicated_on_the_mesh():
+    from fedjax_api.loop import cohort_sampler
+    from fedjax_core import parallel
+    dense, device = datasets()
+    plan = Plan(chunk_size=1, mesh=parallel.client_mesh(8))
+    before = device.device_examples.features["x"]
+    assert len(before.sharding.device_set) == 1  # put on one device at first
+    sample = cohort_sampler(device, 8, "uniform", plan)
+    a, b = sample(0), sample(1)
+    source = a.batches.source["x"]
+    assert b.batches.source["x"] is source  # the same arrays every round: no copy
+    assert source.sharding == parallel.replicated(plan)  # what the round reads: no copy
+    assert len(source.sharding.device_set) == 8 and source.is_fully_replicated
+    np.testing.assert_array_equal(np.asarray(source), np.asarray(before))
+    model = tasks.get(NAME).model
+    on_mesh = Server.create(fedavg(optax.sgd(0.4)), model, seed=1, plan=plan)
+    one = Server.create(fedavg(optax.sgd(0.4)), model, seed=1, plan=Plan(chunk_size=1))
+    for r in range(2):
+        on_mesh, one = on_mesh.step(sample(r)), one.step(dense.sample(clients=8, round=r))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), on_mesh.params,
+                 one.params)

@@ -143,3 +143,38 @@ def test_loop_stop_and_interrupt_are_what_callbacks_call():
 
     with pytest.raises(Exception, match="interrupted after round 3$"):  # no out_dir: no hint
         exp.run(callbacks=[Interrupt()])
+
+
+class _Counting:
+    """A `Trainer` that logs when each round is dispatched and when its metrics are read."""
+
+    def __init__(self, log, round_num=0):
+        self.log, self.round = log, round_num
+
+    def step(self, cohort):
+        self.log.append(("step", self.round + 1))
+        return _Counting(self.log, self.round + 1)
+
+    def read_metrics(self):
+        self.log.append(("read", self.round))
+        return [{"train/loss": float(self.round)}]
+
+    def servers(self):
+        return []
+
+
+def test_the_next_round_is_dispatched_before_this_rounds_metrics_are_read():
+    log = []
+
+    class StopAfter2(Callback):
+        def on_record(self, loop, record):
+            log.append(("record", record["round"], loop.trainer.round))
+            if record["round"] == 2:
+                loop.stop("enough")
+
+    loop = Loop(_Counting(log), rounds=5, sample=lambda r: r, callbacks=[StopAfter2()])
+    trainer = loop.run()
+    assert log == [("step", 1), ("step", 2), ("read", 1), ("record", 1, 1),
+                   ("step", 3), ("read", 2), ("record", 2, 2)]
+    assert trainer.round == 2 and loop.round == 2 and loop.stopped == "enough"
+    assert [h["round"] for h in loop.history] == [1, 2]

@@ -90,3 +90,24 @@ def test_host_time_hidden_behind_slow_consumer_and_not_behind_an_eager_one():
 def test_depth_must_be_positive():
     with pytest.raises(ValueError, match="depth must be at least 1"):
         Prefetcher(lambda r: r, 0, 1, depth=0)
+
+
+def test_to_device_copies_the_cohort_in_the_prefetch_thread_unchanged():
+    import jax
+    import numpy as np
+
+    from fedjax_api import tasks
+    from fedjax_api.prefetch import to_device
+    from fedjax_core import parallel
+    from fedjax_core.parallel import Plan
+    from tests.fedjax_api.tiny_task import NAME
+
+    host = tasks.get(NAME).train.sample(4, 0)
+    for plan, devices in ((Plan(), 1), (Plan(mesh=parallel.client_mesh(4)), 4)):
+        put = to_device(host, plan)
+        for a, b in zip(jax.tree.leaves((put.batches, put.mask, put.num_examples)),
+                        jax.tree.leaves((host.batches, host.mask, host.num_examples))):
+            assert isinstance(a, jax.Array) and len(a.sharding.device_set) == devices
+            np.testing.assert_array_equal(np.asarray(a), b)
+        assert put.client_index is host.client_index  # the stores are fitted on the host
+    assert to_device("not a cohort", Plan()) == "not a cohort"
