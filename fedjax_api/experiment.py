@@ -153,7 +153,7 @@ class Experiment:
                   skip_nonfinite_clients=cfg.skip_nonfinite_clients, tensorboard=cfg.tensorboard)
         # Only a valid experiment creates its run directory; process 0 checks and writes it.
         if cfg.out is not None and distributed.is_primary():
-            rundir.check_out(Path(cfg.out), new_run=not resuming)
+            rundir.check_out(cfg.out, new_run=not resuming)
             rundir.check_writable_dir(Path(cfg.out))
         return attrs.evolve(exp, out_dir=Path(cfg.out)) if cfg.out else exp
 

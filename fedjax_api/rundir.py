@@ -10,7 +10,11 @@ A run directory holds:
   then the union of the kind's columns (an empty cell where a record lacks one);
 - `tb/train`, `tb/eval`: TensorBoard event files, when asked for (the `tensorboard` extra).
   The two kinds are two TensorBoard runs, so the training-round `train/loss` and the final
-  evaluation's `train/loss` stay apart and plot together.
+  evaluation's `train/loss` stay apart and plot together;
+- `.lock`: the owner's `fcntl.flock` and process id (`RunDirLock`).
+
+Every file is written through `fedjax_core.atomic` (a new temporary file renamed into place;
+appends never follow a link); `check_out` says whether a directory may take a run.
 """
 
 import contextlib
@@ -45,9 +49,9 @@ def check_writable_dir(path: Path) -> Path:
 
     The probe is a new file of a random name (`atomic.create`), so a link planted in the
     folder is never followed."""
-    path = Path(path)
-    if not str(path).strip():
+    if not str(path).strip():  # before Path(""), which is "."
         raise ConfigError("the output directory is empty (--out ''); give a directory name")
+    path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = atomic.temp_path(path / ".fedjax-write-test")
@@ -455,14 +459,19 @@ def _lock_holder(fd: int, tries: int = 20) -> int | None:
 
 
 def check_not_in_use(run_dir: Path) -> None:
-    """`ConfigError` (`in_use`) when a live process holds `run_dir`'s lock; writes nothing."""
+    """`ConfigError` (`in_use`) when a live process holds `run_dir`'s lock, or when its lock
+    file, `checkpoints/` or `tb/` is a link (planted: the run would refuse it later);
+    writes nothing."""
     path = Path(run_dir) / LOCK_FILE
+    for planted in (path, Path(run_dir) / "checkpoints", Path(run_dir) / TENSORBOARD_DIR):
+        if planted.is_symlink():  # refused now, before any work, rather than mid-run
+            raise ConfigError(str(atomic.LinkRefused(planted)))
     if fcntl is None:
         return
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
-        return  # no lock file (or a planted link, refused when the run takes the lock)
+        return  # no lock file
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -472,7 +481,7 @@ def check_not_in_use(run_dir: Path) -> None:
         os.close(fd)  # releases the probe's shared lock
 
 
-def check_out(out: Path, *, new_run: bool = True, owned: bool = False,
+def check_out(out: str | Path, *, new_run: bool = True, owned: bool = False,
               holds: tuple[str, ...] = ()) -> None:
     """`ConfigError` unless `out` may take the run: a directory name (not ''), no other
     process owns it (unless `owned`: this one holds its lock), and for a `new_run` it
@@ -485,9 +494,9 @@ def check_out(out: Path, *, new_run: bool = True, owned: bool = False,
     """
     from fedjax_api import checkpoint  # it imports this module
 
-    out = Path(out)
-    if not str(out).strip():
+    if not str(out).strip():  # before Path(""), which is "."
         raise ConfigError("the output directory is empty (--out ''); give a directory name")
+    out = Path(out)
     if not owned:
         check_not_in_use(out)
     if not new_run:
