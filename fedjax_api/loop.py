@@ -314,14 +314,15 @@ def _stop_on_sigint(stop: threading.Event,
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous: dict[int, Any] = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handler(signum: int, frame: Any) -> None:
         if stop.is_set():
             for s, h in previous.items():
                 signal.signal(s, h)
-            if callable(previous[signum]):  # e.g. Python's: raises KeyboardInterrupt
-                previous[signum](signum, frame)
+            before = previous[signum]
+            if callable(before):  # e.g. Python's: raises KeyboardInterrupt
+                before(signum, frame)
             raise KeyboardInterrupt
         if signum == signal.SIGTERM and on_term is not None:
             on_term()

@@ -22,7 +22,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from fedjax_api.errors import ConfigError
 from fedjax_api.rundir import fsync_dir
@@ -182,7 +182,7 @@ class _Partial:
 def _open_partial(part: Path) -> Iterator[BinaryIO]:
     try:
         # appends; created if absent; kept if present; never through a planted link
-        f = atomic.open_append(part, binary=True, create=True, readable=True)
+        f = cast(BinaryIO, atomic.open_append(part, binary=True, create=True, readable=True))
     except OSError as e:
         raise DownloadError(f"cannot write {str(part)!r} ({e.strerror or e}); "
                             "set FEDJAX_DATA to a writable directory") from None
