@@ -44,22 +44,26 @@ def _raise(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def exit_now() -> None:
-    """Prints the one line and ends the process at once (no exit handlers: nothing left to
-    save outside the round loop)."""
+def exit_now(say: bool = True) -> None:
+    """Prints the one line (unless said already: not `say`) and ends the process at once
+    by the signal itself (its default action: no exit handlers, nothing left to save
+    outside the round loop; a shell sees 130 or 143)."""
     code = interrupted_code()
     try:
         sys.stdout.flush()
-        print(f"error: {aborted_line(code)}", file=sys.stderr, flush=True)
+        if say:
+            print(f"error: {aborted_line(code)}", file=sys.stderr, flush=True)
     finally:
-        os._exit(code)
+        signum = code - 128
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 def quit_on_signal() -> None:
-    """From now on (the process is exiting) SIGINT and SIGTERM end it at once with its one
-    line, without a traceback of an exit handler."""
+    """From now on (the process is exiting, its one line printed) SIGINT and SIGTERM end it
+    at once, without a traceback of an exit handler."""
     for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, lambda signum, frame: (SIGNALLED.append(signum), exit_now()))
+        signal.signal(s, lambda signum, frame: exit_now(say=False))
 
 
 def interrupted_code() -> int:
