@@ -17,14 +17,14 @@ import attrs
 import typer
 from rich.table import Table
 
-from cli import bench, data, options, privacy, report, sweep
+from cli import bench, data, options, privacy, process, report, sweep
 from cli.common import console, print_error, user_errors
 from cli.options import Command
 from cli.progress import ProgressBar
 from fedjax_api import accelerator, config, configfile, distributed, listing
 from fedjax_api.compile_cache import enable_compilation_cache
 from fedjax_api.config import ExperimentConfig
-from fedjax_api.experiment import Experiment, Interrupted, RunResult, TimeLimitReached
+from fedjax_api.experiment import Experiment, Interrupted, RunResult
 from fedjax_api.options import Schema
 from fedjax_api.resume import resume_config
 
@@ -121,7 +121,7 @@ def _train(cfg: ExperimentConfig, resuming: bool = False) -> None:
         result = exp.run(resume=resuming, callbacks=[ProgressBar(exp.rounds)])
     except Interrupted as e:
         print_error(str(e))
-        raise typer.Exit(3 if isinstance(e, TimeLimitReached) else 130) from None
+        raise typer.Exit(process.exit_code(e)) from None
     console.print(f"done in {time.perf_counter() - start:.1f} s")
     if result.stopped:
         console.print(f"stopped after round {result.server.round}: {result.stopped}")
@@ -185,6 +185,7 @@ def main() -> None:
 
     Turns on JAX's persistent compilation cache under the cache directory first, so a
     second run of the same task starts warm (`FEDJAX_COMPILATION_CACHE=0` turns it off)."""
+    process.install()  # Ctrl-C/SIGTERM: one line and 130/143; one-line warnings
     enable_compilation_cache()
     try:
         code = app(standalone_mode=False)
@@ -196,4 +197,5 @@ def main() -> None:
     except typer.Abort:
         print_error("aborted")
         code = 130
+    code = process.after_command(code)  # a signal outside the round loop: one line, 130/143
     sys.exit(code if isinstance(code, int) else 0)

@@ -15,7 +15,7 @@ import attrs
 import typer
 from rich.table import Table
 
-from cli import options
+from cli import options, process
 from cli.common import console, print_error, user_errors
 from cli.options import Command
 from cli.progress import ProgressBar
@@ -80,7 +80,7 @@ def sweep_command(schema: Schema = config.OPTIONS) -> Command:
             result = sw.run(callbacks=[ProgressBar(cfg.rounds, [m.label for m in sw.members])])
         except Interrupted as e:
             print_error(str(e))
-            raise typer.Exit(130) from None
+            raise typer.Exit(process.exit_code(e)) from None
         console.print(f"done in {time.perf_counter() - start:.1f} s ({k} members)")
         _print_table(sw, result, metric)
 

@@ -13,6 +13,7 @@ Example (an early stop, docs/facade.md):
   ...             ...
 """
 
+import json
 import math
 import time
 from pathlib import Path
@@ -26,14 +27,14 @@ from fedjax_api.errors import ConfigError
 from fedjax_api.loop import Callback, Loop, TimeLimitReached
 from fedjax_api.server import Server
 from fedjax_api.versions import versions
+from fedjax_core import atomic, parallel, personalization
 from fedjax_core import evaluate as core_evaluate
-from fedjax_core import parallel, personalization
 from fedjax_core.algorithms.base import EvalClients
 from fedjax_core.data import AlignedFederatedData
 from fedjax_core.parallel import Plan
 
 __all__ = ["Callback", "Checkpoint", "Evaluation", "Evaluator", "NonFiniteError",
-           "NonFiniteGuard", "PrivacyLedger", "RunLog", "TensorBoard", "TimeLimit"]
+           "NonFiniteGuard", "PrivacyLedger", "RunDirOwner", "RunLog", "TensorBoard", "TimeLimit"]
 
 
 class NonFiniteError(ConfigError):
@@ -184,10 +185,62 @@ class _MemberFiles(Callback):
             self.close()
 
 
+class RunDirOwner(Callback):
+    """Owns the run directory while the loop runs (`rundir.RunDirLock` on `out_dir/.lock`):
+    from `on_start` (when `lazy`, from the first round's metrics, so that a sweep refused
+    while compiling writes nothing) to `on_close`. Another process (or run) that owns it
+    makes `on_start` raise `ConfigError` ("OUT is in use by process N"). A `new_run` then
+    checks, under the lock, that `out_dir` holds no run (`rundir.check_out`: one that
+    finished meanwhile) and none of the files `holds`.
+
+    Args:
+      out_dir: the run directory.
+      new_run: a new run (not a resume).
+      lazy: take the lock once the first round has trained.
+      holds: names of files whose presence means `out_dir` holds a run (a sweep's
+        sweep.json).
+    """
+
+    def __init__(self, out_dir: Path, *, new_run: bool = True, lazy: bool = False,
+                 holds: tuple[str, ...] = ()):
+        self.lock = rundir.RunDirLock(Path(out_dir))
+        self.new_run, self.lazy, self.holds = new_run, lazy, holds
+        self.held = False
+
+    def take(self) -> None:
+        """Takes the lock and checks the directory (releasing the lock if refused)."""
+        self.lock.acquire()
+        try:
+            rundir.check_out(self.lock.run_dir, new_run=self.new_run, owned=True,
+                             holds=self.holds)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.held = True
+
+    def on_start(self, loop: Loop) -> None:
+        if not self.lazy:
+            self.take()
+
+    def on_metrics(self, loop: Loop, metrics: list[dict[str, float]]) -> None:
+        if not self.held:
+            self.take()
+
+    def on_close(self, loop: Loop) -> None:
+        self.lock.release()
+        self.held = False
+
+
 class RunLog(_MemberFiles):
-    """The run directory (`fedjax_api.rundir`): config.json (the config and `versions()`)
+    """The run directory (`fedjax_api.rundir`): config.json (the config, `versions()` and
+    the "status": "starting" until the first round's record is logged, then "started")
     and config.toml at the start of a new run, and every record in metrics.jsonl, train.csv
     and eval.csv.
+
+    A resumed run's config.json and config.toml take the options it changed (`fedjax
+    resume --rounds 5 --allow-changes rounds`), so `fedjax report` and the next resume see
+    the run as it now is; its metrics.jsonl gets back the records of the checkpointed
+    rounds that a torn last line lost (from the checkpoint's history).
 
     Args:
       out_dir: the run directory.
@@ -195,26 +248,73 @@ class RunLog(_MemberFiles):
       resume_round: when resuming from this round: keep the records up to it and append.
       member: the sweep member whose records these are, or None (the run's).
       lazy: open once the first round has trained, replacing a stale metrics.jsonl.
+      root: the folder `out_dir` is made in (a sweep's): no folder between them may be a
+        link.
     """
 
     def __init__(self, out_dir: Path, config: dict[str, Any], *,
                  resume_round: int | None = None, member: int | None = None,
-                 lazy: bool = False):
+                 lazy: bool = False, root: Path | None = None):
         super().__init__(member, lazy)
         self.out_dir, self.config, self.resume_round = Path(out_dir), config, resume_round
+        self.root = root
         self.log: rundir.MetricsLog | None = None
+        self.restore: list[dict[str, Any]] | None = None
+        self.starting: dict[str, Any] | None = None  # config.json until round 1 is logged
+
+    def on_start(self, loop: Loop) -> None:
+        if self.resume_round is not None:
+            self.restore = list(loop.history)  # the checkpoint's records
+        super().on_start(loop)
 
     def open(self) -> None:
+        if self.root is not None:
+            with rundir.refuse_links():
+                atomic.make_dir(self.out_dir, root=self.root)
         if self.resume_round is None:
             rundir.check_writable_dir(self.out_dir)
+            self.starting = {**self.config, "versions": versions()}
             rundir.write_json_atomic(self.out_dir / rundir.CONFIG_FILE,
-                                     {**self.config, "versions": versions()})
+                                     {**self.starting, "status": rundir.STATUS_STARTING})
             if self.config:  # the same config as TOML, to re-run with `fedjax run --config`
                 rundir.write_text_atomic(self.out_dir / "config.toml",
                                          configfile.dump(self.config))
             if self.lazy:
                 (self.out_dir / rundir.METRICS_FILE).unlink(missing_ok=True)
-        self.log = rundir.MetricsLog(self.out_dir, truncate_after_round=self.resume_round)
+        else:
+            self._update_config()
+        self.log = rundir.MetricsLog(self.out_dir, truncate_after_round=self.resume_round,
+                                     restore=self.restore)
+
+    def write(self, record: dict[str, Any]) -> None:
+        super().write(record)
+        if self.starting is not None and record.get("kind") == "train":
+            rundir.write_json_atomic(self.out_dir / rundir.CONFIG_FILE,
+                                     {**self.starting, "status": rundir.STATUS_STARTED})
+            self.starting = None
+
+    def _update_config(self) -> None:
+        """Writes the options this resumed run changed into config.json and config.toml."""
+        path = self.out_dir / rundir.CONFIG_FILE
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # resume_config read it; a file gone since is not rewritten here
+        if not isinstance(saved, dict):
+            return
+        kept = ()
+        if saved.get("dp_epsilon") is not None and self.config.get("dp_epsilon") is None:
+            # A private run resumes with the noise it was calibrated with (resume_config);
+            # config.json keeps the epsilon target.
+            kept = ("dp_epsilon", "noise_multiplier", "resolved")
+        changed = {k: v for k, v in self.config.items()
+                   if k in saved and saved[k] != v and k not in kept and k != "out"}
+        if not changed:
+            return
+        saved.update(changed)
+        rundir.write_json_atomic(path, saved)
+        rundir.write_text_atomic(self.out_dir / "config.toml", configfile.dump(
+            {k: v for k, v in saved.items() if k not in ("versions", "status")}))
 
 
 class TensorBoard(_MemberFiles):

@@ -8,9 +8,10 @@ Layout, under `RUN_DIR/checkpoints/`:
 The manifest holds the format version, the round, each leaf's name, shape and dtype (and,
 for typed PRNG keys, the key implementation), the caller's `meta` (any JSON: config,
 versions, metric history, sampler position, ...), the size and sha256 of the `.npz`, and
-a sha256 of the manifest itself. Both files are written to temporary files in the same
-folder, fsynced and renamed, so a crash never leaves a half-written file under a final
-name; `load` verifies everything and falls back to the newest checkpoint that is whole.
+a sha256 of the manifest itself. Both files are written to new temporary files of random
+names in the same folder (`fedjax_core.atomic`: never through a link), fsynced and
+renamed, so a crash never leaves a half-written file under a final name; `load` verifies
+everything and falls back to the newest checkpoint that is whole.
 
 Example:
   >>> path = checkpoint.save(run_dir, 20, server.state, {"config": cfg.to_dict()})
@@ -23,7 +24,6 @@ import json
 import operator
 import os
 import re
-import secrets
 import warnings
 import zipfile
 import zlib
@@ -38,6 +38,7 @@ import numpy as np
 from fedjax_api.errors import ConfigError
 from fedjax_api.rundir import fsync_dir
 from fedjax_api.versions import versions
+from fedjax_core import atomic
 
 PyTree = Any
 
@@ -120,7 +121,10 @@ def save(run_dir: Path, round_num: int, state: PyTree, meta: dict, keep: int = 3
         entries.append({"name": name, **entry})
 
     ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic.make_dir(ckpt_dir, root=run_dir)  # never a planted link to elsewhere
+    except atomic.LinkRefused as e:
+        raise CheckpointError(str(e)) from None
     stem = f"ckpt-{round_num:08d}"
     npz_path, manifest_path = ckpt_dir / f"{stem}.npz", ckpt_dir / f"{stem}.json"
     npz_tmp, manifest_tmp = _tmp_path(npz_path), _tmp_path(manifest_path)
@@ -132,7 +136,7 @@ def save(run_dir: Path, round_num: int, state: PyTree, meta: dict, keep: int = 3
 
     npz_renamed = committed = False
     try:
-        with open(npz_tmp, "xb") as f:
+        with atomic.create(npz_tmp) as f:
             np.savez(f, allow_pickle=False, **arrays)
             f.flush()
             os.fsync(f.fileno())
@@ -152,7 +156,7 @@ def save(run_dir: Path, round_num: int, state: PyTree, meta: dict, keep: int = 3
             "meta": meta,
         }
         manifest = {**body, "manifest_sha256": _manifest_digest(body)}
-        with open(manifest_tmp, "x", encoding="utf-8") as f:
+        with atomic.create(manifest_tmp, binary=False, encoding="utf-8") as f:
             f.write(json.dumps(manifest, indent=1, sort_keys=True, allow_nan=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -226,7 +230,7 @@ def _jsonable(x):
 
 
 def _tmp_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    return atomic.temp_path(final)
 
 
 def _digest(path: Path) -> tuple[int, str]:

@@ -17,6 +17,7 @@ from fedjax_api.callbacks import (
     NonFiniteError,
     NonFiniteGuard,
     PrivacyLedger,
+    RunDirOwner,
     RunLog,
     TensorBoard,
     TimeLimit,
@@ -143,10 +144,8 @@ class Experiment:
                       task, cfg.clients_per_round, cfg.devices)),
                   config=saved, personalize_lr=cfg.client_lr, privacy=dp, **same)
         # Only a valid experiment creates its run directory; process 0 checks and writes it.
-        if cfg.out and distributed.is_primary():
-            if not resuming and (Path(cfg.out) / rundir.METRICS_FILE).exists():
-                raise ConfigError(f"{cfg.out!r} already holds a run ({rundir.METRICS_FILE}); "
-                                  "choose a new --out")
+        if cfg.out is not None and distributed.is_primary():
+            rundir.check_out(cfg.out, new_run=not resuming)
             rundir.check_writable_dir(Path(cfg.out))
         return attrs.evolve(exp, out_dir=Path(cfg.out)) if cfg.out else exp
 
@@ -168,6 +167,8 @@ class Experiment:
         and checkpoints, and the time limit."""
         names = ("train/delta_norm",) + (() if self.skip_nonfinite_clients else ("train/loss",))
         out: list[Callback] = [NonFiniteGuard(names, out_dir=self.out_dir)]
+        if self.out_dir is not None and distributed.is_primary():  # first: fail before work
+            out.append(RunDirOwner(self.out_dir, new_run=resume_round is None))
         if self.privacy is not None:
             out.append(PrivacyLedger(self.privacy.ledger, self.eval_every))
         out.append(Evaluation([self.evaluator()], self.eval_every))

@@ -43,6 +43,13 @@ class Interrupted(Exception):
         super().__init__(f"{self.reason} after round {round_num}{resume}")
 
 
+class Terminated(Interrupted):
+    """The process got SIGTERM (a cluster scheduler's pre-emption) and stopped after round
+    `round`, checkpointed; the CLI exits 143 (128 + SIGTERM)."""
+
+    reason = "terminated (SIGTERM)"
+
+
 class TimeLimitReached(Interrupted):
     """The run reached its time limit (`time_limit`) and stopped after round `round`,
     checkpointed."""
@@ -225,7 +232,7 @@ class Loop:
         run_start = time.perf_counter()
         cohorts = None
         try:
-            with _stop_on_sigint(self.interrupt_event):
+            with _stop_on_sigint(self.interrupt_event, self._terminated):
                 self._held = []
                 self._each("on_start")  # every callback starts before a record reaches one
                 held, self._held = self._held, None
@@ -277,6 +284,10 @@ class Loop:
             raise (self._error or Interrupted)(self.round, self.out_dir)
         return True
 
+    def _terminated(self) -> None:
+        """SIGTERM: stop as Ctrl-C does, raising `Terminated`."""
+        self._error = self._error or Terminated
+
     def _each(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
@@ -313,22 +324,32 @@ def cohort_sampler(train: Any, clients_per_round: int, sampling: str,
 
 
 @contextlib.contextmanager
-def _stop_on_sigint(stop: threading.Event) -> Iterator[None]:
-    """The first Ctrl-C sets `stop` (the loop finishes the round and checkpoints); a second
-    one interrupts at once. Only in the main thread (signal handlers live there)."""
+def _stop_on_sigint(stop: threading.Event,
+                    on_term: Callable[[], None] | None = None) -> Iterator[None]:
+    """The first Ctrl-C (or SIGTERM, which also calls `on_term`) sets `stop` (the loop
+    finishes the round and checkpoints); a second one interrupts at once
+    (`KeyboardInterrupt`). Only in the main thread (signal handlers live there)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous: dict[int, Any] = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handler(signum: int, frame: Any) -> None:
         if stop.is_set():
-            signal.signal(signal.SIGINT, previous)
+            for s, h in previous.items():
+                signal.signal(s, h)
+            before = previous[signum]
+            if callable(before):  # e.g. Python's: raises KeyboardInterrupt
+                before(signum, frame)
             raise KeyboardInterrupt
+        if signum == signal.SIGTERM and on_term is not None:
+            on_term()
         stop.set()
 
-    signal.signal(signal.SIGINT, handler)
+    for s in previous:
+        signal.signal(s, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -10,7 +10,6 @@ malformed run directory is a `ConfigError`.
 
 import json
 import math
-import os
 import statistics
 import textwrap
 from pathlib import Path
@@ -20,11 +19,12 @@ import attrs
 
 from fedjax_api import rundir
 from fedjax_api.errors import ConfigError, unknown
+from fedjax_core import atomic
 
 KINDS = ("eval", "train")
 
 # Keys of config.json that never tell runs apart in a legend.
-_NOT_OPTIONS = ("out", "versions")
+_NOT_OPTIONS = ("out", "versions", "status")
 # How a run is carried out, not what it computes: named in a label only when nothing else
 # tells two curves apart.
 _MECHANICS = ("checkpoint_every", "keep_checkpoints", "tensorboard", "device_data",
@@ -427,22 +427,13 @@ def plot_runs(run_dirs, metric: str, out, kind: str | None = None) -> PlotResult
         ax.set_xlabel("round")
     _legend(fig, ax, lines, labels, banded=any(len(g) > 1 for g in groups))
 
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with atomic.replace(out) as f:  # a new temporary file, renamed over `out`
             fig.savefig(f, format=fmt)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
     except OSError as e:
         raise ConfigError(f"cannot write {str(out)!r} ({e.strerror or e}); choose a "
                           "writable -o") from None
-    finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # e.g. its folder does not exist: nothing was written
-            pass
     return PlotResult(path=out, figure=fig, labels=tuple(labels), kind=kind, metric=metric,
                       runs=tuple(tuple(Path(run_dirs[j]) for j in g) for g in groups),
                       train_loss=loss_ax is not None)

@@ -9,6 +9,7 @@ resumable (`fedjax_api.options.option`) may change.
 """
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,33 @@ from fedjax_api import checkpoint, rundir
 from fedjax_api.config import OPTIONS, ExperimentConfig
 from fedjax_api.errors import ConfigError, unknown
 from fedjax_api.options import Schema
+from fedjax_api.versions import versions
 
-NOT_CONFIG = ("versions", "resolved")
+COMPARED_VERSIONS = ("fedjax_sim", "jax", "jaxlib", "optax", "numpy")
+"""The libraries whose versions a resume compares with config.json's (the git commit of a
+clone is not: it changes with every edit)."""
+
+
+class VersionWarning(UserWarning):
+    """A run resumes under other library versions than it started with."""
+
+
+def version_changes(saved: object, current: dict | None = None) -> str:
+    """`"jax 0.4.30 -> 0.4.31, numpy ..."`: the libraries of `COMPARED_VERSIONS` whose
+    version in `saved` (config.json's "versions") differs from `current` (default:
+    `versions()`), or "" when none does (or `saved` records none).
+
+    Example:
+      >>> version_changes({"jax": "0.4.30"}, {"jax": "0.4.31"})
+      'jax 0.4.30 -> 0.4.31'
+    """
+    if not isinstance(saved, dict):
+        return ""
+    current = versions() if current is None else current
+    return ", ".join(f"{name} {saved[name]} -> {current.get(name)}" for name in COMPARED_VERSIONS
+                     if name in saved and name in current and saved[name] != current[name])
+
+NOT_CONFIG = ("versions", "resolved", "status")
 """Keys of config.json that record facts of the run rather than options."""
 
 
@@ -87,6 +113,12 @@ def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None,
         what = ", ".join(f"{k} {base.get(k)!r} -> {new.get(k)!r}" for k in refused)
         raise ConfigError(f"the config differs from the checkpoint's ({what}); pass "
                           f"--allow-changes {','.join(refused)} to resume anyway")
+    changed_versions = version_changes(raw.get("versions"))
+    if changed_versions:
+        warnings.warn(VersionWarning(
+            f"resuming {run_dir} under other versions than it started with "
+            f"({changed_versions}); later rounds may differ from an uninterrupted run"),
+            stacklevel=2)
     calibrated = (raw.get("resolved") or {}).get("noise_multiplier")
     if new.get("dp_epsilon") is not None and calibrated is not None:
         # Keep the noise the run was calibrated with (a longer run spends more epsilon).

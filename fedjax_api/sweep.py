@@ -34,6 +34,7 @@ from fedjax_api.callbacks import (
     Evaluation,
     Evaluator,
     NonFiniteGuard,
+    RunDirOwner,
     RunLog,
     TensorBoard,
 )
@@ -303,9 +304,11 @@ class Sweep:
             personalize_steps=c.personalize_steps, personalize_lr=c.client_lr) for c in cfgs],
             self.config.eval_every)]
         if self.out_dir is not None:  # opened once the first round has run: a refused
+            own.append(RunDirOwner(self.out_dir, lazy=True, holds=(SUMMARY_FILE,)))
             own.append(_SweepFile(self))  # sweep writes nothing
             for k, c in enumerate(cfgs):
-                own.append(RunLog(self._member_dir(k), c.to_dict(), member=k, lazy=True))
+                own.append(RunLog(self._member_dir(k), c.to_dict(), member=k, lazy=True,
+                                  root=self.out_dir))
                 if self.config.tensorboard:
                     own.append(TensorBoard(self._member_dir(k), member=k, lazy=True))
         with _sweep_errors(self.config.algorithm):

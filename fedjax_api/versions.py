@@ -47,12 +47,19 @@ def git_commit(root: Path = ROOT) -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def _jaxlib_version() -> str | None:
+    try:
+        return importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def versions() -> dict[str, str | None]:
-    """`{"fedjax_sim", "git_commit", "jax", "optax", "numpy"}` of this process.
+    """`{"fedjax_sim", "git_commit", "jax", "jaxlib", "optax", "numpy"}` of this process.
 
     Example:
       >>> versions()
-      {'fedjax_sim': '0.1.0', 'git_commit': '1b5d73b...', 'jax': '0.10.2', ...}
+      {'fedjax_sim': '0.1.0', 'git_commit': '1b5d73b...', 'jax': '0.10.2', 'jaxlib': ...}
     """
     return {"fedjax_sim": package_version(), "git_commit": git_commit(), "jax": jax.__version__,
-            "optax": optax.__version__, "numpy": np.__version__}
+            "jaxlib": _jaxlib_version(), "optax": optax.__version__, "numpy": np.__version__}

@@ -23,6 +23,7 @@ import attrs
 
 from fedjax_api.datasets.download import DownloadError, Progress, cache_dir, download, partial_path
 from fedjax_api.errors import ConfigError
+from fedjax_core import atomic
 
 # `progress(label, done_bytes, total_bytes_or_None)`; label names the file in flight.
 FetchProgress = Callable[[str, int, int | None], None]
@@ -284,7 +285,8 @@ def decompress_lzma(src: Path, dest: Path, progress: FetchProgress | None = None
     total = src.stat().st_size
     label = f"unpacking {src.name}"
     try:
-        with open(src, "rb") as raw, lzma.open(raw, "rb") as fin, open(tmp, "wb") as fout:
+        tmp.unlink(missing_ok=True)  # a stale one (or a planted link): never written through
+        with open(src, "rb") as raw, lzma.open(raw, "rb") as fin, atomic.create(tmp) as fout:
             if progress is not None:
                 progress(label, 0, total)
             while chunk := fin.read(DECOMPRESS_CHUNK_BYTES):
@@ -294,6 +296,7 @@ def decompress_lzma(src: Path, dest: Path, progress: FetchProgress | None = None
             fout.flush()
             os.fsync(fout.fileno())
         os.replace(tmp, dest)
+        atomic.fsync_dir(dest.parent)
     except (lzma.LZMAError, EOFError) as e:
         tmp.unlink(missing_ok=True)
         src.unlink(missing_ok=True)

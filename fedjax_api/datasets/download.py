@@ -22,10 +22,11 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from fedjax_api.errors import ConfigError
 from fedjax_api.rundir import fsync_dir
+from fedjax_core import atomic
 
 try:  # POSIX: one process at a time writes a given .partial file.
     import fcntl
@@ -180,7 +181,8 @@ class _Partial:
 @contextlib.contextmanager
 def _open_partial(part: Path) -> Iterator[BinaryIO]:
     try:
-        f = open(part, "a+b")  # appends; created if absent; kept if present
+        # appends; created if absent; kept if present; never through a planted link
+        f = cast(BinaryIO, atomic.open_append(part, binary=True, create=True, readable=True))
     except OSError as e:
         raise DownloadError(f"cannot write {str(part)!r} ({e.strerror or e}); "
                             "set FEDJAX_DATA to a writable directory") from None

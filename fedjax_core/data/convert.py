@@ -11,11 +11,11 @@ from __future__ import annotations
 import lzma
 import os
 import shutil
-import uuid
 from typing import Any, Mapping
 
 import numpy as np
 
+from fedjax_core import atomic
 from fedjax_core.data.errors import DataFormatError
 from fedjax_core.data.federated_data import ClientArrays
 from fedjax_core.data.sqlite import write_sqlite
@@ -162,10 +162,10 @@ def tff_to_sqlite(tff_path: str | os.PathLike, split: str, out_path: str | os.Pa
     if not os.path.exists(tff_path):
         raise FileNotFoundError(f"{tff_path}: no such file; check the path or download it")
     directory = os.path.dirname(os.path.abspath(out_path))
-    tmp = os.path.join(directory, f".{os.path.basename(out_path)}.{uuid.uuid4().hex[:12]}.tff")
+    tmp = os.path.join(directory, atomic.temp_path(out_path).name + ".tff")
     try:
         try:
-            with lzma.open(tff_path) as src, open(tmp, "wb") as dst:
+            with lzma.open(tff_path) as src, atomic.create(tmp) as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         except (lzma.LZMAError, EOFError) as e:
             raise DataFormatError(f"{tff_path}: not a complete LZMA file ({e}); download it "

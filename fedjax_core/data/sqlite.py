@@ -37,7 +37,6 @@ import operator
 import os
 import sqlite3
 import threading
-import uuid
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, cast
@@ -45,6 +44,7 @@ from typing import Any, Iterable, Iterator, Mapping, cast
 import msgpack
 import numpy as np
 
+from fedjax_core import atomic
 from fedjax_core.data.errors import DataFormatError
 from fedjax_core.data.federated_data import ClientArrays
 
@@ -688,8 +688,9 @@ def write_sqlite(path: str | os.PathLike,
     """Writes clients to a FedJAX SQLite file, as FedJAX's `SQLiteFederatedDataBuilder` does.
 
     Rows are inserted in the order given (FedJAX lists clients by `rowid`), in one transaction
-    after the table's own. The file is built under a temporary name next to `path` and renamed
-    into place when complete; on any error the temporary file is removed and nothing is left.
+    after the table's own. The file is built under a new temporary name next to `path`
+    (`fedjax_core.atomic`) and renamed into place when complete; on any error the temporary
+    file is removed and nothing is left.
     Clients are consumed one at a time, so `clients` may be a generator over a large dataset.
 
     Args:
@@ -722,7 +723,7 @@ def write_sqlite(path: str | os.PathLike,
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{path}: directory {directory} does not exist; create it first")
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = os.fspath(atomic.temp_path(path))
     seen: set[bytes | str] = set()
     count = 0
 
@@ -750,6 +751,7 @@ def write_sqlite(path: str | os.PathLike,
         raise PermissionError(f"{path}: cannot write in {directory} (permission denied); "
                               "give a path in a folder you can write to")
     try:
+        atomic.create(tmp).close()  # a new file of this process, never a planted link
         try:
             connection = sqlite3.connect(tmp)
             try:
@@ -765,6 +767,7 @@ def write_sqlite(path: str | os.PathLike,
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         _publish(tmp, path, overwrite)
+        atomic.fsync_dir(directory)
     except BaseException:
         _remove_quietly(tmp)
         raise
