@@ -51,6 +51,16 @@ def _options(saved: dict) -> dict[str, Any]:
     return {k: v for k, v in saved.items() if k not in NOT_CONFIG}
 
 
+def _with_calibrated_noise(options: dict[str, Any], calibrated: float | None) -> dict[str, Any]:
+    """A private run's options with its `--dp-epsilon` target replaced by the noise
+    multiplier it was calibrated to (config.json's "resolved"): a resumed run keeps that
+    noise (a longer run spends more epsilon), and its checkpoints record it so; comparing
+    in this form lets every later resume find the same config."""
+    if options.get("dp_epsilon") is None or calibrated is None:
+        return options
+    return {**options, "dp_epsilon": None, "noise_multiplier": calibrated}
+
+
 def _checkpoint_config(run_dir: Path) -> dict | None:
     """The config recorded by the newest checkpoint whose manifest parses."""
     for _, manifest in reversed(checkpoint.list_checkpoints(run_dir)):
@@ -104,8 +114,9 @@ def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None,
             raise ConfigError(f"{key} cannot change when a run resumes (its checkpoint and "
                               f"records depend on it); start a new run instead: fedjax run "
                               f"--config {run_dir / 'config.toml'} --out NEW_DIR")
-    base = _checkpoint_config(run_dir) or saved
-    new = {**saved, **(overrides or {}), "out": str(run_dir)}
+    calibrated = (raw.get("resolved") or {}).get("noise_multiplier")
+    base = _with_calibrated_noise(_checkpoint_config(run_dir) or saved, calibrated)
+    new = _with_calibrated_noise({**saved, **(overrides or {}), "out": str(run_dir)}, calibrated)
     changed = sorted(k for k in set(new) | set(base)
                      if k != "out" and new.get(k) != base.get(k))
     refused = [k for k in changed if k not in allow_changes]
@@ -119,10 +130,6 @@ def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None,
             f"resuming {run_dir} under other versions than it started with "
             f"({changed_versions}); later rounds may differ from an uninterrupted run"),
             stacklevel=2)
-    calibrated = (raw.get("resolved") or {}).get("noise_multiplier")
-    if new.get("dp_epsilon") is not None and calibrated is not None:
-        # Keep the noise the run was calibrated with (a longer run spends more epsilon).
-        new = {**new, "dp_epsilon": None, "noise_multiplier": calibrated}
     try:
         return schema.config_class(**new)
     except TypeError as e:

@@ -85,3 +85,20 @@ def test_noise_for_a_larger_cohort_is_stated_and_accounted():
 def test_bad_privacy_options(options, message):
     with pytest.raises(ConfigError, match=message):
         Experiment.from_config(config.resolve(NAME, rounds=2, clients_per_round=3, **options))
+
+
+def test_a_calibrated_run_resumes_again_and_again(tmp_path):
+    """A run calibrated from --dp-epsilon keeps its noise multiplier on resume, and a second
+    resume finds the config the first one's checkpoints recorded."""
+    from fedjax_api.resume import resume_config
+
+    cfg = config.resolve(NAME, rounds=2, clients_per_round=3, clip=0.5, dp_epsilon=8.0,
+                         dp_delta=1e-3, checkpoint_every=1, eval_every=0, out=str(tmp_path))
+    first = Experiment.from_config(cfg)
+    first.run()
+    noise = first.privacy.noise_multiplier
+    for rounds in (3, 4):
+        again = resume_config(tmp_path, {"rounds": rounds}, allow_changes=("rounds",))
+        assert again.dp_epsilon is None and again.noise_multiplier == noise
+        result = Experiment.from_config(again, resuming=True).run(resume=True)
+        assert result.server.round == rounds
