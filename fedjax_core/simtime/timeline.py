@@ -206,7 +206,14 @@ class SyncTimeline:
         pool = np.flatnonzero(avail)
         rng = host_rng(self.seed, r, SAMPLE_STREAM)
         chosen = pool[rng.choice(len(pool), size=min(self.draw, len(pool)), replace=False)]
+        return self._keep(r, begin, t, chosen, int(len(pool)))
+
+    def _keep(self, r: int, begin: float, t: float, chosen: np.ndarray,
+              available: int) -> RoundPlan:
+        """The plan of round r whose drawn clients `chosen` start at t: the rule's."""
         comm, step, total = client_seconds(self.model, chosen)
+        if not chosen.size:
+            return RoundPlan(r, begin, t, chosen, chosen, False, None, chosen, available)
         steps = self.model.steps[chosen]
         if self.rule == "all":
             keep, seconds = np.arange(len(chosen)), float(total.max())
@@ -228,7 +235,7 @@ class SyncTimeline:
         order = slot_order(self.sizes, kept)
         capped = bool(np.any(kept_steps < self.model.steps[kept]))
         return RoundPlan(r, begin, t + seconds, kept[order], kept_steps[order], capped, None,
-                         chosen, int(len(pool)))
+                         chosen, available)
 
 
 class AsyncTimeline:
