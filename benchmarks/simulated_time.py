@@ -51,7 +51,7 @@ def per_round_ms(c, rounds: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=50)
     args = parser.parse_args()
     out: dict = {"rounds": args.rounds, "million": {}, "tasks": {}}

@@ -80,7 +80,7 @@ def plot(results: dict, target: float, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--target", type=float, default=0.6)
     parser.add_argument("--max-rounds", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)

@@ -36,6 +36,7 @@ from fedjax_core.aggregate import registry as aggregators
 from fedjax_core.data import Cohort
 from fedjax_core.data.pack import step_bucket
 from fedjax_core.data.sampling import SAMPLE_STREAM, host_rng
+from fedjax_core.simtime import timeline as core_timeline
 
 PROFILES = ("homogeneous", "heterogeneous")
 AVAILABILITY = ("always", "diurnal")
@@ -133,7 +134,7 @@ class PoissonTimeline(simtime.SyncTimeline):
         self.rate = rate
 
     def _round(self, r: int, begin: float) -> simtime.RoundPlan:
-        t, avail = simtime.timeline.wait_for_clients(self.availability, begin)
+        t, avail = core_timeline.wait_for_clients(self.availability, begin)
         rng = host_rng(self.seed, r, SAMPLE_STREAM)
         chosen = np.flatnonzero(avail & (rng.random(len(avail)) < self.rate))
         return self._keep(r, begin, t, chosen, int(avail.sum()))
@@ -201,7 +202,7 @@ def clock(cfg: Any, train: FederatedDataset, params: Any) -> SimulatedClock:
     model = simtime.TimeModel(
         profiles(cfg.devices_profile, train, cfg.seed),
         simtime.client_steps(sizes, train.batch_size, train.epochs, train.max_steps),
-        train.batch_size, float(simtime.timeline.FLOAT_BITS * d), simtime.upload_bits(agg, d))
+        train.batch_size, float(core_timeline.FLOAT_BITS * d), simtime.upload_bits(agg, d))
     avail = availability(cfg.availability, train, cfg.seed)
     k = cfg.clients_per_round
     try:
