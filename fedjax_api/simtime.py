@@ -28,7 +28,7 @@ import attrs
 import jax
 import numpy as np
 
-from fedjax_api.dataset import FederatedDataset, _all_padding
+from fedjax_api.dataset import FederatedDataset, all_padding
 from fedjax_api.errors import ConfigError
 from fedjax_api.loop import Callback, Loop
 from fedjax_core import simtime
@@ -137,7 +137,7 @@ class PoissonTimeline(simtime.SyncTimeline):
         t, avail = core_timeline.wait_for_clients(self.availability, begin)
         rng = host_rng(self.seed, r, SAMPLE_STREAM)
         chosen = np.flatnonzero(avail & (rng.random(len(avail)) < self.rate))
-        return self._keep(r, begin, t, chosen, int(avail.sum()))
+        return self.keep(r, begin, t, chosen, int(avail.sum()))
 
 
 @attrs.frozen(kw_only=True)
@@ -169,7 +169,7 @@ class SimulatedClock:
         pad = (step_bucket(max(len(plan.selected), 1)) if self.poisson
                else self.clients_per_round)
         if len(plan.clients) == 0:
-            cohort = _all_padding(self.train.cohort([0], r, pad_to=pad))
+            cohort = all_padding(self.train.cohort([0], r, pad_to=pad))
         else:
             cohort = self.train.cohort(plan.clients, r, pad_to=pad)
         if plan.capped:

@@ -206,9 +206,9 @@ class SyncTimeline:
         pool = np.flatnonzero(avail)
         rng = host_rng(self.seed, r, SAMPLE_STREAM)
         chosen = pool[rng.choice(len(pool), size=min(self.draw, len(pool)), replace=False)]
-        return self._keep(r, begin, t, chosen, int(len(pool)))
+        return self.keep(r, begin, t, chosen, int(len(pool)))
 
-    def _keep(self, r: int, begin: float, t: float, chosen: np.ndarray,
+    def keep(self, r: int, begin: float, t: float, chosen: np.ndarray,
               available: int) -> RoundPlan:
         """The plan of round r whose drawn clients `chosen` start at t: the rule's."""
         comm, step, total = client_seconds(self.model, chosen)
