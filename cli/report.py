@@ -13,6 +13,7 @@ from rich.table import Table
 
 from cli.common import console, user_errors
 from fedjax_api import report as api
+from fedjax_api.errors import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Plots and summaries of run directories.")
@@ -31,11 +32,14 @@ def plot(
     kind: Annotated[Optional[str], typer.Option(
         help="Records to read: eval or train. Default: those holding the metric most often.")]
         = None,
+    x: Annotated[str, typer.Option(
+        "--x", help="Horizontal axis: round, or simulated_time (hours of the simulated "
+                    "clock; runs with --devices-profile).")] = "round",
 ) -> None:
     """Curves of one metric against the round, labelled by what differs; runs that differ
     only in seed as their mean with a min-max band; with fewer than 3 evaluations, the
     per-round training loss below."""
-    result = api.plot_runs(run_dirs, metric, out, kind)
+    result = api.plot_runs(run_dirs, metric, out, kind, x=x)
     n, curves = sum(len(g) for g in result.runs), len(result.labels)
     text = f"wrote {result.path}: {metric} ({result.kind} records) of {n} run{'s' if n > 1 else ''}"
     if curves < n:
@@ -64,8 +68,12 @@ def _seconds(value) -> str:
 def report(
     run_dir: Annotated[Path, typer.Argument(
         help="A run directory (the --out of `fedjax run`).", show_default=False)],
+    target: Annotated[Optional[str], typer.Option(
+        help="Accuracies to reach, e.g. 0.6,0.7: prints the round and simulated time of the "
+             "first evaluation reaching each.", show_default=False)] = None,
 ) -> None:
-    """Summary of a run: final and best metrics, speed, compile time, privacy spent."""
+    """Summary of a run: final and best metrics, speed, compile time, privacy spent; with
+    --target, the simulated time to reach each accuracy."""
     s = api.summarize(run_dir)
     planned = f" of {s['rounds_planned']}" if s["rounds_planned"] is not None else ""
     console.print(f"run {s['run_dir']}: task {s['task']}, algorithm {s['algorithm']}, "
@@ -90,11 +98,28 @@ def report(
     if s["compile_time_s"] is not None:
         console.print(f"compile time: about {_seconds(s['compile_time_s'])} (the first round's "
                       "time minus the median of the others)", highlight=False)
+    if target is not None:
+        _targets(run_dir, target)
     if s["privacy"] is not None:
         p = s["privacy"]
         delta = "" if p["delta"] is None else f" at delta = {p['delta']:g}"
         console.print(f"privacy spent: epsilon = {_num(p['epsilon'])}{delta} "
                       f"(round {p['round']})", highlight=False)
+
+
+def _targets(run_dir: Path, text: str) -> None:
+    try:
+        targets = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--target expects numbers separated by commas, got {text!r}"
+                              ) from None
+    table = Table("target test/accuracy", "round", "simulated time")
+    for hit in api.time_to_target(api.load_run(run_dir)[1], targets):
+        when = hit["simulated_s"]
+        table.add_row(f"{hit['target']:g}", "not reached" if hit["round"] is None
+                      else str(hit["round"]),
+                      "-" if when is None else f"{when:.6g} s ({when / 3600:.3g} h)")
+    console.print(table)
 
 
 def register(main_app: typer.Typer) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-from fedjax_api import tasks
+from fedjax_api import simtime, tasks
 from fedjax_api.errors import ConfigError, unknown
 from fedjax_api.options import RunOptions, Schema
 from fedjax_core.aggregate import registry as aggregators
@@ -27,6 +27,7 @@ class ExperimentConfig(RunOptions):
     def __attrs_post_init__(self):
         _check_options(self)
         _check_privacy(self)
+        simtime.check(self)
 
     @property
     def private(self) -> bool:

@@ -29,7 +29,7 @@ def _no_transform_on_device(instance, attribute, value):
                           "(device_resident=False)")
 
 
-def _all_padding(cohort: Cohort) -> Cohort:
+def all_padding(cohort: Cohort) -> Cohort:
     """`cohort` with every slot turned into an empty client (zero examples, weight 0,
     `client_index` -1), keeping its shapes; indexed slots read row 0, the zero row."""
     batches = (cohort.batches._replace(index=np.zeros_like(cohort.batches.index))
@@ -157,7 +157,7 @@ class FederatedDataset:
         -1) up to its size bucket (`step_bucket`), so that rounds share few shapes."""
         idx, size = self.poisson_indices(rate, round)
         if len(idx) == 0:  # nobody this round: client 0 gives the shapes, then emptied
-            return _all_padding(self.cohort([0], round, pad_to=size))
+            return all_padding(self.cohort([0], round, pad_to=size))
         return self.cohort(idx, round, pad_to=size)
 
     def poisson_indices(self, rate: float, round: int) -> tuple[np.ndarray, int]:  # noqa: A002
@@ -212,7 +212,7 @@ class FederatedDataset:
                              max_steps=self.max_steps, transform=self.transform,
                              first_slot=slots.start)
         if not len(real):  # only padding here: client 0 gave the shapes
-            cohort = _all_padding(cohort)
+            cohort = all_padding(cohort)
         return pad_cohort(cohort, len(slots))
 
     def subset(self, num_clients: int, seed: int = 0) -> "FederatedDataset":

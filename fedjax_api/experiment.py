@@ -7,7 +7,7 @@ from pathlib import Path
 
 import attrs
 
-from fedjax_api import accelerator, distributed, privacy, rundir, tasks
+from fedjax_api import accelerator, distributed, privacy, rundir, simtime, tasks
 from fedjax_api.algorithm import build_algorithm
 from fedjax_api.callbacks import (
     Callback,
@@ -211,10 +211,12 @@ class Experiment:
         if train.seed != self.seed:  # `seed` governs sampling and shuffles too
             train = train.with_seed(self.seed)
         self.interrupt_event.clear()
+        clock = simtime.from_config(self.config, train, server.params)  # None: no simulated time
         loop = Loop(OneServer(server), rounds=self.rounds, histories=[history],
-                    sample=cohort_sampler(train, self.clients_per_round, self.sampling,
-                                          self.plan),
-                    callbacks=[*self.callbacks(server.round if resume else None),
+                    sample=clock.sample if clock else cohort_sampler(
+                        train, self.clients_per_round, self.sampling, self.plan),
+                    callbacks=[*([simtime.SimulatedTime(clock)] if clock else []),
+                               *self.callbacks(server.round if resume else None),
                                *([OnRecord(on_record)] if on_record else []), *callbacks],
                     out_dir=self.out_dir, interrupt_event=self.interrupt_event,
                     prefetch_depth=self.prefetch_depth)

@@ -358,3 +358,34 @@ class RunOptions:
         None, key="run.time_limit", check=positive, sweep="no", metavar="SECONDS",
         help="Stop after the round during which this many seconds have passed, with a "
              "checkpoint (exit code 3); `fedjax resume` continues the run.")
+    # Simulated time (fedjax_api.simtime, docs/simulated_time.md): off unless a profile is given.
+    devices_profile: str | None = option(
+        None, key="time.devices_profile", metavar="NAME|FILE", **NOT_RESUMABLE,
+        help="Simulate wall-clock time with these devices: homogeneous, heterogeneous "
+             "(log-normal compute and bandwidth) or a CSV trace; adds time/simulated_s to "
+             "every train record. Off by default.")
+    availability: str = option(
+        "always", key="time.availability", metavar="NAME|FILE", **NOT_RESUMABLE,
+        help="Who is online (with --devices-profile): always, diurnal (time-zone phase, "
+             "Markov on/off spells) or a CSV of online intervals.")
+    selection: str = option("all", key="time.selection",
+                            check=one_of("all", "overcommit", "deadline"), **NOT_RESUMABLE,
+                            help="Round rule (with --devices-profile): wait for all, "
+                                 "over-commit (keep the first K of ceil(overcommit K)) or "
+                                 "deadline.")
+    deadline: float | None = option(None, key="time.deadline", check=positive,
+                                    metavar="SECONDS", **NOT_RESUMABLE,
+                                    help="Round deadline in simulated seconds (--selection "
+                                         "deadline).")
+    overcommit: float = option(1.3, key="time.overcommit",
+                               check=Check(lambda v: v >= 1, "must be at least 1", ">= 1"),
+                               **NOT_RESUMABLE,
+                               help="Over-commit factor (--selection overcommit).")
+    partial_work: bool = option(False, key="time.partial_work", **NOT_RESUMABLE,
+                                help="With --selection deadline: clients that would miss it "
+                                     "run the local steps that fit instead of being dropped.")
+    concurrency: int | None = option(None, key="time.concurrency", check=at_least(1),
+                                     **NOT_RESUMABLE,
+                                     help="Asynchronous runs (fedbuff) on the simulated clock: "
+                                          "clients training at once (default: 2 x "
+                                          "clients-per-round).")

@@ -344,7 +344,53 @@ def _legend(fig, ax, lines, labels: list[str], banded: bool):
     return legend
 
 
-def plot_runs(run_dirs, metric: str, out, kind: str | None = None) -> PlotResult:
+X_AXES = ("round", "simulated_time")
+"""What `plot_runs` can draw against: the round, or the simulated clock in hours."""
+
+
+def simulated_hours(records: list[dict], series: tuple[list, list]) -> tuple[list, list]:
+    """`series` (rounds, values) with each round replaced by the simulated clock after it,
+    in hours (`time/simulated_s` of its train record; round 0 is 0); rounds without a
+    clock reading are left out."""
+    clock = {0: 0.0}
+    clock.update({int(r["round"]): float(r["time/simulated_s"]) / 3600.0 for r in records
+                  if r.get("kind") == "train" and _number(r.get("time/simulated_s"))})
+    kept = [(clock[r], v) for r, v in zip(*series) if r in clock]
+    return [h for h, _ in kept], [v for _, v in kept]
+
+
+def time_to_target(records: list[dict], targets, metric: str = "test/accuracy"
+                   ) -> list[dict[str, Any]]:
+    """The first evaluation reaching each target, on the simulated clock.
+
+    Args:
+      records: a run's records.
+      targets: the values to reach (`metric >= target`; `<=` for a loss).
+      metric: the eval metric.
+
+    Returns:
+      One `{"target", "round", "simulated_s"}` per target; `round` None when never
+      reached, `simulated_s` None without simulated time (round 0 is 0 s).
+
+    Example:
+      >>> time_to_target(load_run("runs/a")[1], [0.6, 0.7])
+    """
+    rounds, values = _series(records, metric, "eval")
+    clock = {0: 0.0}
+    clock.update({int(r["round"]): float(r["time/simulated_s"]) for r in records
+                  if r.get("kind") == "train" and _number(r.get("time/simulated_s"))})
+    lower = higher_is_better(metric) is False
+    out = []
+    for target in targets:
+        hit = next((r for r, v in zip(rounds, values)
+                    if (v <= target if lower else v >= target)), None)
+        out.append({"target": float(target), "round": hit,
+                    "simulated_s": None if hit is None else clock.get(hit)})
+    return out
+
+
+def plot_runs(run_dirs, metric: str, out, kind: str | None = None,
+              x: str = "round") -> PlotResult:
     """Draws `metric` against the round for each run into `out` (PNG, PDF or SVG by its
     suffix), written atomically.
 
@@ -361,6 +407,8 @@ def plot_runs(run_dirs, metric: str, out, kind: str | None = None) -> PlotResult
       out: the image file to write.
       kind: take the values from the `eval` or the `train` records; None: the kind whose
         records hold the metric most often (eval on a tie).
+      x: "round", or "simulated_time": against the simulated clock in hours (runs with
+        `--devices-profile`; `simulated_hours`).
 
     Returns:
       A `PlotResult` with the figure (its first axes holds one line per curve, in the order
@@ -373,6 +421,8 @@ def plot_runs(run_dirs, metric: str, out, kind: str | None = None) -> PlotResult
     run_dirs = list(run_dirs)
     if not run_dirs:
         raise ConfigError("give at least one run directory")
+    if x not in X_AXES:
+        raise ConfigError(f"unknown x axis {x!r}; choose one of: {', '.join(X_AXES)}")
     Figure, FigureCanvasAgg = _matplotlib()
     out = Path(out)
     runs = [load_run(d) for d in run_dirs]
@@ -382,10 +432,16 @@ def plot_runs(run_dirs, metric: str, out, kind: str | None = None) -> PlotResult
     if missing:
         raise ConfigError(f"metric {metric!r} is in no {kind} record of "
                           f"{', '.join(repr(m) for m in missing)}; plot the runs that have it")
+    if x == "simulated_time":
+        untimed = [str(d) for d, (_, records) in zip(run_dirs, runs)
+                   if not any("time/simulated_s" in r for r in records)]
+        if untimed:
+            raise ConfigError(f"{untimed[0]!r} has no simulated time: run it with "
+                              "--devices-profile, or plot against the round")
 
     sparse = kind == "eval" and any(len(_series(records, metric, kind)[0]) < MIN_EVALS
                                     for _, records in runs)
-    losses = [_series(records, TRAIN_LOSS, "train") for _, records in runs]
+    losses = [_along(x, records, _series(records, TRAIN_LOSS, "train")) for _, records in runs]
     with_loss = sparse and any(rounds for rounds, _ in losses)
     fig = Figure(figsize=(5.6, 5.6 if with_loss else 4.0), dpi=150, layout="constrained")
     canvas = FigureCanvasAgg(fig)
@@ -405,7 +461,7 @@ def plot_runs(run_dirs, metric: str, out, kind: str | None = None) -> PlotResult
     lines = []
     for i, (group, label) in enumerate(zip(groups, labels)):
         style = _style(i, colors)
-        series = [_series(runs[j][1], metric, kind) for j in group]
+        series = [_along(x, runs[j][1], _series(runs[j][1], metric, kind)) for j in group]
         lines.append(_draw(ax, series, style, label, markers=True))
         if loss_ax is not None:
             loss_series = [losses[j] for j in group if losses[j][0]]
@@ -416,15 +472,15 @@ def plot_runs(run_dirs, metric: str, out, kind: str | None = None) -> PlotResult
     for a in (ax, loss_ax) if loss_ax is not None else (ax,):
         locator = a.xaxis.get_major_locator()
         assert isinstance(locator, MaxNLocator)  # a new axes' AutoLocator
-        locator.set_params(integer=True)  # rounds are whole numbers
+        locator.set_params(integer=x == "round")  # rounds are whole numbers
         a.grid(alpha=0.3)
     ax.set_ylabel(metric)
     ax.set_title(_title(metric, kind, configs))
     if loss_ax is not None:
         loss_ax.set_ylabel(f"{TRAIN_LOSS} (each round)")
-        loss_ax.set_xlabel("round")
+        loss_ax.set_xlabel(_X_LABELS[x])
     else:
-        ax.set_xlabel("round")
+        ax.set_xlabel(_X_LABELS[x])
     _legend(fig, ax, lines, labels, banded=any(len(g) > 1 for g in groups))
 
     try:
@@ -475,6 +531,13 @@ def _final_and_best(records: list[dict], metric: str) -> dict:
         best_value, best_round = max(finite, key=lambda vx: (sign * vx[0], -vx[1]))
         out.update(best=best_value, best_round=best_round)
     return out
+
+
+_X_LABELS = {"round": "round", "simulated_time": "simulated hours"}
+
+
+def _along(x: str, records: list[dict], series: tuple[list, list]) -> tuple[list, list]:
+    return simulated_hours(records, series) if x == "simulated_time" else series
 
 
 def summarize(run_dir) -> dict:

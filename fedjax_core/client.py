@@ -267,6 +267,9 @@ class ClientContext:
         staleness of every slot).
       first_pass: the cohort's sums of the algorithm's first pass (Mime's full-batch
         gradient), or an empty dict.
+      staleness: `Int[Array, ""]`, the server versions that passed while the client
+        trained, from the simulated clock's event timeline (`Cohort.staleness`), or None
+        when the round has no timeline.
 
     Example:
       >>> def client(c: ClientContext) -> ClientReport:
@@ -276,8 +279,10 @@ class ClientContext:
 
     def __init__(self, *, params: Params, server: Any, state: PyTree, is_new: Array,
                  key: PRNGKey, num_examples: Array, batches, mask: Array, model: Model,
-                 slot: Array, round_key: PRNGKey, first_pass: dict | None = None):
+                 slot: Array, round_key: PRNGKey, first_pass: dict | None = None,
+                 staleness: Array | None = None):
         self.params, self.server, self.state, self.is_new = params, server, state, is_new
+        self.staleness = staleness
         self.key, self.num_examples, self.batches, self.mask = key, num_examples, batches, mask
         self.model, self.slot, self.round_key = model, slot, round_key
         self.first_pass = {} if first_pass is None else first_pass

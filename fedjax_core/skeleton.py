@@ -261,18 +261,20 @@ def round_clients(state: RoundState, cohort: Cohort, key, model,
         index, slots = client_state.assign(index, cohort.client_index)
     num = cohort.mask.shape[0]
     is_new = (jnp.ones((num,), bool) if slots is None else slots.is_new)
+    staleness = getattr(cohort, "staleness", None)  # a simulated asynchronous run's
     inputs = (cohort.batches, cohort.mask, jnp.asarray(cohort.num_examples, jnp.float32),
-              jnp.arange(num, dtype=jnp.int32), is_new)
+              jnp.arange(num, dtype=jnp.int32), is_new,
+              None if staleness is None else jnp.asarray(staleness, jnp.int32))
     fresh = None if client_init is None else client_init(state.params)
 
     def context(c, row, pre):
-        batches, mask, n, slot, new = c
+        batches, mask, n, slot, new, tau = c
         if fresh is not None and row is not None:
             row = jax.tree.map(lambda r, f: jnp.where(new, f, r), row, fresh)
         return ClientContext(params=state.params, server=state.server, state=row,
                              is_new=new, key=keys.client_key(key, slot), num_examples=n,
                              batches=batches, mask=mask, model=model, slot=slot,
-                             round_key=key, first_pass=pre)
+                             round_key=key, first_pass=pre, staleness=tau)
 
     return RoundClients(index, slots, inputs, context)
 

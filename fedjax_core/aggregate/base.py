@@ -38,11 +38,16 @@ class Aggregator(NamedTuple):
         deltas and never stacks them. None: the aggregator needs every delta at once
         (median, Krum, trimmed mean, ...), and the skeleton stacks them for `apply`.
         Both must give the same aggregate.
+      bits_per_client: `bits_per_client(d) -> int`, the bits one client uploads for a
+        model of d parameters (a compression aggregator's message size; what the
+        simulated clock charges for the upload, `fedjax_core.simtime`); None: full
+        precision, `32 d`.
     """
 
     init: Callable[[Params], State]
     apply: Callable[..., tuple[Params, State, dict]]
     stream: Stream | None = None
+    bits_per_client: Callable[[int], int] | None = None
 
 
 def real_clients(weights) -> tuple[Array, Array]:

@@ -311,7 +311,7 @@ def _stateless(name: str, roundtrip: Callable, message_bits: Callable[[int], int
         return aggregate, CompressionState(inner_state), {
             **metrics, **_bit_metrics(message_bits(d), d, weights)}
 
-    return Aggregator(init, apply)
+    return Aggregator(init, apply, bits_per_client=message_bits)
 
 
 def _check_bits(bits: int) -> int:
@@ -543,7 +543,7 @@ def top_k(fraction: float = 0.01, k: int | None = None, error_feedback: bool = T
         return aggregate, TopKState(store, inner_state), {
             **metrics, **_bit_metrics(message_bits(d), d, weights)}
 
-    return Aggregator(init, apply)
+    return Aggregator(init, apply, bits_per_client=message_bits)
 
 
 # ----------------------------------------------------------------------------- registry

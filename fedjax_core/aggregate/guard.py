@@ -39,4 +39,4 @@ def skip_nonfinite(inner: Aggregator | None = None) -> Aggregator:
         dropped = jnp.sum((weights > 0) & ~ok).astype(jnp.float32)
         return out, state, {**metrics, "train/nonfinite_clients": dropped}
 
-    return Aggregator(inner.init, apply)
+    return Aggregator(inner.init, apply, bits_per_client=inner.bits_per_client)

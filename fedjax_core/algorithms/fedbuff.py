@@ -23,7 +23,7 @@ How the round engine simulates it. One round is one server step, i.e. one full b
 
 Concurrency is implicit: with K arrivals per server step and an update in flight for
 about `tau + 1` steps, about `K (E[tau] + 1)` clients train at any time (Little's law).
-What the simulation does not model is the event timeline itself: the paper's simulator,
+What the drawn staleness does not model is the event timeline itself: the paper's simulator,
 FLSim, draws training start times and per-client training durations (optionally
 proportional to the client's number of examples), so a client's staleness depends on
 the other clients' speeds and may correlate with its data. Here `tau_i` is drawn per
@@ -36,6 +36,13 @@ distributions (`delay`), in server steps, with `tau = min(floor(d), max_stalenes
     "exponential":  d ~ Exponential(mean delay_scale)      (FLSim's per-user exponential durations)
 
 with `delay_scale` defaulting to `max_staleness / 2`.
+
+On the simulated clock (`fedjax_core.simtime`, docs/simulated_time.md) the event timeline
+replaces the draw: the host computes which K updates arrive first, which version each
+client downloaded and so its staleness, and the cohort carries it (`Cohort.staleness`,
+read as `ClientContext.staleness`). With `staleness_source="timeline"` (default) a
+cohort's timeline staleness is used when it carries one, and the draw above otherwise
+(every run without simulated time: unchanged); `"drawn"` always draws.
 
 Weighting. FLSim (the authors' simulator) weighs an update by `example_weight(n_i) *
 s(tau_i)` and reduces the buffer with a weighted average. With `staleness_in="weight"`
@@ -64,6 +71,7 @@ from fedjax_core.typing import Array, Float, Int, Params, PRNGKey
 
 DELAYS = ("uniform", "half_normal", "exponential")
 STALENESS_IN = ("weight", "delta")
+STALENESS_SOURCES = ("timeline", "drawn")
 
 
 class FedBuffServer(NamedTuple):
@@ -153,7 +161,8 @@ def fedbuff(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
             max_staleness: int = 4, staleness_exponent: float = 0.5,
             delay: str = "uniform", delay_scale: float | None = None,
             staleness_in: str = "weight",
-            aggregator: Aggregator | None = None) -> FederatedAlgorithm:
+            aggregator: Aggregator | None = None,
+            staleness_source: str = "timeline") -> FederatedAlgorithm:
     """FedBuff: a buffer of K = cohort-size updates, each trained from a stale model.
 
     Update rule (round t = server step t, cohort S = the buffer):
@@ -176,6 +185,9 @@ def fedbuff(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
       staleness_in: "weight" (FLSim's weighted average) or "delta" (Algorithm 1's scaled
         deltas averaged over the buffer); see the module docstring.
       aggregator: how the buffer is combined; defaults to the weighted `mean()`.
+      staleness_source: "timeline": the simulated clock's staleness when the cohort
+        carries one (`Cohort.staleness`, clipped to `max_staleness` and `t`), else drawn;
+        "drawn": always drawn from `delay`.
 
     Returns:
       A `FederatedAlgorithm` (state: `RoundState`, server part a `FedBuffServer`: the
@@ -199,6 +211,9 @@ def fedbuff(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
     if staleness_in not in STALENESS_IN:
         raise ValueError(f"unknown staleness_in {staleness_in!r}; choose one of: "
                          f"{', '.join(STALENESS_IN)}")
+    if staleness_source not in STALENESS_SOURCES:
+        raise ValueError(f"unknown staleness_source {staleness_source!r}; choose one of: "
+                         f"{', '.join(STALENESS_SOURCES)}")
     versions = max_staleness + 1
 
     def init(params):
@@ -207,8 +222,11 @@ def fedbuff(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
 
     def client(ctx: ClientContext) -> ClientReport:
         t = ctx.server.version
-        tau = jnp.minimum(
-            slot_staleness(ctx.round_key, ctx.slot, max_staleness, delay, delay_scale), t)
+        if ctx.staleness is not None and staleness_source == "timeline":
+            drawn = jnp.minimum(jnp.asarray(ctx.staleness, jnp.int32), max_staleness)
+        else:
+            drawn = slot_staleness(ctx.round_key, ctx.slot, max_staleness, delay, delay_scale)
+        tau = jnp.minimum(drawn, t)
         start = jax.tree.map(lambda h: h[(t - tau) % versions], ctx.server.history)
         w, stats = ctx.train(start, client_optimizer)
         delta, s = tree.sub(start, w), staleness_weight(tau, staleness_exponent)
@@ -234,10 +252,10 @@ def fedbuff(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
 
 def _build(client_optimizer, server_learning_rate, aggregator=None, max_staleness=4,
            staleness_exponent=0.5, delay="uniform", delay_scale=None, staleness_in="weight",
-           server_momentum=0.0):
+           server_momentum=0.0, staleness_source="timeline"):
     server = optax.sgd(server_learning_rate, momentum=server_momentum or None)
     return fedbuff(client_optimizer, server, max_staleness, staleness_exponent, delay,
-                   delay_scale, staleness_in, aggregator)
+                   delay_scale, staleness_in, aggregator, staleness_source)
 
 
 ENTRY = AlgorithmEntry(

@@ -44,12 +44,16 @@ class Cohort(NamedTuple):
       client_index: `Int[ndarray, "clients"]`, positions of the clients in their
         FederatedData (-1 for a padding client); an algorithm's per-client state is
         kept by these positions (`fedjax_core.client_state`).
+      staleness: `Int[ndarray, "clients"]`, for an asynchronous run on the simulated
+        clock (`fedjax_core.simtime`), how many server versions passed while each client
+        trained (FedBuff reads it as `ClientContext.staleness`); None otherwise.
     """
 
     batches: "dict[str, np.ndarray] | dict[str, Array] | IndexedBatches"
     mask: Bool[np.ndarray | Array, "clients steps batch"]
     num_examples: Int[np.ndarray | Array, " clients"]
     client_index: Int[np.ndarray | Array, " clients"]
+    staleness: Int[np.ndarray | Array, " clients"] | None = None
 
     @property
     def num_clients(self) -> int:

@@ -150,3 +150,35 @@ def test_plot_of_real_runs_evaluated_only_at_the_end(tmp_path):
                if r["kind"] == "train"] for d in dirs]
     assert list(loss_ax.get_lines()[0].get_ydata()) == pytest.approx(
         [(a + b) / 2 for a, b in zip(*losses)])
+
+
+TIMED = [{**r, "time/simulated_s": 900.0 * r["round"]} if r["kind"] == "train" else r
+         for r in RECORDS]
+
+
+def test_report_target_prints_the_simulated_time_to_each_accuracy(tmp_path):
+    run = make_run(tmp_path / "run", CONFIG, TIMED)
+    res = runner.invoke(report.app, ["report", str(run), "--target", "0.1,0.6,0.9"])
+    assert res.exit_code == 0, res.output
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in res.output.splitlines()
+            if line.count("│") == 4]
+    assert rows == [["0.1", "0", "0 s (0 h)"], ["0.6", "2", "1800 s (0.5 h)"],
+                    ["0.9", "not reached", "-"]]
+    bad = runner.invoke(report.app, ["report", str(run), "--target", "0.6,high"])
+    assert bad.exit_code == 2 and "--target expects numbers separated by commas" in bad.output
+
+
+def test_plot_against_simulated_hours(tmp_path):
+    run = make_run(tmp_path / "run", CONFIG, TIMED)
+    res = runner.invoke(report.app, ["plot", str(run), "--x", "simulated_time",
+                                     "-o", str(tmp_path / "c.png")])
+    assert res.exit_code == 0, res.output
+    from fedjax_api.report import plot_runs
+    result = plot_runs([run], "test/accuracy", tmp_path / "d.png", x="simulated_time")
+    line = result.figure.axes[0].lines[0]
+    assert list(line.get_xdata()) == [0.0, 0.5, 1.0]  # rounds 0, 2, 4: 0, 1800, 3600 s
+    assert result.figure.axes[0].get_xlabel() == "simulated hours"
+    plain = make_run(tmp_path / "plain", CONFIG, RECORDS)
+    bad = runner.invoke(report.app, ["plot", str(plain), "--x", "simulated_time",
+                                     "-o", str(tmp_path / "e.png")])
+    assert bad.exit_code == 2 and "has no simulated time" in flat(bad)
