@@ -55,6 +55,7 @@ from fedjax_core.algorithms.base import (
     FederatedAlgorithm,
     OptimizerOrRate,
     client_rate,
+    is_rate,
     sgd_if_rate,
 )
 from fedjax_core.client import ClientContext, ClientReport, TrainStats
@@ -141,8 +142,8 @@ def apfl(client_optimizer: OptimizerOrRate, server_optimizer: OptimizerOrRate = 
       Deng, Kamani, Mahdavi 2020, "Adaptive Personalized Federated Learning"
       (arXiv:2003.13461), Algorithm 1 and the adaptive alpha update.
     """
-    client_learning_rate = client_rate(client_optimizer, client_learning_rate, "apfl",
-                                       required=False)
+    if is_rate(client_optimizer) or client_learning_rate is not None:
+        client_learning_rate = float(client_rate(client_optimizer, client_learning_rate, "apfl"))
     client_optimizer, server_optimizer = sgd_if_rate(client_optimizer), sgd_if_rate(server_optimizer)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"apfl: alpha must be in [0, 1], got {alpha}")

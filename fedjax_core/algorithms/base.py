@@ -9,11 +9,14 @@ from fedjax_core import client_state, parallel
 from fedjax_core.data.pack import Cohort
 from fedjax_core.models.base import Model
 from fedjax_core.parallel import Plan
-from fedjax_core.typing import ArrayLike, Params, PRNGKey, State
+from fedjax_core.typing import Array, Params, PRNGKey, State
 
-OptimizerOrRate = optax.GradientTransformation | ArrayLike
+Rate = float | Array
+"""A learning rate: a float, or a scalar array (traced in a sweep)."""
+
+OptimizerOrRate = optax.GradientTransformation | Rate
 """What every algorithm factory takes as `client_optimizer` and `server_optimizer`: an optax
-`GradientTransformation`, or a learning rate (a number, or a traced scalar in a sweep)."""
+`GradientTransformation`, or a learning rate."""
 
 
 class ApplyFn(Protocol):
@@ -85,12 +88,19 @@ def is_rate(optimizer: Any) -> bool:
     rather than an optax `GradientTransformation`; raises `TypeError` if it is neither."""
     if isinstance(optimizer, optax.GradientTransformation):
         return False
-    if isinstance(optimizer, (int, float)) and not isinstance(optimizer, bool):
-        return True
-    if hasattr(optimizer, "shape") and hasattr(optimizer, "dtype") and optimizer.shape == ():
-        return True
-    raise TypeError(f"expected an optax.GradientTransformation or a learning rate (a float), "
-                    f"got {optimizer!r}")
+    if isinstance(optimizer, bool) or not (isinstance(optimizer, (int, float))
+                                           or getattr(optimizer, "shape", None) == ()):
+        raise TypeError("expected an optax.GradientTransformation or a learning rate (a float), "
+                        f"got {optimizer!r}")
+    return True
+
+
+def _rate(optimizer: OptimizerOrRate) -> Rate:
+    """`optimizer`, checked to be a learning rate (`TypeError` when it is neither a rate nor
+    a transformation; the callers refuse a transformation first)."""
+    assert not isinstance(optimizer, optax.GradientTransformation)
+    is_rate(optimizer)
+    return optimizer
 
 
 def sgd_if_rate(optimizer: OptimizerOrRate) -> optax.GradientTransformation:
@@ -110,7 +120,9 @@ def sgd_if_rate(optimizer: OptimizerOrRate) -> optax.GradientTransformation:
       >>> sgd_if_rate(0.1)              # optax.sgd(0.1)
       >>> sgd_if_rate(optax.adam(1e-3))  # unchanged
     """
-    return optax.sgd(optimizer) if is_rate(optimizer) else optimizer
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optimizer
+    return optax.sgd(_rate(optimizer))
 
 
 def server_sgd(server_optimizer: OptimizerOrRate, server_momentum: float,
@@ -119,8 +131,9 @@ def server_sgd(server_optimizer: OptimizerOrRate, server_momentum: float,
     is a learning rate (no momentum when `server_momentum` is 0). The option
     `server_momentum` belongs to the float form: with a transformation it must be 0
     (`ValueError`)."""
-    if is_rate(server_optimizer):
-        return optax.sgd(server_optimizer, momentum=server_momentum if server_momentum else None)
+    if not isinstance(server_optimizer, optax.GradientTransformation):
+        return optax.sgd(_rate(server_optimizer),
+                         momentum=server_momentum if server_momentum else None)
     if server_momentum:
         raise ValueError(f"{algorithm}: server_momentum applies when server_optimizer is a "
                          "learning rate; with an optax transformation, put the momentum in it "
@@ -128,29 +141,30 @@ def server_sgd(server_optimizer: OptimizerOrRate, server_momentum: float,
     return server_optimizer
 
 
-def server_rate(server_optimizer: OptimizerOrRate, algorithm: str, why: str):
+def server_rate(server_optimizer: OptimizerOrRate, algorithm: str, why: str) -> Rate:
     """`server_optimizer` when it is a learning rate; `ValueError` for a transformation, an
     algorithm whose server step is its own rule (`why` says which), not an optimizer."""
-    if not is_rate(server_optimizer):
+    if isinstance(server_optimizer, optax.GradientTransformation):
         raise ValueError(f"{algorithm}: server_optimizer must be a learning rate (a float), "
                          f"not an optax transformation: {why}")
-    return server_optimizer
+    return _rate(server_optimizer)
 
 
-def client_rate(client_optimizer: OptimizerOrRate, client_learning_rate, algorithm: str,
-                required: bool = True):
+def client_rate(client_optimizer: OptimizerOrRate, client_learning_rate: Rate | None,
+                algorithm: str) -> Rate:
     """The clients' learning rate of an algorithm whose maths uses it: `client_optimizer`
     when it is a learning rate, else `client_learning_rate`.
 
     `ValueError` when `client_optimizer` is a transformation and `client_learning_rate` is
-    None (unless not `required`: then None), or when both are numbers that differ."""
-    if is_rate(client_optimizer):
-        if client_learning_rate is not None and client_learning_rate != client_optimizer:
+    None, or when both are numbers that differ."""
+    if not isinstance(client_optimizer, optax.GradientTransformation):
+        rate = _rate(client_optimizer)
+        if client_learning_rate is not None and client_learning_rate != rate:
             raise ValueError(f"{algorithm}: client_learning_rate={client_learning_rate} differs "
-                             f"from the client_optimizer's learning rate {client_optimizer}; "
+                             f"from the client_optimizer's learning rate {rate}; "
                              "give one of them")
-        return client_optimizer
-    if client_learning_rate is None and required:
+        return rate
+    if client_learning_rate is None:
         raise ValueError(f"{algorithm}: client_optimizer is an optax transformation, so pass its "
                          "learning rate as client_learning_rate=..., or pass the learning rate "
                          "itself as client_optimizer (plain SGD)")

@@ -86,11 +86,11 @@ def qffl(client_optimizer: OptimizerOrRate, server_optimizer: OptimizerOrRate = 
     """
     if q < 0:
         raise ValueError(f"q must be >= 0, got {q}")
-    client_learning_rate = client_rate(client_optimizer, client_learning_rate, "qffl")
+    eta = client_rate(client_optimizer, client_learning_rate, "qffl")
     client_optimizer, server_optimizer = sgd_if_rate(client_optimizer), sgd_if_rate(server_optimizer)
-    if client_learning_rate <= 0:
-        raise ValueError(f"client_learning_rate must be > 0, got {client_learning_rate}")
-    lipschitz = 1.0 / client_learning_rate
+    if eta <= 0:
+        raise ValueError(f"client_learning_rate must be > 0, got {eta}")
+    lipschitz = 1.0 / eta
 
     def client(c: ClientContext) -> ClientReport:
         loss_sum, _, count = c.full_batch(c.params, with_grad=False, train=False)

@@ -80,19 +80,19 @@ def scaffold(client_optimizer: OptimizerOrRate, server_optimizer: float, *,
       Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for
       Federated Learning" (ICML), Algorithm 1.
     """
-    client_learning_rate = client_rate(client_optimizer, client_learning_rate, "scaffold")
+    eta_l = client_rate(client_optimizer, client_learning_rate, "scaffold")
     client_optimizer = sgd_if_rate(client_optimizer)
     server_learning_rate = server_rate(
         server_optimizer, "scaffold", "it is eta_g of x <- x - eta_g Delta (the server state "
         "holds only the control variate c)")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"scaffold: weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    if not client_learning_rate > 0:
+    if not eta_l > 0:
         raise ValueError(f"scaffold: client_learning_rate must be positive, "
-                         f"got {client_learning_rate}")
+                         f"got {eta_l}")
     if int(num_clients) < 1:
         raise ValueError(f"scaffold: num_clients must be at least 1, got {num_clients}")
-    eta_l, inv_population = float(client_learning_rate), 1.0 / int(num_clients)
+    eta_l, inv_population = float(eta_l), 1.0 / int(num_clients)
 
     def client(ctx: ClientContext) -> ClientReport:
         x, c, c_i = ctx.params, ctx.server, ctx.state
