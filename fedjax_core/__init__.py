@@ -30,7 +30,7 @@ from fedjax_core.aggregate.robust import coordinate_median, krum, norm_bounding,
 from fedjax_core.aggregate.secure import secure_sum
 from fedjax_core.algorithms.agnostic_fedavg import agnostic_fedavg
 from fedjax_core.algorithms.apfl import apfl
-from fedjax_core.algorithms.base import EvalClients, FederatedAlgorithm, jit_round
+from fedjax_core.algorithms.base import EvalClients, FederatedAlgorithm, jit_round, sgd_if_rate
 from fedjax_core.algorithms.ditto import ditto
 from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.fedbuff import fedbuff
@@ -71,7 +71,7 @@ __all__ = [
     "algorithm", "ClientContext", "ClientReport", "RoundResult", "RoundState", "TrainStats",
     "descend", "train_steps", "full_batch", "steps_loop", "first_epoch_mask", "tree", "keys", "evaluate",
     # algorithms
-    "FederatedAlgorithm", "EvalClients", "jit_round", "fedavg", "fedprox", "fedadam",
+    "FederatedAlgorithm", "EvalClients", "jit_round", "sgd_if_rate", "fedavg", "fedprox", "fedadam",
     "fedyogi", "fedadagrad", "fedavgm", "fedsgd", "fednova", "qffl", "scaffold", "feddyn",
     "ditto", "apfl", "mime", "mimelite", "agnostic_fedavg", "hypcluster", "fedbuff",
     # aggregators

@@ -46,7 +46,12 @@ import optax
 
 from fedjax_core import keys, tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
+from fedjax_core.algorithms.base import (
+    AlgorithmEntry,
+    FederatedAlgorithm,
+    OptimizerOrRate,
+    sgd_if_rate,
+)
 from fedjax_core.client import ClientContext, ClientReport
 from fedjax_core.data.device import feature_names
 from fedjax_core.skeleton import RoundResult, algorithm
@@ -114,16 +119,16 @@ def domain_sums(ctx: ClientContext, num_domains: int
                     mask=ctx.first_epoch)
 
 
-def agnostic_fedavg(client_optimizer: optax.GradientTransformation,
-                    server_optimizer: optax.GradientTransformation,
+def agnostic_fedavg(client_optimizer: OptimizerOrRate,
+                    server_optimizer: OptimizerOrRate, *,
+                    aggregator: Aggregator | None = None,
                     num_domains: int,
                     domain_learning_rate: float = 0.1,
                     domain_algorithm: str = "eg",
                     domain_window_size: int = 1,
                     init_domain_weights: Sequence[float] | None = None,
                     init_domain_window: Sequence[float] | None = None,
-                    batch_loss: str = "mean",
-                    aggregator: Aggregator | None = None) -> FederatedAlgorithm:
+                    batch_loss: str = "mean") -> FederatedAlgorithm:
     """Agnostic FedAvg: domain-reweighted FedAvg with exponentiated-gradient domain weights.
 
     Update rule (round t, cohort S; see the module docstring):
@@ -133,8 +138,11 @@ def agnostic_fedavg(client_optimizer: optax.GradientTransformation,
       `lambda <- normalise(lambda * exp(eta_lambda * L / N))`, `window <- window[1:] + [N]`.
 
     Args:
-      client_optimizer: optax optimizer each client runs locally, fresh state each round.
-      server_optimizer: optax optimizer applied to the aggregated delta.
+      client_optimizer: optax optimizer each client runs locally, fresh state each round;
+        a float is `optax.sgd(that float)`.
+      server_optimizer: optax optimizer applied to the aggregated delta; a float is
+        `optax.sgd(that float)`.
+      aggregator: combines the deltas with weights beta_k; defaults to the weighted `mean()`.
       num_domains: D; every example's `domain_id` must lie in `[0, D)`.
       domain_learning_rate: eta_lambda (FedJAX's default 0.1).
       domain_algorithm: `"eg"` (exponentiated gradient) or `"none"` (lambda fixed).
@@ -143,7 +151,6 @@ def agnostic_fedavg(client_optimizer: optax.GradientTransformation,
       init_domain_window: the counts that fill the window at the start; None: ones.
       batch_loss: `"mean"` (unbiased minibatch estimate of F_k; one domain gives FedAvg)
         or `"sum"` (FedJAX's exact scaling); see the module docstring.
-      aggregator: combines the deltas with weights beta_k; defaults to the weighted `mean()`.
 
     Returns:
       A `FederatedAlgorithm` (state: `RoundState`, server part an `AgnosticServer`: the
@@ -162,7 +169,7 @@ def agnostic_fedavg(client_optimizer: optax.GradientTransformation,
       ValueError: on inconsistent options.
 
     Example:
-      >>> alg = agnostic_fedavg(optax.sgd(0.1), optax.sgd(1.0), num_domains=2)
+      >>> alg = agnostic_fedavg(0.1, 1.0, num_domains=2)   # optax.sgd(0.1), optax.sgd(1.0)
       >>> state = alg.init(model.init(jax.random.key(0)))
       >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
       >>> metrics["agnostic/domain_weight_1"], state.server.domain_weights
@@ -172,6 +179,7 @@ def agnostic_fedavg(client_optimizer: optax.GradientTransformation,
       Mathews, Mohri and Suresh 2021, "Communication-Efficient Agnostic Federated
       Averaging" (Interspeech), the version FedJAX implements.
     """
+    client_optimizer, server_optimizer = sgd_if_rate(client_optimizer), sgd_if_rate(server_optimizer)
     num_domains = int(num_domains)
     if num_domains < 1:
         raise ValueError(f"num_domains must be at least 1, got {num_domains}")
@@ -241,21 +249,9 @@ def agnostic_fedavg(client_optimizer: optax.GradientTransformation,
     return algorithm(client, server, init=init, aggregator=aggregator)
 
 
-def _build(client_optimizer, server_learning_rate, aggregator=None, *, num_domains,
-           domain_learning_rate=0.1, domain_algorithm="eg", domain_window_size=1,
-           init_domain_weights=None, init_domain_window=None, batch_loss="mean"):
-    return agnostic_fedavg(client_optimizer, optax.sgd(server_learning_rate), num_domains,
-                           domain_learning_rate=domain_learning_rate,
-                           domain_algorithm=domain_algorithm,
-                           domain_window_size=domain_window_size,
-                           init_domain_weights=init_domain_weights,
-                           init_domain_window=init_domain_window, batch_loss=batch_loss,
-                           aggregator=aggregator)
-
-
 ENTRY = AlgorithmEntry(
     "agnostic_fedavg",
     "FedAvg minimising the worst lambda-mixture of domain losses (EG on domain weights)",
-    _build,
+    agnostic_fedavg,
     "Mohri et al. 2019, Agnostic Federated Learning; Ro et al. 2021 (FedJAX's version)",
     needs=("num_domains",))

@@ -20,7 +20,7 @@ Round t, cohort S:
             alpha_i = clip(alpha_i - eta_alpha g_alpha, 0, 1)   # if adaptive_alpha
         Delta_i = w_t - w
     Delta = aggregator({Delta_i})                          # default: example-weighted mean
-    w_{t+1} = w_t - eta_g Delta
+    w_{t+1} = w_t - eta_g Delta                            # or w_t + ServerOpt(Delta)
 
 With `client_optimizer = optax.sgd(eta)` the steps are the paper's; another optax
 optimizer runs on w and on v_i with separate states (fresh each round). alpha_i takes
@@ -50,7 +50,14 @@ import optax
 
 from fedjax_core import keys, tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
+from fedjax_core.algorithms.base import (
+    AlgorithmEntry,
+    FederatedAlgorithm,
+    OptimizerOrRate,
+    client_rate,
+    is_rate,
+    sgd_if_rate,
+)
 from fedjax_core.client import ClientContext, ClientReport, TrainStats
 from fedjax_core.models.base import masked_mean_loss
 from fedjax_core.personalization import evaluate_personal
@@ -75,31 +82,36 @@ def leaf_alphas(alpha, params: Params) -> Params:
     return jax.tree.map(lambda _: jnp.asarray(alpha, jnp.float32), params)
 
 
-def apfl(client_optimizer: optax.GradientTransformation, server_learning_rate: float = 1.0,
-         client_learning_rate: float | None = None, alpha: float = 0.25,
-         adaptive_alpha: bool = True, alpha_learning_rate: float | None = None,
-         aggregator: Aggregator | None = None, fedjax_compat: bool = False) -> FederatedAlgorithm:
+def apfl(client_optimizer: OptimizerOrRate, server_optimizer: OptimizerOrRate = 1.0, *,
+         aggregator: Aggregator | None = None, client_learning_rate: float | None = None,
+         alpha: float = 0.25, adaptive_alpha: bool = True,
+         alpha_learning_rate: float | None = None,
+         fedjax_compat: bool = False) -> FederatedAlgorithm:
     """APFL: each client learns a local model and how much of it to mix with the global one.
 
     Update rule (round t, cohort S; see the module docstring for the local step):
       from `w_t`, each client runs K steps on `w` (`grad f_i(w)`), on `v_i`
       (`alpha_i grad f_i(vbar_i)`) and, if adaptive, on `alpha_i`
       (`<v_i - w, grad f_i(vbar_i)>`, projected onto [0, 1]), `vbar_i = alpha_i v_i +
-      (1 - alpha_i) w`; `w_{t+1} = w_t - eta_g aggregator({w_t - w_i})`.
+      (1 - alpha_i) w`; `w_{t+1} = w_t - eta_g aggregator({w_t - w_i})` (or
+      `w_t + ServerOpt(aggregator({w_t - w_i}))`).
 
     Args:
       client_optimizer: the optimizer of w and of v_i (separate states, fresh each round);
-        the paper uses SGD(eta).
-      server_learning_rate: eta_g; 1.0 is the paper's plain averaging of the local w.
+        the paper uses SGD(eta), which a float eta gives (`optax.sgd(eta)`).
+      server_optimizer: eta_g, a float (server SGD; 1.0 is the paper's plain averaging of
+        the local w), or an optax optimizer applied to the aggregated delta.
+      aggregator: combines the global deltas; defaults to the example-weighted `mean()`.
       client_learning_rate: eta, the client optimizer's learning rate: the default
-        `alpha_learning_rate`, as in the paper (one eta for w, v and alpha).
+        `alpha_learning_rate`, as in the paper (one eta for w, v and alpha). Taken from a
+        float `client_optimizer`; with a transformation, give it (or
+        `alpha_learning_rate`) when `adaptive_alpha`.
       alpha: the initial alpha_i of every client, in [0, 1] (0.25 is one of the paper's
         settings; FedJAX leaves it to the caller).
       adaptive_alpha: learn alpha_i by projected SGD (the paper's adaptive APFL); False
         keeps alpha_i = `alpha`.
       alpha_learning_rate: the step size of alpha_i; None: `client_learning_rate`. Must
         be None with `fedjax_compat` (there the client optimizer steps alpha_i).
-      aggregator: combines the global deltas; defaults to the example-weighted `mean()`.
       fedjax_compat: compute the local step as FedJAX 0.0.17's APFL does instead of as
         the paper writes it: one alpha_i per parameter leaf, the gradient of v_i not
         scaled by alpha_i, and alpha_i stepped by `client_optimizer` (own state, fresh
@@ -109,7 +121,8 @@ def apfl(client_optimizer: optax.GradientTransformation, server_learning_rate: f
     Returns:
       A `FederatedAlgorithm` with `evaluate` (each client with its mixture; see
       `fedjax_core.personalization.evaluate_personal`). Its state is a `RoundState`:
-      `params` the global model w, no server part (`EmptyState`), and a per-client
+      `params` the global model w, server part the server optimizer's state (no arrays
+      for a float), and a per-client
       store whose rows are `{"v": v_i (params-shaped), "alpha": alpha_i}` (a float32
       scalar; with `fedjax_compat`, one per leaf of the params); a new client's row is
       `{"v": w_t, "alpha": alpha}`. Round metrics: `train/loss` (of w),
@@ -120,7 +133,7 @@ def apfl(client_optimizer: optax.GradientTransformation, server_learning_rate: f
       alpha_i after the round (with `fedjax_compat`, its mean over the leaves).
 
     Example:
-      >>> alg = apfl(optax.sgd(0.05), 1.0, client_learning_rate=0.05, alpha=0.25)
+      >>> alg = apfl(0.05, 1.0, alpha=0.25)   # clients: optax.sgd(0.05)
       >>> state = alg.init(params)
       >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
       >>> alg.evaluate(model, state, test_data, 256, EvalClients(rows))
@@ -129,6 +142,9 @@ def apfl(client_optimizer: optax.GradientTransformation, server_learning_rate: f
       Deng, Kamani, Mahdavi 2020, "Adaptive Personalized Federated Learning"
       (arXiv:2003.13461), Algorithm 1 and the adaptive alpha update.
     """
+    if is_rate(client_optimizer) or client_learning_rate is not None:
+        client_learning_rate = float(client_rate(client_optimizer, client_learning_rate, "apfl"))
+    client_optimizer, server_optimizer = sgd_if_rate(client_optimizer), sgd_if_rate(server_optimizer)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"apfl: alpha must be in [0, 1], got {alpha}")
     if fedjax_compat and alpha_learning_rate is not None:
@@ -197,10 +213,10 @@ def apfl(client_optimizer: optax.GradientTransformation, server_learning_rate: f
                                   "alpha": n * mean_alpha, "weight": n},
                             per_client={"alpha": mean_alpha})
 
-    def server(w, server_state, r: RoundResult):
-        params = jax.tree.map(lambda p, d: p - server_learning_rate * d, w, r.delta)
+    def server(w, opt_state, r: RoundResult):
+        updates, opt_state = server_optimizer.update(r.delta, opt_state, w)
         s = r.sums
-        return params, server_state, {
+        return optax.apply_updates(w, updates), opt_state, {
             "train/personal_loss": s["personal_loss"] / jnp.maximum(s["seen"], 1.0),
             "apfl/mean_alpha": s["alpha"] / jnp.maximum(s["weight"], 1.0)}
 
@@ -208,8 +224,8 @@ def apfl(client_optimizer: optax.GradientTransformation, server_learning_rate: f
         return evaluate_personal(model, _select_mixture, state.store.rows, state.params,
                                  data, batch_size, None if clients is None else clients.rows)
 
-    return algorithm(client, server, client_init=client_init, aggregator=aggregator,
-                     evaluate=evaluate)
+    return algorithm(client, server, init=server_optimizer.init, client_init=client_init,
+                     aggregator=aggregator, evaluate=evaluate)
 
 
 def _select_mixture(personal, global_params: Params, row) -> Params:

@@ -3,11 +3,20 @@
 import functools
 from typing import Any, Callable, NamedTuple, Protocol
 
+import optax
+
 from fedjax_core import client_state, parallel
 from fedjax_core.data.pack import Cohort
 from fedjax_core.models.base import Model
 from fedjax_core.parallel import Plan
-from fedjax_core.typing import Params, PRNGKey, State
+from fedjax_core.typing import Array, Params, PRNGKey, State
+
+Rate = float | Array
+"""A learning rate: a float, or a scalar array (traced in a sweep)."""
+
+OptimizerOrRate = optax.GradientTransformation | Rate
+"""What every algorithm factory takes as `client_optimizer` and `server_optimizer`: an optax
+`GradientTransformation`, or a learning rate."""
 
 
 class ApplyFn(Protocol):
@@ -72,6 +81,94 @@ class AlgorithmEntry(NamedTuple):
     build: Callable[..., FederatedAlgorithm]
     paper: str
     needs: tuple[str, ...] = ()
+
+
+def is_rate(optimizer: Any) -> bool:
+    """Whether `optimizer` is a learning rate (a number or a scalar array, traced or not)
+    rather than an optax `GradientTransformation`; raises `TypeError` if it is neither."""
+    if isinstance(optimizer, optax.GradientTransformation):
+        return False
+    if isinstance(optimizer, bool) or not (isinstance(optimizer, (int, float))
+                                           or getattr(optimizer, "shape", None) == ()):
+        raise TypeError("expected an optax.GradientTransformation or a learning rate (a float), "
+                        f"got {optimizer!r}")
+    return True
+
+
+def _rate(optimizer: OptimizerOrRate) -> Rate:
+    """`optimizer`, checked to be a learning rate (`TypeError` when it is neither a rate nor
+    a transformation; the callers refuse a transformation first)."""
+    assert not isinstance(optimizer, optax.GradientTransformation)
+    is_rate(optimizer)
+    return optimizer
+
+
+def sgd_if_rate(optimizer: OptimizerOrRate) -> optax.GradientTransformation:
+    """The shorthand of every algorithm factory: a learning rate means plain SGD.
+
+    Returns `optax.sgd(optimizer)` when `optimizer` is a learning rate (`is_rate`), else
+    `optimizer` itself, so `fedavg(0.1, 1.0)` is `fedavg(optax.sgd(0.1), optax.sgd(1.0))`.
+
+    Args:
+      optimizer: an optax `GradientTransformation`, or a learning rate (a float or a
+        scalar array).
+
+    Returns:
+      An optax `GradientTransformation`.
+
+    Example:
+      >>> sgd_if_rate(0.1)              # optax.sgd(0.1)
+      >>> sgd_if_rate(optax.adam(1e-3))  # unchanged
+    """
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optimizer
+    return optax.sgd(_rate(optimizer))
+
+
+def server_sgd(server_optimizer: OptimizerOrRate, server_momentum: float,
+               algorithm: str) -> optax.GradientTransformation:
+    """`server_optimizer`, or `optax.sgd(server_optimizer, momentum=server_momentum)` when it
+    is a learning rate (no momentum when `server_momentum` is 0). The option
+    `server_momentum` belongs to the float form: with a transformation it must be 0
+    (`ValueError`)."""
+    if not isinstance(server_optimizer, optax.GradientTransformation):
+        return optax.sgd(_rate(server_optimizer),
+                         momentum=server_momentum if server_momentum else None)
+    if server_momentum:
+        raise ValueError(f"{algorithm}: server_momentum applies when server_optimizer is a "
+                         "learning rate; with an optax transformation, put the momentum in it "
+                         "(e.g. optax.sgd(1.0, momentum=0.9))")
+    return server_optimizer
+
+
+def server_rate(server_optimizer: OptimizerOrRate, algorithm: str, why: str) -> Rate:
+    """`server_optimizer` when it is a learning rate; `ValueError` for a transformation, an
+    algorithm whose server step is its own rule (`why` says which), not an optimizer."""
+    if isinstance(server_optimizer, optax.GradientTransformation):
+        raise ValueError(f"{algorithm}: server_optimizer must be a learning rate (a float), "
+                         f"not an optax transformation: {why}")
+    return _rate(server_optimizer)
+
+
+def client_rate(client_optimizer: OptimizerOrRate, client_learning_rate: Rate | None,
+                algorithm: str) -> Rate:
+    """The clients' learning rate of an algorithm whose maths uses it: `client_optimizer`
+    when it is a learning rate, else `client_learning_rate`.
+
+    `ValueError` when `client_optimizer` is a transformation and `client_learning_rate` is
+    None, or when both are numbers that differ."""
+    if not isinstance(client_optimizer, optax.GradientTransformation):
+        rate = _rate(client_optimizer)
+        if client_learning_rate is not None and client_learning_rate != rate:
+            raise ValueError(f"{algorithm}: client_learning_rate={client_learning_rate} differs "
+                             f"from the client_optimizer's learning rate {rate}; "
+                             "give one of them")
+        return rate
+    if client_learning_rate is None:
+        raise ValueError(f"{algorithm}: client_optimizer is an optax transformation, so pass its "
+                         "learning rate as client_learning_rate=..., or pass the learning rate "
+                         "itself as client_optimizer (plain SGD)")
+    return client_learning_rate
 
 
 def jit_round(algorithm: FederatedAlgorithm, model: Model, plan: Plan = Plan(),

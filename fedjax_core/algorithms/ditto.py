@@ -11,7 +11,7 @@ v_k (it starts at the global model of the round it first trains in). Round t, co
                                                      # i.e. ClientOpt on F_k + lam/2 ||v - w_t||^2
         Delta_k = w_t - w_k
     Delta = aggregator({Delta_k})                          # default: example-weighted mean
-    w_{t+1} = w_t - eta_g Delta
+    w_{t+1} = w_t - eta_g Delta                            # or w_t + ServerOpt(Delta)
 
 The global model is trained exactly as in FedAvg; the personal models never reach the
 server. They are the algorithm's per-client state, kept by the round skeleton in a
@@ -28,35 +28,42 @@ import optax
 
 from fedjax_core import keys, tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
+from fedjax_core.algorithms.base import (
+    AlgorithmEntry,
+    FederatedAlgorithm,
+    OptimizerOrRate,
+    sgd_if_rate,
+)
 from fedjax_core.client import ClientContext, ClientReport
 from fedjax_core.personalization import evaluate_personal
 from fedjax_core.skeleton import RoundResult, algorithm
 from fedjax_core.typing import Params
 
 
-def ditto(client_optimizer: optax.GradientTransformation, server_learning_rate: float = 1.0,
-          lam: float = 0.1, aggregator: Aggregator | None = None) -> FederatedAlgorithm:
+def ditto(client_optimizer: OptimizerOrRate, server_optimizer: OptimizerOrRate = 1.0, *,
+          aggregator: Aggregator | None = None, lam: float = 0.1) -> FederatedAlgorithm:
     """Ditto with FedAvg as the global solver.
 
     Update rule (round t, cohort S):
       `w_k = ClientOpt^K(w_t; D_k)`, `Delta = aggregator({w_t - w_k}, {n_k})`,
-      `w_{t+1} = w_t - eta_g Delta`;
+      `w_{t+1} = w_t - eta_g Delta` (or `w_t + ServerOpt(Delta)`);
       each k in S, over the same K batches: `v_k <- ClientOpt^K(v_k; F_k + lam/2 ||v - w_t||^2)`,
       i.e. with SGD `v_k <- v_k - eta (grad F_k(v_k) + lam (v_k - w_t))`; a client's first
       `v_k` is `w_t`.
 
     Args:
       client_optimizer: the local optimizer of both passes (fresh state for each pass
-        and round); the paper uses SGD(eta).
-      server_learning_rate: eta_g; 1.0 is the paper's `w_{t+1} = w_t + mean(w_k - w_t)`.
+        and round); the paper uses SGD(eta); a float is `optax.sgd(that float)`.
+      server_optimizer: eta_g, a float (server SGD; 1.0 is the paper's
+        `w_{t+1} = w_t + mean(w_k - w_t)`), or an optax optimizer applied to Delta.
+      aggregator: combines the global deltas; defaults to the example-weighted `mean()`.
       lam: lambda >= 0, the pull of the personal models towards the global one (0: purely
         local models; large: the global model). The paper tunes it per dataset over
         {0.05, 0.1, 0.2, 0.5, 1, 2}; the authors' run scripts use 1.
-      aggregator: combines the global deltas; defaults to the example-weighted `mean()`.
 
     Returns:
-      A `FederatedAlgorithm` (state: `RoundState`, no server part; its per-client store
+      A `FederatedAlgorithm` (state: `RoundState`, server part the server optimizer's
+      state (no arrays for a float); its per-client store
       holds the personal models v_k, one row shaped like the params per client that has
       trained), with `evaluate` (personal models; see `evaluate_personal`). Round
       metrics: `train/loss` (the global pass), `train/num_examples`, `train/delta_norm`,
@@ -76,6 +83,7 @@ def ditto(client_optimizer: optax.GradientTransformation, server_learning_rate: 
     if not lam >= 0:
         raise ValueError(f"ditto: lam must be non-negative, got {lam}")
     lam = float(lam)
+    client_optimizer, server_optimizer = sgd_if_rate(client_optimizer), sgd_if_rate(server_optimizer)
 
     def client(c: ClientContext) -> ClientReport:
         w_t, v = c.params, c.state                 # v: w_t for a client never seen
@@ -91,17 +99,17 @@ def ditto(client_optimizer: optax.GradientTransformation, server_learning_rate: 
                             sums={"personal_loss": personal.loss_sum,
                                   "personal_seen": personal.examples_seen})
 
-    def server(w, s, r: RoundResult):
-        params = jax.tree.map(lambda p, d: p - server_learning_rate * d, w, r.delta)
+    def server(w, opt_state, r: RoundResult):
+        updates, opt_state = server_optimizer.update(r.delta, opt_state, w)
         loss = r.sums["personal_loss"] / jnp.maximum(r.sums["personal_seen"], 1.0)
-        return params, s, {"train/personal_loss": loss}
+        return optax.apply_updates(w, updates), opt_state, {"train/personal_loss": loss}
 
     def evaluate(model, state, data, batch_size=256, clients=None):
         return evaluate_personal(model, _select_personal, state.store.rows, state.params,
                                  data, batch_size, None if clients is None else clients.rows)
 
-    return algorithm(client, server, client_init=lambda params: params, aggregator=aggregator,
-                     evaluate=evaluate)
+    return algorithm(client, server, init=server_optimizer.init,
+                     client_init=lambda params: params, aggregator=aggregator, evaluate=evaluate)
 
 
 def _select_personal(personal: Params, global_params: Params, row) -> Params:

@@ -19,7 +19,7 @@ import optax
 
 from fedjax_core import tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.algorithms.base import FederatedAlgorithm
+from fedjax_core.algorithms.base import FederatedAlgorithm, OptimizerOrRate, sgd_if_rate
 from fedjax_core.client import ClientContext, ClientReport, Regularizer
 from fedjax_core.skeleton import RoundResult, algorithm
 from fedjax_core.typing import Array, Params
@@ -35,8 +35,8 @@ def anchored(term: ProximalTerm, anchor: Params) -> Regularizer:
     return lambda w: term(w, anchor)
 
 
-def fedavg(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
-           server_optimizer: optax.GradientTransformation = optax.sgd(1.0),
+def fedavg(client_optimizer: OptimizerOrRate = optax.sgd(0.1),
+           server_optimizer: OptimizerOrRate = optax.sgd(1.0), *,
            aggregator: Aggregator | None = None,
            regularizer: ProximalTerm | None = None) -> FederatedAlgorithm:
     """Federated Averaging with pluggable client optimizer, server optimizer and aggregator.
@@ -47,9 +47,10 @@ def fedavg(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
       `w_{t+1} = w_t + ServerOpt(Delta)`.
 
     Args:
-      client_optimizer: optax optimizer each client runs locally, fresh state each round.
+      client_optimizer: optax optimizer each client runs locally, fresh state each round;
+        a float is `optax.sgd(that float)`.
       server_optimizer: optax optimizer the server applies to the aggregated delta,
-        treating it as a gradient.
+        treating it as a gradient; a float is `optax.sgd(that float)`.
       aggregator: how deltas are combined; defaults to the example-weighted `mean()`.
       regularizer: optional `R(w, w_t)` added to every local step's loss, with the
         round's global model as context (FedProx's proximal term); None for FedAvg.
@@ -61,6 +62,7 @@ def fedavg(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
 
     Example:
       >>> alg = fedavg(optax.sgd(1.0), optax.adam(1e-2))
+      >>> alg = fedavg(0.1, 1.0)    # fedavg(optax.sgd(0.1), optax.sgd(1.0))
       >>> state = alg.init(model.init(jax.random.key(0)))
       >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
 
@@ -69,6 +71,8 @@ def fedavg(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
       Decentralized Data" (AISTATS). Reddi et al. 2021, "Adaptive Federated
       Optimization" (ICLR).
     """
+    client_optimizer, server_optimizer = sgd_if_rate(client_optimizer), sgd_if_rate(server_optimizer)
+
     def client(c: ClientContext) -> ClientReport:
         proximal = None if regularizer is None else anchored(regularizer, c.params)
         w, stats = c.train(c.params, client_optimizer, regularizer=proximal)

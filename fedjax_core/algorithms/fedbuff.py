@@ -64,7 +64,13 @@ import optax
 
 from fedjax_core import keys, tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
+from fedjax_core.algorithms.base import (
+    AlgorithmEntry,
+    FederatedAlgorithm,
+    OptimizerOrRate,
+    server_sgd,
+    sgd_if_rate,
+)
 from fedjax_core.client import ClientContext, ClientReport
 from fedjax_core.skeleton import RoundResult, algorithm
 from fedjax_core.typing import Array, Float, Int, Params, PRNGKey
@@ -156,12 +162,12 @@ def _check(max_staleness, delay, delay_scale=None):
                          f"{', '.join(DELAYS)}")
 
 
-def fedbuff(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
-            server_optimizer: optax.GradientTransformation = optax.sgd(1.0),
+def fedbuff(client_optimizer: OptimizerOrRate = optax.sgd(0.1),
+            server_optimizer: OptimizerOrRate = optax.sgd(1.0), *,
+            aggregator: Aggregator | None = None,
             max_staleness: int = 4, staleness_exponent: float = 0.5,
             delay: str = "uniform", delay_scale: float | None = None,
-            staleness_in: str = "weight",
-            aggregator: Aggregator | None = None,
+            staleness_in: str = "weight", server_momentum: float = 0.0,
             staleness_source: str = "timeline") -> FederatedAlgorithm:
     """FedBuff: a buffer of K = cohort-size updates, each trained from a stale model.
 
@@ -173,9 +179,11 @@ def fedbuff(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
       `w_{t+1} = w_t + ServerOpt(Delta)`.
 
     Args:
-      client_optimizer: optax optimizer each client runs locally, fresh state each round.
-      server_optimizer: optax optimizer on the aggregated delta (the paper: SGD with
-        learning rate eta_g, optionally momentum).
+      client_optimizer: optax optimizer each client runs locally, fresh state each round;
+        a float is `optax.sgd(that float)`.
+      server_optimizer: optax optimizer on the aggregated delta, or a float eta_g: the
+        paper's server SGD with learning rate eta_g (and `server_momentum`).
+      aggregator: how the buffer is combined; defaults to the weighted `mean()`.
       max_staleness: largest simulated staleness; 0 is FedAvg. The state keeps
         `max_staleness + 1` model versions.
       staleness_exponent: a in `s(tau) = (1 + tau)^(-a)` (paper: 0.5; 0 turns it off).
@@ -184,7 +192,8 @@ def fedbuff(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
         `max_staleness / 2`); unused by "uniform".
       staleness_in: "weight" (FLSim's weighted average) or "delta" (Algorithm 1's scaled
         deltas averaged over the buffer); see the module docstring.
-      aggregator: how the buffer is combined; defaults to the weighted `mean()`.
+      server_momentum: heavy-ball momentum of the server SGD when `server_optimizer` is
+        a float (0: none).
       staleness_source: "timeline": the simulated clock's staleness when the cohort
         carries one (`Cohort.staleness`, clipped to `max_staleness` and `t`), else drawn;
         "drawn": always drawn from `delay`.
@@ -199,6 +208,7 @@ def fedbuff(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
 
     Example:
       >>> alg = fedbuff(optax.sgd(0.1), optax.sgd(1.0, momentum=0.9), max_staleness=4)
+      >>> alg = fedbuff(0.1, 1.0, max_staleness=4, server_momentum=0.9)   # the same
       >>> state = alg.init(model.init(jax.random.key(0)))
       >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
 
@@ -207,6 +217,8 @@ def fedbuff(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
       with Buffered Asynchronous Aggregation" (AISTATS), Algorithm 1; staleness weight
       as in Xie et al. 2019, "Asynchronous Federated Optimization".
     """
+    client_optimizer = sgd_if_rate(client_optimizer)
+    server_optimizer = server_sgd(server_optimizer, server_momentum, "fedbuff")
     _check(max_staleness, delay, delay_scale)
     if staleness_in not in STALENESS_IN:
         raise ValueError(f"unknown staleness_in {staleness_in!r}; choose one of: "
@@ -250,16 +262,8 @@ def fedbuff(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
     return algorithm(client, server, init=init, aggregator=aggregator)
 
 
-def _build(client_optimizer, server_learning_rate, aggregator=None, max_staleness=4,
-           staleness_exponent=0.5, delay="uniform", delay_scale=None, staleness_in="weight",
-           server_momentum=0.0, staleness_source="timeline"):
-    server = optax.sgd(server_learning_rate, momentum=server_momentum or None)
-    return fedbuff(client_optimizer, server, max_staleness, staleness_exponent, delay,
-                   delay_scale, staleness_in, aggregator, staleness_source)
-
-
 ENTRY = AlgorithmEntry(
     "fedbuff",
     "FedBuff: asynchronous buffered aggregation, stale client starts simulated per round",
-    _build,
+    fedbuff,
     "Nguyen et al. 2022, Federated Learning with Buffered Asynchronous Aggregation")

@@ -19,18 +19,23 @@ skeleton in a store that grows with the clients seen, not with m.
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from fedjax_core import tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
+from fedjax_core.algorithms.base import (
+    AlgorithmEntry,
+    FederatedAlgorithm,
+    OptimizerOrRate,
+    server_rate,
+    sgd_if_rate,
+)
 from fedjax_core.client import ClientContext, ClientReport
 from fedjax_core.skeleton import RoundResult, algorithm
 
 
-def feddyn(client_optimizer: optax.GradientTransformation, server_learning_rate: float,
-           num_clients: int, alpha: float = 0.01,
-           aggregator: Aggregator | None = None) -> FederatedAlgorithm:
+def feddyn(client_optimizer: OptimizerOrRate, server_optimizer: float, *,
+           aggregator: Aggregator | None = None, num_clients: int,
+           alpha: float = 0.01) -> FederatedAlgorithm:
     """FedDyn: each client's local objective is corrected by its own linear term.
 
     Update rule (round t, cohort P_t of real clients, m clients in all):
@@ -50,11 +55,13 @@ def feddyn(client_optimizer: optax.GradientTransformation, server_learning_rate:
     A round without real clients changes nothing.
 
     Args:
-      client_optimizer: the local optimizer (the paper uses SGD).
-      server_learning_rate: eta_g, 1.0 for the paper's algorithm.
+      client_optimizer: the local optimizer (the paper uses SGD); a float is
+        `optax.sgd(that float)`.
+      server_optimizer: eta_g, a float, 1.0 for the paper's algorithm. An optax
+        transformation raises `ValueError`: the server state holds only h.
+      aggregator: combines the model deltas; defaults to `mean()`.
       num_clients: m, the population size.
       alpha: the regularization strength, positive (e.g. 0.1, 0.01, 0.001).
-      aggregator: combines the model deltas; defaults to `mean()`.
 
     Returns:
       A `FederatedAlgorithm` (state: `RoundState`; its server part is h, shaped like the
@@ -64,7 +71,7 @@ def feddyn(client_optimizer: optax.GradientTransformation, server_learning_rate:
       aggregator's.
 
     Example:
-      >>> alg = feddyn(optax.sgd(0.1), 1.0, num_clients=100, alpha=0.01)
+      >>> alg = feddyn(0.1, 1.0, num_clients=100, alpha=0.01)   # clients: optax.sgd(0.1)
       >>> state = alg.init(params)
       >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
 
@@ -72,6 +79,10 @@ def feddyn(client_optimizer: optax.GradientTransformation, server_learning_rate:
       Acar et al. 2021, "Federated Learning Based on Dynamic Regularization" (ICLR),
       Algorithm 1.
     """
+    client_optimizer = sgd_if_rate(client_optimizer)
+    server_learning_rate = server_rate(
+        server_optimizer, "feddyn", "it is eta_g of theta <- theta - eta_g (Delta + h / alpha) "
+        "(the server state holds only h)")
     if not alpha > 0:
         raise ValueError(f"feddyn: alpha must be positive, got {alpha}")
     if int(num_clients) < 1:

@@ -24,11 +24,12 @@ buffer, as `client.local_train` adds it to the loss) the paper gives no closed f
 to a unit gradient at step k, computed by running the scalar recurrence.
 
 Because the a_i must describe the local solver exactly, FedNova builds the clients'
-optimizer itself: `optax.sgd(client_learning_rate, momentum)` (optax's heavy ball,
+optimizer itself: `optax.sgd(eta, momentum)` (optax's heavy ball,
 `b <- rho b + g; w <- w - eta b`, like PyTorch's SGD used by the authors), with a
-constant learning rate. The registry's builder takes the run's client optimizer only to
-check, on a probe, that it is that SGD, and raises ValueError otherwise (e.g. Adam, or
-momentum SGD without the option `momentum`), rather than normalise by the wrong a_i.
+constant learning rate, so its `client_optimizer` is the float eta. The registry's
+builder takes the run's client optimizer only to check, on a probe, that it is that
+SGD, and raises ValueError otherwise (e.g. Adam, or momentum SGD without the option
+`momentum`), rather than normalise by the wrong a_i.
 
 Differences from the authors' code (github.com/JYWa/FedNova), which follows the paper
 for plain SGD and momentum: with a proximal term it sets `tau_eff = sum p_i tau_i`
@@ -44,7 +45,13 @@ import optax
 
 from fedjax_core import tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
+from fedjax_core.algorithms.base import (
+    AlgorithmEntry,
+    FederatedAlgorithm,
+    OptimizerOrRate,
+    is_rate,
+    server_sgd,
+)
 from fedjax_core.algorithms.fedavg import anchored
 from fedjax_core.algorithms.fedprox import proximal_term
 from fedjax_core.client import ClientContext, ClientReport
@@ -100,31 +107,33 @@ def a_norm(tau: ArrayLike, momentum: float = 0.0, eta_mu: float = 0.0) -> Array:
     return jnp.vectorize(one)(tau)
 
 
-def fednova(client_learning_rate: float, server_learning_rate: float = 1.0,
-            momentum: float = 0.0, proximal_weight: float = 0.0,
-            server_momentum: float = 0.0,
-            aggregator: Aggregator | None = None) -> FederatedAlgorithm:
+def fednova(client_optimizer: float, server_optimizer: OptimizerOrRate = 1.0, *,
+            aggregator: Aggregator | None = None, momentum: float = 0.0,
+            proximal_weight: float = 0.0, server_momentum: float = 0.0) -> FederatedAlgorithm:
     """FedNova: average `Delta_i / ||a_i||_1`, then rescale by `tau_eff = sum p_i ||a_i||_1`.
 
     Update rule (round t, cohort S, `p_i = n_i / sum n_j`):
       each client runs `tau_i` steps (its non-empty packed steps) of
-      `sgd(client_learning_rate, momentum)` on `L_k(w) + mu/2 ||w - w_t||^2`,
+      `sgd(eta, momentum)` on `L_k(w) + mu/2 ||w - w_t||^2`,
       `Delta_i = w_t - w_i`, `d_i = Delta_i / ||a_i||_1` (see `a_norm`),
       `d = aggregator({d_i}, {n_i})` (mean: `sum p_i d_i`),
       `tau_eff = sum p_i ||a_i||_1`,
-      `w_{t+1} = w_t + sgd(eta_s, server_momentum).update(tau_eff * d)`.
+      `w_{t+1} = w_t + sgd(eta_s, server_momentum).update(tau_eff * d)` (or
+      `ServerOpt(tau_eff * d)`).
     With equal tau_i and plain SGD this is FedAvg with server learning rate eta_s.
 
     Args:
-      client_learning_rate: eta, the clients' constant SGD step size (the clients run
-        `local_solver(eta, momentum)`, built here so that `a_i` is right).
-      server_learning_rate: eta_s; 1.0 as in the paper.
-      momentum: rho, the clients' heavy-ball momentum (the paper's experiments: 0.9).
-      proximal_weight: mu, FedProx's proximal term in the local objective (0: none).
-      server_momentum: heavy-ball momentum of the server SGD (the authors' code's
-        "gmf"); 0 as in the paper's Algorithm.
+      client_optimizer: eta, the clients' constant SGD step size, a float (the clients
+        run `local_solver(eta, momentum)`, built here so that `a_i` is right); an optax
+        transformation raises `ValueError`.
+      server_optimizer: eta_s, a float (server SGD with `server_momentum`; 1.0 as in the
+        paper), or an optax optimizer applied to `tau_eff * d`.
       aggregator: how the normalized updates d_i are combined, with weights n_i;
         defaults to the example-weighted `mean()` (= `sum p_i d_i`).
+      momentum: rho, the clients' heavy-ball momentum (the paper's experiments: 0.9).
+      proximal_weight: mu, FedProx's proximal term in the local objective (0: none).
+      server_momentum: heavy-ball momentum of the server SGD when `server_optimizer` is
+        a float (the authors' code's "gmf"); 0 as in the paper's Algorithm.
 
     Returns:
       A `FederatedAlgorithm` (state: `RoundState`, server part the server SGD's state,
@@ -134,7 +143,7 @@ def fednova(client_learning_rate: float, server_learning_rate: float = 1.0,
       the aggregator's.
 
     Example:
-      >>> alg = fednova(client_learning_rate=0.1, momentum=0.9)
+      >>> alg = fednova(0.1, 1.0, momentum=0.9)
       >>> state = alg.init(model.init(jax.random.key(0)))
       >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
 
@@ -143,6 +152,11 @@ def fednova(client_learning_rate: float, server_learning_rate: float = 1.0,
       Federated Optimization" (NeurIPS), which gives the a_i of momentum and proximal
       SGD.
     """
+    if not is_rate(client_optimizer):
+        raise ValueError("fednova: client_optimizer must be the clients' SGD learning rate "
+                         "(a float; set the option momentum for heavy-ball SGD): FedNova's "
+                         "normalisation assumes that solver")
+    client_learning_rate = client_optimizer
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
     if proximal_weight < 0:
@@ -150,14 +164,13 @@ def fednova(client_learning_rate: float, server_learning_rate: float = 1.0,
     eta_mu = client_learning_rate * proximal_weight
     if eta_mu >= 1.0:
         raise ValueError(f"client_learning_rate * proximal_weight must be < 1, got {eta_mu}")
-    client_optimizer = local_solver(client_learning_rate, momentum)
+    solver = local_solver(client_learning_rate, momentum)
     proximal = proximal_term(proximal_weight) if proximal_weight else None
-    server_optimizer = optax.sgd(server_learning_rate,
-                                 momentum=server_momentum if server_momentum else None)
+    server_optimizer = server_sgd(server_optimizer, server_momentum, "fednova")
 
     def client(c: ClientContext) -> ClientReport:
         regularizer = None if proximal is None else anchored(proximal, c.params)
-        w, stats = c.train(c.params, client_optimizer, regularizer=regularizer)
+        w, stats = c.train(c.params, solver, regularizer=regularizer)
         norm = a_norm(stats.steps, momentum, eta_mu)              # ||a_i||_1, tau_i = steps
         d = tree.scale(tree.sub(c.params, w), 1.0 / jnp.where(norm > 0, norm, 1.0))
         n = c.num_examples
@@ -199,9 +212,9 @@ def _build(client_optimizer, server_learning_rate, aggregator=None, *, client_le
             + (f", momentum={momentum})" if momentum else ")")
             + " with a constant learning rate (set the option `momentum` to the client "
             "optimizer's momentum)")
-    return fednova(client_learning_rate, server_learning_rate, momentum=momentum,
-                   proximal_weight=proximal_weight, server_momentum=server_momentum,
-                   aggregator=aggregator)
+    return fednova(client_learning_rate, server_learning_rate, aggregator=aggregator,
+                   momentum=momentum, proximal_weight=proximal_weight,
+                   server_momentum=server_momentum)
 
 
 ENTRY = AlgorithmEntry(

@@ -6,7 +6,7 @@ Round t, for a cohort S of clients with n_i examples each:
         w_i ~= argmin_w  F_i(w) + mu/2 ||w - w_t||^2          # local steps of ClientOpt
         Delta_i = w_t - w_i
     Delta = sum_i n_i Delta_i / sum_i n_i                    # aggregator (default: mean)
-    w_{t+1} = w_t - eta_s Delta                              # sgd(server_learning_rate)
+    w_{t+1} = w_t - eta_s Delta                              # server_optimizer: sgd(eta_s)
 
 Every local step differentiates the batch loss plus `mu/2 ||w - w_t||^2`, so its
 gradient gains `mu (w - w_t)`, which pulls the client back towards the global model.
@@ -21,10 +21,9 @@ solutions); here a client's work is its packed steps (`epochs`, `max_steps`).
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
+from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm, OptimizerOrRate
 from fedjax_core.algorithms.fedavg import ProximalTerm, fedavg
 
 
@@ -39,23 +38,25 @@ def proximal_term(proximal_weight: float) -> ProximalTerm:
     return regularizer
 
 
-def fedprox(client_optimizer: optax.GradientTransformation, server_learning_rate: float = 1.0,
-            proximal_weight: float = 0.01,
-            aggregator: Aggregator | None = None) -> FederatedAlgorithm:
+def fedprox(client_optimizer: OptimizerOrRate, server_optimizer: OptimizerOrRate = 1.0, *,
+            aggregator: Aggregator | None = None,
+            proximal_weight: float = 0.01) -> FederatedAlgorithm:
     """FedProx: FedAvg with the proximal term `mu/2 ||w - w_t||^2` in every local step.
 
     Update rule (round t, cohort S):
       each client runs its optimizer on `L_k(w) + mu/2 ||w - w_t||^2` for its steps k,
       `Delta_i = w_t - w_i`, `Delta = aggregator({Delta_i}, {n_i})`
-      (mean: `sum n_i Delta_i / sum n_i`), `w_{t+1} = w_t - server_learning_rate * Delta`.
+      (mean: `sum n_i Delta_i / sum n_i`), `w_{t+1} = w_t - eta_s Delta` (or
+      `w_t + ServerOpt(Delta)`).
 
     Args:
       client_optimizer: optax optimizer each client runs locally (the paper uses SGD),
-        fresh state each round.
-      server_learning_rate: eta_s; 1.0 takes the averaged model, as in the paper.
+        fresh state each round; a float is `optax.sgd(that float)`.
+      server_optimizer: eta_s, a float (server SGD; 1.0 takes the averaged model, as in
+        the paper), or an optax optimizer applied to the aggregated delta as in `fedavg`.
+      aggregator: how deltas are combined; defaults to the example-weighted `mean()`.
       proximal_weight: mu >= 0. 0 is FedAvg. The paper tunes mu over
         {0.001, 0.01, 0.1, 1}.
-      aggregator: how deltas are combined; defaults to the example-weighted `mean()`.
 
     Returns:
       A `FederatedAlgorithm` (state: `RoundState`, server part the server SGD's state,
@@ -64,7 +65,7 @@ def fedprox(client_optimizer: optax.GradientTransformation, server_learning_rate
       term), `train/num_examples`, `train/delta_norm`, and the aggregator's.
 
     Example:
-      >>> alg = fedprox(optax.sgd(0.1), server_learning_rate=1.0, proximal_weight=0.01)
+      >>> alg = fedprox(optax.sgd(0.1), 1.0, proximal_weight=0.01)
       >>> state = alg.init(model.init(jax.random.key(0)))
       >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
 
@@ -74,7 +75,7 @@ def fedprox(client_optimizer: optax.GradientTransformation, server_learning_rate
     """
     if proximal_weight < 0:
         raise ValueError(f"proximal_weight must be >= 0, got {proximal_weight}")
-    return fedavg(client_optimizer, optax.sgd(server_learning_rate), aggregator,
+    return fedavg(client_optimizer, server_optimizer, aggregator=aggregator,
                   regularizer=proximal_term(proximal_weight))
 
 

@@ -5,7 +5,7 @@ Round t, for a cohort S of clients with n_i examples each:
     for each client i in S, in parallel:
         g_i = grad_w F_i(w_t),   F_i(w) = 1/n_i sum_{j in D_i} loss(w; x_j, y_j)
     g = sum_i n_i g_i / sum_i n_i                            # aggregator (default: mean)
-    w_{t+1} = w_t - eta_s g                                  # sgd(eta_s, server_momentum)
+    w_{t+1} = w_t - eta_s g                # server_optimizer: sgd(eta_s, server_momentum)
 
 This is the baseline of McMahan et al. 2017 (FedAvg with E = 1 and B = infinity).
 
@@ -26,28 +26,39 @@ import optax
 
 from fedjax_core import tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
+from fedjax_core.algorithms.base import (
+    AlgorithmEntry,
+    FederatedAlgorithm,
+    OptimizerOrRate,
+    server_sgd,
+)
 from fedjax_core.client import ClientContext, ClientReport, TrainStats
 from fedjax_core.skeleton import RoundResult, algorithm
 
 
-def fedsgd(server_learning_rate: float, server_momentum: float = 0.0,
-           aggregator: Aggregator | None = None) -> FederatedAlgorithm:
+def fedsgd(client_optimizer: None, server_optimizer: OptimizerOrRate, *,
+           aggregator: Aggregator | None = None,
+           server_momentum: float = 0.0) -> FederatedAlgorithm:
     """FedSGD: the server descends the example-weighted mean of full-batch client gradients.
 
     Update rule (round t, cohort S):
       `g_i = 1/n_i sum_{j in D_i} grad loss_j(w_t)` (each example once, see the module
       docstring for epochs > 1), `g = aggregator({g_i}, {n_i})` (mean: `sum n_i g_i /
-      sum n_i`), `w_{t+1} = w_t + sgd(eta_s, momentum).update(g)`.
+      sum n_i`), `w_{t+1} = w_t + sgd(eta_s, momentum).update(g)` (or `ServerOpt(g)`).
 
     There is no client optimizer: a client takes no local step, it only computes its
     gradient (in the model's training mode, so with dropout where the model has it).
 
     Args:
-      server_learning_rate: eta_s, the step size of the global SGD.
-      server_momentum: heavy-ball momentum of the server SGD; 0 is plain FedSGD.
+      client_optimizer: must be None (FedSGD's clients take no optimizer step); it comes
+        first by name only, as in every algorithm factory. Anything else raises
+        `ValueError`.
+      server_optimizer: eta_s, a float (the global SGD's step size, with
+        `server_momentum`), or an optax optimizer applied to the aggregated gradient.
       aggregator: how the gradients are combined; defaults to the example-weighted
         `mean()`.
+      server_momentum: heavy-ball momentum of the server SGD when `server_optimizer` is
+        a float; 0 is plain FedSGD.
 
     Returns:
       A `FederatedAlgorithm` (state: `RoundState`, server part the server SGD's state,
@@ -56,7 +67,7 @@ def fedsgd(server_learning_rate: float, server_momentum: float = 0.0,
       gradient g), and the aggregator's.
 
     Example:
-      >>> alg = fedsgd(server_learning_rate=0.5)
+      >>> alg = fedsgd(None, 0.5)
       >>> state = alg.init(model.init(jax.random.key(0)))
       >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
 
@@ -64,8 +75,10 @@ def fedsgd(server_learning_rate: float, server_momentum: float = 0.0,
       McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
       Decentralized Data" (AISTATS): FederatedSGD, the baseline of its experiments.
     """
-    server_optimizer = optax.sgd(server_learning_rate,
-                                 momentum=server_momentum if server_momentum else None)
+    if client_optimizer is not None:
+        raise ValueError("fedsgd: client_optimizer must be None (its clients take no local "
+                         "step, they only send their full-batch gradient)")
+    server_optimizer = server_sgd(server_optimizer, server_momentum, "fedsgd")
 
     def client(c: ClientContext) -> ClientReport:
         # Over the first epoch: each example once; no local step.
@@ -83,7 +96,8 @@ def fedsgd(server_learning_rate: float, server_momentum: float = 0.0,
 def _build(client_optimizer, server_learning_rate, aggregator=None, server_momentum=0.0):
     """Registry builder: FedSGD has no client optimizer, `client_optimizer` is ignored."""
     del client_optimizer
-    return fedsgd(server_learning_rate, server_momentum=server_momentum, aggregator=aggregator)
+    return fedsgd(None, server_learning_rate, aggregator=aggregator,
+                  server_momentum=server_momentum)
 
 
 ENTRY = AlgorithmEntry(

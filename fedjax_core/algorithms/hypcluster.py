@@ -72,7 +72,13 @@ import optax
 from fedjax_core import client_state, keys, parallel, tree
 from fedjax_core.aggregate.base import Aggregator
 from fedjax_core.aggregate.mean import mean
-from fedjax_core.algorithms.base import AlgorithmEntry, EvalClients, FederatedAlgorithm
+from fedjax_core.algorithms.base import (
+    AlgorithmEntry,
+    EvalClients,
+    FederatedAlgorithm,
+    OptimizerOrRate,
+    sgd_if_rate,
+)
 from fedjax_core.client import ClientContext, ClientReport, first_epoch_mask, full_batch
 from fedjax_core.evaluate import global_metrics, metric_totals, ratios
 from fedjax_core.models.base import Model
@@ -166,10 +172,10 @@ KMEANS_INIT_RULES = ("distinct", "fedjax")
 """`kmeans_init` choices: skip chosen clients (default) or FedJAX 0.0.17's rule."""
 
 
-def hypcluster(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
-               server_optimizer: optax.GradientTransformation = optax.sgd(1.0),
-               num_clusters: int = 2,
+def hypcluster(client_optimizer: OptimizerOrRate = optax.sgd(0.1),
+               server_optimizer: OptimizerOrRate = optax.sgd(1.0), *,
                aggregator: Aggregator | None = None,
+               num_clusters: int = 2,
                kmeans_init: str = "distinct") -> FederatedAlgorithm:
     """HypCluster: each client trains the cluster model with the lowest loss on its data.
 
@@ -179,13 +185,15 @@ def hypcluster(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
       `w_{t+1}^k = w_t^k + ServerOpt_k(Delta^k)` for clusters with clients, others unchanged.
 
     Args:
-      client_optimizer: optax optimizer each client runs locally, fresh state each round.
-      server_optimizer: optax optimizer applied per cluster (each its own state).
-      num_clusters: K >= 1. K = 1 is FedAvg.
+      client_optimizer: optax optimizer each client runs locally, fresh state each round;
+        a float is `optax.sgd(that float)`.
+      server_optimizer: optax optimizer applied per cluster (each its own state); a float
+        is `optax.sgd(that float)`.
       aggregator: how a cluster combines its clients' deltas (each cluster keeps its own
         aggregator state; cluster k's key is `fold_in(aggregator_key, k)` when K > 1,
         the round's `keys.aggregator_key` itself when K = 1); defaults to the
         example-weighted `mean()`.
+      num_clusters: K >= 1. K = 1 is FedAvg.
       kmeans_init: how the k-means++ round picks centers 2..K: `"distinct"` (the client
         with the worst best-loss among those not yet chosen) or `"fedjax"` (FedJAX
         0.0.17's `kmeans_init`: among all clients, so a center may repeat).
@@ -221,6 +229,7 @@ def hypcluster(client_optimizer: optax.GradientTransformation = optax.sgd(0.1),
       Applications to Federated Learning" (arXiv:2002.10619), HypCluster; FedJAX
       `fedjax/algorithms/hyp_cluster.py` (maximization/expectation steps, `kmeans_init`).
     """
+    client_optimizer, server_optimizer = sgd_if_rate(client_optimizer), sgd_if_rate(server_optimizer)
     if num_clusters < 1:
         raise ValueError(f"num_clusters must be at least 1, got {num_clusters}")
     if kmeans_init not in KMEANS_INIT_RULES:
@@ -469,14 +478,8 @@ def hypcluster_evaluate(model: Model, state: RoundState, data, batch_size: int =
     return global_metrics(picked, data)
 
 
-def _build(client_optimizer, server_learning_rate, aggregator=None, num_clusters=2,
-           kmeans_init="distinct"):
-    return hypcluster(client_optimizer, optax.sgd(server_learning_rate), num_clusters, aggregator,
-                      kmeans_init)
-
-
 ENTRY = AlgorithmEntry(
     "hypcluster",
     "HypCluster: K cluster models, each client trains the one with its lowest loss",
-    _build,
+    hypcluster,
     "Mansour et al. 2020, Three Approaches for Personalization with Applications to FL")

@@ -33,7 +33,13 @@ import optax
 
 from fedjax_core import keys, tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
+from fedjax_core.algorithms.base import (
+    AlgorithmEntry,
+    FederatedAlgorithm,
+    OptimizerOrRate,
+    server_rate,
+    sgd_if_rate,
+)
 from fedjax_core.client import ClientContext, ClientReport
 from fedjax_core.models.base import masked_mean_loss
 from fedjax_core.skeleton import RoundResult, algorithm
@@ -119,8 +125,8 @@ def _mime(base_optimizer, server_learning_rate, aggregator, corrected, client_de
                      first_pass=_full_gradient if corrected else None, aggregator=aggregator)
 
 
-def mime(client_optimizer: optax.GradientTransformation = optax.sgd(0.1, momentum=0.9),
-         server_learning_rate: float = 1.0,
+def mime(client_optimizer: OptimizerOrRate = optax.sgd(0.1, momentum=0.9),
+         server_optimizer: float = 1.0, *,
          aggregator: Aggregator | None = None) -> FederatedAlgorithm:
     """Mime: local steps of the base optimizer with frozen server state and SVRG correction.
 
@@ -133,8 +139,11 @@ def mime(client_optimizer: optax.GradientTransformation = optax.sgd(0.1, momentu
 
     Args:
       client_optimizer: the base optimizer to mimic, e.g. `optax.sgd(lr, momentum=0.9)`
-        or `optax.adam(lr)`; its state lives on the server.
-      server_learning_rate: eta_s, scaling the aggregated delta (1.0: plain averaging).
+        or `optax.adam(lr)`; its state lives on the server. A float is `optax.sgd(that
+        float)` (no state: Mime is then SVRG-corrected FedAvg).
+      server_optimizer: eta_s, a float scaling the aggregated delta (1.0: plain
+        averaging). An optax transformation raises `ValueError`: the server's optimizer
+        is the base optimizer.
       aggregator: how deltas are combined; defaults to the example-weighted `mean()`.
         The full-batch gradient `c` is always the example-weighted sum.
 
@@ -145,7 +154,7 @@ def mime(client_optimizer: optax.GradientTransformation = optax.sgd(0.1, momentu
       `train/full_grad_norm` (`||c||`), and the aggregator's.
 
     Example:
-      >>> alg = mime(optax.sgd(0.1, momentum=0.9), server_learning_rate=1.0)
+      >>> alg = mime(optax.sgd(0.1, momentum=0.9), 1.0)
       >>> state = alg.init(model.init(jax.random.key(0)))
       >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
 
@@ -153,12 +162,13 @@ def mime(client_optimizer: optax.GradientTransformation = optax.sgd(0.1, momentu
       Karimireddy et al. 2020, "Mime: Mimicking Centralized Stochastic Algorithms in
       Federated Learning" (arXiv:2008.03606), Algorithm 1.
     """
-    return _mime(client_optimizer, server_learning_rate, aggregator, True, None)
+    return _mime(sgd_if_rate(client_optimizer), _server_rate(server_optimizer, "mime"),
+                 aggregator, True, None)
 
 
-def mimelite(client_optimizer: optax.GradientTransformation = optax.sgd(0.1, momentum=0.9),
-             server_learning_rate: float = 1.0, client_delta_clip_norm: float | None = None,
-             aggregator: Aggregator | None = None) -> FederatedAlgorithm:
+def mimelite(client_optimizer: OptimizerOrRate = optax.sgd(0.1, momentum=0.9),
+             server_optimizer: float = 1.0, *, aggregator: Aggregator | None = None,
+             client_delta_clip_norm: float | None = None) -> FederatedAlgorithm:
     """MimeLite: local steps of the base optimizer with the server's frozen state.
 
     Update rule (round t, cohort S, server params x, base optimizer state s):
@@ -168,11 +178,13 @@ def mimelite(client_optimizer: optax.GradientTransformation = optax.sgd(0.1, mom
       cohort (computed by the clients in the same pass, no extra exchange).
 
     Args:
-      client_optimizer: the base optimizer to mimic; its state lives on the server.
-      server_learning_rate: eta_s, scaling the aggregated delta.
+      client_optimizer: the base optimizer to mimic; its state lives on the server. A
+        float is `optax.sgd(that float)`.
+      server_optimizer: eta_s, a float scaling the aggregated delta (an optax
+        transformation raises `ValueError`, as in `mime`).
+      aggregator: how deltas are combined; defaults to the example-weighted `mean()`.
       client_delta_clip_norm: clip each client's delta to this L2 norm before
         aggregation (FedJAX's option); None: no clipping.
-      aggregator: how deltas are combined; defaults to the example-weighted `mean()`.
 
     Returns:
       A `FederatedAlgorithm` (state: `RoundState`, server part the base optimizer's
@@ -180,7 +192,7 @@ def mimelite(client_optimizer: optax.GradientTransformation = optax.sgd(0.1, mom
       `fedavg(optax.sgd(lr), optax.sgd(eta_s))`.
 
     Example:
-      >>> alg = mimelite(optax.adam(1e-3), server_learning_rate=1.0)
+      >>> alg = mimelite(optax.adam(1e-3), 1.0)
       >>> state = alg.init(model.init(jax.random.key(0)))
       >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
 
@@ -188,8 +200,13 @@ def mimelite(client_optimizer: optax.GradientTransformation = optax.sgd(0.1, mom
       Karimireddy et al. 2020, "Mime: Mimicking Centralized Stochastic Algorithms in
       Federated Learning" (arXiv:2008.03606), MimeLite.
     """
-    return _mime(client_optimizer, server_learning_rate, aggregator, False,
-                 client_delta_clip_norm)
+    return _mime(sgd_if_rate(client_optimizer), _server_rate(server_optimizer, "mimelite"),
+                 aggregator, False, client_delta_clip_norm)
+
+
+def _server_rate(server_optimizer: OptimizerOrRate, name: str):
+    return server_rate(server_optimizer, name, "it is eta_s of x <- x - eta_s Delta (the "
+                       "server state holds the state of client_optimizer, the base optimizer)")
 
 
 _PAPER = "Karimireddy et al. 2020, Mime: Mimicking Centralized Stochastic Algorithms in FL"

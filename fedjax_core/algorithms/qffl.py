@@ -12,6 +12,9 @@ cohort S of K clients:
         h_k = q F_k^(q-1) ||Dw_k||^2 + L F_k^q
     w_{t+1} = w_t - eta_s sum_k Delta_k / sum_k h_k    # eta_s = 1 in the paper
 
+`server_optimizer` is eta_s (a float), or an optax optimizer applied to the paper's step
+`sum_k Delta_k / sum_k h_k` as a pseudo-gradient (`optax.sgd(eta_s)` is the float form).
+
 `sum_k Delta_k / sum_k h_k = mean_k Delta_k / mean_k h_k`; the mean of the Delta_k is
 the aggregator's, with weight 1 per real client (the paper sums clients without
 weights: its sampler draws client k with probability p_k = n_k / n, which then need
@@ -26,7 +29,13 @@ import optax
 
 from fedjax_core import tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
+from fedjax_core.algorithms.base import (
+    AlgorithmEntry,
+    FederatedAlgorithm,
+    OptimizerOrRate,
+    client_rate,
+    sgd_if_rate,
+)
 from fedjax_core.client import ClientContext, ClientReport
 from fedjax_core.skeleton import RoundResult, algorithm
 
@@ -34,9 +43,9 @@ LOSS_OFFSET = 1e-10
 """Added to F_k before taking powers, as in the authors' code."""
 
 
-def qffl(client_optimizer: optax.GradientTransformation, client_learning_rate: float,
-         server_learning_rate: float = 1.0, q: float = 1.0,
-         aggregator: Aggregator | None = None) -> FederatedAlgorithm:
+def qffl(client_optimizer: OptimizerOrRate, server_optimizer: OptimizerOrRate = 1.0, *,
+         aggregator: Aggregator | None = None, client_learning_rate: float | None = None,
+         q: float = 1.0) -> FederatedAlgorithm:
     """q-FedAvg for the q-FFL objective: loss-reweighted deltas over a Lipschitz-style step size.
 
     Update rule (round t, cohort S of real clients):
@@ -46,26 +55,29 @@ def qffl(client_optimizer: optax.GradientTransformation, client_learning_rate: f
       (mean aggregator: `w_t - eta_s sum_k Delta_k / sum_k h_k`, the paper's step).
 
     Args:
-      client_optimizer: optax optimizer each client runs locally (the paper: SGD with
-        learning rate `client_learning_rate`), fresh state each round.
-      client_learning_rate: eta; L = 1 / eta estimates the Lipschitz constant of the
-        gradient of F_k.
-      server_learning_rate: eta_s multiplies the paper's step; 1.0 is the paper.
-      q: fairness parameter >= 0; 0 is FedAvg with uniform client weights. The paper
-        uses q in {0.001, 0.01, 0.1, 1, 2, 5, 10, 15} depending on the dataset.
+      client_optimizer: the clients' SGD learning rate eta (a float: `optax.sgd(eta)`, as
+        the paper), or an optax optimizer each client runs locally (fresh state each
+        round), then with `client_learning_rate`.
+      server_optimizer: eta_s, a float multiplying the paper's step (1.0 is the paper),
+        or an optax optimizer applied to that step as a pseudo-gradient.
       aggregator: combines the Delta_k, each real client with weight 1; defaults to
         `mean()`.
+      client_learning_rate: eta, for L = 1 / eta, the estimate of the Lipschitz constant
+        of the gradient of F_k; required when `client_optimizer` is a transformation,
+        else taken from it.
+      q: fairness parameter >= 0; 0 is FedAvg with uniform client weights. The paper
+        uses q in {0.001, 0.01, 0.1, 1, 2, 5, 10, 15} depending on the dataset.
 
     Returns:
-      A `FederatedAlgorithm` (state: `RoundState`, no server part, no per-client
-      store). Round metrics: `train/loss` (loss over the local steps),
+      A `FederatedAlgorithm` (state: `RoundState`, server part the server optimizer's
+      state (no arrays for a float), no per-client store). Round metrics: `train/loss` (loss over the local steps),
       `train/num_examples`, `train/delta_norm` (norm of the server step before eta_s),
       `train/client_loss_mean` and `train/client_loss_variance` (unweighted mean and
       variance over the cohort of `F_k(w_t)`, the figures q-FFL aims to make fair),
       `train/h_mean`, and the aggregator's.
 
     Example:
-      >>> alg = qffl(optax.sgd(0.1), client_learning_rate=0.1, q=1.0)
+      >>> alg = qffl(0.1, 1.0, q=1.0)   # or qffl(optax.sgd(0.1), 1.0, client_learning_rate=0.1)
       >>> state, metrics = jit_round(alg, model)(alg.init(params), cohort, round_key)
 
     References:
@@ -74,9 +86,11 @@ def qffl(client_optimizer: optax.GradientTransformation, client_learning_rate: f
     """
     if q < 0:
         raise ValueError(f"q must be >= 0, got {q}")
-    if client_learning_rate <= 0:
-        raise ValueError(f"client_learning_rate must be > 0, got {client_learning_rate}")
-    lipschitz = 1.0 / client_learning_rate
+    eta = client_rate(client_optimizer, client_learning_rate, "qffl")
+    client_optimizer, server_optimizer = sgd_if_rate(client_optimizer), sgd_if_rate(server_optimizer)
+    if eta <= 0:
+        raise ValueError(f"client_learning_rate must be > 0, got {eta}")
+    lipschitz = 1.0 / eta
 
     def client(c: ClientContext) -> ClientReport:
         loss_sum, _, count = c.full_batch(c.params, with_grad=False, train=False)
@@ -91,24 +105,26 @@ def qffl(client_optimizer: optax.GradientTransformation, client_learning_rate: f
         return ClientReport(tree.scale(dw, f_q), stats, weight=(c.num_examples > 0) * 1.0,
                             sums={"h": h, "loss": loss, "loss_sq": jnp.square(loss)})
 
-    def server(w, s, r: RoundResult):
+    def server(w, opt_state, r: RoundResult):
         k = jnp.maximum(r.num_clients, 1.0)
         h_mean = r.sums["h"] / k
         step = tree.scale(r.delta, 1.0 / jnp.where(h_mean > 0, h_mean, 1.0))
         loss_mean = r.sums["loss"] / k
         loss_var = jnp.maximum(r.sums["loss_sq"] / k - jnp.square(loss_mean), 0.0)
-        return (tree.sub(w, tree.scale(step, server_learning_rate)), s,
+        updates, opt_state = server_optimizer.update(step, opt_state, w)
+        return (optax.apply_updates(w, updates), opt_state,
                 {"train/delta_norm": tree.l2_norm(step), "train/client_loss_mean": loss_mean,
                  "train/client_loss_variance": loss_var, "train/h_mean": h_mean})
 
-    return algorithm(client, server, aggregator=aggregator)
+    return algorithm(client, server, init=server_optimizer.init, aggregator=aggregator)
 
 
 def _build(client_optimizer, server_learning_rate, aggregator=None, *, client_learning_rate,
            q=1.0):
-    """Registry builder: `qffl(client_optimizer, client_learning_rate, ...)`."""
-    return qffl(client_optimizer, client_learning_rate, server_learning_rate, q=q,
-                aggregator=aggregator)
+    """Registry builder: `qffl(client_optimizer, server_learning_rate, ...)` (the facade
+    always supplies `client_learning_rate`)."""
+    return qffl(client_optimizer, server_learning_rate, aggregator=aggregator,
+                client_learning_rate=client_learning_rate, q=q)
 
 
 ENTRY = AlgorithmEntry(

@@ -2,7 +2,9 @@
 
 Each algorithm module ends with `ENTRY` (or `ENTRIES`), an `AlgorithmEntry` whose
 `build(client_optimizer, server_learning_rate, aggregator=None, **options)` makes the
-algorithm; this module collects them.
+algorithm; this module collects them. A factory that follows the convention
+`name(client_optimizer, server_optimizer, *, aggregator=None, **options)` is its own
+builder (its `server_optimizer` takes the float server learning rate).
 """
 
 import importlib
@@ -21,7 +23,7 @@ MODULES = ("fedprox", "fedsgd", "fednova", "qffl", "scaffold", "feddyn", "ditto"
 
 
 def _fedavg(client_optimizer, server_learning_rate, aggregator=None):
-    return fedavg(client_optimizer, optax.sgd(server_learning_rate), aggregator)
+    return fedavg(client_optimizer, server_learning_rate, aggregator=aggregator)
 
 
 _REDDI = "Reddi et al. 2021, Adaptive Federated Optimization"
@@ -61,7 +63,7 @@ def get(name: str) -> AlgorithmEntry:
                        f"{', '.join(sorted(ALGORITHMS))}") from None
 
 
-_FIXED = ("client_optimizer", "server_learning_rate", "aggregator")
+_FIXED = ("client_optimizer", "server_learning_rate", "server_optimizer", "aggregator")
 
 
 def options(name: str) -> dict[str, object]:

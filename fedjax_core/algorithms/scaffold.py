@@ -22,20 +22,26 @@ skeleton in a store that grows with the clients seen, not with N.
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from fedjax_core import tree
 from fedjax_core.aggregate.base import Aggregator
-from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
+from fedjax_core.algorithms.base import (
+    AlgorithmEntry,
+    FederatedAlgorithm,
+    OptimizerOrRate,
+    client_rate,
+    server_rate,
+    sgd_if_rate,
+)
 from fedjax_core.client import ClientContext, ClientReport
 from fedjax_core.skeleton import RoundResult, algorithm
 
 WEIGHTINGS = ("examples", "uniform")
 
 
-def scaffold(client_optimizer: optax.GradientTransformation, server_learning_rate: float,
-             client_learning_rate: float, num_clients: int, weighting: str = "examples",
-             aggregator: Aggregator | None = None) -> FederatedAlgorithm:
+def scaffold(client_optimizer: OptimizerOrRate, server_optimizer: float, *,
+             aggregator: Aggregator | None = None, client_learning_rate: float | None = None,
+             num_clients: int, weighting: str = "examples") -> FederatedAlgorithm:
     """SCAFFOLD with option II control variates.
 
     Update rule (round t, cohort S of real clients, N clients in all):
@@ -45,16 +51,19 @@ def scaffold(client_optimizer: optax.GradientTransformation, server_learning_rat
       `c <- c + (1/N) sum_{i in S} (c_i+ - c_i)`.
 
     Args:
-      client_optimizer: the local optimizer, fed the corrected gradients; option II
-        assumes SGD with learning rate `client_learning_rate`.
-      server_learning_rate: eta_g (1.0 in the paper's experiments).
-      client_learning_rate: eta_l, the client optimizer's learning rate.
+      client_optimizer: eta_l, the clients' SGD learning rate (a float: `optax.sgd(eta_l)`,
+        as option II assumes), or an optax optimizer fed the corrected gradients, then
+        with `client_learning_rate`.
+      server_optimizer: eta_g, a float (1.0 in the paper's experiments). An optax
+        transformation raises `ValueError`: the server state holds only c.
+      aggregator: combines the model deltas with the `weighting` weights; defaults to
+        the weighted `mean()`. It does not see the control variates.
+      client_learning_rate: eta_l of option II; required when `client_optimizer` is a
+        transformation (its learning rate), else taken from it.
       num_clients: N, the population size (the control variate update scales by |S|/N).
       weighting: aggregation weights of the model deltas: `"examples"` (n_i, as FedAvg
         here; the default) or `"uniform"` (the paper's plain mean over S). The control
         variate update always uses the paper's plain mean.
-      aggregator: combines the model deltas with those weights; defaults to the weighted
-        `mean()`. It does not see the control variates.
 
     Returns:
       A `FederatedAlgorithm`; its state's server part is `c`, its per-client store
@@ -63,7 +72,7 @@ def scaffold(client_optimizer: optax.GradientTransformation, server_learning_rat
       (`||c||` after the round), plus the aggregator's.
 
     Example:
-      >>> alg = scaffold(optax.sgd(0.1), 1.0, client_learning_rate=0.1, num_clients=3400)
+      >>> alg = scaffold(0.1, 1.0, num_clients=3400)   # clients: optax.sgd(0.1)
       >>> state = alg.init(params)
       >>> state, metrics = jit_round(alg, model)(state, cohort, round_key)
 
@@ -71,14 +80,19 @@ def scaffold(client_optimizer: optax.GradientTransformation, server_learning_rat
       Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for
       Federated Learning" (ICML), Algorithm 1.
     """
+    eta_l = client_rate(client_optimizer, client_learning_rate, "scaffold")
+    client_optimizer = sgd_if_rate(client_optimizer)
+    server_learning_rate = server_rate(
+        server_optimizer, "scaffold", "it is eta_g of x <- x - eta_g Delta (the server state "
+        "holds only the control variate c)")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"scaffold: weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    if not client_learning_rate > 0:
+    if not eta_l > 0:
         raise ValueError(f"scaffold: client_learning_rate must be positive, "
-                         f"got {client_learning_rate}")
+                         f"got {eta_l}")
     if int(num_clients) < 1:
         raise ValueError(f"scaffold: num_clients must be at least 1, got {num_clients}")
-    eta_l, inv_population = float(client_learning_rate), 1.0 / int(num_clients)
+    eta_l, inv_population = float(eta_l), 1.0 / int(num_clients)
 
     def client(ctx: ClientContext) -> ClientReport:
         x, c, c_i = ctx.params, ctx.server, ctx.state
@@ -103,7 +117,15 @@ def scaffold(client_optimizer: optax.GradientTransformation, server_learning_rat
                      aggregator=aggregator)
 
 
+def _build(client_optimizer, server_learning_rate, aggregator=None, *, client_learning_rate,
+           num_clients, weighting="examples"):
+    """Registry builder: `scaffold(...)` with the facts the facade supplies, required."""
+    return scaffold(client_optimizer, server_learning_rate, aggregator=aggregator,
+                    client_learning_rate=client_learning_rate, num_clients=num_clients,
+                    weighting=weighting)
+
+
 ENTRY = AlgorithmEntry(
-    "scaffold", "SCAFFOLD: client drift corrected by control variates (option II)", scaffold,
+    "scaffold", "SCAFFOLD: client drift corrected by control variates (option II)", _build,
     "Karimireddy et al. 2020, SCAFFOLD: Stochastic Controlled Averaging for Federated Learning",
     needs=("num_clients", "client_learning_rate"))

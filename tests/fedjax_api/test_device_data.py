@@ -68,7 +68,8 @@ def test_server_rounds_equal_the_dense_rounds(chunk):
     dense, device = datasets()
     plan = Plan(chunk_size=chunk)
     for make in (lambda: fedavg(optax.sgd(0.4), optax.adam(0.05)),
-                 lambda: scaffold(optax.sgd(0.3), 1.0, 0.3, num_clients=dense.num_clients)):
+                 lambda: scaffold(optax.sgd(0.3), 1.0, client_learning_rate=0.3,
+                                   num_clients=dense.num_clients)):
         servers = []
         for ds in (dense, device):
             model = tasks.get(NAME).model

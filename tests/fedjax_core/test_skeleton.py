@@ -96,7 +96,8 @@ def test_stateful_rounds_need_fedavgs_memory_store_rows_aside(monkeypatch):
     monkeypatch.setattr(parallel, "STACKED_ROWS_BYTES", 0)
     params_bytes = 4 * (16 * 256 + 256 + 256 * 64 + 64)
     fedavg_temp, _ = mlp_round_memory(fedavg(optax.sgd(0.1)), 128)
-    temp, store = mlp_round_memory(scaffold(optax.sgd(0.1), 1.0, 0.1, num_clients=128), 128)
+    temp, store = mlp_round_memory(scaffold(optax.sgd(0.1), 1.0, client_learning_rate=0.1,
+                                                    num_clients=128), 128)
     assert store == 128 * params_bytes
     assert temp - store <= 1.5 * fedavg_temp, (temp, store, fedavg_temp)
     assert temp < store + 100 * params_bytes   # nothing like 2 x 128 stacked copies

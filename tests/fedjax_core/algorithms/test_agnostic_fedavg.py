@@ -246,13 +246,13 @@ def test_chunk_size_and_padding_change_nothing():
 
 def test_errors():
     with pytest.raises(ValueError, match="sum to 1"):
-        agnostic_fedavg(optax.sgd(0.1), optax.sgd(1.0), 2, init_domain_weights=[0.5, 0.6])
+        agnostic_fedavg(optax.sgd(0.1), optax.sgd(1.0), num_domains=2, init_domain_weights=[0.5, 0.6])
     with pytest.raises(ValueError, match="init_domain_window"):
-        agnostic_fedavg(optax.sgd(0.1), optax.sgd(1.0), 2, init_domain_window=[1.0])
+        agnostic_fedavg(optax.sgd(0.1), optax.sgd(1.0), num_domains=2, init_domain_window=[1.0])
     with pytest.raises(ValueError, match="batch_loss"):
-        agnostic_fedavg(optax.sgd(0.1), optax.sgd(1.0), 2, batch_loss="median")
+        agnostic_fedavg(optax.sgd(0.1), optax.sgd(1.0), num_domains=2, batch_loss="median")
     model = tiny_softmax_model()
-    alg = agnostic_fedavg(optax.sgd(0.1), optax.sgd(1.0), 2)
+    alg = agnostic_fedavg(optax.sgd(0.1), optax.sgd(1.0), num_domains=2)
     no_domains = pack_clients([{"x": np.ones((3, 3), np.float32), "y": np.zeros(3, np.int32)}], 2)
     with pytest.raises(ValueError, match="domain_id"):
         alg.apply(alg.init(model.init(jax.random.key(0))), no_domains, jax.random.key(0),

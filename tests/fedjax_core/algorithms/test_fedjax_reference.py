@@ -198,7 +198,7 @@ _steps = {}
 
 
 def hyp_alg(kmeans_init):
-    return hypcluster(optax.sgd(H["client_lr"]), optax.sgd(H["server_lr"]), K,
+    return hypcluster(optax.sgd(H["client_lr"]), optax.sgd(H["server_lr"]), num_clusters=K,
                       kmeans_init=kmeans_init)
 
 

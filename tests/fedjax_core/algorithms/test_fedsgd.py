@@ -41,7 +41,7 @@ def test_fedsgd_matches_full_batch_gradients(batch_size, epochs, max_steps, serv
     epoch of the 9-example client after 7 examples: every example still counts once."""
     model = tiny_softmax_model()
     data = unequal_clients()
-    alg = fedsgd(0.5, server_momentum=server_momentum)
+    alg = fedsgd(None, 0.5, server_momentum=server_momentum)
     server_opt = optax.sgd(0.5, momentum=server_momentum or None)
     params = model.init(jax.random.key(1))
     state, ref, ref_server = alg.init(params), params, server_opt.init(params)
@@ -61,7 +61,7 @@ def test_loss_metric_is_the_loss_at_w_t():
     model = tiny_softmax_model()
     data = unequal_clients()
     params = model.init(jax.random.key(4))
-    alg = fedsgd(0.1)
+    alg = fedsgd(None, 0.1)
     indices = [0, 2, 3]
     cohort = pack_cohort(data, indices, batch_size=2, epochs=3, seed=0, round_num=0)
     _, metrics = jit_round(alg, model)(alg.init(params), cohort, jax.random.key(0))
@@ -86,7 +86,7 @@ def test_one_client_is_a_hand_computed_gradient_step():
     err = probs - np.eye(4, dtype=np.float32)[y]
     lr = 0.7
     want = {"w": w - lr * x.T @ err / 3, "b": b - lr * err.mean(0)}
-    alg = fedsgd(lr)
+    alg = fedsgd(None, lr)
     cohort = pack_clients([{"x": x, "y": y}], batch_size=2, epochs=2)
     state, _ = jit_round(alg, model)(alg.init({"w": jnp.asarray(w), "b": jnp.asarray(b)}),
                                       cohort, jax.random.key(0))
@@ -105,7 +105,7 @@ def test_first_epoch_mask():
 def test_batching_and_epochs_do_not_matter():
     model = tiny_softmax_model()
     data = unequal_clients()
-    alg = fedsgd(0.3)
+    alg = fedsgd(None, 0.3)
     state0 = alg.init(model.init(jax.random.key(0)))
     outs = []
     for batch_size, epochs in [(1, 1), (3, 2), (16, 4)]:
@@ -121,7 +121,7 @@ def test_fedsgd_is_fedavg_with_one_full_batch_sgd_step():
     data = unequal_clients()
     params = model.init(jax.random.key(3))
     cohort = pack_cohort(data, [0, 1, 2, 4], batch_size=9, epochs=1, seed=0, round_num=0)
-    sgd_alg = fedsgd(0.4)
+    sgd_alg = fedsgd(None, 0.4)
     avg = fedavg(optax.sgd(1.0), optax.sgd(0.4))
     a, _ = jit_round(sgd_alg, model)(sgd_alg.init(params), cohort, jax.random.key(0))
     b, _ = jit_round(avg, model)(avg.init(params), cohort, jax.random.key(0))
@@ -132,7 +132,7 @@ def test_fedsgd_is_fedavg_with_one_full_batch_sgd_step():
 def test_chunk_size_and_empty_client_change_nothing(chunk_size):
     model = tiny_softmax_model()
     data = unequal_clients()
-    alg = fedsgd(0.3, server_momentum=0.5)
+    alg = fedsgd(None, 0.3, server_momentum=0.5)
     state0 = alg.init(model.init(jax.random.key(0)))
     clients = [data.get_client(i) for i in range(5)]
     empty = {k: v[:0] for k, v in clients[0].items()}

@@ -70,7 +70,7 @@ def test_matches_plain_loop(corrected, base_opt):
     model = tiny_softmax_model()
     data = unequal_clients()
     build = mime if corrected else mimelite
-    alg = build(base_opt, server_learning_rate=0.7)
+    alg = build(base_opt, 0.7)
     x = model.init(jax.random.key(1))
     state = alg.init(x)
     ref_x, ref_s = x, base_opt.init(x)
@@ -90,7 +90,7 @@ def test_matches_plain_loop(corrected, base_opt):
 def test_mimelite_with_plain_sgd_is_fedavg():
     model = tiny_softmax_model()
     data = unequal_clients()
-    lite = mimelite(optax.sgd(0.3), server_learning_rate=0.5)
+    lite = mimelite(optax.sgd(0.3), 0.5)
     avg = fedavg(optax.sgd(0.3), optax.sgd(0.5))
     x = model.init(jax.random.key(0))
     s_lite, s_avg = lite.init(x), avg.init(x)

@@ -60,7 +60,7 @@ def test_qffl_matches_plain_loop(q):
     model = tiny_softmax_model()
     data = unequal_clients()
     eta = 0.3
-    alg = qffl(optax.sgd(eta), eta, q=q)
+    alg = qffl(optax.sgd(eta), client_learning_rate=eta, q=q)
     params = model.init(jax.random.key(1))
     state, ref = alg.init(params), params
     step = jit_round(alg, model)
@@ -83,7 +83,7 @@ def test_q_zero_is_unweighted_fedavg():
     # Equal sizes: the unweighted mean is FedAvg's example-weighted mean.
     data = unequal_clients(sizes=(4, 4, 4))
     cohort = pack_cohort(data, [0, 1, 2], batch_size=3, epochs=2, seed=1, round_num=0)
-    q0 = qffl(optax.sgd(0.3), 0.3, q=0.0)
+    q0 = qffl(optax.sgd(0.3), client_learning_rate=0.3, q=0.0)
     avg = fedavg(optax.sgd(0.3), optax.sgd(1.0))
     a, _ = jit_round(q0, model)(q0.init(params), cohort, jax.random.key(0))
     b, _ = jit_round(avg, model)(avg.init(params), cohort, jax.random.key(0))
@@ -117,7 +117,7 @@ def test_hand_computed_h_and_step():
     eta, q = 0.5, 2.0
     h = q * f ** (q - 1) * sq + f ** q / eta
     want = {k: v - f ** q * g[k] / h for k, v in {"w": w, "b": b}.items()}
-    alg = qffl(optax.sgd(eta), eta, q=q)
+    alg = qffl(optax.sgd(eta), client_learning_rate=eta, q=q)
     cohort = pack_clients([{"x": x, "y": y}], batch_size=2, epochs=1)
     state, metrics = jit_round(alg, model)(alg.init({"w": jnp.asarray(w), "b": jnp.asarray(b)}),
                                            cohort, jax.random.key(0))
@@ -131,7 +131,8 @@ def test_server_learning_rate_scales_the_step():
     data = unequal_clients()
     params = model.init(jax.random.key(3))
     cohort = pack_cohort(data, [0, 2, 4], batch_size=2, epochs=1, seed=0, round_num=0)
-    full, half = qffl(optax.sgd(0.2), 0.2, 1.0, q=1.0), qffl(optax.sgd(0.2), 0.2, 0.5, q=1.0)
+    full = qffl(optax.sgd(0.2), 1.0, client_learning_rate=0.2, q=1.0)
+    half = qffl(optax.sgd(0.2), 0.5, client_learning_rate=0.2, q=1.0)
     a, _ = jit_round(full, model)(full.init(params), cohort, jax.random.key(0))
     b, _ = jit_round(half, model)(half.init(params), cohort, jax.random.key(0))
     jax.tree.map(lambda p0, pa, pb: np.testing.assert_allclose(pb - p0, (pa - p0) / 2, atol=1e-6),
@@ -142,7 +143,7 @@ def test_server_learning_rate_scales_the_step():
 def test_chunk_size_and_empty_client_change_nothing(chunk_size):
     model = tiny_softmax_model()
     data = unequal_clients()
-    alg = qffl(optax.sgd(0.2), 0.2, q=1.5)
+    alg = qffl(optax.sgd(0.2), client_learning_rate=0.2, q=1.5)
     state0 = alg.init(model.init(jax.random.key(0)))
     clients = [data.get_client(i) for i in range(5)]
     empty = {k: v[:0] for k, v in clients[0].items()}
@@ -168,4 +169,4 @@ def test_registry_entry_builds():
             "train/client_loss_variance"} <= set(metrics)
     assert all(np.isfinite(float(v)) for v in metrics.values())
     with pytest.raises(ValueError, match="q must be"):
-        qffl(optax.sgd(0.1), 0.1, q=-1.0)
+        qffl(optax.sgd(0.1), client_learning_rate=0.1, q=-1.0)

@@ -189,7 +189,7 @@ def test_the_round_gathers_one_chunk_or_one_step_at_a_time(data, examples):
         gathers, shapes = _source_gathers(fedavg(optax.sgd(0.3)), model, indexed, plan)
         assert gathers == {(b, 3) if chunk == 1 else (chunk, b, 3)}  # one step
         assert (c, s, b, 3) not in {shape for shape, _ in shapes}
-        gathers, shapes = _source_gathers(fedsgd(0.5), model, indexed, plan)
+        gathers, shapes = _source_gathers(fedsgd(None, 0.5), model, indexed, plan)
         assert gathers == {(b, 3) if chunk == 1 else (chunk, b, 3)}  # one step
         assert (c, s, b, 3) not in {shape for shape, _ in shapes}
     alg = fedavg(optax.sgd(0.3))
@@ -202,8 +202,8 @@ def test_the_round_gathers_one_chunk_or_one_step_at_a_time(data, examples):
 
 ALGORITHMS = {
     "fedavg": lambda: fedavg(optax.sgd(0.3), optax.sgd(1.0, momentum=0.5)),
-    "scaffold": lambda: scaffold(optax.sgd(0.2), 1.0, 0.2, num_clients=len(SIZES)),
-    "fedsgd": lambda: fedsgd(0.5),  # full-batch gradients (client.full_batch)
+    "scaffold": lambda: scaffold(optax.sgd(0.2), 1.0, client_learning_rate=0.2, num_clients=len(SIZES)),
+    "fedsgd": lambda: fedsgd(None, 0.5),  # full-batch gradients (client.full_batch)
     "mime": lambda: mime(optax.sgd(0.1, momentum=0.9)),  # two maps over the same cohort
 }
 
