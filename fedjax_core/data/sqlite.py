@@ -617,6 +617,9 @@ def write_sqlite(path: str | os.PathLike,
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         _publish(tmp, path, overwrite)
+    except sqlite3.Error as e:  # "unable to open database file", "disk is full": name it
+        _remove_quietly(tmp)
+        raise type(e)(f"{path}: {e}") from None
     except BaseException:
         _remove_quietly(tmp)
         raise
