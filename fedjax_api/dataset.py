@@ -5,6 +5,7 @@ import os
 import attrs
 import numpy as np
 
+from fedjax_api import labels
 from fedjax_api.errors import ConfigError
 from fedjax_core.data import Cohort, FederatedData, pack_cohort, uniform_without_replacement
 from fedjax_core.data.device import DeviceExamples, IndexedBatches, device_examples, index_cohort
@@ -89,6 +90,9 @@ class FederatedDataset:
     host packs and sends an index, not the examples, so a round's memory does not grow
     with the cohort's examples. Same clients, batches and results as the dense cohorts.
     Needs the population to fit on the device; no `transform`."""
+    num_classes: int | None = attrs.field(default=None, eq=False)
+    """Check each packed cohort's labels ("y") against `0 .. num_classes - 1`
+    (`fedjax_api.labels`); None: unchecked (e.g. data in memory, checked when built)."""
     _steps_cache: dict = attrs.field(init=False, factory=dict, eq=False, repr=False)
     _device_cache: dict = attrs.field(init=False, factory=dict, eq=False, repr=False)
 
@@ -105,7 +109,11 @@ class FederatedDataset:
         """Every example on the device (`fedjax_core.data.device.device_examples`), put
         there at the first call and kept."""
         if "examples" not in self._device_cache:
-            self._device_cache["examples"] = device_examples(self.data)
+            examples = device_examples(self.data)
+            if self.num_classes and labels.LABEL in examples.features:
+                labels.check_rows(examples.features[labels.LABEL], examples.offsets, self.data,
+                                  self.num_classes)
+            self._device_cache["examples"] = examples
         return self._device_cache["examples"]
 
     def with_seed(self, seed: int) -> "FederatedDataset":
@@ -189,6 +197,8 @@ class FederatedDataset:
             cohort = pack_cohort(self.data, indices, self.batch_size, self.epochs, self.seed,
                                  round, steps=steps, max_steps=self.max_steps,
                                  transform=self.transform)
+            if self.num_classes:
+                labels.check_cohort(cohort, self.data, self.num_classes)
         return cohort if pad_to is None else pad_cohort(cohort, pad_to)
 
     def _check_memory(self, n: int, exact: bool) -> None:
@@ -237,6 +247,8 @@ class FederatedDataset:
                              first_slot=slots.start)
         if not len(real):  # only padding here: client 0 gave the shapes
             cohort = _all_padding(cohort)
+        elif self.num_classes:
+            labels.check_cohort(cohort, self.data, self.num_classes)
         return pad_cohort(cohort, len(slots))
 
     def subset(self, num_clients: int, seed: int = 0) -> "FederatedDataset":

@@ -58,7 +58,7 @@ def _power(n: float) -> str:
     """`10000000` -> `10^7`, `4294967295` -> `2^32 - 1`; other numbers as they are."""
     for base in (10, 2):
         k = round(math.log(n + 1, base)) if n > 0 else 0
-        if k > 4 and base ** k == n:
+        if k >= 4 and base ** k == n:
             return f"{base}^{k}"
         if k > 4 and base ** k - 1 == n:
             return f"{base}^{k} - 1"
@@ -94,8 +94,9 @@ class Range:
         if self.finite and not math.isfinite(value):
             raise ConfigError(f"{name} must be finite, got {value}")
         if self.high is not None and value > self.high:
-            raise ConfigError(f"{name} must be at most {self.high} ({_power(self.high)}) "
-                              f"{self.why}, got {value}")
+            power = f" ({_power(self.high)})" if _power(self.high) != str(self.high) else ""
+            raise ConfigError(f"{name} must be at most {self.high}{power} {self.why}, got "
+                              f"{value}")
 
 
 def at_least(low: int, high: int | None = None, why: str = "to fit in memory; lower it") -> Range:
