@@ -50,7 +50,8 @@ def _check_options(cfg: ExperimentConfig) -> None:
                           "the task and config; do not set them as options")
     try:
         registry.check_options(cfg.algorithm, cfg.algorithm_options)
-        aggregators.check_options(cfg.aggregator, cfg.aggregator_options, cfg.clients_per_round)
+        aggregators.check_options(cfg.aggregator, cfg.aggregator_options,
+                                  None if cfg.private else cfg.clients_per_round)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -184,7 +184,7 @@ class FederatedDataset:
         process of a multi-process run packs its devices' share."""
         n = len(indices) if pad_to is None else pad_to
         if n not in self._steps_cache:
-            self._check_memory(n, exact=pad_to is None)
+            self._check_memory(n, exact=pad_to is None, probe=indices)
             self._steps_cache[n] = fixed_steps(self.data, n, self.batch_size, self.epochs,
                                                self.max_cohort_bytes, self.max_steps)
         steps = self._steps_cache[n]
@@ -201,21 +201,22 @@ class FederatedDataset:
                 labels.check_cohort(cohort, self.data, self.num_classes)
         return cohort if pad_to is None else pad_cohort(cohort, pad_to)
 
-    def _check_memory(self, n: int, exact: bool) -> None:
+    def _check_memory(self, n: int, exact: bool, probe) -> None:
         """Refuses (one line, before anything is allocated) a cohort of `n` clients that
         cannot fit in this machine's memory even at its smallest: every slot is padded to
         the batch size and to the steps of the cohort's largest client, who is at least as
         large as the n-th smallest client (`exact`: `n` real clients; else, a padded Poisson
-        cohort, the smallest)."""
+        cohort, the smallest). An example's bytes are read from the cohort's first client
+        (`probe[0]`), which packing reads anyway."""
         sizes = np.sort(np.asarray(self.data.client_sizes))
-        if sizes.size == 0:
+        if sizes.size == 0 or len(probe) == 0:
             return
         least = int(sizes[min(n, sizes.size) - 1] if exact else sizes[0])
         steps = max(num_steps(least, self.batch_size, self.epochs, self.max_steps), 1)
         if self.device_resident:
             per_example = 5  # an int32 index and the mask
         else:
-            first = self.data.get_client(int(np.argmax(sizes)))
+            first = self.data.get_client(int(probe[0]))
             per_example = sum(np.asarray(a)[:1].nbytes for a in first.values()) + 1
         need, have = n * steps * self.batch_size * per_example, physical_memory()
         if have and need > have:

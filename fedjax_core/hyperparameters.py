@@ -26,14 +26,21 @@ def expected_type(param: inspect.Parameter) -> tuple[type, bool] | None:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         optional = optional or len(args) < len(typing.get_args(annotation))
         annotation = args[0] if len(args) == 1 else None
-    if annotation in _WORDS:
+    if isinstance(annotation, type) and annotation in _WORDS:
         return annotation, optional
     if type(param.default) in _WORDS:
         return type(param.default), optional
     return None
 
 
+_KINDS = {bool: "b", int: "iu", float: "fiu", str: "USO"}
+"""numpy dtype kinds a scalar array (or a traced value, as a sweep's vmap passes) may have."""
+
+
 def _fits(value: Any, kind: type) -> bool:
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and not isinstance(value, (bool, int, float, str)):
+        return getattr(value, "shape", None) == () and getattr(dtype, "kind", "") in _KINDS[kind]
     if kind is bool:
         return isinstance(value, bool)
     if isinstance(value, bool):
