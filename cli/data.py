@@ -28,6 +28,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 @app.command("list")
+@user_errors
 def list_datasets() -> None:
     """Published datasets, whether they are cached, and their sizes."""
     table = Table(title=f"datasets (cache: {datasets.cache_dir()})")

@@ -47,6 +47,7 @@ def run_command(schema: Schema = config.OPTIONS) -> Command:
             coordinator: str | None, num_processes: int | None, process_id: int | None,
             **given: Any) -> None:
         """Train a task with a federated algorithm and report train/test metrics."""
+        options.check_task_word(task, schema)
         cfg = configfile.resolve_file(config_file, set_ or [], {
             **options.values(schema, "run", given), "task": task},
             default_task=DEFAULT_TASK, schema=schema)
@@ -192,7 +193,8 @@ def main() -> None:
     except typer.TyperException as e:  # malformed command line (typer >= 0.29 owns its parser)
         ctx = getattr(e, "ctx", None)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-        print_error(f"{e.format_message()}{hint}")
+        if e.format_message():  # none after the help of a bare `fedjax` (no_args_is_help)
+            print_error(f"{e.format_message()}{hint}")
         code = getattr(e, "exit_code", 2)
     except typer.Abort:
         print_error("aborted")

@@ -91,6 +91,9 @@ def help_text(o: Option, command: str) -> str:
         example = "momentum=0.0,0.9" if o.type == "table" else "0,1,2" if o.base is int \
             else "0.01,0.03,0.1"
         text += f" Several comma-separated values are swept, e.g. {example}."
+    valid = getattr(o.check, "text", "")
+    if valid and (valid[0].isdigit() or valid[0] in "<>"):
+        text += f" Valid: {valid}."
     if command == "resume":
         return f"{text} A change needs --allow-changes {o.field}."
     default = o.default_text()
@@ -110,7 +113,9 @@ def parameter(o: Option, command: str) -> inspect.Parameter:
         return param(name(o, command), Annotated[list[str] | None, typer.Option(
             flag, metavar=metavar, help=text)])
     if o.type == "boolean":
-        return param(name(o, command), Annotated[bool, typer.Option(flag, help=text)], False)
+        text += " A flag: it takes no value."
+        return param(name(o, command), Annotated[bool, typer.Option(  # no <bool>: it takes no value
+            flag, metavar="", help=text)], False)
     kind = str if _listed(o, command) else o.base
     return param(name(o, command), Annotated[kind | None, typer.Option(  # type: ignore
         flag, metavar=o.metavar, help=text)])
@@ -216,6 +221,15 @@ def numbers(flag: str, text: str | None, kind: type = float) -> list | None:
             raise ConfigError(f"{flag} expects comma-separated {what}, e.g. {e}; got "
                               f"{text!r}") from None
     return out
+
+
+def check_task_word(task: str | None, schema: Schema) -> None:
+    """Refuses a TASK of `true`/`false` (left by `--tensorboard true`: a flag takes no value)
+    with a line naming the flags, rather than "unknown task 'true'"."""
+    if task is not None and task.lower() in ("true", "false", "yes", "no", "on", "off"):
+        flags = ", ".join(o.flag for o in schema.options if o.type == "boolean")
+        raise ConfigError(f"{task!r} is not a task: the flags ({flags}) take no value; give "
+                          f"the flag alone to turn it on, leave it off for false")
 
 
 def markdown(schema: Schema) -> str:

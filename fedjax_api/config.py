@@ -51,13 +51,10 @@ def _check_options(cfg: ExperimentConfig) -> None:
                           "the task and config; do not set them as options")
     try:
         registry.check_options(cfg.algorithm, cfg.algorithm_options)
+        aggregators.check_options(cfg.aggregator, cfg.aggregator_options,
+                                  None if cfg.private else cfg.clients_per_round)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    valid = aggregators.options(cfg.aggregator)
-    for key in cfg.aggregator_options:
-        if key not in valid:
-            raise ConfigError(f"aggregator {cfg.aggregator!r} has no option {key!r}; its "
-                              f"options are: {', '.join(valid) or 'none'}")
 
 
 DP_ALGORITHMS = ("fedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedprox", "ditto",

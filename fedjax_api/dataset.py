@@ -1,15 +1,33 @@
 """`FederatedDataset`: a `FederatedData` with how it is batched and sampled."""
 
+import os
+
 import attrs
 import numpy as np
 
+from fedjax_api import labels
 from fedjax_api.errors import ConfigError
 from fedjax_core import parallel
 from fedjax_core.data import Cohort, FederatedData, pack_cohort, uniform_without_replacement
 from fedjax_core.data.device import DeviceExamples, IndexedBatches, device_examples, index_cohort
-from fedjax_core.data.pack import Transform, cohort_steps, fixed_steps, pad_cohort, step_bucket
+from fedjax_core.data.pack import (
+    Transform,
+    cohort_steps,
+    fixed_steps,
+    num_steps,
+    pad_cohort,
+    step_bucket,
+)
 from fedjax_core.data.sampling import poisson
 from fedjax_core.parallel import Plan
+
+
+def physical_memory() -> int:
+    """This machine's memory in bytes (0 when the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _positive(instance, attribute, value):
@@ -74,6 +92,9 @@ class FederatedDataset:
     host packs and sends an index, not the examples, so a round's memory does not grow
     with the cohort's examples. Same clients, batches and results as the dense cohorts.
     Needs the population to fit on the device; no `transform`."""
+    num_classes: int | None = attrs.field(default=None, eq=False)
+    """Check each packed cohort's labels ("y") against `0 .. num_classes - 1`
+    (`fedjax_api.labels`); None: unchecked (e.g. data in memory, checked when built)."""
     _steps_cache: dict = attrs.field(init=False, factory=dict, eq=False, repr=False)
     _device_cache: dict = attrs.field(init=False, factory=dict, eq=False, repr=False)
 
@@ -90,7 +111,11 @@ class FederatedDataset:
         """Every example on the device (`fedjax_core.data.device.device_examples`), put
         there at the first call and kept."""
         if "examples" not in self._device_cache:
-            self._device_cache["examples"] = device_examples(self.data)
+            examples = device_examples(self.data)
+            if self.num_classes and labels.LABEL in examples.features:
+                labels.check_rows(examples.features[labels.LABEL], examples.offsets, self.data,
+                                  self.num_classes)
+            self._device_cache["examples"] = examples
         return self._device_cache["examples"]
 
     def place_examples(self, plan: Plan) -> None:
@@ -176,6 +201,7 @@ class FederatedDataset:
         process of a multi-process run packs its devices' share."""
         n = len(indices) if pad_to is None else pad_to
         if n not in self._steps_cache:
+            self._check_memory(n, exact=pad_to is None, probe=indices)
             self._steps_cache[n] = fixed_steps(self.data, n, self.batch_size, self.epochs,
                                                self.max_cohort_bytes, self.max_steps)
         steps = self._steps_cache[n]
@@ -188,7 +214,33 @@ class FederatedDataset:
             cohort = pack_cohort(self.data, indices, self.batch_size, self.epochs, self.seed,
                                  round, steps=steps, max_steps=self.max_steps,
                                  transform=self.transform)
+            if self.num_classes:
+                labels.check_cohort(cohort, self.data, self.num_classes)
         return cohort if pad_to is None else pad_cohort(cohort, pad_to)
+
+    def _check_memory(self, n: int, exact: bool, probe) -> None:
+        """Refuses (one line, before anything is allocated) a cohort of `n` clients that
+        cannot fit in this machine's memory even at its smallest: every slot is padded to
+        the batch size and to the steps of the cohort's largest client, who is at least as
+        large as the n-th smallest client (`exact`: `n` real clients; else, a padded Poisson
+        cohort, the smallest). An example's bytes are read from the cohort's first client
+        (`probe[0]`), which packing reads anyway."""
+        sizes = np.sort(np.asarray(self.data.client_sizes))
+        if sizes.size == 0 or len(probe) == 0:
+            return
+        least = int(sizes[min(n, sizes.size) - 1] if exact else sizes[0])
+        steps = max(num_steps(least, self.batch_size, self.epochs, self.max_steps), 1)
+        if self.device_resident:
+            per_example = 5  # an int32 index and the mask
+        else:
+            first = self.data.get_client(int(probe[0]))
+            per_example = sum(np.asarray(a)[:1].nbytes for a in first.values()) + 1
+        need, have = n * steps * self.batch_size * per_example, physical_memory()
+        if have and need > have:
+            raise ConfigError(
+                f"a cohort of {n} clients x {steps} steps x batch {self.batch_size} needs at "
+                f"least {need / 2**30:.1f} GiB, more than this machine's {have / 2**30:.1f} GiB; "
+                "lower --batch-size, --clients-per-round, --epochs or --max-steps")
 
     def _slots_cohort(self, indices, round: int, n: int, steps: int | None,  # noqa: A002
                       slots: range) -> Cohort:
@@ -213,6 +265,8 @@ class FederatedDataset:
                              first_slot=slots.start)
         if not len(real):  # only padding here: client 0 gave the shapes
             cohort = all_padding(cohort)
+        elif self.num_classes:
+            labels.check_cohort(cohort, self.data, self.num_classes)
         return pad_cohort(cohort, len(slots))
 
     def subset(self, num_clients: int, seed: int = 0) -> "FederatedDataset":

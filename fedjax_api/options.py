@@ -20,6 +20,7 @@ Example:
 """
 
 import builtins
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -53,14 +54,65 @@ class Check:
             raise ConfigError(f"{name} {self.problem}, got {value}")
 
 
-def at_least(low: int) -> Check:
-    """An integer of at least `low`."""
-    return Check(lambda v: v >= low, f"must be at least {low}", f">= {low}")
+def _power(n: float) -> str:
+    """`10000000` -> `10^7`, `4294967295` -> `2^32 - 1`; other numbers as they are."""
+    for base in (10, 2):
+        k = round(math.log(n + 1, base)) if n > 0 else 0
+        if k >= 4 and base ** k == n:
+            return f"{base}^{k}"
+        if k > 4 and base ** k - 1 == n:
+            return f"{base}^{k} - 1"
+    return f"{n:g}" if isinstance(n, float) else str(n)
 
 
-non_negative = Check(lambda v: v >= 0, "must be a non-negative number", ">= 0")  # NaN fails
-positive = Check(lambda v: v > 0, "must be a positive number", "> 0")
+@attrs.frozen
+class Range:
+    """A valid numeric range: at least `low` (more than it when `open_low`), at most `high`
+    (when given), and finite when `finite`; `check(name, value)` raises `ConfigError("NAME
+    PROBLEM, got VALUE")` naming the bound broken. `problem` is what a value below `low`
+    (or NaN) is told; `why` says why `high` (e.g. "to fit in 32 bits")."""
+
+    low: float
+    high: float | None = None
+    open_low: bool = False
+    finite: bool = False
+    problem: str = ""
+    why: str = "to fit in memory; lower it"
+
+    @property
+    def text(self) -> str:
+        """The range as the docs show it, e.g. `>= 1`, `1 .. 10^7`, `> 0, finite`."""
+        if self.high is not None:
+            return f"{_power(self.low)} .. {_power(self.high)}"
+        return f"{'>' if self.open_low else '>='} {_power(self.low)}" + (
+            ", finite" if self.finite else "")
+
+    def __call__(self, name: str, value: Any) -> None:
+        if not (value > self.low if self.open_low else value >= self.low):  # NaN too
+            raise ConfigError(f"{name} {self.problem or f'must be at least {self.low}'}, "
+                              f"got {value}")
+        if self.finite and not math.isfinite(value):
+            raise ConfigError(f"{name} must be finite, got {value}")
+        if self.high is not None and value > self.high:
+            power = f" ({_power(self.high)})" if _power(self.high) != str(self.high) else ""
+            raise ConfigError(f"{name} must be at most {self.high}{power} {self.why}, got "
+                              f"{value}")
+
+
+def at_least(low: int, high: int | None = None, why: str = "to fit in memory; lower it") -> Range:
+    """An integer of at least `low` (and at most `high`, when given)."""
+    return Range(low, high, why=why)
+
+
+non_negative = Range(0.0, finite=True, problem="must be a non-negative number")
+positive = Range(0.0, open_low=True, finite=True, problem="must be a positive number")
 probability = Check(lambda v: 0 < v < 1, "must be between 0 and 1", "in (0, 1)")
+
+MAX_COUNT = 10**7
+"""The most rounds, clients or steps an option may ask for (the run would not fit in memory
+or time long before)."""
+
+SEED_RANGE = at_least(0, 2**32 - 1, why="(seeds fit in 32 bits)")
 
 
 @attrs.frozen
@@ -88,7 +140,7 @@ REQUIRED: Any = attrs.NOTHING
 
 
 def option(default: Any = REQUIRED, *, key: str, help: str,
-           check: Check | OneOf | None = None, task: bool = False, resumable: bool = True,
+           check: Check | Range | OneOf | None = None, task: bool = False, resumable: bool = True,
            sweep: Literal["no", "one", "list"] = "one", flag: str | None = None,
            metavar: str | None = None, sweep_flag: str | None = None) -> Any:
     """Declares one run option as an attrs field of a config class (`ExperimentConfig`).
@@ -174,7 +226,7 @@ class Option:
     default: Any
     from_task: bool
     help: str
-    check: Check | OneOf | None
+    check: Check | Range | OneOf | None
     resumable: bool
     sweep: str
     flag: str
@@ -253,8 +305,8 @@ class RunOptions:
     task: str = option(key="task", flag="TASK", resumable=False,
                        check=OneOf(tasks.names, kind="task"),
                        help="The task: a registered name (`fedjax tasks`).")
-    rounds: int = option(task=True, key="rounds", check=at_least(1), help="Training rounds.")
-    seed: int = option(0, key="seed", check=at_least(0), resumable=False, sweep="list",
+    rounds: int = option(task=True, key="rounds", check=at_least(1, MAX_COUNT), help="Training rounds.")
+    seed: int = option(0, key="seed", check=SEED_RANGE, resumable=False, sweep="list",
                        sweep_flag="--seeds",
                        help="Seed of sampling, shuffling, initialization and client keys.")
     algorithm: str = option(task=True, key="algorithm.name", resumable=False,
@@ -267,13 +319,16 @@ class RunOptions:
              "`fedjax algorithms`); merged over the task's defaults for the algorithm.")
     client_lr: float = option(task=True, key="client.lr", check=non_negative, sweep="list",
                               help="Client SGD learning rate.")
-    clients_per_round: int = option(task=True, key="client.per_round", check=at_least(1),
+    clients_per_round: int = option(task=True, key="client.per_round",
+                                    check=at_least(1, MAX_COUNT),
                                     help="Clients sampled per round.")
-    batch_size: int = option(task=True, key="client.batch_size", check=at_least(1),
+    batch_size: int = option(task=True, key="client.batch_size",
+                             check=at_least(1, 10**6),
                              help="Client batch size.")
-    epochs: int = option(task=True, key="client.epochs", check=at_least(1),
+    epochs: int = option(task=True, key="client.epochs", check=at_least(1, 10**4),
                          help="Local epochs per round.")
-    max_steps: int | None = option(None, task=True, key="client.max_steps", check=at_least(1),
+    max_steps: int | None = option(None, task=True, key="client.max_steps",
+                                   check=at_least(1, MAX_COUNT),
                                    help="Cap on each client's local steps per round.")
     sampling: str = option("uniform", key="client.sampling", check=one_of("uniform", "poisson"),
                            resumable=False,
@@ -295,14 +350,14 @@ class RunOptions:
         {}, key="aggregator.options", flag="--aggregator-option", metavar="NAME=VALUE",
         resumable=False, help="An aggregator option, repeatable, e.g. --aggregator-option "
                               "beta=0.1.")
-    eval_every: int = option(0, task=True, key="eval.every", check=at_least(0),
+    eval_every: int = option(0, task=True, key="eval.every", check=at_least(0, MAX_COUNT),
                              help="Evaluate the test set at round 0 and every N rounds (0: "
                                   "only at the end).")
     eval_train_clients: int = option(100, task=True, key="eval.train_clients",
-                                     check=at_least(0), help="Training clients (a fixed "
+                                     check=at_least(0, MAX_COUNT), help="Training clients (a fixed "
                                                              "sample) evaluated at the end.")
     personalize_steps: int = option(
-        0, key="eval.personalize_steps", check=at_least(0), sweep="no",
+        0, key="eval.personalize_steps", check=at_least(0, 10**6), sweep="no",
         help="At each evaluation, also fine-tune on each test client's own training data "
              "for this many steps and report the per-client accuracy.")
     clip: float | None = option(None, key="privacy.clip", check=positive, **NOT_RESUMABLE,
@@ -323,7 +378,7 @@ class RunOptions:
                                  help="DP: adapt the clip norm to the median update norm "
                                       "(private quantile estimation).")
     noise_cohort_size: int | None = option(
-        None, key="privacy.noise_cohort_size", check=at_least(1), **NOT_RESUMABLE,
+        None, key="privacy.noise_cohort_size", check=at_least(1, 10**9), **NOT_RESUMABLE,
         help="DP: add the noise a cohort of this many clients would need (simulate fewer).")
     out: str | None = option(None, key="run.out", resumable=False, metavar="DIR",
                              help="Run directory (config.json, metrics.jsonl, checkpoints; a "
@@ -333,7 +388,7 @@ class RunOptions:
                               help="Where a task reads its files (e.g. the LEAF folder for "
                                    "femnist-leaf).")
     chunk_size: int | None = option(
-        None, task=True, key="run.chunk_size", check=at_least(1),
+        None, task=True, key="run.chunk_size", check=at_least(1, 10**6),
         help="Clients trained together under vmap (1: one by one). Unset: chosen for the "
              "backend (1 on CPU; on GPU/TPU the largest that fits half the device memory).")
     deterministic: str = option(
@@ -343,13 +398,15 @@ class RunOptions:
     device_data: bool = option(False, key="run.device_data", sweep="no",
                                help="Keep every training example on the device; each round "
                                     "sends an index (large cohorts of small examples).")
-    devices: int = option(1, key="run.devices", check=at_least(0), sweep="no",
+    devices: int = option(1, key="run.devices", check=at_least(0, 2**16), sweep="no",
                           help="Devices (per process) each round's clients are split over; "
                                "0: all. On a CPU-only machine, starts that many CPU devices.")
-    checkpoint_every: int = option(50, key="run.checkpoint_every", check=at_least(0),
+    checkpoint_every: int = option(50, key="run.checkpoint_every",
+                                   check=at_least(0, MAX_COUNT),
                                    sweep="no", help="Write a checkpoint every N rounds and "
                                                     "after the last (0: only after the last).")
-    keep_checkpoints: int = option(3, key="run.keep_checkpoints", check=at_least(1),
+    keep_checkpoints: int = option(3, key="run.keep_checkpoints",
+                                   check=at_least(1, 10**4),
                                    sweep="no", help="Checkpoints kept (the newest).")
     tensorboard: bool = option(False, key="run.tensorboard",
                                help="Also write TensorBoard event files under out/tb/ (the "
@@ -377,14 +434,13 @@ class RunOptions:
                                     metavar="SECONDS", **NOT_RESUMABLE,
                                     help="Round deadline in simulated seconds (--selection "
                                          "deadline).")
-    overcommit: float = option(1.3, key="time.overcommit",
-                               check=Check(lambda v: v >= 1, "must be at least 1", ">= 1"),
+    overcommit: float = option(1.3, key="time.overcommit", check=Range(1.0, 100.0),
                                **NOT_RESUMABLE,
                                help="Over-commit factor (--selection overcommit).")
     partial_work: bool = option(False, key="time.partial_work", **NOT_RESUMABLE,
                                 help="With --selection deadline: clients that would miss it "
                                      "run the local steps that fit instead of being dropped.")
-    concurrency: int | None = option(None, key="time.concurrency", check=at_least(1),
+    concurrency: int | None = option(None, key="time.concurrency", check=at_least(1, MAX_COUNT),
                                      **NOT_RESUMABLE,
                                      help="Asynchronous runs (fedbuff) on the simulated clock: "
                                           "clients training at once (default: 2 x "

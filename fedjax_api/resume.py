@@ -73,6 +73,27 @@ def _checkpoint_config(run_dir: Path) -> dict | None:
     return None
 
 
+def _refuse_unresumable(refused: list[str], base: dict, new: dict, path: Path,
+                        schema: Schema) -> None:
+    """Refuses the changes that `--allow-changes` cannot accept, so that it is suggested only
+    for those it can: a key of config.json that is no option, or a non-resumable option."""
+    strange = [k for k in refused if k not in schema.by_field]
+    if strange and strange[0] in new:
+        raise ConfigError(f"{path} holds {', '.join(map(repr, strange))}, not an option of "
+                          f"{schema.config_class.__name__}; remove it from the file (or restore "
+                          "the file) to resume")
+    if strange:
+        raise ConfigError(f"the checkpoint's config holds {', '.join(map(repr, strange))}, not "
+                          f"an option of this version of {schema.config_class.__name__}; resume "
+                          "with the version that wrote it, or start a new run")
+    fixed = [k for k in refused if not schema.by_field[k].resumable]
+    if fixed:
+        what = ", ".join(f"{k} {base.get(k)!r} -> {new.get(k)!r}" for k in fixed)
+        raise ConfigError(f"the config differs from the checkpoint's in {what}, which cannot "
+                          f"change when a run resumes; restore {path.name}, or start a new "
+                          f"run: fedjax run --config {path.parent / 'config.toml'} --out NEW_DIR")
+
+
 def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None,
                   allow_changes: tuple[str, ...] = (),
                   schema: Schema = OPTIONS) -> ExperimentConfig:
@@ -120,6 +141,7 @@ def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None,
     changed = sorted(k for k in set(new) | set(base)
                      if k != "out" and new.get(k) != base.get(k))
     refused = [k for k in changed if k not in allow_changes]
+    _refuse_unresumable(refused, base, new, path, schema)
     if refused:
         what = ", ".join(f"{k} {base.get(k)!r} -> {new.get(k)!r}" for k in refused)
         raise ConfigError(f"the config differs from the checkpoint's ({what}); pass "

@@ -4,9 +4,10 @@ from typing import Callable, NamedTuple
 
 import attrs
 
+from fedjax_api import labels
 from fedjax_api.dataset import FederatedDataset
 from fedjax_api.errors import unknown
-from fedjax_core.data import FederatedData
+from fedjax_core.data import FederatedData, InMemoryFederatedData
 from fedjax_core.data.pack import Transform
 from fedjax_core.models.base import Model
 
@@ -126,6 +127,22 @@ def entry(name: str) -> TaskEntry:
         raise unknown("task", name, names()) from None
 
 
+def _check_labels(loaded: Loaded) -> int | None:
+    """Checks the labels of the splits held in memory against the model's classes
+    (`fedjax_api.labels`) and returns the classes to check the lazily read training data's
+    cohorts against (None when it was checked here, or has no integer labels)."""
+    classes = labels.num_classes(loaded.model, loaded.train)
+    if classes is None:
+        return None
+    splits = [("training", loaded.train), ("test", loaded.test)]
+    if loaded.train_eval is not None:
+        splits.append(("training", loaded.train_eval))
+    for split, data in splits:
+        if isinstance(data, InMemoryFederatedData):
+            labels.check_clients(data, classes, split)
+    return None if isinstance(loaded.train, InMemoryFederatedData) else classes
+
+
 def get(name: str, *, seed: int = 0, batch_size: int | None = None,
         epochs: int | None = None, max_steps: int | None = None,
         data_path: str | None = None) -> Task:
@@ -134,11 +151,12 @@ def get(name: str, *, seed: int = 0, batch_size: int | None = None,
     e = entry(name)
     loaded = e.load(data_path)
     d = e.defaults
+    lazy = _check_labels(loaded)
     train = FederatedDataset(data=loaded.train,
                              batch_size=d.batch_size if batch_size is None else batch_size,
                              epochs=d.epochs if epochs is None else epochs, seed=seed,
                              max_steps=d.max_steps if max_steps is None else max_steps,
-                             transform=loaded.train_transform)
+                             transform=loaded.train_transform, num_classes=lazy)
     test = FederatedDataset(data=loaded.test, batch_size=d.eval_batch_size, seed=seed)
     train_eval = (train if loaded.train_eval is None else
                   FederatedDataset(data=loaded.train_eval, batch_size=d.eval_batch_size, seed=seed))

@@ -16,6 +16,7 @@ from fedjax_core.aggregate.base import Aggregator
 from fedjax_core.algorithms.base import AlgorithmEntry, FederatedAlgorithm
 from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.algorithms.fedopt import fedadagrad, fedadam, fedavgm, fedyogi
+from fedjax_core.hyperparameters import check_types
 
 MODULES = ("fedprox", "fedsgd", "fednova", "qffl", "scaffold", "feddyn", "ditto", "apfl",
            "mime", "agnostic_fedavg", "hypcluster", "fedbuff")
@@ -76,7 +77,8 @@ def options(name: str) -> dict[str, object]:
 
 
 def check_options(name: str, given: dict) -> None:
-    """Raises `ValueError` naming an option `name` does not take, with its valid ones."""
+    """Raises `ValueError` naming an option `name` does not take, with its valid ones, or
+    one whose value is not of its type (`fedjax_core.hyperparameters.check_types`)."""
     valid = options(name)
     needs = get(name).needs
     for key in given:
@@ -84,6 +86,7 @@ def check_options(name: str, given: dict) -> None:
             listed = ", ".join(k for k in valid if k not in needs) or "none"
             raise ValueError(f"algorithm {name!r} has no option {key!r}; its options are: "
                              f"{listed}")
+    check_types(f"algorithm {name!r}", get(name).build, given, skip=tuple(needs))
 
 
 def build(name: str, client_optimizer: optax.GradientTransformation,

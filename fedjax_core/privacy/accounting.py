@@ -388,6 +388,22 @@ def _log_gap(eps: float, target: float) -> float:
     return math.log(min(max(eps, 1e-300), 1e300)) - math.log(target)
 
 
+def _unreachable(target: float, seen: dict[float, float], where: str) -> str:
+    """The one line for a target the calibration cannot reach: the epsilons it can."""
+    eps = {math.exp(u): target * math.exp(v) if v > -600 else 0.0 for u, v in seen.items()}
+    z_max = max(eps)
+    if max(eps.values()) <= target:
+        return (f"target epsilon {target:g} is met by every noise multiplier tried (down to "
+                f"{min(eps):.3g}: epsilon {eps[min(eps)]:.3g}): give a noise multiplier "
+                "instead (fedjax privacy epsilon --noise-multiplier Z)")
+    reach = (f"the most noise tried (noise multiplier {z_max:.3g}) still gives epsilon "
+             f"{eps[z_max]:.3g}" if where in ("above", "floor") else
+             "epsilon does not fall smoothly to it (the accountant's precision); epsilons "
+             f"reached: {min(eps.values()):.3g} to {max(eps.values()):.3g}")
+    return (f"target epsilon {target:g} is out of reach: {reach}; raise the target epsilon "
+            "(or delta), or sample fewer clients per round")
+
+
 def _solve_log_log(eps_fn, target: float, z0: float, tolerance: float,
                    slope: float = -1.0) -> tuple[float, float]:
     """The smallest z with eps_fn(z) <= target, for eps_fn decreasing in z, within a relative
@@ -402,10 +418,22 @@ def _solve_log_log(eps_fn, target: float, z0: float, tolerance: float,
 
     def g(u: float) -> float:
         if u not in seen:
-            seen[u] = _log_gap(eps_fn(math.exp(u)), target)
+            try:
+                seen[u] = _log_gap(eps_fn(math.exp(u)), target)
+            except (ValueError, OverflowError, FloatingPointError) as e:
+                raise ValueError(
+                    f"target epsilon {target:g} needs about noise multiplier {math.exp(u):.3g}, "
+                    f"where the accountant fails ({e}); raise the target epsilon or delta"
+                ) from None
         return seen[u]
 
     lo_u, hi_u = math.log(2.0**-20), math.log(2.0**30)
+    try:
+        too_little = g(hi_u) > 0
+    except ValueError:  # the accountant cannot go that far: the search finds out
+        too_little = False
+    if too_little:  # out of reach: even the most noise spends more than the target
+        raise ValueError(_unreachable(target, seen, "above"))
     u0 = u1 = min(max(math.log(z0), lo_u), hi_u)
     for _ in range(60):
         g1 = g(u1)
@@ -414,6 +442,8 @@ def _solve_log_log(eps_fn, target: float, z0: float, tolerance: float,
         if u1 != u0:
             if (g(u0) > 0) != (g1 > 0):
                 break
+            if g1 > 0 and g1 == g(u0):  # a floor: more noise no longer lowers epsilon
+                raise ValueError(_unreachable(target, seen, "floor"))
             s = (g1 - g(u0)) / (u1 - u0)
             slope = s if -1e3 < s < -1e-3 else slope
         step = -g1 / slope  # overshoot a little so that the next point brackets the root
@@ -425,8 +455,8 @@ def _solve_log_log(eps_fn, target: float, z0: float, tolerance: float,
                                  f"{math.exp(hi_u):.3g}; raise the target epsilon or delta")
             raise ValueError(f"target epsilon {target} is met with almost no noise (noise "
                              f"multiplier {math.exp(lo_u):.3g}); lower the target epsilon")
-    else:  # pragma: no cover - the steps above always bracket a decreasing function
-        raise RuntimeError("calibration did not bracket the target epsilon")
+    else:  # epsilon not decreasing smoothly in z there (at the accountant's precision)
+        raise ValueError(_unreachable(target, seen, "near"))
     a, b = sorted((u0, u1))
     if b - a > tolerance / 4:
         optimize.brentq(g, a, b, xtol=tolerance / 4, rtol=4 * np.finfo(float).eps)

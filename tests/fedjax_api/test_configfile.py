@@ -296,7 +296,7 @@ ROUND_TRIPS = [
          out='runs/"quoted" \\ back\tslash\nnewline ünï \x7f', data="d", seed=5),
     dict(task="synthetic", algorithm="fedprox", clip=1.0, dp_epsilon=4.0, dp_delta=1e-6,
          adaptive_clip=True, dp_accountant="pld", sampling="poisson", noise_cohort_size=50,
-         client_lr=1e-300, server_lr=float("inf"), skip_nonfinite_clients=True,
+         client_lr=1e-300, server_lr=1e300, skip_nonfinite_clients=True,
          checkpoint_every=0, keep_checkpoints=9),
     dict(task="synthetic", algorithm="agnostic_fedavg",
          algorithm_options={"init_domain_weights": [0.5, 0.5], "domain_algorithm": "pgd",
@@ -478,12 +478,40 @@ option_values = st.one_of(st.booleans(), st.integers(-10**6, 10**6),
                           st.lists(st.integers(0, 9), max_size=3))
 
 
+def _typed_option_values(build, name: str):
+    """Values of the type `build`'s signature gives option `name` (any, when it says none)."""
+    import inspect
+
+    from fedjax_core.hyperparameters import expected_type
+    kind = expected_type(inspect.signature(build).parameters[name])
+    if kind is None:
+        return option_values
+    base = {bool: st.booleans(), int: st.integers(0, 10**6), str: text_values,
+            float: st.one_of(st.integers(0, 1000), st.floats(0, 1e6, allow_nan=False))}[kind[0]]
+    return base  # not None: TOML has no null
+
+
+def _typed_options(build, names):
+    """A strategy of option dicts (at least one) with values of their types."""
+    return st.lists(st.sampled_from(names), min_size=1, unique=True).flatmap(
+        lambda keys: st.fixed_dictionaries({k: _typed_option_values(build, k) for k in keys}))
+
+
+def _aggregator_ok(name: str, options: dict, clients: int) -> bool:
+    try:
+        aggregators.check_options(name, options, clients)
+    except ValueError:
+        return False
+    return True
+
+
 def _value_strategy(key: str):
     kind = configfile.SCHEMA[key].type
     positive = {"rounds", "client.per_round", "client.batch_size", "client.epochs",
                 "client.max_steps", "run.chunk_size", "run.keep_checkpoints"}
-    if kind == "integer":
-        return st.integers(1 if key in positive else 0, 10**9)
+    if kind == "integer":  # within the option's range (seeds 32 bits, counts in memory)
+        high = getattr(configfile.SCHEMA[key].check, "high", None) or 10**9
+        return st.integers(1 if key in positive else 0, high)
     if kind == "number":
         return st.one_of(st.integers(0, 1000), st.floats(0, 1e6, allow_nan=False))
     if kind == "boolean":
@@ -512,8 +540,7 @@ def valid_configs(draw):
     algorithm = d.get("algorithm.name", tasks.entry(task).defaults.algorithm)
     valid = [k for k in algorithms.options(algorithm) if k not in algorithms.get(algorithm).needs]
     if valid and draw(st.booleans()):
-        d["algorithm.options"] = draw(st.dictionaries(st.sampled_from(valid), option_values,
-                                                      min_size=1))
+        d["algorithm.options"] = draw(_typed_options(algorithms.get(algorithm).build, valid))
     if private:
         d["privacy.clip"] = draw(st.floats(1e-3, 1e3))
         d["privacy.delta"] = draw(st.floats(1e-9, 0.5))
@@ -532,8 +559,10 @@ def valid_configs(draw):
         d["aggregator.name"] = draw(st.sampled_from(OPEN_AGGREGATORS))
         valid = list(aggregators.options(d["aggregator.name"]))
         if valid and draw(st.booleans()):
-            d["aggregator.options"] = draw(st.dictionaries(st.sampled_from(valid),
-                                                           option_values, min_size=1))
+            d["aggregator.options"] = draw(_typed_options(
+                aggregators.get(d["aggregator.name"]).build, valid))
+        m = d.get("client.per_round", tasks.entry(task).defaults.clients_per_round)
+        assume(_aggregator_ok(d["aggregator.name"], d.get("aggregator.options", {}), m))
     if draw(st.booleans()):
         d["task"] = task
     return d, task
