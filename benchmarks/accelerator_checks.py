@@ -60,7 +60,7 @@ def mesh() -> None:
 
     data, model, count = _data(40), mlp((16,), (32,), num_classes=10), _compiles()
     for name, make in (("fedavg", lambda: fedavg(optax.sgd(0.1))),
-                       ("scaffold", lambda: scaffold(optax.sgd(0.1), 1.0, 0.1, num_clients=40))):
+                       ("scaffold", lambda: scaffold(0.1, 1.0, num_clients=40))):
         params, compiles = {}, {}
         for label, plan in (("no mesh", parallel.Plan(4)),
                             ("1-device mesh", parallel.Plan(4, parallel.client_mesh(1)))):
@@ -136,7 +136,7 @@ def memory(quick: bool) -> None:
     model, out = emnist_cnn(), {}
     cohort = pack_cohort(data, list(range(256)), batch_size=20, epochs=1, seed=0, round_num=0)
     for name, alg in (("fedavg", fedavg(optax.sgd(0.1))),
-                      ("scaffold", scaffold(optax.sgd(0.1), 1.0, 0.1, num_clients=256))):
+                      ("scaffold", scaffold(0.1, 1.0, num_clients=256))):
         state = alg.init(model.init(jax.random.key(0)))
         step = jit_round(alg, model, Plan(32))
         a = step.lower(state, cohort, jax.random.key(1)).compile().memory_analysis()

@@ -38,7 +38,7 @@ def measure(donate: bool) -> dict:
     data = InMemoryFederatedData({
         f"c{i:05d}": {"x": rng.normal(size=(4, 16)).astype(np.float32),
                       "y": rng.integers(0, 64, size=4).astype(np.int32)} for i in range(CLIENTS)})
-    alg = scaffold(optax.sgd(0.1), 1.0, 0.1, num_clients=CLIENTS)
+    alg = scaffold(0.1, 1.0, num_clients=CLIENTS)
     step = jit_round(alg, model, Plan(4), donate_state=donate)
     state = alg.init(model.init(jax.random.key(0)))
     analysis = None
