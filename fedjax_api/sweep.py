@@ -13,14 +13,13 @@ and `summary.csv` (one row per member), one ordinary run directory per member un
 `fedjax run --config members/<member>/config.toml` repeats one alone.
 """
 
-import contextlib
 import csv
 import io
 import itertools
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -311,7 +310,7 @@ class Sweep:
                                   root=self.out_dir))
                 if self.config.tensorboard:
                     own.append(TensorBoard(self._member_dir(k), member=k, lazy=True))
-        with _sweep_errors(self.config.algorithm):
+        try:  # a swept value that sets a shape or branch: one line naming the algorithm
             build = self._builder(cfgs[0], task, swept)
             server = SweepServer(
                 step_fn=core.sweep_round(build, task.model, plan, self.seeds_together),
@@ -323,6 +322,8 @@ class Sweep:
                         callbacks=[*own, *([OnRecord(on_record)] if on_record else []),
                                    *callbacks])
             trained = loop.run()
+        except core.SweepError as e:
+            raise ConfigError(f"algorithm {self.config.algorithm!r}: {e}") from None
         assert isinstance(trained, SweepServer)
         results = [MemberResult(member=m, history=loop.histories[k],
                                 final=final_metrics(loop.histories[k]),
@@ -418,16 +419,6 @@ def _plain(value):
 
 def _json_float(v):
     return str(v) if isinstance(v, float) and not math.isfinite(v) else v
-
-
-@contextlib.contextmanager
-def _sweep_errors(algorithm: str) -> Iterator[None]:
-    """Turns a `fedjax_core.sweep.SweepError` into a one-line `ConfigError` naming the
-    algorithm."""
-    try:
-        yield
-    except core.SweepError as e:
-        raise ConfigError(f"algorithm {algorithm!r}: {e}") from None
 
 
 def _task_and_plan(cfg: ExperimentConfig) -> tuple[Any, Plan]:
