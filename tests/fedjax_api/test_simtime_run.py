@@ -108,6 +108,23 @@ def test_fedasync_steps_once_per_arrival_on_the_timeline():
     assert ends == sorted(ends) and any(c.plan(r).staleness[0] > 0 for r in range(6))
 
 
+def test_clock_cohorts_go_to_the_device_like_the_samplers():
+    """With a clock the loop's sampler is still `cohort_sampler`: the clock packs the
+    cohort, which is then moved to the device in the prefetch thread (`to_device`)."""
+    from fedjax_api.loop import cohort_sampler
+    from fedjax_core.parallel import Plan
+
+    cfg = config.resolve(NAME, rounds=1, devices_profile="heterogeneous", selection="deadline",
+                         deadline=0.05, partial_work=True, batch_size=1, clients_per_round=4)
+    exp = Experiment.from_config(cfg)
+    c = clock(cfg, exp.task.train, exp.task.model.init(jax.random.key(0)))
+    sample = cohort_sampler(exp.task.train, 4, "uniform", Plan(1), c.sample)
+    host, placed = c.sample(1), sample(1)
+    assert isinstance(placed.mask, jax.Array) and not isinstance(host.mask, jax.Array)
+    same_bits((host.batches, host.mask, host.num_examples),
+              (placed.batches, placed.mask, placed.num_examples))
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(selection="overcommit"), "--selection applies to simulated time"),
     (dict(devices_profile="homogeneous", selection="deadline"), "go together"),
