@@ -24,7 +24,6 @@ def measure(donate: bool) -> dict:
     """One variant, in this process."""
     import jax
     import numpy as np
-    import optax
 
     from fedjax_core import client_state
     from fedjax_core.algorithms.base import jit_round

@@ -9,10 +9,12 @@ the target test accuracy:
     overcommit  FedAvg, draw 13, keep the first 10 to finish
     deadline    FedAvg, 20 s deadline with partial work
     fedbuff     FedBuff on the event timeline, buffer 10, concurrency 20
+    fedasync    FedAsync (fedbuff rule=fedasync): one arrival per server step, concurrency 20
+                (not in the default --runs; add it with --runs fedasync --merge)
 
 Writes benchmarks/results/simulated_time_experiment.json and docs/images/simulated_time.png.
 
-  python -m benchmarks.simulated_time_experiment [--target 0.6] [--max-rounds 120]
+  python -m benchmarks.simulated_time_experiment [--target 0.6] [--max-rounds 120] [--eval-every 2]
 """
 
 import argparse
@@ -29,7 +31,14 @@ RUNS = {
     "overcommit": dict(algorithm="fedavg", selection="overcommit"),
     "deadline": dict(algorithm="fedavg", selection="deadline", deadline=20.0, partial_work=True),
     "fedbuff": dict(algorithm="fedbuff", concurrency=20),
+    # FedAsync: one arrival per server step (so 10x the steps, evaluated every 10x the
+    # rounds), mixing weight alpha = 0.6, s = (1 + tau)^-0.5; with 20 in flight staleness is
+    # about 20, so 40 versions are kept
+    "fedasync": dict(algorithm="fedbuff", concurrency=20, clients_per_round=1, server_lr=0.6,
+                     algorithm_options={"rule": "fedasync", "max_staleness": 40},
+                     rounds_scale=10),
 }
+"""The runs; `rounds_scale` multiplies the run's round limit and evaluation period."""
 
 
 class StopAtTarget(Callback):
@@ -43,11 +52,15 @@ class StopAtTarget(Callback):
             loop.stop(f"reached {self.target}")
 
 
-def run(name: str, target: float, max_rounds: int, data: str, seed: int) -> dict:
-    cfg = config.resolve("femnist-leaf", data=data, rounds=max_rounds, clients_per_round=10,
-                         batch_size=20, client_lr=0.1, server_lr=1.0, eval_every=2,
-                         eval_train_clients=0, seed=seed, devices_profile="heterogeneous",
-                         availability="diurnal", **RUNS[name])
+def run(name: str, target: float, max_rounds: int, data: str, seed: int,
+        eval_every: int = 2) -> dict:
+    options = dict(RUNS[name])
+    scale = options.pop("rounds_scale", 1)
+    settings = dict(data=data, rounds=max_rounds * scale, clients_per_round=10, batch_size=20,
+                    client_lr=0.1, server_lr=1.0, eval_every=eval_every * scale,
+                    eval_train_clients=0, seed=seed, devices_profile="heterogeneous",
+                    availability="diurnal")
+    cfg = config.resolve("femnist-leaf", **{**settings, **options})
     start = time.perf_counter()
     result = Experiment.from_config(cfg).run(callbacks=[StopAtTarget(target)])
     train = {r["round"]: r for r in result.history if r["kind"] == "train"}
@@ -58,6 +71,7 @@ def run(name: str, target: float, max_rounds: int, data: str, seed: int) -> dict
     return {"rounds": reached[0][0] if reached else None,
             "simulated_s": reached[0][1] if reached else None,
             "curve": curve, "wall_s": time.perf_counter() - start,
+            "eval_every": cfg.eval_every, "clients_per_round": cfg.clients_per_round,
             "mean_round_s": sum(t["time/round_simulated_s"] for t in train.values()) / len(train),
             "dropped_per_round": sum(t["time/clients_dropped"] for t in train.values()) / len(train)}
 
@@ -85,17 +99,21 @@ def main() -> None:
     parser.add_argument("--max-rounds", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", default=str(DATA))
-    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--runs", default="all,overcommit,deadline,fedbuff")
+    parser.add_argument("--merge", action="store_true",
+                        help="add to the runs already in the results file")
+    parser.add_argument("--eval-every", type=int, default=2)
     args = parser.parse_args()
     root = Path(__file__).resolve().parents[1]
-    results = {}
+    path = root / "benchmarks" / "results" / "simulated_time_experiment.json"
+    results = json.loads(path.read_text())["runs"] if args.merge and path.exists() else {}
     for name in args.runs.split(","):
-        results[name] = run(name, args.target, args.max_rounds, args.data, args.seed)
+        results[name] = run(name, args.target, args.max_rounds, args.data, args.seed,
+                            args.eval_every)
         print(name, {k: v for k, v in results[name].items() if k != "curve"}, flush=True)
-    out = {"target": args.target, "seed": args.seed, "task": "femnist-leaf (sample)",
-           "runs": results}
-    (root / "benchmarks" / "results" / "simulated_time_experiment.json").write_text(
-        json.dumps(out, indent=1))
+        out = {"target": args.target, "seed": args.seed, "task": "femnist-leaf (sample)",
+               "eval_every": args.eval_every, "max_rounds": args.max_rounds, "runs": results}
+        path.write_text(json.dumps(out, indent=1))  # after every run: a cut-short session keeps the rest
     plot(results, args.target, root / "docs" / "images" / "simulated_time.png")
 
 

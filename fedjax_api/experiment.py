@@ -213,8 +213,8 @@ class Experiment:
         self.interrupt_event.clear()
         clock = simtime.from_config(self.config, train, server.params)  # None: no simulated time
         loop = Loop(OneServer(server), rounds=self.rounds, histories=[history],
-                    sample=clock.sample if clock else cohort_sampler(
-                        train, self.clients_per_round, self.sampling, self.plan),
+                    sample=cohort_sampler(train, self.clients_per_round, self.sampling,
+                                          self.plan, clock.sample if clock else None),
                     callbacks=[*([simtime.SimulatedTime(clock)] if clock else []),
                                *self.callbacks(server.round if resume else None),
                                *([OnRecord(on_record)] if on_record else []), *callbacks],

@@ -301,15 +301,20 @@ def final_metrics(history: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def cohort_sampler(train: Any, clients_per_round: int, sampling: str,
-                   plan: Plan) -> Callable[[int], Cohort]:
+                   plan: Plan, source: Callable[[int], Cohort] | None = None
+                   ) -> Callable[[int], Cohort]:
     """`sample(r)`: round r's cohort of `train` (a `FederatedDataset`), `clients_per_round`
     clients uniformly without replacement, or each with probability clients_per_round / N
-    ("poisson"); with a mesh across processes, this process packs its devices' share."""
+    ("poisson"); with a mesh across processes, this process packs its devices' share.
+    `source(r)`, when given (the simulated clock's `sample`), packs the cohorts instead; they
+    are moved to the devices the same way."""
     rate = clients_per_round / train.num_clients
     if getattr(train, "device_resident", False):
         train.place_examples(plan)  # once, on the mesh: rounds do not copy them again
 
     def sample(round_num: int) -> Cohort:
+        if source is not None:
+            return to_device(source(round_num), plan)
         if distributed.spans_processes(plan):
             if sampling == "poisson":
                 idx, size = train.poisson_indices(rate, round_num)

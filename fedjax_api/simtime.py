@@ -6,7 +6,8 @@ With `--devices-profile` (docs/simulated_time.md) each round's cohort comes from
 rule keeps some and sets the round's simulated duration, and a deadline with partial work
 cuts clients' local steps (their mask), for every algorithm. FedBuff runs on the
 asynchronous event timeline instead: each cohort is a server step's buffer, carrying its
-updates' staleness. Every train record gets `time/simulated_s` (the clock after the round),
+updates' staleness (FedAsync: `--option rule=fedasync --clients-per-round 1`, one arrival
+per server step). Every train record gets `time/simulated_s` (the clock after the round),
 `time/round_simulated_s`, `time/clients_available` and `time/clients_dropped`. Without
 `--devices-profile` nothing changes and no `time/` field appears.
 

@@ -54,6 +54,23 @@ mean is `sum n_i s_i Delta_i / sum n_i`, which with equal `n_i` is `(1/K) sum s_
 Algorithm 1's buffer average of staleness-scaled updates (stale buffers take shorter
 steps). With `max_staleness = 0`
 both are FedAvg.
+
+FedAsync (Xie et al. 2019, Algorithm 1), `rule="fedasync"`: the server mixes each arriving
+model into the current one,
+
+    x_{t+1} = (1 - alpha_t) x_t + alpha_t x_new,   alpha_t = alpha s(t - tau),
+
+with x_new trained from the stale x_tau and a staleness function s: "polynomial"
+`s(d) = (d + 1)^(-a)` (a = `staleness_exponent`), "hinge" `s(d) = 1` for `d <= b`, else
+`1 / (a (d - b) + 1)` (a, b = `hinge_a`, `hinge_b`), or "constant" `s = 1`. It runs on the
+same machinery with a buffer of one update: client i reports `s(tau_i) (x_t - x_new_i)`
+(against the current model, not its start) with weight n_i, and server SGD at
+`server_learning_rate = alpha` steps `x_t - alpha s (x_t - x_new) = (1 - alpha s) x_t +
+alpha s x_new`, exactly the paper's update when the cohort (buffer) holds one client
+(`clients_per_round=1`; on the simulated clock each server step is then one arrival). With a
+larger cohort each step mixes in the example-weighted mean of the K arrivals' scaled
+differences. `staleness_in` is not used by it. The paper's proximal local term (its rho) is
+not included: combine with a FedProx-style client if needed.
 """
 
 from typing import NamedTuple
@@ -78,6 +95,8 @@ from fedjax_core.typing import Array, Float, Int, Params, PRNGKey
 DELAYS = ("uniform", "half_normal", "exponential")
 STALENESS_IN = ("weight", "delta")
 STALENESS_SOURCES = ("timeline", "drawn")
+RULES = ("fedbuff", "fedasync")
+STALENESS_FNS = ("polynomial", "hinge", "constant")
 
 
 class FedBuffServer(NamedTuple):
@@ -152,6 +171,23 @@ def staleness_weight(tau, exponent: float = 0.5) -> Float[Array, "..."]:
     return jnp.power(1.0 + jnp.asarray(tau, jnp.float32), -exponent)
 
 
+def staleness_scale(tau, fn: str = "polynomial", exponent: float = 0.5, hinge_a: float = 10.0,
+                    hinge_b: int = 4) -> Float[Array, "..."]:
+    """FedAsync's staleness function s(tau) (Xie et al. 2019): "polynomial"
+    `(1 + tau)^(-exponent)` (`staleness_weight`), "hinge" `1` for `tau <= hinge_b`, else
+    `1 / (hinge_a (tau - hinge_b) + 1)`, or "constant" `1`.
+
+    Example:
+      >>> staleness_scale(jnp.arange(8), "hinge", hinge_a=10.0, hinge_b=4)
+    """
+    if fn == "polynomial":
+        return staleness_weight(tau, exponent)
+    tau = jnp.asarray(tau, jnp.float32)
+    if fn == "constant":
+        return jnp.ones_like(tau)
+    return jnp.where(tau <= hinge_b, 1.0, 1.0 / (hinge_a * (tau - hinge_b) + 1.0))
+
+
 def _check(max_staleness, delay, delay_scale=None):
     if delay_scale is not None and not delay_scale > 0:
         raise ValueError(f"delay_scale must be positive, got {delay_scale}")
@@ -168,7 +204,9 @@ def fedbuff(client_optimizer: OptimizerOrRate = optax.sgd(0.1),
             max_staleness: int = 4, staleness_exponent: float = 0.5,
             delay: str = "uniform", delay_scale: float | None = None,
             staleness_in: str = "weight", server_momentum: float = 0.0,
-            staleness_source: str = "timeline") -> FederatedAlgorithm:
+            staleness_source: str = "timeline", rule: str = "fedbuff",
+            staleness_fn: str = "polynomial", hinge_a: float = 10.0,
+            hinge_b: int = 4) -> FederatedAlgorithm:
     """FedBuff: a buffer of K = cohort-size updates, each trained from a stale model.
 
     Update rule (round t = server step t, cohort S = the buffer):
@@ -177,6 +215,9 @@ def fedbuff(client_optimizer: OptimizerOrRate = optax.sgd(0.1),
       `Delta = aggregator({Delta_i}, {n_i s_i})` (mean: `sum n_i s_i Delta_i / sum n_i s_i`)
       or, with `staleness_in="delta"`, `aggregator({s_i Delta_i}, {n_i})`,
       `w_{t+1} = w_t + ServerOpt(Delta)`.
+      With `rule="fedasync"` (FedAsync): `Delta_i = s_i (w_t - ClientOpt^K(w_{t-tau_i}; D_i))`
+      with weight n_i, so with one client per round and server SGD(alpha)
+      `w_{t+1} = (1 - alpha s_i) w_t + alpha s_i x_new` (module docstring).
 
     Args:
       client_optimizer: optax optimizer each client runs locally, fresh state each round;
@@ -197,6 +238,11 @@ def fedbuff(client_optimizer: OptimizerOrRate = optax.sgd(0.1),
       staleness_source: "timeline": the simulated clock's staleness when the cohort
         carries one (`Cohort.staleness`, clipped to `max_staleness` and `t`), else drawn;
         "drawn": always drawn from `delay`.
+      rule: "fedbuff" (deltas against each client's start) or "fedasync" (Xie et al.'s
+        mixing: differences against the current model, scaled by s(tau)).
+      staleness_fn: s: "polynomial" (exponent `staleness_exponent`), "hinge" or "constant"
+        (`staleness_scale`).
+      hinge_a, hinge_b: the hinge function's slope a and its staleness threshold b.
 
     Returns:
       A `FederatedAlgorithm` (state: `RoundState`, server part a `FedBuffServer`: the
@@ -215,11 +261,19 @@ def fedbuff(client_optimizer: OptimizerOrRate = optax.sgd(0.1),
     References:
       Nguyen, Malik, Zhan, Yousefpour, Rabbat, Malek, Huba 2022, "Federated Learning
       with Buffered Asynchronous Aggregation" (AISTATS), Algorithm 1; staleness weight
-      as in Xie et al. 2019, "Asynchronous Federated Optimization".
+      as in Xie et al. 2019, "Asynchronous Federated Optimization" (arXiv:1903.03934),
+      whose Algorithm 1 (FedAsync) `rule="fedasync"` is.
     """
     client_optimizer = sgd_if_rate(client_optimizer)
     server_optimizer = server_sgd(server_optimizer, server_momentum, "fedbuff")
     _check(max_staleness, delay, delay_scale)
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; choose one of: {', '.join(RULES)}")
+    if staleness_fn not in STALENESS_FNS:
+        raise ValueError(f"unknown staleness_fn {staleness_fn!r}; choose one of: "
+                         f"{', '.join(STALENESS_FNS)}")
+    if hinge_a < 0 or hinge_b < 0:
+        raise ValueError(f"hinge_a and hinge_b must be at least 0, got {hinge_a}, {hinge_b}")
     if staleness_in not in STALENESS_IN:
         raise ValueError(f"unknown staleness_in {staleness_in!r}; choose one of: "
                          f"{', '.join(STALENESS_IN)}")
@@ -241,7 +295,14 @@ def fedbuff(client_optimizer: OptimizerOrRate = optax.sgd(0.1),
         tau = jnp.minimum(drawn, t)
         start = jax.tree.map(lambda h: h[(t - tau) % versions], ctx.server.history)
         w, stats = ctx.train(start, client_optimizer)
-        delta, s = tree.sub(start, w), staleness_weight(tau, staleness_exponent)
+        s = staleness_scale(tau, staleness_fn, staleness_exponent, hinge_a, hinge_b)
+        if rule == "fedasync":  # Xie et al.: s_i (w_t - x_new) with weight n_i
+            current = jax.tree.map(lambda h: h[t % versions], ctx.server.history)
+            delta = jax.tree.map(lambda d: d * s.astype(d.dtype), tree.sub(current, w))
+            return ClientReport(delta, stats, weight=None,
+                                sums={"staleness": tau.astype(jnp.float32)},
+                                per_client={"staleness": tau})
+        delta = tree.sub(start, w)
         if staleness_in == "weight":  # FLSim: Delta_i with weight n_i s_i
             weight = ctx.num_examples * s
         else:  # Algorithm 1: s_i Delta_i with weight n_i

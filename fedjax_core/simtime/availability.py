@@ -95,16 +95,29 @@ class DiurnalMarkov:
 
     def on_fraction(self, t, phase_s) -> np.ndarray:
         """`f(h)` at local hour `h = (t + phase_s) / 3600 mod 24`."""
-        hour = np.mod((np.asarray(t) + phase_s) / 3600.0, 24.0)
-        f = self.base + self.amplitude * np.cos(2 * np.pi * (hour - self.peak_hour) / 24.0)
-        return np.clip(f, 0.01, 0.99)
+        x = np.add(t, phase_s)  # a fresh array, then in place: the same operations, in order
+        x /= 3600.0
+        np.fmod(x, 24.0, out=x)  # = np.mod for the non-negative times here, exactly
+        x -= self.peak_hour
+        x *= 2 * np.pi
+        x /= 24.0
+        np.cos(x, out=x)
+        x *= self.amplitude
+        x += self.base
+        np.maximum(x, 0.01, out=x)  # = np.clip(x, 0.01, 0.99), without its overhead
+        np.minimum(x, 0.99, out=x)
+        return x
 
     def _spell(self, idx: np.ndarray, on: np.ndarray, start: np.ndarray,
-               k: np.ndarray) -> np.ndarray:
+               k: np.ndarray, phase_s: np.ndarray | None = None) -> np.ndarray:
         """Lengths of the spells of clients `idx` starting at `start` in state `on`."""
-        f = self.on_fraction(start, self.phase_s[idx])
-        mean = np.where(on, f, 1.0 - f) * self.cycle_s
-        return -np.log(uniform_hash(self.seed, idx, k)) * mean
+        f = self.on_fraction(start, self.phase_s[idx] if phase_s is None else phase_s)
+        mean = np.where(on, f, 1.0 - f)
+        mean *= self.cycle_s
+        length = np.log(uniform_hash(self.seed, idx, k))
+        np.negative(length, out=length)
+        length *= mean
+        return length
 
     def _reset(self) -> None:
         idx = np.arange(self.num_clients)
@@ -115,17 +128,25 @@ class DiurnalMarkov:
         self.t = 0.0
 
     def advance(self, t: float) -> None:
-        """Moves every client's spell forward to time t (back to 0 first if t is earlier)."""
+        """Moves every client's spell forward to time t (back to 0 first if t is earlier).
+
+        Only the clients whose spell ended by t are touched: their state is gathered once,
+        advanced spell by spell in compact arrays, and written back once."""
         if t < self.t:
             self._reset()
         idx = np.flatnonzero(self.end <= t)
-        while idx.size:
-            on = ~self.on[idx]
-            self.on[idx] = on
-            self.k[idx] += 1
-            start = self.end[idx]
-            self.end[idx] = start + self._spell(idx, on, start, self.k[idx])
-            idx = idx[self.end[idx] <= t]
+        if idx.size:
+            on, k, end = ~self.on[idx], self.k[idx] + 1, self.end[idx]
+            phase = self.phase_s[idx]
+            end += self._spell(idx, on, end, k, phase)
+            live = np.flatnonzero(end <= t)  # positions in idx whose new spell ended too
+            while live.size:
+                on[live] = ~on[live]
+                k[live] += 1
+                start = end[live]
+                end[live] = start + self._spell(idx[live], on[live], start, k[live], phase[live])
+                live = live[end[live] <= t]
+            self.on[idx], self.k[idx], self.end[idx] = on, k, end
         self.t = t
 
     def available(self, t: float) -> np.ndarray:

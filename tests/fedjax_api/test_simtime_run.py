@@ -86,6 +86,45 @@ def test_fedbuff_trains_on_the_timelines_staleness():
     assert any(c.plan(r).staleness.max() > 0 for r in range(4))
 
 
+def test_fedasync_steps_once_per_arrival_on_the_timeline():
+    """FedAsync (fedbuff rule=fedasync, one client per round): each server step is one
+    arrival of the event timeline, trained from the version its client downloaded."""
+    cfg = config.resolve(NAME, rounds=6, algorithm="fedbuff", devices_profile="heterogeneous",
+                         clients_per_round=1, concurrency=4, server_lr=0.6,
+                         algorithm_options={"rule": "fedasync", "staleness_fn": "hinge",
+                                            "hinge_a": 1.0, "hinge_b": 1, "max_staleness": 8})
+    result = Experiment.from_config(cfg).run()
+    exp = Experiment.from_config(cfg)
+    c = clock(cfg, exp.task.train, exp.task.model.init(jax.random.key(0)))
+    records = train_records(result)
+    assert len(records) == 6
+    ends = []
+    for r, record in enumerate(records):
+        plan = c.plan(r)
+        assert len(plan.clients) == 1
+        assert record["fedbuff/mean_staleness"] == min(int(plan.staleness[0]), r)
+        assert record["time/simulated_s"] == plan.end_s
+        ends.append(plan.end_s)
+    assert ends == sorted(ends) and any(c.plan(r).staleness[0] > 0 for r in range(6))
+
+
+def test_clock_cohorts_go_to_the_device_like_the_samplers():
+    """With a clock the loop's sampler is still `cohort_sampler`: the clock packs the
+    cohort, which is then moved to the device in the prefetch thread (`to_device`)."""
+    from fedjax_api.loop import cohort_sampler
+    from fedjax_core.parallel import Plan
+
+    cfg = config.resolve(NAME, rounds=1, devices_profile="heterogeneous", selection="deadline",
+                         deadline=0.05, partial_work=True, batch_size=1, clients_per_round=4)
+    exp = Experiment.from_config(cfg)
+    c = clock(cfg, exp.task.train, exp.task.model.init(jax.random.key(0)))
+    sample = cohort_sampler(exp.task.train, 4, "uniform", Plan(1), c.sample)
+    host, placed = c.sample(1), sample(1)
+    assert isinstance(placed.mask, jax.Array) and not isinstance(host.mask, jax.Array)
+    same_bits((host.batches, host.mask, host.num_examples),
+              (placed.batches, placed.mask, placed.num_examples))
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(selection="overcommit"), "--selection applies to simulated time"),
     (dict(devices_profile="homogeneous", selection="deadline"), "go together"),

@@ -13,6 +13,7 @@ from fedjax_core.algorithms.fedbuff import (
     ENTRY,
     client_staleness,
     fedbuff,
+    staleness_scale,
     staleness_weight,
 )
 from fedjax_core.data import pack_clients, pack_cohort
@@ -251,3 +252,41 @@ def test_entry_and_options():
         fedbuff(staleness_in="both")
     with pytest.raises(ValueError, match="delay_scale"):
         fedbuff(delay="exponential", delay_scale=0.0)
+
+
+@pytest.mark.parametrize("fn", ["polynomial", "hinge"])
+def test_fedasync_matches_plain_mixing(fn):
+    """FedAsync, one arrival per server step with the timeline's staleness (Cohort.staleness):
+    x_{t+1} = (1 - alpha s(tau)) x_t + alpha s(tau) x_new, x_new trained from x_{t - tau}."""
+    alpha, hinge = 0.6, dict(hinge_a=2.0, hinge_b=1)
+    data = unequal_clients()
+    params = MODEL.init(jax.random.key(4))
+    alg = fedbuff(CLIENT_OPT, optax.sgd(alpha), max_staleness=3, rule="fedasync",
+                  staleness_fn=fn, **hinge)
+    step = jit_round(alg, MODEL)
+    state, past = alg.init(params), [params]
+    arrivals = [(4, 0), (1, 1), (0, 2), (2, 3), (3, 3), (1, 0), (0, 3)]  # (client, tau)
+    for t, (client, tau) in enumerate(arrivals):
+        cohort = cohort_of(data, [client], t)._replace(staleness=np.array([tau], np.int32))
+        state, metrics = step(state, cohort, jax.random.key(t))
+        tau = min(tau, t)
+        s = ((1.0 + tau) ** -0.5 if fn == "polynomial"
+             else 1.0 if tau <= 1 else 1.0 / (2.0 * (tau - 1) + 1.0))
+        x_new = ref_train(past[t - tau], cohort, 0)
+        past.append(jax.tree.map(lambda x, y: (1 - alpha * s) * np.asarray(x)
+                                 + alpha * s * np.asarray(y), past[t], x_new))
+        assert_tree_close(state.params, past[-1])
+        assert float(metrics["fedbuff/mean_staleness"]) == tau
+
+
+def test_staleness_functions_by_hand():
+    tau = jnp.array([0, 1, 4, 5, 7])
+    np.testing.assert_allclose(staleness_scale(tau, "hinge", hinge_a=10.0, hinge_b=4),
+                               [1, 1, 1, 1 / 11, 1 / 31], rtol=1e-6)
+    np.testing.assert_allclose(staleness_scale(tau, "constant"), [1, 1, 1, 1, 1])
+    np.testing.assert_allclose(staleness_scale(tau, "polynomial", exponent=1.0),
+                               [1, 1 / 2, 1 / 5, 1 / 6, 1 / 8], rtol=1e-6)
+    with pytest.raises(ValueError, match="rule"):
+        fedbuff(rule="fedasyn")
+    with pytest.raises(ValueError, match="staleness_fn"):
+        fedbuff(staleness_fn="linear")

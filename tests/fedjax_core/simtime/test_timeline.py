@@ -143,11 +143,12 @@ def test_all_online_draws_exactly_the_uniform_sampler():
 
 
 @pytest.mark.parametrize("avail", ["always", "trace"])
-def test_async_staleness_agrees_with_the_event_simulator(avail):
+@pytest.mark.parametrize("k", [3, 1])  # FedBuff's buffer of 3; FedAsync: one update per step
+def test_async_staleness_agrees_with_the_event_simulator(avail, k):
     m = model(seed=2)
     a = simtime.AlwaysAvailable(N) if avail == "always" else trace()
-    clock = simtime.AsyncTimeline(m, a, SIZES, 3, 7, 2, seed=5)
-    ref = ref_async(m, 3, 7, 2, 10, seed=5,
+    clock = simtime.AsyncTimeline(m, a, SIZES, k, 7, 2, seed=5)
+    ref = ref_async(m, k, 7, 2, 10 if k > 1 else 24, seed=5,
                     online=(lambda i, t: True) if avail == "always" else ref_online)
     seen = []
     for v, (clients, staleness, end, discarded) in enumerate(ref):
