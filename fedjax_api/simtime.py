@@ -96,31 +96,27 @@ def check(cfg: Any) -> None:
 def profiles(name: str, train: FederatedDataset, seed: int) -> simtime.DeviceProfiles:
     """The devices of `train`'s clients: a built-in profile or a CSV trace."""
     n = train.num_clients
-    if name == "homogeneous":
-        return simtime.homogeneous(n)
-    if name == "heterogeneous":
-        return simtime.heterogeneous(n, seed)
-    if not Path(name).is_file():
-        raise ConfigError(f"--devices-profile {name!r} is neither {' nor '.join(PROFILES)} nor "
-                          "a CSV file")
-    try:
-        return simtime.load_csv(name, train.data.client_ids)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    return _builtin_or_csv("--devices-profile", name, {
+        "homogeneous": lambda: simtime.homogeneous(n),
+        "heterogeneous": lambda: simtime.heterogeneous(n, seed)}, simtime.load_csv, train)
 
 
 def availability(name: str, train: FederatedDataset, seed: int) -> simtime.Availability:
     """Who is online: always, the diurnal Markov model, or a CSV of intervals."""
     n = train.num_clients
-    if name == "always":
-        return simtime.AlwaysAvailable(n)
-    if name == "diurnal":
-        return simtime.DiurnalMarkov(n, seed)
+    return _builtin_or_csv("--availability", name, {
+        "always": lambda: simtime.AlwaysAvailable(n),
+        "diurnal": lambda: simtime.DiurnalMarkov(n, seed)}, simtime.load_intervals_csv, train)
+
+
+def _builtin_or_csv(flag: str, name: str, builtins: dict, load, train: FederatedDataset):
+    """`builtins[name]()`, or `load(name, client ids)` of a CSV file; one-line errors."""
+    if name in builtins:
+        return builtins[name]()
     if not Path(name).is_file():
-        raise ConfigError(f"--availability {name!r} is neither {' nor '.join(AVAILABILITY)} "
-                          "nor a CSV file")
+        raise ConfigError(f"{flag} {name!r} is neither {' nor '.join(builtins)} nor a CSV file")
     try:
-        return simtime.load_intervals_csv(name, train.data.client_ids)
+        return load(name, train.data.client_ids)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -149,3 +149,29 @@ def test_private_poisson_run_with_availability_is_allowed():
     records = train_records(Experiment.from_config(cfg).run())
     assert [r["round"] for r in records] == [1, 2]
     assert all(r["privacy/epsilon"] > 0 for r in records)
+
+
+def test_profile_and_availability_from_csv_files(tmp_path):
+    """A CSV trace names every client of the task; a name that is neither built in nor a
+    file, or a CSV that leaves a client out, is one ConfigError."""
+    from fedjax_api import simtime as api_simtime
+
+    train = Experiment.from_config(config.resolve(NAME, rounds=1)).task.train
+    ids = [c.decode() if isinstance(c, bytes) else str(c) for c in train.data.client_ids]
+    devices, online = tmp_path / "devices.csv", tmp_path / "online.csv"
+    devices.write_text("client_id,compute_s_per_example,download_mbps\n" + "".join(
+        f"{c},{0.01 * (i + 1)},{10 + i}\n" for i, c in enumerate(ids)))
+    online.write_text(f"client_id,start_s,end_s\n{ids[0]},0,3600\n")
+    p = api_simtime.profiles(str(devices), train, seed=0)
+    np.testing.assert_allclose(p.compute_s, [0.01 * (i + 1) for i in range(len(ids))])
+    a = api_simtime.availability(str(online), train, seed=0)
+    assert type(a).__name__ == "IntervalTrace"
+    with pytest.raises(ConfigError, match="--devices-profile 'fast' is neither homogeneous "
+                                          "nor heterogeneous nor a CSV file"):
+        api_simtime.profiles("fast", train, seed=0)
+    with pytest.raises(ConfigError, match="--availability 'nightly' is neither always nor "
+                                          "diurnal nor a CSV file"):
+        api_simtime.availability("nightly", train, seed=0)
+    devices.write_text(f"client_id,compute_s_per_example,download_mbps\n{ids[0]},0.1,5\n")
+    with pytest.raises(ConfigError, match="has no row for"):
+        api_simtime.profiles(str(devices), train, seed=0)
