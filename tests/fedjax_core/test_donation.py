@@ -2,7 +2,6 @@
 
 import jax
 import numpy as np
-import optax
 
 from fedjax_core.algorithms.base import jit_round
 from fedjax_core.algorithms.scaffold import scaffold
@@ -14,7 +13,7 @@ from tests.fedjax_core.helpers import tiny_softmax_model, unequal_clients
 def test_donated_round_equals_the_kept_one_and_consumes_its_input():
     data = unequal_clients(sizes=(3, 1, 4, 2), seed=0)
     model = tiny_softmax_model()
-    alg = scaffold(optax.sgd(0.1), 1.0, 0.1, num_clients=4)
+    alg = scaffold(0.1, 1.0, num_clients=4)
     states = {}
     for donate in (False, True):
         step = jit_round(alg, model, Plan(2), donate_state=donate)
