@@ -37,6 +37,23 @@ def test_homogeneous_always_on_changes_nothing(options):
     assert all(s > 0 for s in rounds_s)
 
 
+@pytest.mark.parametrize("sampling", ["uniform", "poisson"])
+def test_homogeneous_always_on_cohorts_are_todays(sampling):
+    """Every synchronous algorithm's round is a function of (state, cohort, key) alone, so
+    equal cohorts give every such algorithm today's results: the clock's cohorts with the
+    homogeneous, always-online profile are the sampler's, every field, round after round."""
+    cfg = config.resolve(NAME, rounds=6, devices_profile="homogeneous", sampling=sampling,
+                         clients_per_round=3)
+    train = Experiment.from_config(cfg).task.train
+    c = clock(cfg, train, Experiment.from_config(cfg).task.model.init(jax.random.key(0)))
+    for r in range(6):
+        plain = (train.sample_poisson(3 / train.num_clients, r) if sampling == "poisson"
+                 else train.sample(3, r))
+        timed = c.sample(r)
+        assert timed.staleness is None and plain.staleness is None
+        same_bits(timed._replace(staleness=0), plain._replace(staleness=0))
+
+
 def test_resume_keeps_the_simulated_clock_exact(tmp_path):
     opts = dict(rounds=5, checkpoint_every=2, devices_profile="heterogeneous",
                 availability="diurnal", selection="overcommit")
