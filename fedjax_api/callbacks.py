@@ -277,7 +277,7 @@ class RunLog(_MemberFiles):
             rundir.write_json_atomic(self.out_dir / rundir.CONFIG_FILE,
                                      {**self.starting, "status": rundir.STATUS_STARTING})
             if self.config:  # the same config as TOML, to re-run with `fedjax run --config`
-                rundir.write_text_atomic(self.out_dir / "config.toml",
+                atomic.write_text(self.out_dir / "config.toml",
                                          configfile.dump(self.config))
             if self.lazy:
                 (self.out_dir / rundir.METRICS_FILE).unlink(missing_ok=True)
@@ -313,7 +313,7 @@ class RunLog(_MemberFiles):
             return
         saved.update(changed)
         rundir.write_json_atomic(path, saved)
-        rundir.write_text_atomic(self.out_dir / "config.toml", configfile.dump(
+        atomic.write_text(self.out_dir / "config.toml", configfile.dump(
             {k: v for k, v in saved.items() if k not in ("versions", "status")}))
 
 

@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_api.errors import ConfigError
-from fedjax_api.rundir import fsync_dir
 from fedjax_api.versions import versions
 from fedjax_core import atomic
 
@@ -127,12 +126,12 @@ def save(run_dir: Path, round_num: int, state: PyTree, meta: dict, keep: int = 3
         raise CheckpointError(str(e)) from None
     stem = f"ckpt-{round_num:08d}"
     npz_path, manifest_path = ckpt_dir / f"{stem}.npz", ckpt_dir / f"{stem}.json"
-    npz_tmp, manifest_tmp = _tmp_path(npz_path), _tmp_path(manifest_path)
+    npz_tmp, manifest_tmp = atomic.temp_path(npz_path), atomic.temp_path(manifest_path)
 
     if manifest_path.exists() or npz_path.exists():   # an earlier try of this round:
         manifest_path.unlink(missing_ok=True)           # uncommit it, then drop its data
         npz_path.unlink(missing_ok=True)
-        fsync_dir(ckpt_dir)
+        atomic.fsync_dir(ckpt_dir)
 
     npz_renamed = committed = False
     try:
@@ -143,7 +142,7 @@ def save(run_dir: Path, round_num: int, state: PyTree, meta: dict, keep: int = 3
         size, sha256 = _digest(npz_tmp)
         os.replace(npz_tmp, npz_path)
         npz_renamed = True
-        fsync_dir(ckpt_dir)
+        atomic.fsync_dir(ckpt_dir)
 
         body = {
             "format": FORMAT,
@@ -162,7 +161,7 @@ def save(run_dir: Path, round_num: int, state: PyTree, meta: dict, keep: int = 3
             os.fsync(f.fileno())
         os.replace(manifest_tmp, manifest_path)
         committed = True
-        fsync_dir(ckpt_dir)
+        atomic.fsync_dir(ckpt_dir)
     finally:
         for p in (npz_tmp, manifest_tmp):
             with suppress(OSError):
@@ -229,10 +228,6 @@ def _jsonable(x):
     raise TypeError(f"meta holds a {type(x).__name__}, which is not JSON")
 
 
-def _tmp_path(final: Path) -> Path:
-    return atomic.temp_path(final)
-
-
 def _digest(path: Path) -> tuple[int, str]:
     h, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
@@ -264,7 +259,7 @@ def _prune(ckpt_dir: Path, newest: int, keep: int) -> None:
     except OSError as e:
         warnings.warn(f"could not delete old checkpoints in {ckpt_dir}: {e}",
                       CheckpointWarning, stacklevel=3)
-    fsync_dir(ckpt_dir)
+    atomic.fsync_dir(ckpt_dir)
 
 
 # ---------------------------------------------------------------------------- list

@@ -63,16 +63,11 @@ def check_writable_dir(path: Path) -> Path:
     return path
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Writes `text` to a new temporary file beside `path`, fsyncs it and renames it over
-    `path` (`fedjax_core.atomic.write_text`): a reader sees the old file or the new one,
-    never half of one, and a link at `path` is replaced, not followed."""
-    atomic.write_text(path, text)
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Writes JSON to a temporary file, fsyncs it, and renames it over `path`."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Writes JSON over `path` atomically (`fedjax_core.atomic.write_text`): a reader sees
+    the old file or the new one, never half of one, and a link at `path` is replaced, not
+    followed."""
+    atomic.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _plain(value):
@@ -164,17 +159,17 @@ class MetricsLog:
                     if restore is not None and len(records) < len(restore):
                         # A torn last line lost records the checkpoint still holds.
                         records = records + [_from_json(r) for r in restore[len(records):]]
-                    write_text_atomic(self.path, _metrics_text(records))
+                    atomic.write_text(self.path, _metrics_text(records))
                 else:
                     _drop_torn_tail(self.path)
             else:
-                write_text_atomic(self.path, "")
+                atomic.write_text(self.path, "")
             for kind in CSV_FILES:
                 kept = [r for r in records or () if r.get("kind") == kind]
                 csv_path = self.run_dir / CSV_FILES[kind]
                 if kept:
                     cols = _columns(kept)
-                    write_text_atomic(csv_path, _csv_text(
+                    atomic.write_text(csv_path, _csv_text(
                         [cols] + [[_csv_cell(r.get(c)) for c in cols] for r in kept]))
                 elif os.path.lexists(csv_path):
                     csv_path.unlink()  # a CSV without records in metrics.jsonl is stale
@@ -205,7 +200,7 @@ class MetricsLog:
                 f.close()
             rows = _read_csv_rows(path) if cols else []
             cols = cols + new
-            write_text_atomic(path, _csv_text(
+            atomic.write_text(path, _csv_text(
                 [cols] + [row + [""] * (len(cols) - len(row)) for row in rows]))
             with refuse_links():
                 f = atomic.open_append(path, newline="")
@@ -362,11 +357,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
                               f"({getattr(e, 'msg', e)}); fix or delete that line") from None
         records.append(_from_json(record))
     return records
-
-
-def fsync_dir(path: Path) -> None:
-    """Makes renames in `path` durable (`fedjax_core.atomic.fsync_dir`)."""
-    atomic.fsync_dir(path)
 
 
 # --- one owner, and no run mixed into another ------------------------------------------------

@@ -44,6 +44,7 @@ from fedjax_api.loop import Loop, OnRecord, cohort_sampler, final_metrics
 from fedjax_api.report import higher_is_better
 from fedjax_api.server import SweepServer, keeps_client_state
 from fedjax_api.versions import versions
+from fedjax_core import atomic
 from fedjax_core import sweep as core
 from fedjax_core.parallel import Plan
 
@@ -401,7 +402,7 @@ class Sweep:
             writer.writerow([m["rank"], m["index"], *(m[s] for s in settings),
                              "" if m["diverged_round"] is None else m["diverged_round"],
                              *(m["final"].get(n, "") for n in names)])
-        rundir.write_text_atomic(self.out_dir / TABLE_FILE, buf.getvalue())
+        atomic.write_text(self.out_dir / TABLE_FILE, buf.getvalue())
 
 
 def _examples_bytes(train) -> int:

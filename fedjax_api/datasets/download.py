@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from fedjax_api.errors import ConfigError
-from fedjax_api.rundir import fsync_dir
 from fedjax_core import atomic
 
 try:  # POSIX: one process at a time writes a given .partial file.
@@ -143,7 +142,7 @@ def download(url: str, dest: Path, *, sha256: str | None, size: int | None,
     except _Discard as e:
         part.unlink(missing_ok=True)
         raise DownloadError(str(e)) from None
-    fsync_dir(dest.parent)
+    atomic.fsync_dir(dest.parent)
     return dest
 
 
