@@ -112,6 +112,9 @@ def parameter(o: Option, command: str) -> inspect.Parameter:
         metavar = "NAME=V1,V2" if _listed(o, command) else o.metavar
         return param(name(o, command), Annotated[list[str] | None, typer.Option(
             flag, metavar=metavar, help=text)])
+    if o.type == "array":  # repeatable: --track mlflow --track wandb
+        return param(name(o, command), Annotated[list[str] | None, typer.Option(
+            flag, metavar=o.metavar, help=text)])
     if o.type == "boolean":
         text += " A flag: it takes no value."
         return param(name(o, command), Annotated[bool, typer.Option(  # no <bool>: it takes no value
@@ -148,6 +151,8 @@ def values(schema: Schema, command: str, given: dict[str, Any]) -> dict[str, Any
             value = {**fixed, **{k: v[0] for k, v in swept.items()}} or None
         elif o.type == "table":
             value = name_values(o.flag, value)
+        elif o.type == "array":
+            value = list(value) if value else None
         elif _listed(o, command) and value is not None:
             value = (numbers(o.sweep_flag, value, o.base) or [None])[0]
         out[o.field] = value if value is not False else None
@@ -238,7 +243,8 @@ def markdown(schema: Schema) -> str:
             "| --- | --- | --- | --- | --- | --- | --- |"]
     for o in schema.options:
         kind = "flag" if o.type == "boolean" else "repeatable `NAME=VALUE`" \
-            if o.type == "table" else {str: "str", int: "int", float: "float"}[o.base]
+            if o.type == "table" else "repeatable" if o.type == "array" \
+            else {str: "str", int: "int", float: "float"}[o.base]
         text = getattr(o.check, "text", None)
         if text is not None:
             kind = text if text.startswith(("`", "name")) else f"{kind} {text}"

@@ -128,7 +128,8 @@ def _check_type(where: str, key: str, kind: str, value: Any) -> Any:
           "integer": isinstance(value, int) and not isinstance(value, bool),
           "number": isinstance(value, (int, float)) and not isinstance(value, bool),
           "boolean": isinstance(value, bool),
-          "table": isinstance(value, dict)}[kind]
+          "table": isinstance(value, dict),
+          "array": isinstance(value, list) and all(isinstance(v, str) for v in value)}[kind]
     if not ok:
         raise ConfigError(f"{where}{key} expects {TYPE_WORDS[kind]}, got {describe(value)}")
     if kind == "number":
@@ -138,6 +139,8 @@ def _check_type(where: str, key: str, kind: str, value: Any) -> Any:
         for name, v in value.items():
             check_plain(where, f"{key}.{show_key((name,))}", v)
         return dict(value)
+    if kind == "array":
+        return tuple(value)
     return value
 
 
@@ -295,7 +298,7 @@ def dump(cfg: ExperimentConfig | dict[str, Any], schema: Schema = OPTIONS) -> st
     root, sections = [], {}
     for k in schema.options:
         value = values.get(k.field)
-        if value is None or (k.type == "table" and not value):
+        if value is None or (k.type in ("table", "array") and not value):
             continue
         section, _, name = k.key.rpartition(".")
         if k.type == "table":  # TOML has no None: name it in a comment

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import attrs
 
-from fedjax_api import accelerator, distributed, privacy, rundir, simtime, tasks
+from fedjax_api import accelerator, distributed, privacy, rundir, simtime, tasks, tracking
 from fedjax_api.algorithm import build_algorithm
 from fedjax_api.callbacks import (
     Callback,
@@ -81,8 +81,9 @@ class Experiment:
 
     The other attributes (`rounds`, `clients_per_round`, `seed`, `eval_every`,
     `eval_train_clients`, `devices`, `personalize_steps`, `sampling`, `checkpoint_every`,
-    `keep_checkpoints`, `skip_nonfinite_clients`, `tensorboard`, `time_limit`) are the run
-    options of those names (`ExperimentConfig`, docs/cli.md).
+    `keep_checkpoints`, `skip_nonfinite_clients`, `tensorboard`, `track`, `time_limit`) are
+    the run options of those names (`ExperimentConfig`, docs/cli.md); `track` takes
+    `("mlflow:./mlruns", "wandb:PROJECT")` (`fedjax_api.tracking`, docs/tracking.md).
 
     Example:
       >>> exp = Experiment.from_config(config.resolve("shakespeare-plays", rounds=20))
@@ -109,12 +110,14 @@ class Experiment:
     keep_checkpoints: int = 3
     skip_nonfinite_clients: bool = False
     tensorboard: bool = False
+    track: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     time_limit: float | None = None
     prefetch_depth: int = attrs.field(default=2, validator=attrs.validators.ge(1))
     interrupt_event: threading.Event = attrs.field(factory=threading.Event, eq=False,
                                                    repr=False)
 
     def __attrs_post_init__(self):
+        tracking.require(self.track)  # a tracker's package missing: one line, before work
         if self.rounds < 1:
             raise ConfigError(f"rounds must be at least 1, got {self.rounds}")
         n = self.task.train.num_clients
@@ -129,6 +132,7 @@ class Experiment:
     def from_config(cls, cfg: ExperimentConfig, resuming: bool = False) -> "Experiment":
         """Loads the task, builds the algorithm (client SGD at `client_lr`) and checks `out`
         (which must not hold a run unless `resuming`; then call `run(resume=True)`)."""
+        tracking.require(cfg.track)  # before the task loads
         task = tasks.get(cfg.task, seed=cfg.seed, batch_size=cfg.batch_size, epochs=cfg.epochs,
                          max_steps=cfg.max_steps, data_path=cfg.data)
         if cfg.device_data:  # the examples stay on the device; rounds send an index
@@ -164,7 +168,7 @@ class Experiment:
     def callbacks(self, resume_round: int | None = None) -> list[Callback]:
         """The callbacks this run's settings call for, in order: the NaN guard, the privacy
         ledger, evaluation, then (process 0, with `out_dir`) the run directory, TensorBoard
-        and checkpoints, and the time limit."""
+        and checkpoints, the trackers of `track` (process 0), and the time limit."""
         names = ("train/delta_norm",) + (() if self.skip_nonfinite_clients else ("train/loss",))
         out: list[Callback] = [NonFiniteGuard(names, out_dir=self.out_dir)]
         if self.out_dir is not None and distributed.is_primary():  # first: fail before work
@@ -179,6 +183,10 @@ class Experiment:
             out.append(Checkpoint(self.out_dir, every=self.checkpoint_every,
                                   keep=self.keep_checkpoints, config=self.config,
                                   seed=self.seed))
+        if self.track and distributed.is_primary():  # MLflow, W&B: imported when they start
+            params = {"task": self.task.name, "rounds": self.rounds, "seed": self.seed,
+                      "clients_per_round": self.clients_per_round, **self.config}
+            out += tracking.callbacks(self.track, self.out_dir, params, resume_round)
         if self.time_limit is not None:
             out.append(TimeLimit(self.time_limit))
         return out

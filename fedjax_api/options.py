@@ -36,7 +36,8 @@ from fedjax_core.algorithms import registry
 METADATA = "fedjax_option"
 """The key of an option's declaration in its attrs field's metadata."""
 
-TYPE_WORDS = {int: "integer", float: "number", str: "string", bool: "boolean", dict: "table"}
+TYPE_WORDS = {int: "integer", float: "number", str: "string", bool: "boolean", dict: "table",
+              tuple: "array"}
 """Python type -> config-file type."""
 
 
@@ -167,6 +168,8 @@ def option(default: Any = REQUIRED, *, key: str, help: str,
             "resumable": resumable, "sweep": sweep, "flag": flag, "metavar": metavar,
             "sweep_flag": sweep_flag}
     extra: dict[str, Any] = {}
+    if isinstance(default, tuple):  # an array of strings: a list given becomes a tuple
+        extra["converter"] = lambda v: tuple(v) if isinstance(v, list) else v
     if isinstance(default, dict):
         extra["factory"] = lambda: dict(default)
     elif default is not REQUIRED:
@@ -193,9 +196,12 @@ def _validate(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     ok = isinstance(value, base) and (base is bool or not isinstance(value, bool))
     if base is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is tuple:
+        ok = ok and all(isinstance(v, str) for v in value)
     if not ok:
-        raise ConfigError(f"{name} expects {'an' if base is int else 'a'} "
-                          f"{TYPE_WORDS[base]}, got {value!r}")
+        raise ConfigError(f"{name} expects {'an' if base in (int, tuple) else 'a'} "
+                          f"{TYPE_WORDS[base]}{' of strings' if base is tuple else ''}, "
+                          f"got {value!r}")
     check = attribute.metadata[METADATA]["check"]
     if check is not None:
         check(name, value)
@@ -208,8 +214,9 @@ class Option:
     Attributes:
       field: the config field, e.g. "client_lr".
       key: the config-file key, e.g. "client.lr".
-      type: the config-file type: "string", "integer", "number", "boolean" or "table".
-      base: the Python type (`int`, `float`, `str`, `bool` or `dict`).
+      type: the config-file type: "string", "integer", "number", "boolean", "table" or
+        "array" (of strings).
+      base: the Python type (`int`, `float`, `str`, `bool`, `dict` or `tuple`).
       optional: None is a valid value (unset).
       default: the default value, or `REQUIRED`.
       from_task: the task's defaults fill it.
@@ -243,7 +250,7 @@ class Option:
         if self.from_task:
             return "the task's"
         if self.default is REQUIRED or self.default is None or self.default is False \
-                or self.default == {}:
+                or self.default == {} or self.default == ():
             return None
         return str(self.default)
 
@@ -408,6 +415,15 @@ class RunOptions:
     keep_checkpoints: int = option(3, key="run.keep_checkpoints",
                                    check=at_least(1, 10**4),
                                    sweep="no", help="Checkpoints kept (the newest).")
+    track: tuple[str, ...] = option(
+        (), key="run.track", sweep="no", metavar="mlflow[:URI]|wandb[:PROJECT]",
+        check=Check(lambda v: all(s.partition(":")[0] in ("mlflow", "wandb") for s in v),
+                    "must name mlflow[:URI] or wandb[:PROJECT]",
+                    "`mlflow[:URI]` or `wandb[:PROJECT]`"),
+        help="Also log the config, every metric, the final table and the plots to MLflow "
+             "(default URI ./mlruns, a local store) or Weights & Biases (offline unless "
+             "WANDB_MODE says otherwise), repeatable; a resumed run continues the same "
+             "tracked run (the mlflow and wandb extras; docs/tracking.md).")
     tensorboard: bool = option(False, key="run.tensorboard",
                                help="Also write TensorBoard event files under out/tb/ (the "
                                     "tensorboard extra).")

@@ -16,7 +16,7 @@ from typing import Any
 from fedjax_api.errors import ConfigError
 
 TYPE_WORDS = {"string": "a string", "integer": "an integer", "number": "a number",
-              "boolean": "true or false", "table": "a table"}
+              "boolean": "true or false", "table": "a table", "array": "an array of strings"}
 """How an error names each option type: `rounds expects an integer, got ...`."""
 
 _BARE = re.compile(r"[A-Za-z0-9_-]+")

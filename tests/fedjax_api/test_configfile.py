@@ -56,6 +56,8 @@ def test_schema_types_match_the_field_annotations():
             annotation, = [a for a in typing.get_args(annotation) if a is not type(None)]
         if typing.get_origin(annotation) is dict:
             assert k.type == "table", k
+        elif typing.get_origin(annotation) is tuple:  # tuple[str, ...]: an array of strings
+            assert typing.get_args(annotation) == (str, ...) and k.type == "array", k
         else:
             assert expected[annotation] == k.type, k
 
@@ -366,7 +368,7 @@ def test_file_mistakes_name_the_key(tmp_path, text, expected):
 LITERALS = {"string": '"x"', "integer": "3", "float": "1.5", "boolean": "true",
             "array": "[1]", "table": "{ a = 1 }", "date/time": "1979-05-27"}
 ACCEPTS = {"string": {"string"}, "integer": {"integer"}, "number": {"integer", "float"},
-           "boolean": {"boolean"}, "table": {"table"}}
+           "boolean": {"boolean"}, "table": {"table"}, "array": set()}  # [1]: no strings
 
 
 def test_every_key_refuses_every_wrong_type(tmp_path):
@@ -631,6 +633,8 @@ WRONG = {
     "string": st.one_of(st.integers(), st.booleans(), st.floats(allow_nan=False)),
     "boolean": st.one_of(st.integers(), text_values, st.floats(allow_nan=False)),
     "table": st.one_of(st.integers(), text_values, st.booleans()),
+    "array": st.one_of(st.integers(), text_values, st.booleans(),
+                       st.lists(st.integers(), min_size=1, max_size=2)),
 }
 SCHEMA_PATHS = {tuple(k.split(".")) for k in configfile.SCHEMA} | {
     (s,) for s in ("algorithm", "aggregator", "client", "server", "eval", "privacy", "run")}
