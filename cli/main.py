@@ -17,7 +17,7 @@ import attrs
 import typer
 from rich.table import Table
 
-from cli import bench, data, options, privacy, process, report, sweep
+from cli import bench, data, export, options, privacy, process, report, sweep
 from cli.common import console, print_error, user_errors
 from cli.options import Command
 from cli.progress import ProgressBar
@@ -37,6 +37,7 @@ app.add_typer(privacy.app, name="privacy")
 report.register(app)
 bench.register(app)
 sweep.register(app)
+export.register(app)
 
 
 def run_command(schema: Schema = config.OPTIONS) -> Command:

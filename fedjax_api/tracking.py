@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import secrets
 import time
 import warnings
 from collections.abc import Sequence
@@ -337,7 +338,7 @@ class WandbTracker(_Tracker):
 
         entity, _, project = (self.target or os.environ.get("WANDB_PROJECT")
                               or "fedjax-sim").rpartition("/")
-        run_id = (self.saved or {}).get("id") or wandb.util.generate_id()
+        run_id = (self.saved or {}).get("id") or secrets.token_hex(4)
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         settings = wandb.Settings(silent=True, console="off", x_disable_stats=True,
