@@ -129,7 +129,7 @@ def _check_type(where: str, key: str, kind: str, value: Any) -> Any:
           "number": isinstance(value, (int, float)) and not isinstance(value, bool),
           "boolean": isinstance(value, bool),
           "table": isinstance(value, dict),
-          "array": isinstance(value, list) and all(isinstance(v, str) for v in value)}[kind]
+          "array": _strings(value)}[kind]
     if not ok:
         raise ConfigError(f"{where}{key} expects {TYPE_WORDS[kind]}, got {describe(value)}")
     if kind == "number":
@@ -140,8 +140,14 @@ def _check_type(where: str, key: str, kind: str, value: Any) -> Any:
             check_plain(where, f"{key}.{show_key((name,))}", v)
         return dict(value)
     if kind == "array":
+        assert isinstance(value, list)  # `ok` checked it
         return tuple(value)
     return value
+
+
+def _strings(value: Any) -> bool:
+    """An array of strings (the type of `run.track`)."""
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 # ------------------------------------------------------------------------------ overrides

@@ -197,7 +197,7 @@ def _validate(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if base is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if base is tuple:
-        ok = ok and all(isinstance(v, str) for v in value)
+        ok = isinstance(value, tuple) and all(isinstance(v, str) for v in value)
     if not ok:
         raise ConfigError(f"{name} expects {'an' if base in (int, tuple) else 'a'} "
                           f"{TYPE_WORDS[base]}{' of strings' if base is tuple else ''}, "

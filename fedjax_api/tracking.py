@@ -34,14 +34,14 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fedjax_api import rundir
 from fedjax_api.errors import ConfigError
 from fedjax_api.loop import Callback, Loop, final_metrics
 
 __all__ = ["ARTIFACT_SUFFIXES", "STATE_FILE", "TRACKERS", "MLflowTracker", "WandbTracker",
-           "callbacks", "parse", "require"]
+           "callbacks", "parse", "read_state", "require"]
 
 TRACKERS = {"mlflow": "mlflow", "wandb": "wandb"}
 """Tracker name -> the package it needs (and the extra of that name)."""
@@ -347,7 +347,7 @@ class WandbTracker(_Tracker):
             project=project, entity=entity or None, id=run_id, resume="allow",
             dir=str(self.out_dir) if self.out_dir is not None else None,
             name=self.out_dir.name if self.out_dir is not None else None,
-            config=self.params, mode=os.environ.get("WANDB_MODE") or "offline",
+            config=self.params, mode=cast(Any, os.environ.get("WANDB_MODE") or "offline"),
             settings=settings, reinit="create_new")
         _write_state(self.out_dir, self.name, {"id": run_id, "project": project,
                                                "entity": entity or None})
@@ -364,7 +364,7 @@ class WandbTracker(_Tracker):
             self.run.summary.update(self.final)
             table = final_metrics(loop.history)
             names = sorted(set(table["train"]) | set(table["test"]))
-            rows = [[n, table["train"].get(n, math.nan), table["test"].get(n, math.nan)]
+            rows: list[Any] = [[n, table["train"].get(n, math.nan), table["test"].get(n, math.nan)]
                     for n in names]
             self.run.log({"final_table": wandb.Table(columns=["metric", "train", "test"],
                                                      data=rows)}, step=self.final_round)
