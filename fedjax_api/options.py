@@ -416,7 +416,7 @@ class RunOptions:
                                    check=at_least(1, 10**4),
                                    sweep="no", help="Checkpoints kept (the newest).")
     track: tuple[str, ...] = option(
-        (), key="run.track", sweep="no", metavar="mlflow[:URI]|wandb[:PROJECT]",
+        (), key="run.track", sweep="no", metavar="TRACKER",
         check=Check(lambda v: all(s.partition(":")[0] in ("mlflow", "wandb") for s in v),
                     "must name mlflow[:URI] or wandb[:PROJECT]",
                     "`mlflow[:URI]` or `wandb[:PROJECT]`"),
