@@ -554,21 +554,34 @@ class SQLiteFederatedData:
             raw_ids, ids, sizes = self._read_index()
         else:
             raw_ids, sizes = cached
-            ids = [_client_id_str(raw) for raw in raw_ids]  # bytes, str or int: never fails
-        index = {cid: i for i, cid in enumerate(ids)}
-        if len(index) != len(ids):
-            dup = next(c for c in ids if ids.count(c) > 1)
-            raise DataFormatError(f"{self.path}: client id {dup!r} appears twice once decoded as "
-                                  "UTF-8; the file's ids are not valid UTF-8 text")
+            try:  # BLOB ids (FedJAX's usual), as `_client_id_str` decodes them, but faster
+                ids = [raw.decode("utf-8", "backslashreplace") for raw in raw_ids]
+            except AttributeError:  # some TEXT or INTEGER ids
+                ids = [_client_id_str(raw) for raw in raw_ids]  # never fails on these types
+        self._raw_ids = tuple(raw_ids)
+        self._ids = tuple(ids)
+        self._index: dict[str, int] | None = None
+        if cached is None:  # checked here; a cached index was checked when it was stored
+            self._id_index()
         if key is not None and folder is not None:
             self.index_source = _index_cache.IndexSource(folder, key)
             if cached is None and self._index_key(folder) == key:  # unchanged while read
                 _index_cache.store_index(folder, key, raw_ids, np.asarray(sizes, np.int64))
-        self._raw_ids = tuple(raw_ids)
-        self._ids = tuple(ids)
-        self._index = index
         self._sizes = np.array(sizes, np.int64)
         self._sizes.setflags(write=False)
+
+    def _id_index(self) -> dict[str, int]:
+        """`{client id: position}` (built on first use after a cached open: 1M ids take a
+        second), or DataFormatError where two ids decode to the same text."""
+        if self._index is None:
+            ids = self._ids
+            index = dict(zip(ids, range(len(ids))))
+            if len(index) != len(ids):
+                dup = next(c for c in ids if ids.count(c) > 1)
+                raise DataFormatError(f"{self.path}: client id {dup!r} appears twice once "
+                                      "decoded as UTF-8; the file's ids are not valid UTF-8 text")
+            self._index = index
+        return self._index
 
     def _read_index(self) -> tuple[list[Any], list[str], list[int]]:
         """Raw ids, ids and sizes from the file itself, in `rowid` order, checked."""
@@ -655,7 +668,7 @@ class SQLiteFederatedData:
     def get_client_by_id(self, client_id: str) -> ClientArrays:
         """The examples of the client named `client_id`."""
         try:
-            i = self._index[client_id]
+            i = self._id_index()[client_id]
         except KeyError:
             raise KeyError(f"no client {client_id!r} in {self.path}") from None
         return self.get_client(i)

@@ -312,3 +312,15 @@ def test_preprocessed_sizes_are_cached(tmp_path):
     assert len(entries(folder)) == 3  # the index and two versions of sizes
     write_sqlite(path, clients(4), overwrite=True)
     assert sizes("double-v1").tolist() == expected[:4] and calls[0] == 24  # file changed
+
+
+def test_ids_from_a_cached_index_are_checked_on_lookup(tmp_path):
+    """A cached index skips the duplicate check at open; a lookup by id still makes it."""
+    path, folder = tmp_path / "d.sqlite", tmp_path / "cache"
+    write_sqlite(path, clients(2))
+    key = index_cache.file_key(path)
+    assert index_cache.store_index(folder, key, [b"\xff", "\\xff"], np.array([1, 2]))
+    data = SQLiteFederatedData(path, index_cache=folder)
+    assert data.client_ids == ("\\xff", "\\xff")
+    with pytest.raises(DataFormatError, match="appears twice"):
+        data.get_client_by_id("\\xff")
