@@ -143,9 +143,19 @@ def _meta(key: FileKey, version: str | None, count: int) -> str:
                       sort_keys=True)
 
 
+def _root(folder: Path) -> Path | None:
+    """The folder below which no component may be a link: the data cache for the default
+    folder (the user may make the data cache a link; its `index/` must be a real folder), the
+    folder itself for a folder the user names (theirs, link or not). None if the default
+    folder is a link: it is then neither read nor written."""
+    if folder != data_dir() / "index":
+        return folder
+    return None if folder.is_symlink() else folder.parent
+
+
 def _read(folder: Path | None, key: FileKey, version: str | None) -> dict[str, np.ndarray] | None:
     """The arrays of the entry for (`key`, `version`), or None (absent, unreadable, stale)."""
-    if folder is None:
+    if folder is None or _root(folder) is None:
         return None
     entry = _entry_path(folder, key, version)
     try:
@@ -190,7 +200,13 @@ def _prune(folder: Path, keep: Path) -> None:
         return
     if len(entries) <= MAX_ENTRIES:
         return
-    entries.sort(key=lambda e: e.stat(follow_symlinks=False).st_mtime_ns)
+    def last_used(e: os.DirEntry) -> int:
+        try:
+            return e.stat(follow_symlinks=False).st_mtime_ns
+        except OSError:  # removed meanwhile
+            return 0
+
+    entries.sort(key=last_used)
     for e in entries[:len(entries) - MAX_ENTRIES]:
         if e.path != str(keep):
             with contextlib.suppress(OSError):
@@ -203,13 +219,14 @@ def _write(folder: Path | None, key: FileKey, version: str | None, count: int,
     if folder is None:
         return False
     entry = _entry_path(folder, key, version)
-    # The default folder's parent is the data cache (which the user may make a link); the
-    # folder itself must then be a real one. A folder the user names is theirs, link or not.
-    root = folder.parent if folder == data_dir() / "index" else folder
+    root = _root(folder)
+    if root is None:
+        return False
     try:
         atomic.make_dir(folder, root=root)
+        members: dict[str, Any] = {"meta": np.array(_meta(key, version, count)), **arrays}
         with atomic.replace(entry) as f:
-            np.savez(f, meta=np.array(_meta(key, version, count)), **arrays)
+            np.savez(f, **members)
     except (OSError, ValueError):
         return False
     _prune(folder, entry)

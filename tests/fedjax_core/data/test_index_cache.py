@@ -253,7 +253,11 @@ def test_default_folder_refuses_a_planted_link(tmp_path, monkeypatch, reads):
     path = tmp_path / "d.sqlite"
     write_sqlite(path, clients(3))
     assert len(SQLiteFederatedData(path)) == 3
-    assert list(elsewhere.iterdir()) == []
+    assert list(elsewhere.iterdir()) == []  # not written through the link
+    SQLiteFederatedData(path, index_cache=elsewhere)  # a valid entry there ...
+    assert len(list(elsewhere.iterdir())) == 1 and reads[0] == 2
+    SQLiteFederatedData(path)
+    assert reads[0] == 3  # ... is not read through the link either
 
 
 def test_cache_is_bounded(tmp_path, monkeypatch):
