@@ -503,13 +503,15 @@ class SQLiteFederatedData:
         self._features: tuple[str, ...] | None = None
         self._closed = False
         self.index_source: _index_cache.IndexSource | None = None
+        folder = _index_cache.resolve_dir(index_cache)
+        key = self._index_key(folder)  # before connecting: a file replaced later is seen
         try:
             self._connection = sqlite3.connect(uri, uri=True, check_same_thread=False)
         except sqlite3.Error as e:
             raise DataFormatError(f"{self.path}: cannot open as SQLite ({e})") from None
         try:
             self._check_schema()
-            self._load_index(_index_cache.resolve_dir(index_cache))
+            self._load_index(folder, key)
         except BaseException:
             self._connection.close()
             raise
@@ -547,11 +549,18 @@ class SQLiteFederatedData:
         except OSError:
             return None
 
-    def _load_index(self, folder: Path | None) -> None:
-        key = self._index_key(folder)
+    def _load_index(self, folder: Path | None, key: _index_cache.FileKey | None) -> None:
+        """Reads the ids and sizes from the cache entry for `key` (the file's key from before
+        the connection was opened), or from the file, then stores them for `key`; the file's
+        key is taken again after, and a file that changed meanwhile is neither read from
+        the cache nor stored."""
         cached = _index_cache.load_index(folder, key) if key is not None else None
+        if cached is not None and self._index_key(folder) != key:
+            cached, key = None, None  # changed while opening: read what the connection sees
         if cached is None:
             raw_ids, ids, sizes = self._read_index()
+            if key is not None and self._index_key(folder) != key:
+                key = None  # changed while read: nothing cached
         else:
             raw_ids, sizes = cached
             try:  # BLOB ids (FedJAX's usual), as `_client_id_str` decodes them, but faster
@@ -565,7 +574,7 @@ class SQLiteFederatedData:
             self._id_index()
         if key is not None and folder is not None:
             self.index_source = _index_cache.IndexSource(folder, key)
-            if cached is None and self._index_key(folder) == key:  # unchanged while read
+            if cached is None:
                 _index_cache.store_index(folder, key, raw_ids, np.asarray(sizes, np.int64))
         self._sizes = np.array(sizes, np.int64)
         self._sizes.setflags(write=False)

@@ -328,3 +328,25 @@ def test_ids_from_a_cached_index_are_checked_on_lookup(tmp_path):
     assert data.client_ids == ("\\xff", "\\xff")
     with pytest.raises(DataFormatError, match="appears twice"):
         data.get_client_by_id("\\xff")
+
+
+def test_a_file_replaced_while_opening_is_read_not_cached(tmp_path, monkeypatch, reads):
+    """The key is taken before connecting and again after: a file replaced in between is
+    read through the connection (what it sees), and no entry is read or stored for it."""
+    path, folder = tmp_path / "d.sqlite", tmp_path / "cache"
+    write_sqlite(path, clients(3))
+    SQLiteFederatedData(path, index_cache=folder)  # an entry for the first version
+    real_connect = sqlite3.connect
+
+    def connect_then_replace(*args, **kwargs):
+        monkeypatch.setattr(sqlite3, "connect", real_connect)  # once
+        connection = real_connect(*args, **kwargs)
+        connection.execute("SELECT count(*) FROM sqlite_master").fetchone()  # holds the file
+        write_sqlite(path, clients(5), overwrite=True)
+        return connection
+
+    monkeypatch.setattr(sqlite3, "connect", connect_then_replace)
+    data = SQLiteFederatedData(path, index_cache=folder)
+    assert len(data) == 3 and reads[0] == 2  # the old file, read, not from its entry
+    assert data.index_source is None
+    assert len(SQLiteFederatedData(path, index_cache=folder)) == 5 and reads[0] == 3
