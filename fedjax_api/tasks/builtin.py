@@ -92,7 +92,11 @@ def _load_shakespeare(data_path: str | None) -> Loaded:
     def prep(cid, examples):
         return shakespeare.preprocess_client(examples["snippets"])
 
-    train, test = (PreprocessedFederatedData(_cached_sqlite("shakespeare", s), prep, False)
+    # Sizes come from preprocessing every client; cached per file under this name (change it
+    # whenever `shakespeare.preprocess_client` could count differently).
+    version = f"shakespeare-v1/seq{shakespeare.DEFAULT_SEQUENCE_LENGTH}"
+    train, test = (PreprocessedFederatedData(_cached_sqlite("shakespeare", s), prep, False,
+                                             sizes_version=version)
                    for s in ("train", "test"))
     return Loaded(shakespeare_lstm(), train, test)
 

@@ -5,6 +5,7 @@ from typing import Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from fedjax_core.data.errors import DataFormatError
+from fedjax_core.data.index_cache import cached_sizes
 
 ClientArrays = dict[str, np.ndarray]
 """One client's examples: feature name -> array with a leading `examples` axis."""
@@ -102,14 +103,21 @@ class PreprocessedFederatedData:
       keeps_sizes: True when `fn` keeps the number of examples (then `client_sizes`
         are the base's); False makes the first `client_sizes` read preprocess every
         client once to count.
+      sizes_version: with `keeps_sizes=False`, a name for `fn` (e.g.
+        `"shakespeare-v1/seq80"`; change it whenever `fn` could count differently): the
+        counted sizes are kept in the index cache beside the base file's index
+        (`fedjax_core.data.index_cache.cached_sizes`), so a later run on the unchanged file
+        reads them instead of preprocessing every client. None: never cached.
 
     Example:
       >>> data = PreprocessedFederatedData(raw, lambda cid, c: {"x": c["x"] / 255.0}, True)
     """
 
-    def __init__(self, base: FederatedData, fn, keeps_sizes: bool):
+    def __init__(self, base: FederatedData, fn, keeps_sizes: bool,
+                 sizes_version: str | None = None):
         self._base = base
         self._fn = fn
+        self._sizes_version = sizes_version
         self._sizes = np.asarray(base.client_sizes, np.int64) if keeps_sizes else None
 
     @property
@@ -119,10 +127,13 @@ class PreprocessedFederatedData:
     @property
     def client_sizes(self) -> np.ndarray:
         if self._sizes is None:
-            self._sizes = np.array(
-                [len(next(iter(self.get_client(i).values())))
-                 for i in range(len(self._base.client_ids))], np.int64)
+            self._sizes = cached_sizes(self._base, self._sizes_version, self._count_sizes)
         return self._sizes
+
+    def _count_sizes(self) -> np.ndarray:
+        """Every client's number of examples after `fn` (preprocesses every client)."""
+        return np.array([len(next(iter(self.get_client(i).values())))
+                         for i in range(len(self._base.client_ids))], np.int64)
 
     def get_client(self, index: int) -> ClientArrays:
         cid = self._base.client_ids[index]

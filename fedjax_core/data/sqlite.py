@@ -45,6 +45,7 @@ import msgpack
 import numpy as np
 
 from fedjax_core import atomic
+from fedjax_core.data import index_cache as _index_cache
 from fedjax_core.data.errors import DataFormatError
 from fedjax_core.data.federated_data import ClientArrays
 
@@ -455,9 +456,22 @@ class SQLiteFederatedData:
     blob is fetched and decoded when asked for. One read-only connection is shared under a
     lock, so a cohort may be packed from another thread. Returned arrays are read-only.
 
+    SQLite's query for the ids and sizes reads the whole file (FedJAX's schema stores
+    `num_examples` after the blob), so its result is kept in the index cache
+    (`fedjax_core.data.index_cache`), keyed by the file's path, size, mtime, inode and header
+    hash: a later open of the unchanged file reads the cache entry and the file's first
+    pages only. A changed file is read again and its entry replaced.
+
     Args:
       path: a `.sqlite` file in FedJAX's format.
       cache_size: how many decoded clients to keep (least recently used first out); 0: none.
+      index_cache: keep the id/size index in the cache (True: `index_cache.default_dir()`,
+        i.e. `$FEDJAX_INDEX_CACHE`, off if that is `0`, else `$FEDJAX_DATA/index` or
+        `~/.cache/fedjax/index`), in a folder given here, or not at all (False).
+
+    Attributes:
+      index_source: `index_cache.IndexSource(folder, key)` when the index cache is on for
+        this file, else None; `PreprocessedFederatedData` caches derived sizes with it.
 
     Raises:
       FileNotFoundError: no file at `path`.
@@ -472,7 +486,8 @@ class SQLiteFederatedData:
       (106, 28, 28)
     """
 
-    def __init__(self, path: str | os.PathLike, *, cache_size: int = 0):
+    def __init__(self, path: str | os.PathLike, *, cache_size: int = 0,
+                 index_cache: bool | str | os.PathLike = True):
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"{self.path}: no such file; check the path or download it")
@@ -487,13 +502,16 @@ class SQLiteFederatedData:
         self._cache_size = cache_size
         self._features: tuple[str, ...] | None = None
         self._closed = False
+        self.index_source: _index_cache.IndexSource | None = None
+        folder = _index_cache.resolve_dir(index_cache)
+        key = self._index_key(folder)  # before connecting: a file replaced later is seen
         try:
             self._connection = sqlite3.connect(uri, uri=True, check_same_thread=False)
         except sqlite3.Error as e:
             raise DataFormatError(f"{self.path}: cannot open as SQLite ({e})") from None
         try:
             self._check_schema()
-            self._load_index()
+            self._load_index(folder, key)
         except BaseException:
             self._connection.close()
             raise
@@ -522,7 +540,60 @@ class SQLiteFederatedData:
                 f"{self.path}: table federated_data has columns {columns} but lacks {missing}; "
                 "FedJAX's format needs (client_id BLOB, data BLOB, num_examples INTEGER)")
 
-    def _load_index(self) -> None:
+    def _index_key(self, folder: Path | None) -> _index_cache.FileKey | None:
+        """The file's cache key, or None where its index is not cached."""
+        if folder is None or not _index_cache.cacheable(self.path):
+            return None
+        try:
+            return _index_cache.file_key(self.path)
+        except OSError:
+            return None
+
+    def _load_index(self, folder: Path | None, key: _index_cache.FileKey | None) -> None:
+        """Reads the ids and sizes from the cache entry for `key` (the file's key from before
+        the connection was opened), or from the file, then stores them for `key`; the file's
+        key is taken again after, and a file that changed meanwhile is neither read from
+        the cache nor stored."""
+        cached = _index_cache.load_index(folder, key) if key is not None else None
+        if cached is not None and self._index_key(folder) != key:
+            cached, key = None, None  # changed while opening: read what the connection sees
+        if cached is None:
+            raw_ids, ids, sizes = self._read_index()
+            if key is not None and self._index_key(folder) != key:
+                key = None  # changed while read: nothing cached
+        else:
+            raw_ids, sizes = cached
+            try:  # BLOB ids (FedJAX's usual), as `_client_id_str` decodes them, but faster
+                ids = [raw.decode("utf-8", "backslashreplace") for raw in raw_ids]
+            except AttributeError:  # some TEXT or INTEGER ids
+                ids = [_client_id_str(raw) for raw in raw_ids]  # never fails on these types
+        self._raw_ids = tuple(raw_ids)
+        self._ids = tuple(ids)
+        self._index: dict[str, int] | None = None
+        if cached is None:  # checked here; a cached index was checked when it was stored
+            self._id_index()
+        if key is not None and folder is not None:
+            self.index_source = _index_cache.IndexSource(folder, key)
+            if cached is None:
+                _index_cache.store_index(folder, key, raw_ids, np.asarray(sizes, np.int64))
+        self._sizes = np.array(sizes, np.int64)
+        self._sizes.setflags(write=False)
+
+    def _id_index(self) -> dict[str, int]:
+        """`{client id: position}` (built on first use after a cached open: 1M ids take a
+        second), or DataFormatError where two ids decode to the same text."""
+        if self._index is None:
+            ids = self._ids
+            index = dict(zip(ids, range(len(ids))))
+            if len(index) != len(ids):
+                dup = next(c for c in ids if ids.count(c) > 1)
+                raise DataFormatError(f"{self.path}: client id {dup!r} appears twice once "
+                                      "decoded as UTF-8; the file's ids are not valid UTF-8 text")
+            self._index = index
+        return self._index
+
+    def _read_index(self) -> tuple[list[Any], list[str], list[int]]:
+        """Raw ids, ids and sizes from the file itself, in `rowid` order, checked."""
         try:
             rows = self._connection.execute(
                 "SELECT client_id, num_examples FROM federated_data ORDER BY rowid").fetchall()
@@ -540,16 +611,7 @@ class SQLiteFederatedData:
             raw_ids.append(raw)
             ids.append(cid)
             sizes.append(n)
-        index = {cid: i for i, cid in enumerate(ids)}
-        if len(index) != len(ids):
-            dup = next(c for c in ids if ids.count(c) > 1)
-            raise DataFormatError(f"{self.path}: client id {dup!r} appears twice once decoded as "
-                                  "UTF-8; the file's ids are not valid UTF-8 text")
-        self._raw_ids = tuple(raw_ids)
-        self._ids = tuple(ids)
-        self._index = index
-        self._sizes = np.array(sizes, np.int64)
-        self._sizes.setflags(write=False)
+        return raw_ids, ids, sizes
 
     @property
     def client_ids(self) -> tuple[str, ...]:
@@ -615,7 +677,7 @@ class SQLiteFederatedData:
     def get_client_by_id(self, client_id: str) -> ClientArrays:
         """The examples of the client named `client_id`."""
         try:
-            i = self._index[client_id]
+            i = self._id_index()[client_id]
         except KeyError:
             raise KeyError(f"no client {client_id!r} in {self.path}") from None
         return self.get_client(i)
