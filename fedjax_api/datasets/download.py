@@ -26,6 +26,7 @@ from typing import BinaryIO, cast
 
 from fedjax_api.errors import ConfigError
 from fedjax_core import atomic
+from fedjax_core.data import index_cache
 
 try:  # POSIX: one process at a time writes a given .partial file.
     import fcntl
@@ -55,8 +56,7 @@ class _Discard(Exception):
 
 def cache_dir() -> Path:
     """The data cache: `$FEDJAX_DATA` if set, else `~/.cache/fedjax` (not created here)."""
-    env = os.environ.get("FEDJAX_DATA", "").strip()
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedjax"
+    return index_cache.data_dir()
 
 
 def partial_path(dest: Path) -> Path:
