@@ -78,6 +78,8 @@ def report(
     planned = f" of {s['rounds_planned']}" if s["rounds_planned"] is not None else ""
     console.print(f"run {s['run_dir']}: task {s['task']}, algorithm {s['algorithm']}, "
                   f"{s['rounds_done']}{planned} rounds done", highlight=False)
+    if s["test_sample"] is not None:
+        console.print(s["test_sample"]["text"], highlight=False)
     if s["metrics"]:
         table = Table("metric", "final", "round", "best", "round")
         for name, m in s["metrics"].items():

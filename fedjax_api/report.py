@@ -540,6 +540,42 @@ def _along(x: str, records: list[dict], series: tuple[list, list]) -> tuple[list
     return simulated_hours(records, series) if x == "simulated_time" else series
 
 
+def test_sample(records: list[dict]) -> dict | None:
+    """Which evaluations read a sample of the test clients (`--eval-test-clients`).
+
+    Returns:
+      None when every eval record is of the whole test set; otherwise `{"clients": N,
+      "total": M, "sampled_rounds": [...], "full_rounds": [...], "text": "..."}`: the
+      sample's size, the test clients there are, the rounds of the sampled and of the
+      whole-test-set evaluations, and that in words.
+
+    Example:
+      >>> test_sample(load_run("runs/so")[1])["text"]
+      'test metrics at rounds 0-90 on a fixed sample of 50 of 1000 test clients; at round 100 on all 1000'
+    """
+    evals = [r for r in records if r.get("kind") == "eval" and _number(r.get("round"))]
+    sampled = [r for r in evals if _number(r.get("test_clients"))]
+    if not sampled:
+        return None
+    n, total = int(sampled[-1]["test_clients"]), sampled[-1].get("test_clients_total")
+    full = [int(r["round"]) for r in evals if not _number(r.get("test_clients"))]
+    rounds = [int(r["round"]) for r in sampled]
+    of = f" of {int(total)}" if _number(total) else ""
+    text = f"test metrics at {_rounds_text(rounds)} on a fixed sample of {n}{of} test clients"
+    if full:
+        text += f"; at {_rounds_text(full)} on all{of.replace(' of', '')}"
+    return {"clients": n, "total": int(total) if _number(total) else None,
+            "sampled_rounds": rounds, "full_rounds": full, "text": text}
+
+
+def _rounds_text(rounds: list[int]) -> str:
+    if len(rounds) == 1:
+        return f"round {rounds[0]}"
+    if len(rounds) == 2:
+        return f"rounds {rounds[0]} and {rounds[1]}"
+    return f"rounds {rounds[0]}-{rounds[-1]}"
+
+
 def summarize(run_dir) -> dict:
     """The figures of one run, as plain Python values.
 
@@ -548,7 +584,7 @@ def summarize(run_dir) -> dict:
         "metrics": {name: {"final", "final_round", "best", "best_round"}},
         "last_train_loss", "last_train_loss_round", "train_time_s", "eval_time_s",
         "wall_time_s", "rounds_per_s", "steady_rounds_per_s", "compile_time_s",
-        "privacy": {"epsilon", "delta", "round"} or None}`.
+        "privacy": {"epsilon", "delta", "round"} or None, "test_sample": ... or None}`.
       `metrics` holds every `test/` and `train/` metric of the eval records: its last value
       and the best one (the highest, or the lowest for losses; None for counts), each with
       its round. `wall_time_s` is the sum of every record's `round_time_s` and `eval_time_s`;
@@ -556,7 +592,9 @@ def summarize(run_dir) -> dict:
       median `round_time_s` of the rounds after the first; `compile_time_s` estimates the
       compilation as the first round's time minus that median (at least 0; None with fewer
       than two rounds). `privacy` has the last `privacy/epsilon` and `dp_delta` from
-      config.json.
+      config.json. `test_sample` says which evaluations read a fixed sample of the test
+      clients (`test_sample`; None: all read the whole test set); the metrics' final and
+      best values come from every eval record, sampled or not.
     """
     config, records = load_run(run_dir)
     if config is None:
@@ -602,4 +640,5 @@ def summarize(run_dir) -> dict:
         "steady_rounds_per_s": 1 / steady if steady else None,
         "compile_time_s": max(0.0, times[0] - steady) if steady is not None else None,
         "privacy": privacy,
+        "test_sample": test_sample(records),
     }
