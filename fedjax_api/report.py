@@ -584,7 +584,7 @@ def summarize(run_dir) -> dict:
         "metrics": {name: {"final", "final_round", "best", "best_round"}},
         "last_train_loss", "last_train_loss_round", "train_time_s", "eval_time_s",
         "wall_time_s", "rounds_per_s", "steady_rounds_per_s", "compile_time_s",
-        "privacy": {"epsilon", "delta", "round"} or None, "test_sample": ... or None}`.
+        "privacy": {"epsilon", "delta", "round"} or None}`.
       `metrics` holds every `test/` and `train/` metric of the eval records: its last value
       and the best one (the highest, or the lowest for losses; None for counts), each with
       its round. `wall_time_s` is the sum of every record's `round_time_s` and `eval_time_s`;
@@ -592,9 +592,8 @@ def summarize(run_dir) -> dict:
       median `round_time_s` of the rounds after the first; `compile_time_s` estimates the
       compilation as the first round's time minus that median (at least 0; None with fewer
       than two rounds). `privacy` has the last `privacy/epsilon` and `dp_delta` from
-      config.json. `test_sample` says which evaluations read a fixed sample of the test
-      clients (`test_sample`; None: all read the whole test set); the metrics' final and
-      best values come from every eval record, sampled or not.
+      config.json. The metrics' final and best values come from every eval record, of a
+      sample of the test clients or not (`test_sample` says which were sampled).
     """
     config, records = load_run(run_dir)
     if config is None:
@@ -640,5 +639,4 @@ def summarize(run_dir) -> dict:
         "steady_rounds_per_s": 1 / steady if steady else None,
         "compile_time_s": max(0.0, times[0] - steady) if steady is not None else None,
         "privacy": privacy,
-        "test_sample": test_sample(records),
     }
