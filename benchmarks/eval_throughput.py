@@ -108,11 +108,11 @@ def fedjax(python: str, x, y, sizes, sample, repeats: int, batch_size: int) -> d
                               capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"FedJAX's side failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(str(done.stdout).strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description="Evaluation throughput of the Stack Overflow LSTM.")
     ap.add_argument("--examples", type=int, default=10_000)
     ap.add_argument("--sample-clients", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=3)

@@ -22,7 +22,6 @@ from cli.common import console
 from fedjax_api.callbacks import Callback
 from fedjax_api.loop import Loop
 
-
 EVAL_BAR_MIN_EXAMPLES = 10_000
 """An evaluation pass of fewer examples never shows its bar."""
 

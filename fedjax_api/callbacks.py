@@ -23,9 +23,9 @@ import attrs
 import optax
 
 from fedjax_api import checkpoint, configfile, rundir, tasks
+from fedjax_api.dataset import FederatedDataset
 from fedjax_api.errors import ConfigError
 from fedjax_api.loop import Callback, Loop, TimeLimitReached
-from fedjax_api.dataset import FederatedDataset
 from fedjax_api.server import Server
 from fedjax_api.versions import versions
 from fedjax_core import atomic, parallel, personalization

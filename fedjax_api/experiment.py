@@ -81,7 +81,8 @@ class Experiment:
       personalize_lr: the fine-tuning learning rate (`from_config`: the client's).
 
     The other attributes (`rounds`, `clients_per_round`, `seed`, `eval_every`,
-    `eval_train_clients`, `eval_test_clients`, `final_eval`, `devices`, `personalize_steps`, `sampling`, `checkpoint_every`,
+    `eval_train_clients`, `eval_test_clients`, `final_eval`, `devices`,
+    `personalize_steps`, `sampling`, `checkpoint_every`,
     `keep_checkpoints`, `skip_nonfinite_clients`, `tensorboard`, `time_limit`) are the run
     options of those names (`ExperimentConfig`, docs/cli.md).
 

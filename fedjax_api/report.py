@@ -557,14 +557,15 @@ def test_sample(records: list[dict]) -> dict | None:
     sampled = [r for r in evals if _number(r.get("test_clients"))]
     if not sampled:
         return None
-    n, total = int(sampled[-1]["test_clients"]), sampled[-1].get("test_clients_total")
+    n, raw = int(sampled[-1]["test_clients"]), sampled[-1].get("test_clients_total")
+    total = int(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
     full = [int(r["round"]) for r in evals if not _number(r.get("test_clients"))]
     rounds = [int(r["round"]) for r in sampled]
-    of = f" of {int(total)}" if _number(total) else ""
+    of = f" of {total}" if total is not None else ""
     text = f"test metrics at {_rounds_text(rounds)} on a fixed sample of {n}{of} test clients"
     if full:
         text += f"; at {_rounds_text(full)} on all{of.replace(' of', '')}"
-    return {"clients": n, "total": int(total) if _number(total) else None,
+    return {"clients": n, "total": total,
             "sampled_rounds": rounds, "full_rounds": full, "text": text}
 
 
