@@ -114,6 +114,9 @@ def _train(cfg: ExperimentConfig, resuming: bool = False) -> None:
     console.print(f"{t.train.num_clients} training clients ({t.train.num_examples} examples), "
                   f"{t.test.num_clients} test clients ({t.test.num_examples} examples); "
                   f"run dir {cfg.out}")
+    sampled = exp.evaluator().describe()  # --eval-test-clients
+    if sampled is not None:
+        console.print(sampled, highlight=False)
     console.print(accelerator.describe(exp.plan.chunk_size, cfg.chunk_size is not None),
                   highlight=False)
     if exp.plan.mesh is not None:
@@ -135,7 +138,8 @@ def _print_results(exp: Experiment, result: RunResult) -> None:
     table.add_column("metric")
     n_train = min(exp.eval_train_clients, exp.task.train.num_clients)
     table.add_column(f"train ({n_train} clients)", justify="right")
-    table.add_column(f"test ({exp.task.test.num_clients} clients)", justify="right")
+    n_test = exp.evaluator().test_sample(final=True).num_clients
+    table.add_column(f"test ({n_test} clients)", justify="right")
     names = sorted(set(result.final["test"]) | set(result.final["train"]))
     for name in names:
         cells = []

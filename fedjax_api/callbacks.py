@@ -23,6 +23,7 @@ import attrs
 import optax
 
 from fedjax_api import checkpoint, configfile, rundir, tasks
+from fedjax_api.dataset import FederatedDataset
 from fedjax_api.errors import ConfigError
 from fedjax_api.loop import Callback, Loop, TimeLimitReached
 from fedjax_api.server import Server
@@ -30,11 +31,19 @@ from fedjax_api.versions import versions
 from fedjax_core import atomic, parallel, personalization
 from fedjax_core import evaluate as core_evaluate
 from fedjax_core.algorithms.base import EvalClients
-from fedjax_core.data import AlignedFederatedData
+from fedjax_core.data import AlignedFederatedData, FederatedData
 from fedjax_core.parallel import Plan
 
 __all__ = ["Callback", "Checkpoint", "Evaluation", "Evaluator", "NonFiniteError",
            "NonFiniteGuard", "PrivacyLedger", "RunDirOwner", "RunLog", "TensorBoard", "TimeLimit"]
+
+
+FINAL_EVAL_CHOICES = ("full", "sampled")
+"""`--final-eval`: the last evaluation on the whole test set, or on the periodic sample."""
+
+TEST_SAMPLE_STREAM = 0x7E57
+"""The random stream of the test-client sample (`FederatedDataset.subset`), apart from the
+training-client sample's."""
 
 
 class NonFiniteError(ConfigError):
@@ -53,35 +62,103 @@ class Evaluator:
     (`test/personalized_accuracy_clients_*`); with `train_too`, the metrics of a fixed
     sample of `eval_train_clients` training clients (`train/...`); and `eval_time_s`.
 
+    With `eval_test_clients` N below the number of test clients, the test metrics are
+    those of a fixed sample of N test clients (`test_sample`: drawn from `seed` alone, so
+    the same at every evaluation and after a resume), and the record says so with
+    `"test_clients": N` and `"test_clients_total"`, the test clients there are (its
+    `test/num_examples` is the sample's); the final evaluation
+    (`final=True`) uses the whole test set unless `final_eval` is "sampled". Records of the
+    whole test set have no `test_clients` field, as before these options.
+
     Attributes:
       task: the task (test set, training clients, model, batch sizes).
-      seed: seeds the training-client sample and the fine-tuning.
+      seed: seeds the training- and test-client samples and the fine-tuning.
       eval_train_clients: size of the training-client sample.
+      eval_test_clients: size of the test-client sample; None or 0: the whole test set.
+      final_eval: "full" (the final evaluation on the whole test set) or "sampled".
       personalize_steps: fine-tuning SGD steps per test client (0: none).
       personalize_lr: the fine-tuning learning rate.
-      plan: how clients are executed (chunk size; its mesh is not used).
+      plan: how clients are executed (chunk size; with a mesh of several devices of this
+        process, test evaluation splits its batches over them).
     """
 
     task: tasks.Task
     seed: int = 0
     eval_train_clients: int = 100
+    eval_test_clients: int | None = None
+    final_eval: str = attrs.field(default="full",
+                                  validator=attrs.validators.in_(FINAL_EVAL_CHOICES))
     personalize_steps: int = 0
     personalize_lr: float = 0.1
     plan: Plan = Plan()
 
-    def __call__(self, server: Server, round_num: int, train_too: bool) -> dict[str, Any]:
+    @property
+    def samples_test(self) -> bool:
+        """Whether the periodic evaluations use a sample of the test clients (fewer than all)."""
+        n = self.eval_test_clients
+        return bool(n) and n is not None and n < self.task.test.num_clients
+
+    def test_sample(self, final: bool = False) -> FederatedDataset:
+        """The test clients an evaluation reads: a fixed sample of `eval_test_clients`
+        (in population order, drawn from `seed`: `FederatedDataset.subset`), or the whole
+        test set (no sample, or the final evaluation with `final_eval="full"`)."""
+        if not self.samples_test or (final and self.final_eval == "full"):
+            return self.task.test
+        assert self.eval_test_clients is not None
+        return self.task.test.subset(self.eval_test_clients, seed=self.seed,
+                                     stream=TEST_SAMPLE_STREAM)
+
+    def describe(self) -> str | None:
+        """What the test metrics are computed on, in words (None: the whole test set at
+        every evaluation, as without these options).
+
+        Example:
+          >>> Evaluator(task=so, eval_test_clients=50).describe()
+          'test metrics on a fixed sample of 50 of 204088 test clients (seed 0); the final
+          evaluation on all 204088'
+        """
+        total = self.task.test.num_clients
+        if not self.eval_test_clients:
+            return None
+        if not self.samples_test:
+            return (f"--eval-test-clients {self.eval_test_clients} is at least the {total} "
+                    "test clients: every evaluation uses all of them")
+        final = (f"the final evaluation on all {total}" if self.final_eval == "full" else
+                 "the final evaluation on the same sample")
+        return (f"test metrics on a fixed sample of {self.eval_test_clients} of {total} test "
+                f"clients (seed {self.seed}); {final}")
+
+    def __call__(self, server: Server, round_num: int, train_too: bool, *,
+                 final: bool = False,
+                 progress: core_evaluate.Progress | None = None) -> dict[str, Any]:
+        """The "eval" record of `server` after round `round_num`.
+
+        Args:
+          server: the server to evaluate.
+          round_num: the round it has trained.
+          train_too: also evaluate the training-client sample.
+          final: the run's last evaluation (the whole test set unless `final_eval` is
+            "sampled").
+          progress: `progress(done, total)` in examples of the test pass (the global
+            model's; algorithms with their own models evaluate without it).
+        """
         start = time.perf_counter()
         server = attrs.evolve(server, state=parallel.local_copy(server.state))  # one device
         bs = self.task.defaults.eval_batch_size
         record: dict[str, Any] = {"round": round_num, "kind": "eval"}
-        test = self.task.test.data
+        sample = self.test_sample(final)
+        test = sample.data
+        if sample is not self.task.test:
+            record["test_clients"] = sample.num_clients
+            record["test_clients_total"] = self.task.test.num_clients
         if server.algorithm.evaluate is not None:  # its own models (clusters, personal ones)
-            train = self._train_of_test()
+            train = self._train_of_test(test)
             clients = EvalClients(rows=server.eval_rows(train.positions), train=train)
             record.update({f"test/{k}": v for k, v in
                            server.evaluate(test, bs, clients=clients).items()})
         else:
-            per_client = core_evaluate.metric_totals(self.task.model, server.params, test, bs)
+            per_client = core_evaluate.metric_totals(self.task.model, server.params, test, bs,
+                                                     plan=self.plan, progress=progress)
             record.update({f"test/{k}": v for k, v in
                            core_evaluate.global_metrics(per_client, test).items()})
             if "accuracy" in per_client:
@@ -90,7 +167,7 @@ class Evaluator:
         if self.personalize_steps:
             tuned = personalization.finetune_evaluate(
                 self.task.model, server.params, optax.sgd(self.personalize_lr),
-                self.personalize_steps, self._train_of_test(), test,
+                self.personalize_steps, self._train_of_test(test), test,
                 self.task.train.batch_size, bs, seed=self.seed, round_num=round_num,
                 plan=self.plan._replace(mesh=None))
             if "accuracy" in tuned:
@@ -102,9 +179,9 @@ class Evaluator:
         record["eval_time_s"] = time.perf_counter() - start
         return record
 
-    def _train_of_test(self) -> AlignedFederatedData:
-        """Each test client's training examples (as evaluation reads them), aligned."""
-        return AlignedFederatedData(self.task.train_eval.data, self.task.test.data.client_ids)
+    def _train_of_test(self, test: FederatedData) -> AlignedFederatedData:
+        """Each client of `test`'s training examples (as evaluation reads them), aligned."""
+        return AlignedFederatedData(self.task.train_eval.data, test.client_ids)
 
 
 def _prefixed(metrics: dict[str, float]) -> dict[str, float]:
@@ -113,7 +190,10 @@ def _prefixed(metrics: dict[str, float]) -> dict[str, float]:
 
 class Evaluation(Callback):
     """Evaluates every member at round 0 and every `every` rounds (0: neither) on the test
-    set, and after the last round also a sample of training clients.
+    set (or its fixed sample: `Evaluator.eval_test_clients`), and after the last round
+    (the final evaluation: the whole test set unless `final_eval="sampled"`) also a sample
+    of training clients. Each test pass reports its progress to every callback's
+    `on_eval_progress`.
 
     Args:
       evaluators: one `Evaluator` per member of the loop.
@@ -123,10 +203,15 @@ class Evaluation(Callback):
     def __init__(self, evaluators: list[Evaluator], every: int):
         self.evaluators, self.every = evaluators, every
 
-    def evaluate(self, loop: Loop, train_too: bool) -> None:
-        """Makes an "eval" record of each member at `loop.round`."""
+    def evaluate(self, loop: Loop, train_too: bool, final: bool = False) -> None:
+        """Makes an "eval" record of each member at `loop.round` (`final`: the last one)."""
+        def progress(done: int, total: int) -> None:
+            for callback in loop.callbacks:
+                callback.on_eval_progress(loop, done, total)
+
         for k, (server, evaluator) in enumerate(zip(loop.trainer.servers(), self.evaluators)):
-            loop.emit(evaluator(server, loop.round, train_too), k)
+            loop.emit(evaluator(server, loop.round, train_too, final=final,
+                                progress=progress), k)
 
     def on_start(self, loop: Loop) -> None:
         if self.every and loop.round == 0:
@@ -137,7 +222,7 @@ class Evaluation(Callback):
             self.evaluate(loop, train_too=False)
 
     def on_end(self, loop: Loop) -> None:
-        self.evaluate(loop, train_too=True)
+        self.evaluate(loop, train_too=True, final=True)
 
 
 class _MemberFiles(Callback):

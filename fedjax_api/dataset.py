@@ -269,11 +269,14 @@ class FederatedDataset:
             labels.check_cohort(cohort, self.data, self.num_classes)
         return pad_cohort(cohort, len(slots))
 
-    def subset(self, num_clients: int, seed: int = 0) -> "FederatedDataset":
-        """A fixed random subset of `num_clients` clients (all if there are fewer)."""
+    def subset(self, num_clients: int, seed: int = 0, *,
+               stream: int = 0xE7A1) -> "FederatedDataset":
+        """A fixed random subset of `num_clients` clients (all if there are fewer), in
+        population order; the same for the same `seed` and `stream` (a second sample of
+        other clients: another `stream`)."""
         if num_clients >= self.num_clients:
             return self
-        rng = np.random.default_rng([seed, 0xE7A1])
+        rng = np.random.default_rng([seed, stream])
         idx = np.sort(rng.choice(self.num_clients, num_clients, replace=False))
         return attrs.evolve(self, data=ClientSubset(self.data, idx))
 

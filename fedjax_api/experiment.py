@@ -10,6 +10,7 @@ import attrs
 from fedjax_api import accelerator, distributed, privacy, rundir, simtime, tasks, tracking
 from fedjax_api.algorithm import build_algorithm
 from fedjax_api.callbacks import (
+    FINAL_EVAL_CHOICES,
     Callback,
     Checkpoint,
     Evaluation,
@@ -80,9 +81,10 @@ class Experiment:
       personalize_lr: the fine-tuning learning rate (`from_config`: the client's).
 
     The other attributes (`rounds`, `clients_per_round`, `seed`, `eval_every`,
-    `eval_train_clients`, `devices`, `personalize_steps`, `sampling`, `checkpoint_every`,
-    `keep_checkpoints`, `skip_nonfinite_clients`, `tensorboard`, `track`, `time_limit`) are
-    the run options of those names (`ExperimentConfig`, docs/cli.md); `track` takes
+    `eval_train_clients`, `eval_test_clients`, `final_eval`, `devices`,
+    `personalize_steps`, `sampling`, `checkpoint_every`, `keep_checkpoints`,
+    `skip_nonfinite_clients`, `tensorboard`, `track`, `time_limit`) are the run options
+    of those names (`ExperimentConfig`, docs/cli.md); `track` takes
     `("mlflow:./mlruns", "wandb:PROJECT")` (`fedjax_api.tracking`, docs/tracking.md).
 
     Example:
@@ -98,6 +100,8 @@ class Experiment:
     seed: int = 0
     eval_every: int = 0
     eval_train_clients: int = 100
+    eval_test_clients: int | None = None
+    final_eval: str = "full"
     plan: Plan = Plan()
     devices: int = 1
     out_dir: Path | None = None
@@ -124,6 +128,12 @@ class Experiment:
         if not 1 <= self.clients_per_round <= n:
             raise ConfigError(f"clients per round must be between 1 and the {n} training "
                               f"clients of task {self.task.name!r}, got {self.clients_per_round}")
+        if self.eval_test_clients is not None and self.eval_test_clients < 0:
+            raise ConfigError(f"eval-test-clients must be at least 0 (0: the whole test set), "
+                              f"got {self.eval_test_clients}")
+        if self.final_eval not in FINAL_EVAL_CHOICES:
+            raise ConfigError(f"final-eval must be one of {', '.join(FINAL_EVAL_CHOICES)}, got "
+                              f"{self.final_eval!r}")
         if self.plan.mesh is None:
             object.__setattr__(self, "plan",
                                self.plan._replace(mesh=distributed.mesh(self.devices)))
@@ -162,6 +172,8 @@ class Experiment:
         """How this run evaluates (`callbacks.Evaluator`)."""
         return Evaluator(task=self.task, seed=self.seed, plan=self.plan,
                          eval_train_clients=self.eval_train_clients,
+                         eval_test_clients=self.eval_test_clients,
+                         final_eval=self.final_eval,
                          personalize_steps=self.personalize_steps,
                          personalize_lr=self.personalize_lr)
 

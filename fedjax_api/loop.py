@@ -108,7 +108,9 @@ class Callback:
     - `on_record(loop, record)`: every record, as it is made: the round's "train" record
       (for a sweep, one per member, with `"member": k`), and the evaluations' "eval"
       records;
-    - `on_round_end(loop)`: after every round but the last (periodic work).
+    - `on_round_end(loop)`: after every round but the last (periodic work);
+    - `on_eval_progress(loop, done, total)`: during an evaluation's test pass, examples
+      done of the pass's total (a progress bar).
 
     `on_start` runs before the first round (records made then, like a round-0 evaluation,
     reach `on_record` once every callback has started), `on_interrupt` before the loop
@@ -133,6 +135,10 @@ class Callback:
 
     def on_round_end(self, loop: "Loop") -> None:
         """After every round but the last, once its records are made."""
+
+    def on_eval_progress(self, loop: "Loop", done: int, total: int) -> None:
+        """An evaluation's test pass has evaluated `done` of its `total` examples (called
+        after each group of batches, and once with `done == total`)."""
 
     def on_interrupt(self, loop: "Loop") -> None:
         """The run is interrupted after `loop.round` (Ctrl-C, `interrupt`, a time limit)."""

@@ -363,6 +363,15 @@ class RunOptions:
     eval_train_clients: int = option(100, task=True, key="eval.train_clients",
                                      check=at_least(0, MAX_COUNT), help="Training clients (a fixed "
                                                              "sample) evaluated at the end.")
+    eval_test_clients: int | None = option(
+        None, task=True, key="eval.test_clients", check=at_least(0, MAX_COUNT),
+        help="Evaluate a fixed sample of N test clients (drawn once from the seed, the same "
+             "at every evaluation) instead of the whole test set; 0: the whole test set; N "
+             "at least the test clients: all of them. Default: the task's (docs/tasks.md).")
+    final_eval: str = option(
+        "full", key="eval.final", check=one_of("full", "sampled"),
+        help="The evaluation after the last round, with --eval-test-clients: full (the "
+             "whole test set) or sampled (the same sample as the periodic ones).")
     personalize_steps: int = option(
         0, key="eval.personalize_steps", check=at_least(0, 10**6), sweep="no",
         help="At each evaluation, also fine-tune on each test client's own training data "

@@ -540,6 +540,43 @@ def _along(x: str, records: list[dict], series: tuple[list, list]) -> tuple[list
     return simulated_hours(records, series) if x == "simulated_time" else series
 
 
+def test_sample(records: list[dict]) -> dict | None:
+    """Which evaluations read a sample of the test clients (`--eval-test-clients`).
+
+    Returns:
+      None when every eval record is of the whole test set; otherwise `{"clients": N,
+      "total": M, "sampled_rounds": [...], "full_rounds": [...], "text": "..."}`: the
+      sample's size, the test clients there are, the rounds of the sampled and of the
+      whole-test-set evaluations, and that in words.
+
+    Example:
+      >>> test_sample(load_run("runs/so")[1])["text"]
+      'test metrics at rounds 0-90 on a fixed sample of 50 of 1000 test clients; at round 100 on all 1000'
+    """
+    evals = [r for r in records if r.get("kind") == "eval" and _number(r.get("round"))]
+    sampled = [r for r in evals if _number(r.get("test_clients"))]
+    if not sampled:
+        return None
+    n, raw = int(sampled[-1]["test_clients"]), sampled[-1].get("test_clients_total")
+    total = int(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
+    full = [int(r["round"]) for r in evals if not _number(r.get("test_clients"))]
+    rounds = [int(r["round"]) for r in sampled]
+    of = f" of {total}" if total is not None else ""
+    text = f"test metrics at {_rounds_text(rounds)} on a fixed sample of {n}{of} test clients"
+    if full:
+        text += f"; at {_rounds_text(full)} on all{of.replace(' of', '')}"
+    return {"clients": n, "total": total,
+            "sampled_rounds": rounds, "full_rounds": full, "text": text}
+
+
+def _rounds_text(rounds: list[int]) -> str:
+    if len(rounds) == 1:
+        return f"round {rounds[0]}"
+    if len(rounds) == 2:
+        return f"rounds {rounds[0]} and {rounds[1]}"
+    return f"rounds {rounds[0]}-{rounds[-1]}"
+
+
 def summarize(run_dir) -> dict:
     """The figures of one run, as plain Python values.
 
@@ -556,7 +593,8 @@ def summarize(run_dir) -> dict:
       median `round_time_s` of the rounds after the first; `compile_time_s` estimates the
       compilation as the first round's time minus that median (at least 0; None with fewer
       than two rounds). `privacy` has the last `privacy/epsilon` and `dp_delta` from
-      config.json.
+      config.json. The metrics' final and best values come from every eval record, of a
+      sample of the test clients or not (`test_sample` says which were sampled).
     """
     config, records = load_run(run_dir)
     if config is None:

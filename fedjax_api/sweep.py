@@ -301,6 +301,7 @@ class Sweep:
         guard = NonFiniteGuard(stop=False)
         own: list[Callback] = [guard, Evaluation([Evaluator(
             task=task, seed=c.seed, eval_train_clients=c.eval_train_clients, plan=plan,
+            eval_test_clients=c.eval_test_clients, final_eval=c.final_eval,
             personalize_steps=c.personalize_steps, personalize_lr=c.client_lr) for c in cfgs],
             self.config.eval_every)]
         if self.out_dir is not None:  # opened once the first round has run: a refused

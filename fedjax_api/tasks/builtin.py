@@ -13,6 +13,7 @@ from fedjax_core.data import InMemoryFederatedData, PreprocessedFederatedData
 from fedjax_core.data.errors import DataFormatError
 
 FEDJAX_FLAGS = "google/fedjax experiments/fed_avg/fed_avg.{}.flags"
+FEDJAX_RUN = "google/fedjax experiments/fed_avg/run_fed_avg.py"
 REDDI = "Reddi et al. 2021, Adaptive Federated Optimization (ICLR)"
 
 
@@ -215,13 +216,17 @@ def _load_stackoverflow(data_path: str | None) -> Loaded:
 register(TaskEntry(
     name="stackoverflow",
     description="Next word on Stack Overflow posts (342,477 users); FedJAX's LSTM, 10,004 ids",
-    source=f"Data, vocabulary and LSTM: FedJAX. Defaults: {FEDJAX_FLAGS.format('STACKOVERFLOW_WORD')}.",
+    source=f"Data, vocabulary and LSTM: FedJAX. Defaults: {FEDJAX_FLAGS.format('STACKOVERFLOW_WORD')}; "
+           f"periodic evaluation on 50 test clients, the last on all: {FEDJAX_RUN}.",
     defaults=TaskDefaults(
         algorithm="fedadam", rounds=1500, clients_per_round=50, batch_size=16, epochs=1,
         client_lr=0.5, max_steps=500,
         server_lr={"fedadam": 0.02, "fedavg": 1.0, "fedavgm": 1.0, "fedyogi": 0.02,
                    "fedadagrad": 0.02},
-        algorithm_options={"fedadam": {"b1": 0.9, "b2": 0.999, "eps": 1e-8}}),
+        algorithm_options={"fedadam": {"b1": 0.9, "b2": 0.999, "eps": 1e-8}},
+        # FedJAX's run_fed_avg.py: periodic test evaluations on 50 test clients (its cohort
+        # size; FedJAX draws new ones each time, we keep one fixed sample), the last on all.
+        eval_test_clients=50),
     load=_load_stackoverflow,
 ))
 

@@ -29,6 +29,9 @@ class TaskDefaults:
         (`fedjax_api.accelerator.default_chunk_size`: 1 on CPU).
       eval_every: evaluate the test set every this many rounds (0: only at the end).
       eval_train_clients: training clients (a fixed sample) evaluated at the end.
+      eval_test_clients: test clients (a fixed sample, drawn from the seed) of the periodic
+        evaluations; None: the whole test set (the last evaluation uses the whole test set
+        either way, unless `--final-eval sampled`).
       max_steps: cap on each client's local steps per round (None: no cap).
       algorithm_options: the algorithms' own hyperparameters per algorithm name,
         e.g. `{"fedadam": {"b2": 0.999, "eps": 1e-8}}`.
@@ -45,6 +48,7 @@ class TaskDefaults:
     chunk_size: int | None = None
     eval_every: int = 0
     eval_train_clients: int = 100
+    eval_test_clients: int | None = None
     max_steps: int | None = None
     algorithm_options: dict[str, dict[str, float]] = attrs.field(factory=dict)
 

@@ -53,3 +53,31 @@ def test_groups_cover_every_example_once_and_pad_the_last_to_a_power_of_two():
     np.testing.assert_array_equal(segments[segments >= 0], expected)
     xs = np.concatenate([g[0]["x"].reshape(-1, 3) for g in groups])[segments >= 0]
     np.testing.assert_array_equal(xs, np.concatenate([data.get_client(i)["x"] for i in range(5)]))
+
+
+def test_groups_split_over_eight_devices_equal_one_device(monkeypatch):
+    from fedjax_core import parallel
+
+    model = tiny_softmax_model()
+    data = unequal_clients(sizes=(5, 2, 9, 1, 4, 30, 7, 11))  # 69 examples
+    params = model.init(jax.random.key(0))
+    monkeypatch.setattr(evaluate, "GROUP_BATCHES", 2)  # groups of 16 batches on 8 devices
+    one = evaluate.metric_totals(model, params, data, batch_size=3)
+    plan = parallel.Plan(mesh=parallel.client_mesh(8))
+    eight = evaluate.metric_totals(model, params, data, batch_size=3, plan=plan)
+    for name in one:
+        for a, b in zip(one[name], eight[name]):
+            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+    assert evaluate.evaluate(model, params, data, 3, plan=plan)["accuracy"] == \
+        evaluate.evaluate(model, params, data, 3)["accuracy"]
+
+
+def test_progress_counts_every_example_once_in_order(monkeypatch):
+    model = tiny_softmax_model()
+    data = unequal_clients(sizes=(5, 2, 9, 1, 4))  # 21 examples; batch 2, 2 per group: 6 groups
+    monkeypatch.setattr(evaluate, "GROUP_BATCHES", 2)
+    seen = []
+    out = evaluate.evaluate(model, model.init(jax.random.key(0)), data, 2,
+                            progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(0, 21), (4, 21), (8, 21), (12, 21), (16, 21), (20, 21), (21, 21)]
+    assert out == evaluate.evaluate(model, model.init(jax.random.key(0)), data, 2)
