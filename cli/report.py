@@ -78,7 +78,7 @@ def report(
     planned = f" of {s['rounds_planned']}" if s["rounds_planned"] is not None else ""
     console.print(f"run {s['run_dir']}: task {s['task']}, algorithm {s['algorithm']}, "
                   f"{s['rounds_done']}{planned} rounds done", highlight=False)
-    sampled = api.test_sample(api.load_run(run_dir)[1])  # --eval-test-clients
+    sampled = api.eval_sample(api.load_run(run_dir)[1])  # --eval-test-clients
     if sampled is not None:
         console.print(sampled["text"], highlight=False)
     if s["metrics"]:

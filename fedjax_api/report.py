@@ -540,7 +540,7 @@ def _along(x: str, records: list[dict], series: tuple[list, list]) -> tuple[list
     return simulated_hours(records, series) if x == "simulated_time" else series
 
 
-def test_sample(records: list[dict]) -> dict | None:
+def eval_sample(records: list[dict]) -> dict | None:
     """Which evaluations read a sample of the test clients (`--eval-test-clients`).
 
     Returns:
@@ -550,7 +550,7 @@ def test_sample(records: list[dict]) -> dict | None:
       whole-test-set evaluations, and that in words.
 
     Example:
-      >>> test_sample(load_run("runs/so")[1])["text"]
+      >>> eval_sample(load_run("runs/so")[1])["text"]
       'test metrics at rounds 0-90 on a fixed sample of 50 of 1000 test clients; at round 100 on all 1000'
     """
     evals = [r for r in records if r.get("kind") == "eval" and _number(r.get("round"))]
@@ -594,7 +594,7 @@ def summarize(run_dir) -> dict:
       compilation as the first round's time minus that median (at least 0; None with fewer
       than two rounds). `privacy` has the last `privacy/epsilon` and `dp_delta` from
       config.json. The metrics' final and best values come from every eval record, of a
-      sample of the test clients or not (`test_sample` says which were sampled).
+      sample of the test clients or not (`eval_sample` says which were sampled).
     """
     config, records = load_run(run_dir)
     if config is None:

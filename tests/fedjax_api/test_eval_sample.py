@@ -15,7 +15,7 @@ from fedjax_api import Experiment, config, tasks
 from fedjax_api.callbacks import Evaluator
 from fedjax_api.errors import ConfigError
 from fedjax_api.experiment import TimeLimitReached
-from fedjax_api.report import load_run, test_sample
+from fedjax_api.report import eval_sample, load_run
 from fedjax_api.resume import resume_config
 from fedjax_api.server import Server
 from fedjax_core import evaluate as core_evaluate
@@ -135,7 +135,7 @@ def test_config_json_the_report_and_the_command_line_state_the_sample(tmp_path):
     assert "test (12 clients)" in text
     saved = json.loads((out / "config.json").read_text())
     assert (saved["eval_test_clients"], saved["final_eval"]) == (4, "full")
-    s = test_sample(load_run(out)[1])
+    s = eval_sample(load_run(out)[1])
     assert (s["clients"], s["total"], s["sampled_rounds"], s["full_rounds"]) == (4, 12, [0, 1],
                                                                                [2])
     rep = CliRunner().invoke(app, ["report", str(out), "--target", "0.1"])
