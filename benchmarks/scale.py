@@ -263,7 +263,7 @@ def run_one(folder: Path, work: Path, task: str, algorithm: str, args: argparse.
     return out
 
 
-def log_log_slope(xs: list[float], ys: list[float]) -> float | None:
+def log_log_slope(xs: list[float], ys: list[float | None]) -> float | None:
     """Least-squares slope of log(y) against log(x); None with fewer than 2 positive points.
 
     Example:
@@ -271,7 +271,7 @@ def log_log_slope(xs: list[float], ys: list[float]) -> float | None:
       1.0
     """
     pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys)
-           if x and y and x > 0 and y > 0]
+           if x and y is not None and x > 0 and y > 0]
     if len(pts) < 2 or len({p[0] for p in pts}) < 2:
         return None
     mx = sum(p[0] for p in pts) / len(pts)
@@ -280,7 +280,7 @@ def log_log_slope(xs: list[float], ys: list[float]) -> float | None:
     return round(sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx, 3)
 
 
-def exponents(sizes: dict[str, dict]) -> dict[str, dict[str, float | None]]:
+def exponents(sizes: dict[str, dict]) -> dict[str, dict[str, float]]:
     """Growth exponent of every measure, per series (`open`, `TASK/ALGORITHM`)."""
     series: dict[str, list[tuple[int, dict]]] = {}
     for entry in sizes.values():
@@ -289,18 +289,20 @@ def exponents(sizes: dict[str, dict]) -> dict[str, dict[str, float | None]]:
         series.setdefault(f"open ({kind})", []).append((clients, entry["open"]))
         for algorithm, run in entry["runs"].items():
             series.setdefault(f"{entry['task']}/{algorithm}", []).append((clients, run))
-    out: dict[str, dict[str, float | None]] = {}
+    out: dict[str, dict[str, float]] = {}
     for name, points in series.items():
-        fits = {m: log_log_slope([c for c, _ in points], [p.get(m) for _, p in points])
-                for m in MEASURES}
-        fits = {m: v for m, v in fits.items() if v is not None}
+        fits: dict[str, float] = {}
+        for m in MEASURES:
+            slope = log_log_slope([c for c, _ in points], [p.get(m) for _, p in points])
+            if slope is not None:
+                fits[m] = slope
         if fits:
             out[name] = fits
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--sizes", default="10k,100k,342k,1m",
                         help="train populations, comma-separated: 10k,100k,342k,1m")
     parser.add_argument("--rounds", type=int, default=20)

@@ -345,7 +345,7 @@ def is_complete(out_dir: str | os.PathLike, population: Profile) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--clients", default="10k", help="train clients: 10k, 100k, 342k, 1m")
     parser.add_argument("--out", required=True, help="folder to write the three files into")
     parser.add_argument("--small", action="store_true", help="few posts per client (default "
