@@ -17,7 +17,7 @@ An example is one sentence of a post (TFF: "the bodies were parsed into sentence
 TFF nor FedJAX publishes the spread of client sizes, so it is chosen here: client sizes are
 log-normal, `n = max(1, round(exp(N(mu, sigma))))` with `sigma = 1.0` and `mu = ln(mean) -
 sigma^2 / 2` (so the mean is the real one; median = 0.61 x mean: 240 train, 49 test posts; the
-largest of 342k train clients about 20,000; heavy-tailed like the real users' activity). A
+largest of 342k train clients about 27,000; heavy-tailed like the real users' activity). A
 population of `C` train clients has `round(C x 204,088 / 342,477)` test clients, the real ratio.
 The 1M-client population is for a small model: few posts per client (mean 16 train, 4 test,
 `sigma = 0.75`).
