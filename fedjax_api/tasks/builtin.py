@@ -191,23 +191,59 @@ register(TaskEntry(
 
 # --- stackoverflow ---------------------------------------------------------------------------
 
+def _stackoverflow_files(data_path: str | None):
+    """`(train, test, word counts)` paths: FedJAX's file names in `--data DIR`, or the
+    downloaded cache; a missing file is a one-line error naming it."""
+    from pathlib import Path
+
+    from fedjax_core.data import stackoverflow as so
+
+    if data_path is None:
+        counts = catalog.local_paths("stackoverflow").get("word_count")
+        if counts is None or not counts.exists():
+            raise ConfigError("the Stack Overflow word counts are not downloaded; run "
+                              "`fedjax data download stackoverflow` first (needs the internet)")
+        return None, None, counts
+    root = Path(data_path)
+    if not root.is_dir():
+        raise ConfigError(f"--data {data_path!r} is not a folder; give the folder holding "
+                          f"{so.sqlite_file_name('train')}, {so.sqlite_file_name('test')} and "
+                          f"{so.WORD_COUNT_FILE}")
+    paths = (root / so.sqlite_file_name("train"), root / so.sqlite_file_name("test"),
+             root / so.WORD_COUNT_FILE)
+    for path in paths:
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such file; --data DIR must hold FedJAX's Stack "
+                              f"Overflow files {', '.join(p.name for p in paths)}")
+    return paths
+
+
+def _open_sqlite(path):
+    from fedjax_core.data.sqlite import SQLiteFederatedData
+
+    try:
+        return SQLiteFederatedData(path)
+    except DataFormatError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _load_stackoverflow(data_path: str | None) -> Loaded:
     from fedjax_core.data import stackoverflow as so
     from fedjax_core.models.stackoverflow_lstm import stackoverflow_lstm
 
-    _no_data_path("stackoverflow", data_path)
-    counts = catalog.local_paths("stackoverflow").get("word_count")
-    if counts is None or not counts.exists():
-        raise ConfigError("the Stack Overflow word counts are not downloaded; run "
-                          "`fedjax data download stackoverflow` first (needs the internet)")
+    train_path, test_path, counts = _stackoverflow_files(data_path)
     vocab = so.build_vocab(so.read_word_counts(counts), size=10000)
 
     def prep(cid, examples):  # FedJAX's STACKOVERFLOW_WORD task: length 20 for both splits
         c = so.preprocess_client(examples, vocab, max_length=so.TRAIN_MAX_LENGTH)
         return {"x": c["x"], "y": c["y"], "domain_id": c["domain_id"]}
 
-    train = PreprocessedFederatedData(_cached_sqlite("stackoverflow", "train"), prep, True)
-    test = PreprocessedFederatedData(_cached_sqlite("stackoverflow", "test"), prep, True)
+    train_raw = (_cached_sqlite("stackoverflow", "train") if train_path is None
+                 else _open_sqlite(train_path))
+    test_raw = (_cached_sqlite("stackoverflow", "test") if test_path is None
+                else _open_sqlite(test_path))
+    train = PreprocessedFederatedData(train_raw, prep, True)
+    test = PreprocessedFederatedData(test_raw, prep, True)
     # FedJAX's task divides the summed token loss by the mean sequence length, 13.3.
     return Loaded(stackoverflow_lstm(vocab_size=10000, expected_length=13.3), train, test,
                   num_domains=2)

@@ -82,8 +82,44 @@ def test_missing_files_name_the_download_command(tmp_path, monkeypatch):
     for name in ("emnist", "shakespeare", "stackoverflow", "cifar100"):
         with pytest.raises(ConfigError, match=f"fedjax data download {name}"):
             tasks.get(name)
+        if name == "stackoverflow":  # reads --data DIR of FedJAX's file names (below)
+            continue
         with pytest.raises(ConfigError, match="takes no --data"):
             tasks.get(name, data_path=str(tmp_path))
+
+
+def _write_stackoverflow_dir(folder, splits=("train", "test")):
+    folder.mkdir(exist_ok=True)
+    for split, clients in (("train", {"u1": [b"how do i sort a list", b"use sorted"],
+                                      "u2": [b"sort it"]}),
+                           ("test", {"u3": [b"a list of words"]})):
+        if split in splits:
+            write_sqlite(folder / f"stackoverflow_{split}.sqlite", [
+                (cid, {"tokens": np.array(posts, object),
+                       "type": np.array([b"question"] + [b"answer"] * (len(posts) - 1), object)})
+                for cid, posts in clients.items()])
+    (folder / "stackoverflow.word_count").write_text(
+        "".join(f"{w} {100 - i}\n" for i, w in enumerate("a list sort how".split())))
+
+
+def test_stackoverflow_reads_a_data_folder_of_fedjax_file_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDJAX_DATA", str(tmp_path / "empty-cache"))  # not read
+    _write_stackoverflow_dir(tmp_path / "so")
+    t = tasks.get("stackoverflow", data_path=str(tmp_path / "so"))
+    assert (t.train.num_clients, t.train.num_examples, t.test.num_examples) == (2, 3, 1)
+    c = t.train.data.get_client(0)
+    # vocabulary a=3 list=4 sort=5 how=6, OOV 4 + 3 = 7: "how do i sort a list" -> x, y
+    assert c["x"][0, :7].tolist() == [1, 6, 7, 7, 5, 3, 4]
+    assert c["y"][0, :7].tolist() == [6, 7, 7, 5, 3, 4, 2]
+    assert c["domain_id"].tolist() == [0, 1]
+
+
+def test_stackoverflow_data_folder_missing_a_file_names_it(tmp_path):
+    _write_stackoverflow_dir(tmp_path / "so", splits=("train",))
+    with pytest.raises(ConfigError, match=r"stackoverflow_test\.sqlite: no such file"):
+        tasks.get("stackoverflow", data_path=str(tmp_path / "so"))
+    with pytest.raises(ConfigError, match="is not a folder"):
+        tasks.get("stackoverflow", data_path=str(tmp_path / "nowhere"))
 
 
 def test_synthetic_task():
