@@ -190,7 +190,6 @@ def _choose_features(features: Mapping[str, str] | Sequence[str] | None, columns
 def _by_column(dataset: Any, column: str) -> tuple[list[str], list[np.ndarray]]:
     """One client per distinct value of `column`, in sorted order; rows in dataset order."""
     import pyarrow as pa  # noqa: PLC0415  (comes with datasets)
-    import pyarrow.compute as pc  # noqa: PLC0415
 
     values = dataset.data.column(column)
     if values.null_count:
@@ -200,10 +199,14 @@ def _by_column(dataset: Any, column: str) -> tuple[list[str], list[np.ndarray]]:
             or pa.types.is_large_string(values.type) or pa.types.is_binary(values.type)):
         raise ValueError(f"column {column!r} holds {values.type}; client ids must be integers "
                          "or strings")
-    distinct = pc.unique(values)
-    distinct = distinct.take(pc.array_sort_indices(distinct))
-    codes = pc.index_in(values, value_set=distinct).to_numpy(zero_copy_only=False)
-    ids = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in distinct.to_pylist()]
+    encoded = values.dictionary_encode().combine_chunks()  # codes in order of appearance
+    distinct = encoded.dictionary.to_pylist()               # the ids only, not every row
+    order = sorted(range(len(distinct)), key=distinct.__getitem__)
+    rank = np.empty(len(distinct), np.int64)
+    rank[order] = np.arange(len(distinct))
+    codes = rank[encoded.indices.to_numpy(zero_copy_only=False)]
+    ids = [v.decode("utf-8") if isinstance(v, bytes) else str(v)
+           for v in (distinct[j] for j in order)]
     if len(set(ids)) != len(ids):
         raise ValueError(f"distinct values of {column!r} give the same id as text")
     order = np.argsort(codes, kind="stable")

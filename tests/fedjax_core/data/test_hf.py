@@ -84,6 +84,10 @@ def test_a_column_gives_one_client_per_value_and_agrees_with_natural_id_partitio
     natural = hf.from_hf(ds, partitioners.NaturalIdPartitioner(partition_by="writer"))
     assert natural.client_ids == data.client_ids
     np.testing.assert_array_equal(natural.client_sizes, data.client_sizes)
+    numbers = datasets.Dataset.from_dict({"user": [10, 2, 10, 3], "v": [0.5, 1.5, 2.5, 3.5]})
+    by_number = hf.from_hf(numbers, "user")
+    assert by_number.client_ids == ("2", "3", "10")            # sorted as numbers
+    np.testing.assert_array_equal(by_number.get_client(2)["v"], [0.5, 2.5])
     # After a shuffle the ids and sizes stay; the rows follow the shuffled order.
     shuffled = hf.from_hf(ds.shuffle(seed=0), "writer", features=["label"])
     np.testing.assert_array_equal(shuffled.client_sizes, data.client_sizes)
@@ -242,14 +246,14 @@ def test_our_dirichlet_and_flowers_agree_in_distribution():
     """Same alpha, same label-skew statistics (not the same draws).
 
     `dirichlet_label_skew` is Wang et al.'s rule with its balancing, which flwr-datasets'
-    DirichletPartitioner has as `self_balancing=True`. Over S = 24 seeds each (600 examples,
+    DirichletPartitioner has as `self_balancing=True`. Over S = 16 seeds each (600 examples,
     10 classes, 10 clients, alpha 0.5, no minimum size), the mean per-client label entropy and
     mean largest-class fraction of the two must differ by less than 4 standard errors of the
     difference (a two-sample z-test at 4 sigma: a false alarm about once in 16,000 draws of
     seeds; the seeds are fixed so the outcome is too). Power: alpha 5 moves both statistics by
     more than 10 standard errors, so a partitioner of another alpha would fail.
     """
-    n, classes, k, seeds = 600, 10, 10, 24
+    n, classes, k, seeds = 600, 10, 10, 16
     y = np.repeat(np.arange(classes), n // classes)
     ds = datasets.Dataset.from_dict({"label": y})
 
