@@ -278,3 +278,34 @@ def test_our_dirichlet_and_flowers_agree_in_distribution():
     assert np.all(diff < 4 * se), (a.mean(axis=0), b.mean(axis=0), se)
     wide = stats(ours, 5.0)
     assert np.all(np.abs(wide.mean(axis=0) - a.mean(axis=0)) > 10 * se)
+
+
+def _imports_outside_functions(node):
+    """The import statements of `node` that run when its module is imported."""
+    import ast
+
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            yield child
+        elif not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            yield from _imports_outside_functions(child)
+
+
+def test_no_module_imports_the_hf_extra_at_import_time():
+    """Without the extra, importing any module of the project imports neither `datasets` nor
+    `flwr_datasets` (nor pyarrow): every such import sits inside a function."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    extra = ("datasets", "flwr_datasets", "pyarrow")
+    found = []
+    for package in ("fedjax_core", "fedjax_api", "cli"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in _imports_outside_functions(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if node.level == 0 else [])
+                found += [f"{path.relative_to(root)}:{node.lineno}" for n in names
+                          if n.split(".")[0] in extra]
+    assert found == []
+    assert "importlib.import_module" in Path(hf.__file__).read_text()  # the lazy import
