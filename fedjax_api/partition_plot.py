@@ -69,7 +69,9 @@ def label_counts(data: FederatedData, label: str = "y", max_clients: int | None 
     return LabelCounts(tuple(str(c) for c in data.client_ids[:shown]), labels, counts)
 
 
-def _label_text(value) -> str:
+def _label_text(value, names: list[str] | None) -> str:
+    if names is not None and isinstance(value, (int, np.integer)) and 0 <= value < len(names):
+        return names[int(value)]
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
@@ -80,7 +82,8 @@ def plot_label_distribution(data: FederatedData, out: str | Path, *, label: str 
 
     One bar per client (the first `max_clients`), one colour per label, its height the
     client's examples (or, with `percent`, shares summing to 100), as flwr-datasets'
-    `plot_label_distributions(partitioner, label_name, plot_type="bar")` draws.
+    `plot_label_distributions(partitioner, label_name, plot_type="bar")` draws. The legend
+    names the classes of a Hugging Face `ClassLabel` feature (`HFFederatedData.class_names`).
 
     Args:
       data: any `FederatedData` with a 1-D label feature.
@@ -116,6 +119,8 @@ def plot_label_distribution(data: FederatedData, out: str | Path, *, label: str 
     heights = counts.counts.astype(np.float64)
     if percent:
         heights = 100 * heights / np.maximum(heights.sum(axis=1, keepdims=True), 1)
+    names = getattr(data, "class_names", None)  # Hugging Face ClassLabel names, if any
+    names = names(label) if names is not None else None
     k = len(counts.labels)
     cmap = colormaps["tab10" if k <= 10 else "tab20" if k <= 20 else "viridis"]
     colors = [cmap(j if k <= 20 else j / max(k - 1, 1)) for j in range(k)]
@@ -123,7 +128,7 @@ def plot_label_distribution(data: FederatedData, out: str | Path, *, label: str 
     bottom = np.zeros(len(x))
     for j in range(k):
         ax.bar(x, heights[:, j], bottom=bottom, width=0.85, color=colors[j],
-               label=_label_text(counts.labels[j]))
+               label=_label_text(counts.labels[j], names))
         bottom += heights[:, j]
     step = max(1, len(x) // 30)
     ax.set_xticks(x[::step], [counts.client_ids[i] for i in x[::step]], rotation=90,

@@ -94,6 +94,8 @@ class HFFederatedData:
         self.features = dict(features)
         columns = list(dict.fromkeys(self.features.values()))
         self._images = {c for c in columns if isinstance(dataset.features[c], datasets.Image)}
+        self._class_names = {c: list(dataset.features[c].names) for c in columns
+                             if isinstance(dataset.features[c], datasets.ClassLabel)}
         self._view = dataset.select_columns(columns).with_format("numpy")
         self._num_rows = len(dataset)
         self._empty: ClientArrays | None = None
@@ -141,6 +143,10 @@ class HFFederatedData:
             first = self._read(np.zeros(1, np.int64), list(self.features))
             self._empty = {k: v[:0] for k, v in first.items()}
         return self._empty
+
+    def class_names(self, name: str) -> list[str] | None:
+        """The names of the classes of feature `name` (a `ClassLabel` column), else None."""
+        return self._class_names.get(self.features.get(name, ""))
 
     def get_client_feature(self, index: int, name: str) -> np.ndarray:
         """One feature of client `index`, reading only its column (e.g. the labels to plot)."""

@@ -138,6 +138,7 @@ def test_get_client_reads_only_its_own_rows(monkeypatch):
     assert len(queried) == 1 and sorted(np.asarray(queried[0]).tolist()) == \
         sorted(data.rows(2).tolist())
     assert int(data.client_sizes.sum()) == 30
+    assert data.class_names("y") == ["a", "b"] and data.class_names("x") is None
 
 
 def test_a_dataset_dict_partitions_test_by_the_same_rule():
