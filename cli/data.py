@@ -1,4 +1,4 @@
-"""`fedjax data list | info | download | convert | partition`."""
+"""`fedjax data list | info | download | convert | partition | plot-partition`."""
 
 import contextlib
 import os
@@ -105,22 +105,58 @@ def download(
 @app.command()
 @user_errors
 def convert(
-    source: Annotated[Path, typer.Argument(help="LEAF JSON file or folder, or a TFF .sqlite file.")],
+    source: Annotated[Path, typer.Argument(help="LEAF JSON file or folder, or a TFF .sqlite file; "
+                                                "with --from hf a save_to_disk folder or Parquet.")],
     dest: Annotated[Path, typer.Argument(help="FedJAX .sqlite file to write.")],
     tff_split: Annotated[Optional[str], typer.Option(
         help="Read SOURCE as a TensorFlow Federated SQLite file and convert this split.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace DEST if it exists.")] = False,
+    from_: Annotated[Optional[str], typer.Option(
+        "--from", help="Format of SOURCE: leaf, tff or hf (default: leaf, tff with "
+                       "--tff-split).")] = None,
+    partitioner: Annotated[Optional[str], typer.Option(
+        help="hf: NAME[:KEY=VALUE,...], e.g. dirichlet:alpha=0.3,column=label "
+             "(docs/data.md).")] = None,
+    features: Annotated[Optional[str], typer.Option(
+        help="hf: the columns to keep, NAME=COLUMN pairs (x=image,y=label) or names.")] = None,
+    split: Annotated[Optional[str], typer.Option(
+        help="hf: the split of a dataset with several (default train).")] = None,
 ) -> None:
-    """Convert LEAF JSON or TFF SQLite to FedJAX's SQLite format."""
+    """Convert LEAF JSON, TFF SQLite or a local Hugging Face dataset to FedJAX's SQLite format."""
     from fedjax_core.data.convert import leaf_to_sqlite, tff_to_sqlite
 
+    if from_ not in (None, "leaf", "tff", "hf"):
+        raise ConfigError(f"unknown --from {from_!r}; choose one of: leaf, tff, hf")
+    if from_ != "hf" and (partitioner or features or split):
+        raise ConfigError("--partitioner, --features and --split apply to --from hf")
+    if tff_split and from_ in ("leaf", "hf"):
+        raise ConfigError(f"--tff-split applies to TFF files; leave it out with --from {from_}")
+    if from_ == "tff" and not tff_split:
+        raise ConfigError("--from tff needs --tff-split (train or test)")
     if not source.exists():
         raise ConfigError(f"{str(source)!r} does not exist")
     _check_dest(dest, overwrite)
+    if from_ == "hf":
+        from fedjax_api.datasets.hf_local import open_hf
+
+        with open_hf(source, partitioner, split, features) as data:
+            _write_clients(data, dest, overwrite)
+        return
     with _data_errors():
         n = (tff_to_sqlite(source, tff_split, dest, overwrite=overwrite) if tff_split
              else leaf_to_sqlite(source, dest, overwrite=overwrite))
     console.print(f"wrote {n} clients to {dest}")
+
+
+def _write_clients(data, dest: Path, overwrite: bool) -> None:
+    """Writes every client of `data` to the FedJAX SQLite file `dest`."""
+    from fedjax_core.data.convert import to_fedjax_arrays
+    from fedjax_core.data.sqlite import write_sqlite
+
+    with _data_errors():
+        n = write_sqlite(dest, ((cid, to_fedjax_arrays(data.get_client(i)))
+                                for i, cid in enumerate(data.client_ids)), overwrite=overwrite)
+    console.print(f"wrote {n} clients ({int(data.client_sizes.sum())} examples) to {dest}")
 
 
 def _check_dest(dest: Path, overwrite: bool) -> None:
@@ -191,3 +227,34 @@ def partition(
         n = write_sqlite(dest, ((cid, to_fedjax_arrays(data.get_client(i)))
                                 for i, cid in enumerate(data.client_ids)), overwrite=overwrite)
     console.print(f"wrote {n} clients ({int(data.client_sizes.sum())} examples) to {dest}")
+
+
+@app.command("plot-partition")
+@user_errors
+def plot_partition(
+    data: Annotated[str, typer.Argument(help="Dataset name, .sqlite file, LEAF JSON file or "
+                                             "folder, or a local Hugging Face dataset.")],
+    out: Annotated[Path, typer.Argument(help="Image to write (.png, .pdf or .svg).")],
+    label: Annotated[str, typer.Option(help="The label feature.")] = "y",
+    max_clients: Annotated[int, typer.Option(help="Clients shown (the first ones).")] = 30,
+    percent: Annotated[bool, typer.Option(
+        "--percent", help="Bars of label shares (%) instead of example counts.")] = False,
+    split: Annotated[Optional[str], typer.Option(help="Split of a named or hf dataset.")] = None,
+    partitioner: Annotated[Optional[str], typer.Option(
+        help="hf: NAME[:KEY=VALUE,...], e.g. dirichlet:alpha=0.5,column=label.")] = None,
+) -> None:
+    """Draw the label distribution per client as stacked bars (as flwr-datasets does)."""
+    from fedjax_api.datasets.hf_local import is_hf_source, open_hf
+    from fedjax_api.partition_plot import plot_label_distribution
+
+    if is_hf_source(data) and Path(data).suffix != ".sqlite":
+        with open_hf(data, partitioner, split) as clients:
+            counts = plot_label_distribution(clients, out, label=label, max_clients=max_clients,
+                                             percent=percent)
+    else:
+        if partitioner:
+            raise ConfigError("--partitioner applies to a Hugging Face dataset (a save_to_disk "
+                              "folder or Parquet); DATA is already federated")
+        counts = plot_label_distribution(open_data(data, split), out, label=label,
+                                         max_clients=max_clients, percent=percent)
+    console.print(f"wrote {out}: {len(counts.client_ids)} clients, {len(counts.labels)} labels")
