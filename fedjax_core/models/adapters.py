@@ -134,8 +134,8 @@ def from_flax(module: Any, example_batch: Batch, loss: LossFn,
     linen = _require("flax.linen", "flax", "from_flax")
     if not isinstance(module, linen.Module):
         raise TypeError(f"from_flax takes a flax.linen.Module instance, got "
-                        f"{type(module).__name__}; for flax.nnx, wrap the module with "
-                        "flax.nnx.bridge.to_linen or write init/apply with nnx.split/merge")
+                        f"{type(module).__name__}; for a flax.nnx module use "
+                        "from_nnx(lambda rngs: Module(..., rngs=rngs), loss)")
     call_params = _call_parameters(module.__call__)
     def mode(train) -> dict:
         if "train" in call_params:
