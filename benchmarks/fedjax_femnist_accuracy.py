@@ -40,9 +40,12 @@ def main() -> None:
     ap.add_argument("--json-out", required=True)
     args = ap.parse_args()
 
-    import fedjax
+    import importlib
+
     import jax
     import numpy as np
+
+    fedjax = importlib.import_module("fedjax")  # installed only in FedJAX's own venv
 
     def prep(client_id, examples):  # FedJAX's EMNIST preprocessing on the LEAF features
         return {"x": (1.0 - examples["x"][..., None]).astype(np.float32), "y": examples["y"]}

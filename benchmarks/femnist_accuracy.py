@@ -19,7 +19,7 @@ Runs the four runs (2 seeds x 2 frameworks), `--jobs` at a time, writes
 (mean over seeds, band = min..max). `--plot-only` redraws from the JSON.
 
 Example:
-  python -m benchmarks.femnist_accuracy --data /work/shared/femnist_leaf_sample --rounds 60 --jobs 2
+  python -m benchmarks.femnist_accuracy --data /work/shared/femnist_leaf_sample --rounds 30 --jobs 4
   python -m benchmarks.femnist_accuracy --plot-only
 """
 
@@ -83,7 +83,8 @@ def run_ours(args, seed: int, workdir: Path) -> dict:
            "--client-lr", str(args.client_lr), "--server-lr", str(args.server_lr),
            "--eval-every", str(args.eval_every), "--out", str(out)]
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    with open(workdir / f"ours-{seed}.log", "w") as log:
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=log)
     wall = time.perf_counter() - t
     history = []
     for line in (out / "metrics.jsonl").read_text().splitlines():
@@ -106,7 +107,8 @@ def run_fedjax(args, seed: int, workdir: Path, sched: list[list[str]]) -> dict:
            "--server-lr", str(args.server_lr), "--eval-every", str(args.eval_every),
            "--json-out", str(out)]
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    with open(workdir / f"fedjax-{seed}.log", "w") as log:
+        subprocess.run(cmd, check=True, stdout=log)
     wall = time.perf_counter() - t
     res = json.loads(out.read_text())
     return {"framework": "fedjax-0.0.17", "seed": seed, "history": res["history"],
@@ -181,19 +183,19 @@ def plot(results: dict, path: Path = FIGURE) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--data", default="/work/shared/femnist_leaf_sample",
                     help="LEAF FEMNIST folder with train/ and test/")
     ap.add_argument("--fedjax-python", default="/tmp/venv-fedjax/bin/python",
                     help="python of a venv with fedjax==0.0.17 (docs/benchmarks.md)")
-    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--frameworks", nargs="+", default=["fedjax-sim", "fedjax-0.0.17"])
     ap.add_argument("--clients-per-round", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--client-lr", type=float, default=0.1)
     ap.add_argument("--server-lr", type=float, default=1.0)
-    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--eval-every", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=1, help="runs at the same time")
     ap.add_argument("--workdir", default="", help="where the runs write (default: a temp dir)")
     ap.add_argument("--json-out", default=str(RESULTS))

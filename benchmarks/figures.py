@@ -83,7 +83,7 @@ def plot_speed(summary: dict, path: Path = SPEED_FIGURE) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--summary", default=str(SUMMARY))
     ap.add_argument("--accuracy", default=str(femnist_accuracy.RESULTS))
     args = ap.parse_args(argv)

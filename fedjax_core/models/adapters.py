@@ -381,18 +381,20 @@ def from_nnx(module_factory: Callable[[Any], Any], loss: LossFn,
             if key is None:
                 raise ValueError(f"from_nnx: {name} has RNG streams (dropout); train=True "
                                  "needs the step key")
-            if not jax.dtypes.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
-                key = jax.random.wrap_key_data(key)
+            step_key = jnp.asarray(key)
+            if not jnp.issubdtype(step_key.dtype, jax.dtypes.prng_key):
+                step_key = jax.random.wrap_key_data(step_key)  # a raw uint32 key
             for i, path in enumerate(rng_paths):
-                put(rest, path, jax.random.fold_in(key, i))
+                put(rest, path, jax.random.fold_in(step_key, i))
             for path in count_paths:
                 put(rest, path, jnp.zeros((), jnp.uint32))
         inputs_ = _inputs(batch, inputs, "from_nnx")
         module = nnx.merge(graphdefs[train], state, rest)
-        given = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(module, nnx.Not(nnx.Param)))}
+        others = nnx.Not(nnx.Param)
+        given = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(module, others))}
         out = module(inputs_, **mode(train))
         if not allow_batch_stats:
-            for p, v in nnx.to_flat_state(nnx.state(module, nnx.Not(nnx.Param))):
+            for p, v in nnx.to_flat_state(nnx.state(module, others)):
                 if not isinstance(v, rng_kinds) and v.get_value() is not given.get(p):
                     raise ValueError(
                         f"from_nnx: {name} changes its {type(v).__name__} state at "
