@@ -159,7 +159,7 @@ def plot(results: dict, path: Path = FIGURE) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for name, color in (("fedjax-sim", "tab:blue"), ("fedjax-0.0.17", "tab:orange")):
         runs = [r for r in results["runs"] if r["framework"] == name]
         if not runs:
@@ -167,16 +167,23 @@ def plot(results: dict, path: Path = FIGURE) -> None:
         rounds = np.array([h["round"] for h in runs[0]["history"]])
         acc = np.array([[h["test/accuracy"] for h in r["history"]] for r in runs])
         label = "fedjax-sim" if name == "fedjax-sim" else "FedJAX 0.0.17"
-        ax.plot(rounds, acc.mean(0), color=color, label=f"{label} (mean of {len(runs)} seeds)")
+        ax.plot(rounds, acc.mean(0), color=color,
+                label=f"{label}: mean of {len(runs)} seeds, band min..max")
         ax.fill_between(rounds, acc.min(0), acc.max(0), color=color, alpha=0.25, linewidth=0)
     hp = results["hyperparameters"]
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"FedAvg on the FEMNIST LEAF sample: {hp['clients_per_round']} clients/round, "
-                 f"batch {hp['batch_size']}, client lr {hp['client_lr']}", fontsize=9)
+    ax.set_ylabel("test accuracy (all test images)")
+    m = results["machine"]
+    fig.text(0.01, 0.01, f"{m['cpu_model']}, {m['cpu_count']} cores; fedjax-sim {m['fedjax_sim']} "
+             f"(jax {m['jax']}); FedJAX 0.0.17 (jax {m.get('fedjax_0_0_17_jax')})",
+             fontsize=6, color="gray")
+    ax.set_title(f"FedAvg on the FEMNIST LEAF sample, FedJAX's EMNIST CNN\n"
+                 f"{hp['clients_per_round']} clients/round, "
+                 f"batch {hp['batch_size']}, 1 epoch, client SGD {hp['client_lr']}, server SGD "
+                 f"{hp['server_lr']}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
