@@ -72,6 +72,20 @@ def schedule(data: str, seed: int, rounds: int, clients_per_round: int) -> list[
             for r in range(rounds)]
 
 
+def check_same_clients(data: str, sched: list[list[str]], run_dir: Path) -> None:
+    """Each round of our run trained on exactly the examples of the clients `sched` gives
+    FedJAX (`train/num_examples` = the sum of their sizes), or an AssertionError."""
+    from fedjax_api.tasks import registry
+
+    train = registry.get("femnist-leaf", data_path=data).train.data
+    sizes = dict(zip(map(str, train.client_ids), map(int, train.client_sizes)))
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "train":
+            expected = sum(sizes[c] for c in sched[rec["round"] - 1])
+            assert int(rec["train/num_examples"]) == expected, (rec["round"], expected)
+
+
 def run_ours(args, seed: int, workdir: Path) -> dict:
     """`fedjax run femnist-leaf` as a user runs it; the history from its metrics.jsonl."""
     out = workdir / f"ours-{seed}"
@@ -133,8 +147,11 @@ def run_all(args) -> dict:
     def one(job):
         seed, which = job
         print(f"seed {seed}: {which} ...", flush=True)
-        res = (run_ours(args, seed, workdir) if which == "fedjax-sim"
-               else run_fedjax(args, seed, workdir, schedules[seed]))
+        if which == "fedjax-sim":
+            res = run_ours(args, seed, workdir)
+            check_same_clients(args.data, schedules[seed], workdir / f"ours-{seed}")
+        else:
+            res = run_fedjax(args, seed, workdir, schedules[seed])
         print(f"seed {seed}: {which}: final accuracy {res['history'][-1]['test/accuracy']:.4f} "
               f"in {res['wall_s']:.0f} s", flush=True)
         return res
