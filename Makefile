@@ -40,6 +40,21 @@ docs: $(VENV)/.installed-docs
 bench: $(VENV)/.installed-test
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
+# The figures at the top of docs/index.md (docs/images/femnist_accuracy.png, bench_speed.png),
+# drawn from benchmarks/results/femnist_accuracy.json and summary.json. RERUN=1 reruns the
+# experiments first: FedAvg on the FEMNIST LEAF sample with fedjax-sim and with FedJAX 0.0.17
+# (2 seeds each; FEDJAX_PYTHON is a venv with fedjax==0.0.17, see docs/benchmarks.md; about
+# 30 min on 2 busy cores), then the speed benchmarks (`make bench`, 11-20 min).
+FEDJAX_PYTHON ?= /tmp/venv-fedjax/bin/python
+FEMNIST_DATA ?= ../shared/femnist_leaf_sample
+.PHONY: figures
+figures: $(VENV)/.installed-test
+ifdef RERUN
+	$(PY) -m benchmarks.femnist_accuracy --data $(FEMNIST_DATA) --fedjax-python $(FEDJAX_PYTHON) --jobs 4
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+endif
+	$(PY) -m benchmarks.figures
+
 # The packages as released: builds the sdist and the wheel, checks what they hold, installs
 # each into a fresh temporary venv and smoke-tests it (scripts/check_dist.sh; needs the
 # package index; 3-7 min on 2 busy cores, so not part of `make test` or CI).

@@ -6,7 +6,7 @@ factories whose names match their modules (`emnist_cnn`, `shakespeare_lstm`,
 """
 
 from fedjax_core.models import metrics, nn
-from fedjax_core.models.adapters import from_equinox, from_flax
+from fedjax_core.models.adapters import from_equinox, from_flax, from_nnx
 from fedjax_core.models.base import Model, masked_mean_loss
 from fedjax_core.models.linear import logistic_regression, mlp
 from fedjax_core.models.resnet import cifar100_logistic, resnet18
@@ -14,6 +14,7 @@ from fedjax_core.models.resnet import cifar100_logistic, resnet18
 __all__ = [
     "from_equinox",
     "from_flax",
+    "from_nnx",
     "Model",
     "cifar100_logistic",
     "logistic_regression",

@@ -52,6 +52,12 @@ REPLACEMENTS = {
         ("NUM_EXAMPLES, NUM_CLIENTS, COHORT, ROUNDS = 3000, 30, 10, 20",
          "NUM_EXAMPLES, NUM_CLIENTS, COHORT, ROUNDS = 400, 6, 3, 2"),
     ],
+    "nnx_model.py": [
+        ('TASK = "emnist"  # x: float32 [n, 28, 28, 1], y: int32 in 0..61', f'TASK = "{IMAGES}"'),
+        ("NUM_CLASSES = 62", "NUM_CLASSES = 3"),
+        ("ROUNDS = 5", "ROUNDS = 2"),
+        ("CLIENTS_PER_ROUND = 10", "CLIENTS_PER_ROUND = 3"),
+    ],
     "own_dataset.py": [
         ("NUM_EXAMPLES = 6000", "NUM_EXAMPLES = 400"),
         ("NUM_CLIENTS = 50", "NUM_CLIENTS = 6"),
@@ -131,7 +137,7 @@ def test_tutorial_excerpts_are_the_scripts_code():
                 f"{page.name}: an excerpt of {name} is not in the script:\n{code}")
             found[page.name] = found.get(page.name, 0) + 1
     assert sorted(found) == ["custom_algorithm.md", "huggingface.md", "own_dataset.md",
-                             "own_model.md"], found
+                             "own_model.md", "own_model_nnx.md"], found
 
 
 def test_shrink_fails_when_a_replacement_is_missing():
@@ -220,7 +226,8 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("name, package", [("flax_model.py", "flax"),
-                                           ("equinox_model.py", "equinox")])
+                                           ("equinox_model.py", "equinox"),
+                                           ("nnx_model.py", "flax.nnx")])
 def test_own_model_tutorials_run(name, package, registry, tmp_path, monkeypatch, capsys):
     pytest.importorskip(package)
     monkeypatch.chdir(tmp_path)
