@@ -297,6 +297,7 @@ class HostStore:
         self.dirty = np.zeros(0, bool)
         self.pending: _Pending | None = None
         self.gather_s = self.scatter_s = 0.0
+        self.checkpoints: list[dict] = []  # the deltas written so far (fedjax_api.state_store)
         self._lock = threading.Lock()
         self._files: list[list[Any]] = []
         self.tables: list[list[np.ndarray]] = [[] for _ in stores]
@@ -389,8 +390,11 @@ class HostStore:
         local_pos[real] = order[np.searchsorted(local_ids[order], positions[real])]
         return local_pos, global_rows, int(np.sum(known))
 
-    def check_version(self, version: int) -> None:
-        if version == self.committed and self.pending is None:
+    def check_version(self, version: int, read: bool = False) -> None:
+        """`StaleStoreError` unless a state at `version` may be stepped (the newest) or,
+        with `read`, read (the newest, or the one the tables hold while the newest
+        round's rows are pending: the loop reads round r after dispatching round r+1)."""
+        if version == self.committed and (read or self.pending is None):
             return
         if self.pending is not None and version == self.pending.version:
             return
@@ -502,8 +506,8 @@ class HostStore:
         """Makes the tables hold `version` (commits its pending round);
         `StaleStoreError` when they hold a later one."""
         with self._lock:
-            self.check_version(version)
-            if self.pending is not None:
+            self.check_version(version, read=True)
+            if self.pending is not None and self.pending.version == version:
                 self._commit(self.pending)
 
     def rows_of(self, positions, version: int) -> np.ndarray:
@@ -627,6 +631,12 @@ def attach(state: PyTree, spec: StoreSpec) -> PyTree:
     host = HostStore(stores, spec)
     return _replace(state, lambda _: HostIndex(host, 0),
                     lambda k, _: ClientStore(HostRows(host, k)))
+
+
+def at_version(state: PyTree, version: int) -> PyTree:
+    """A host-backed `state` marked as holding `version` (after a restore)."""
+    return _replace(state, lambda x: HostIndex(x.host, version) if isinstance(x, HostIndex)
+                    else x, lambda k, s: s)
 
 
 def eval_state(state: PyTree, rows) -> tuple[PyTree, np.ndarray]:
