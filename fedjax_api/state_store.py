@@ -133,7 +133,7 @@ def save_delta(run_dir: Path, round_num: int, host: HostStore, version: int,
     """
     arrays = host.delta(version)
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # pyright: ignore[reportArgumentType]
     data = buf.getvalue()
     name = f"delta-{round_num:08d}.npz"
     atomic.write_bytes(_delta_dir(run_dir) / name, data)

@@ -258,6 +258,15 @@ def _patch(host_part, previous, src, use):
     return jnp.where(mask, picked.astype(host_part.dtype), host_part)
 
 
+def _copy_rows(dst: np.ndarray, dst_rows: np.ndarray, src: np.ndarray,
+               src_rows: np.ndarray) -> None:
+    """`dst[dst_rows[i]] = src[src_rows[i]]` (cast to dst's dtype), one row at a time in
+    the order of `dst_rows` (sequential in a memory-mapped table): a plain copy per row,
+    no fancy-index temporaries of the whole cohort."""
+    for i in np.argsort(dst_rows, kind="stable"):
+        dst[dst_rows[i]] = src[src_rows[i]]
+
+
 def _round_bf16(x):
     return x.astype(jnp.bfloat16).astype(x.dtype)
 
@@ -348,7 +357,7 @@ class HostStore:
             self.tables[k].append(None)  # type: ignore[arg-type]
         handle = self._files[k][j]
         old = self.tables[k][j]
-        if old is not None:
+        if isinstance(old, np.memmap):
             old.flush()
         handle.truncate(max(nbytes, 1))  # a sparse file: unwritten rows take no disk
         self.tables[k][j] = np.memmap(handle, dtype=dtype, mode="r+", shape=(cap,) + shape)
@@ -452,11 +461,10 @@ class HostStore:
             leaves = []
             for j, table in enumerate(self.tables[k]):
                 part = np.zeros((clients,) + self.shapes[k][j], self.dtypes[k][j])
-                if u:
-                    sel = slice(0, u) if use is None else np.flatnonzero(~use[:u])
-                    part[sel] = table[np.sort(from_host)][np.argsort(np.argsort(from_host))]
+                dst = np.arange(u) if use is None else np.flatnonzero(~use[:u])
+                _copy_rows(part, dst, table, from_host)
                 part = jax.device_put(part)
-                if use is not None and use.any():
+                if previous is not None and use is not None and use.any():
                     prev = previous.tables[k][j]
                     if self.host_dtypes[k][j] != self.dtypes[k][j]:
                         prev = _round_bf16(prev)
@@ -491,12 +499,10 @@ class HostStore:
         t0 = _now()
         rows = pending.rows
         if rows.shape[0]:
-            order = np.argsort(rows)
             for k, leaves in enumerate(pending.tables):
-                for j, leaf in enumerate(leaves):
-                    values = np.asarray(jax.device_get(leaf[:rows.shape[0]]))
-                    self.tables[k][j][rows[order]] = values[order].astype(
-                        self.host_dtypes[k][j])
+                for j, leaf in enumerate(leaves):  # rows are distinct: one write each
+                    values = np.asarray(jax.device_get(leaf))
+                    _copy_rows(self.tables[k][j], rows, values, np.arange(rows.shape[0]))
             self.dirty[rows] = True
         self.committed = pending.version
         self.pending = None

@@ -94,3 +94,20 @@ def test_auto_choice_and_note():
     assert spec.backend == "disk" and spec.dtype == "bf16" and "memory-mapped" in str(note)
     with pytest.raises(ConfigError, match="needs --client-store host or disk"):
         state_store.choose("device", "bf16", shape, 10, None)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--client-store", "ssd"], "unknown client-store 'ssd'; choose one of:"),
+    (["--client-store-dtype", "fp8"], "unknown client-store-dtype 'fp8'; choose one of: bf16, f32"),
+    (["--client-store", "device", "--client-store-dtype", "bf16"],
+     "--client-store-dtype bf16 needs --client-store host or disk"),
+])
+def test_cli_bad_values_exit_2(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from cli import main
+    res = CliRunner().invoke(main.app, ["run", NAME, "--algorithm", "scaffold", "--rounds", "1",
+                                        *args])
+    assert res.exit_code == 2, res.output
+    assert message in " ".join(res.output.split())
+    assert "Traceback" not in res.output
