@@ -1,13 +1,16 @@
 """`Experiment`: a run's settings, and the training loop (`fedjax_api.loop`) with the
 callbacks they call for (`fedjax_api.callbacks`)."""
 
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
+import jax
 
-from fedjax_api import accelerator, distributed, privacy, rundir, simtime, tasks, tracking
+from fedjax_api import (accelerator, distributed, privacy, rundir, simtime, state_store, tasks,
+                        tracking)
 from fedjax_api.algorithm import build_algorithm
 from fedjax_api.callbacks import (
     FINAL_EVAL_CHOICES,
@@ -35,6 +38,7 @@ from fedjax_api.loop import (
     final_metrics,
 )
 from fedjax_api.server import Server
+from fedjax_core import client_store
 from fedjax_core.algorithms.base import FederatedAlgorithm
 from fedjax_core.parallel import Plan
 
@@ -117,6 +121,8 @@ class Experiment:
     track: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     time_limit: float | None = None
     prefetch_depth: int = attrs.field(default=2, validator=attrs.validators.ge(1))
+    client_store: str = "auto"
+    client_store_dtype: str = "f32"
     interrupt_event: threading.Event = attrs.field(factory=threading.Event, eq=False,
                                                    repr=False)
 
@@ -203,6 +209,20 @@ class Experiment:
             out.append(TimeLimit(self.time_limit))
         return out
 
+    def store_spec(self, resume: bool = False) -> "client_store.StoreSpec":
+        """Where this run keeps per-client state (`fedjax_api.state_store.choose`); prints
+        one line when it is not the device. A resumed run keeps its checkpoint's store."""
+        backend, dtype = self.client_store, self.client_store_dtype
+        if resume and self.out_dir is not None:
+            backend, dtype = state_store.saved_backend(self.out_dir) or ("device", "f32")
+        shape = jax.eval_shape(self.algorithm.init,
+                               jax.eval_shape(self.task.model.init, jax.random.key(0)))
+        spec, note = state_store.choose(backend, dtype, shape, self.task.train.num_clients,
+                                        self.out_dir)
+        if note is not None and distributed.is_primary():
+            print(note, file=sys.stderr)
+        return spec
+
     def run(self, on_record: Callable[[dict], object] | None = None, resume: bool = False,
             callbacks: Sequence[Callback] = ()) -> RunResult:
         """Runs every round; calls `on_record(record)` with each record (a round's "train"
@@ -216,7 +236,8 @@ class Experiment:
         raises `NonFiniteError` naming the round and the last good checkpoint. With several
         processes, every process runs this in step; resuming reads `out_dir` on each.
         """
-        server = Server.create(self.algorithm, self.task.model, seed=self.seed, plan=self.plan)
+        server = Server.create(self.algorithm, self.task.model, seed=self.seed, plan=self.plan,
+                               store=self.store_spec(resume))
         history: list[dict] = []
         if resume:
             if self.out_dir is None:

@@ -417,6 +417,18 @@ class RunOptions:
     devices: int = option(1, key="run.devices", check=at_least(0, 2**16), sweep="no",
                           help="Devices (per process) each round's clients are split over; "
                                "0: all. On a CPU-only machine, starts that many CPU devices.")
+    client_store: str = option(
+        "auto", key="run.client_store", check=one_of("auto", "device", "host", "disk"),
+        sweep="no", resumable=False,
+        help="Where per-client state (SCAFFOLD's controls, Ditto's models, ...) lives: device, "
+             "host memory, or a memory-mapped file in out/client_store/; auto: the device "
+             "when the population's rows fit a quarter of its free memory, else host, else "
+             "disk (docs/scaling.md).")
+    client_store_dtype: str = option(
+        "f32", key="run.client_store_dtype", check=one_of("f32", "bf16"), sweep="no",
+        resumable=False,
+        help="Keep per-client float rows as f32, or bf16 (half the memory; host or disk "
+             "store only; error in docs/scaling.md).")
     checkpoint_every: int = option(50, key="run.checkpoint_every",
                                    check=at_least(0, MAX_COUNT),
                                    sweep="no", help="Write a checkpoint every N rounds and "

@@ -9,9 +9,9 @@ import attrs
 import jax
 import numpy as np
 
-from fedjax_api import checkpoint
+from fedjax_api import checkpoint, state_store
 from fedjax_api.dataset import FederatedDataset
-from fedjax_core import client_state, keys, parallel, sweep
+from fedjax_core import client_state, client_store, keys, parallel, sweep
 from fedjax_core import evaluate as core_evaluate
 from fedjax_core.algorithms.base import EvalClients, FederatedAlgorithm, jit_round
 from fedjax_core.data import Cohort, FederatedData
@@ -59,14 +59,20 @@ class Server:
 
     @classmethod
     def create(cls, algorithm: FederatedAlgorithm, model: Model, seed: int = 0,
-               params: Params | None = None, plan: Plan = Plan()) -> "Server":
+               params: Params | None = None, plan: Plan = Plan(),
+               store: client_store.StoreSpec | None = None) -> "Server":
         """A server at round 0. Parameters come from `model.init(keys.init_key(key))`
-        unless given."""
+        unless given. `store` says where per-client state lives (default: the device;
+        host or disk: `fedjax_core.client_store`; such a server's state is a view of
+        the host tables, so step and read only the newest server)."""
         key = jax.random.key(seed)
         if params is None:
             params = jax.jit(model.init)(keys.init_key(key))
+        state = algorithm.init(params)
+        if store is not None:
+            state = client_store.attach(state, store)
         return cls(algorithm=algorithm, model=model,
-                   state=parallel.replicate(algorithm.init(params), plan), key=key, plan=plan)
+                   state=parallel.replicate(state, plan), key=key, plan=plan)
 
     @property
     def params(self) -> Params:
@@ -96,6 +102,10 @@ class Server:
         if isinstance(data, FederatedDataset):
             data = data.data
         state = parallel.local_copy(self.state)  # one device evaluates, not every one
+        if (self.algorithm.evaluate is not None and clients is not None
+                and client_store.is_hosted(state)):  # the evaluated clients' rows, on the device
+            state, rows = client_store.eval_state(state, clients.rows)
+            clients = clients._replace(rows=rows)
         if self.algorithm.evaluate is not None:
             return self.algorithm.evaluate(self.model, state, data, batch_size, clients)
         return core_evaluate.evaluate(self.model, state.params, data, batch_size)
@@ -118,6 +128,9 @@ class Server:
         Returns:
           Int[ndarray, "clients"]: the rows; -1 for a client never trained (or none).
         """
+        index = client_store.host_index(self.state)
+        if index is not None:
+            return index.host.rows_of(positions, index.version)
         return client_state.rows_of(parallel.local_copy(self.state), positions)
 
     def save_checkpoint(self, run_dir: Path, meta: dict, keep: int = 3) -> Path:
@@ -127,6 +140,11 @@ class Server:
         Example:
           >>> server.save_checkpoint(run_dir, {"history": records}, keep=3)
         """
+        index = client_store.host_index(self.state)
+        if index is not None:  # the rows changed since the last checkpoint, written first
+            meta = {**meta, "client_store": state_store.save_delta(
+                run_dir, self.round, index.host, index.version, index.host.checkpoints)}
+            index.host.checkpoints = meta["client_store"]["deltas"]
         return checkpoint.save(run_dir, self.round, self.state, meta, keep=keep)
 
     def restore(self, run_dir: Path) -> tuple["Server", dict]:
@@ -141,6 +159,15 @@ class Server:
         done, state, meta = checkpoint.load(run_dir, template=self.state)
         for reason in meta.get("skipped", []):
             warnings.warn(f"skipped a damaged checkpoint: {reason}", stacklevel=2)
+        index = client_store.host_index(state)
+        if index is not None:  # the store as of round `done`: its deltas, in order
+            listed = meta.get("client_store")
+            if not isinstance(listed, dict):
+                raise checkpoint.CheckpointError(
+                    f"the checkpoint of round {done} in {str(run_dir)!r} holds no host or disk "
+                    "client store; resume it with --client-store device")
+            index.host.checkpoints = state_store.restore(Path(run_dir), done, index.host, listed)
+            state = client_store.at_version(state, done)
         return attrs.evolve(self, state=state, round=done), meta
 
 

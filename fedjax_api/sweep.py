@@ -285,6 +285,10 @@ class Sweep:
         `diverged_round` is set and its metrics are NaN from then on.
         """
         start = time.perf_counter()
+        if self.config.client_store in ("host", "disk"):
+            raise ConfigError(f"--client-store {self.config.client_store}: a sweep keeps its "
+                              "members' state on the device; use `fedjax run` for a host or "
+                              "disk client store")
         cfgs = [self.member_config(k) for k in range(len(self.members))]
         lay = core.layout([m.seed for m in self.members])
         task, plan = _task_and_plan(cfgs[0])

@@ -37,10 +37,15 @@ class ClientSlots(NamedTuple):
       row: `Int[Array, "clients"]`, each client's row (`NO_ROW` for a padding client).
       is_new: `Bool[Array, "clients"]`, True where the client has never been seen, so
         its row holds no state yet and must be initialised.
+      global_row: `Int[Array, "clients"]`, each client's row in the population-wide
+        store when `row` is a row of a cohort-sized table (a host or disk store,
+        `fedjax_core.client_store`), else None (then `row` is it). Per-client randomness
+        keyed by a row (persistent attackers) uses `key_rows(slots)`.
     """
 
     row: Array
     is_new: Array
+    global_row: Array | None = None
 
 
 class ClientStore(NamedTuple):
@@ -56,10 +61,14 @@ class ClientIndex(NamedTuple):
       row_of: `Int[Array, "positions"]`, the row of dataset position p (-1: never seen);
         its length grows (powers of two) with the largest position seen.
       size: `Int[Array, ""]`, the number of rows in use.
+      global_row: `Int[Array, "rows"]` or None: for a cohort-sized index built by a host
+        or disk store (`fedjax_core.client_store`), the population-wide row of each local
+        row (`ClientSlots.global_row`); None for the device store.
     """
 
     row_of: Array
     size: Array
+    global_row: Array | None = None
 
 
 def empty_index(positions: int = MIN_CAPACITY) -> ClientIndex:
@@ -109,7 +118,18 @@ def assign(index: ClientIndex, client_index: ArrayLike) -> tuple[ClientIndex, Cl
         new_rows, mode="drop")
     rows = jnp.where(real, row_of[safe], NO_ROW)
     size = index.size + jnp.sum(fresh.astype(jnp.int32))
-    return ClientIndex(row_of, size), ClientSlots(rows, ~known)
+    if index.global_row is None:
+        return ClientIndex(row_of, size), ClientSlots(rows, ~known)
+    last = index.global_row.shape[0] - 1
+    global_row = jnp.where(real, index.global_row[jnp.clip(rows, 0, last)], NO_ROW)
+    return (ClientIndex(row_of, size, index.global_row),
+            ClientSlots(rows, ~known, global_row))
+
+
+def key_rows(slots: ClientSlots) -> Array:
+    """`Int[Array, "clients"]`: each client's population-wide row (`NO_ROW` for padding),
+    the same whichever backend keeps the store: what per-client randomness is keyed by."""
+    return slots.row if slots.global_row is None else slots.global_row
 
 
 def gather(store: ClientStore, slots: ClientSlots, fresh: PyTree) -> PyTree:

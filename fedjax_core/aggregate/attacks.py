@@ -71,7 +71,8 @@ def _persistent_attackers(key, real, store, slots, fraction):
     rows = store.rows
     assigned = jnp.where(slots.is_new, False, rows["assigned"][slots.row])
     stored = jnp.where(slots.is_new, False, rows["malicious"][slots.row])
-    draw = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(key, r)))(slots.row)
+    draw = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(key, r)))(
+        client_state.key_rows(slots))
     malicious = jnp.where(assigned, stored, draw < fraction)
     store = client_state.scatter(
         store, slots, {"assigned": assigned | real, "malicious": malicious}, keep=real)

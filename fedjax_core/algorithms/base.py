@@ -5,7 +5,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 
 import optax
 
-from fedjax_core import client_state, parallel
+from fedjax_core import client_state, client_store, parallel
 from fedjax_core.data.pack import Cohort
 from fedjax_core.models.base import Model
 from fedjax_core.parallel import Plan
@@ -178,6 +178,9 @@ def jit_round(algorithm: FederatedAlgorithm, model: Model, plan: Plan = Plan(),
     It compiles once per distinct cohort shape (clients, bucketed steps, batch). Before
     each call it grows the state's per-client index and stores on the host when the
     cohort would not fit (`client_state.fit`; a recompile each time a store doubles).
+    A state whose stores live on the host or disk (`fedjax_core.client_store.attach`)
+    gets cohort-sized stores of the cohort's rows instead (`HostStore.step`): its shapes
+    depend on the cohort size only.
     With a device mesh in `plan`, the cohort's clients are split over the devices and
     the outputs replicated on all of them (`parallel.jit_replicated`).
 
@@ -218,6 +221,11 @@ class _Round:
         return grown
 
     def __call__(self, state, cohort, key):
+        index = client_store.host_index(state)
+        if index is not None:  # rows on the host or disk: the round sees the cohort's only
+            place = ((lambda s: s) if self._plan.mesh is None
+                     else (lambda s: parallel.replicate(s, self._plan)))
+            return index.host.step(self._jitted, state, cohort, key, place)
         return self._jitted(self._fit(state, cohort), cohort, key)
 
     def lower(self, state, cohort, key):
