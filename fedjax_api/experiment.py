@@ -9,8 +9,16 @@ from pathlib import Path
 import attrs
 import jax
 
-from fedjax_api import (accelerator, distributed, privacy, rundir, simtime, state_store, tasks,
-                        tracking)
+from fedjax_api import (
+    accelerator,
+    distributed,
+    privacy,
+    rundir,
+    simtime,
+    state_store,
+    tasks,
+    tracking,
+)
 from fedjax_api.algorithm import build_algorithm
 from fedjax_api.callbacks import (
     FINAL_EVAL_CHOICES,
