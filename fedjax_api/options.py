@@ -421,7 +421,7 @@ class RunOptions:
         "auto", key="run.client_store", check=one_of("auto", "device", "host", "disk"),
         sweep="no", resumable=False,
         help="Where per-client state (SCAFFOLD's controls, Ditto's models, ...) lives: device, "
-             "host memory, or a memory-mapped file in out/client_store/; auto: the device "
+             "host memory, or a file in out/client_store/; auto: the device "
              "when the population's rows fit a quarter of its free memory, else host, else "
              "disk (docs/scaling.md).")
     client_store_dtype: str = option(

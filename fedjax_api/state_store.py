@@ -18,10 +18,10 @@ Example:
 """
 
 import hashlib
-import io
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ from fedjax_core.client_store import HostStore, StoreSpec
 STORE_DIR = "client_store"
 DELTA_DIR = "deltas"
 CHOICES = ("auto",) + client_store.BACKENDS
+CHUNK_BYTES = 64 << 20
+"""Bytes of rows a delta is written or read at a time."""
 _DELTA_RE = re.compile(r"^delta-(\d{8})\.npz$")
 
 
@@ -128,20 +130,88 @@ def save_delta(run_dir: Path, round_num: int, host: HostStore, version: int,
     """Writes the rows changed since the last delta (as of state `version`) and returns
     the manifest entry `{"backend", "dtype", "deltas": previous + [this one]}`.
 
+    The delta is an `.npz` (numpy's format: `np.load(path, allow_pickle=False)` reads
+    it) written a chunk of rows at a time, so it never sits in memory whole.
+
     Example:
       >>> meta["client_store"] = save_delta(run_dir, 20, host, version, listed)
     """
     arrays = host.delta(version)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)  # pyright: ignore[reportArgumentType]
-    data = buf.getvalue()
     name = f"delta-{round_num:08d}.npz"
-    atomic.write_bytes(_delta_dir(run_dir) / name, data)
+    path = _delta_dir(run_dir) / name
+    with atomic.replace(path) as f:
+        _write_npz(f, arrays)
+    size, digest = _digest(path)
     host.mark_saved(arrays["rows"])
-    entry = {"round": round_num, "file": name, "bytes": len(data),
-             "sha256": hashlib.sha256(data).hexdigest(), "rows": int(arrays["rows"].shape[0])}
+    entry = {"round": round_num, "file": name, "bytes": size, "sha256": digest,
+             "rows": int(arrays["rows"].shape[0])}
     kept = [d for d in previous if d["round"] < round_num]
     return {"backend": host.spec.backend, "dtype": host.spec.dtype, "deltas": kept + [entry]}
+
+
+def _chunk_rows(row_shape: tuple, itemsize: int) -> int:
+    """Rows per chunk when a delta is written or read: about `CHUNK_BYTES`."""
+    return max(1, CHUNK_BYTES // max(1, int(np.prod(row_shape, dtype=np.int64)) * itemsize))
+
+
+def _write_npz(f, arrays: dict[str, Any]) -> None:
+    """`np.savez`'s layout (stored zip members `NAME.npy`), with each `DeltaLeaf`
+    written a chunk of rows at a time."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key, value in arrays.items():
+            with zf.open(key + ".npy", "w", force_zip64=True) as out:
+                if not isinstance(value, client_store.DeltaLeaf):
+                    np.lib.format.write_array(out, np.asarray(value), allow_pickle=False)
+                    continue
+                np.lib.format.write_array_header_2_0(out, {
+                    "descr": np.lib.format.dtype_to_descr(value.dtype),
+                    "fortran_order": False, "shape": value.shape})
+                n, step = value.shape[0], _chunk_rows(value.shape[1:], value.dtype.itemsize)
+                for a in range(0, n, step):
+                    chunk = np.ascontiguousarray(value.read(a, min(n, a + step)), value.dtype)
+                    out.write(chunk.tobytes())
+
+
+def _digest(path: Path) -> tuple[int, str]:
+    """`(bytes, sha256 hex)` of a file, read in chunks."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK_BYTES):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()
+
+
+def _apply_npz(path: Path, host: HostStore) -> None:
+    """Applies one delta file to `host`, a chunk of rows at a time."""
+    with zipfile.ZipFile(path) as zf:
+        small = {}
+        for key in ("rows", "row_of", "size"):
+            with zf.open(key + ".npy") as f:
+                small[key] = np.lib.format.read_array(f, allow_pickle=False)
+        size, rows = int(small["size"]), np.asarray(small["rows"], np.int64)
+        host.apply_rows(size, None, rows[:0], np.zeros(0))
+        for member in zf.namelist():
+            key = member.removesuffix(".npy")
+            if key in small:
+                continue
+            with zf.open(member) as f:
+                major, _ = np.lib.format.read_magic(f)
+                header = (np.lib.format.read_array_header_1_0 if major == 1
+                          else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = header(f)
+                if fortran or dtype.hasobject or not shape or shape[0] != rows.shape[0]:
+                    raise ValueError(f"client store delta: {key} is not {rows.shape[0]} rows")
+                step = _chunk_rows(shape[1:], dtype.itemsize)
+                row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+                for a in range(0, shape[0], step):
+                    b = min(shape[0], a + step)
+                    data = f.read((b - a) * row_bytes)
+                    if len(data) != (b - a) * row_bytes:
+                        raise ValueError(f"client store delta: {key} is truncated")
+                    values = np.frombuffer(data, dtype).reshape((b - a,) + tuple(shape[1:]))
+                    host.apply_rows(size, key, rows[a:b], values)
+        host.apply_row_of(size, np.asarray(small["row_of"], np.int64))
 
 
 def restore(run_dir: Path, round_num: int, host: HostStore, listed: dict) -> list[dict]:
@@ -160,17 +230,21 @@ def restore(run_dir: Path, round_num: int, host: HostStore, listed: dict) -> lis
         try:
             if path.is_symlink():
                 raise OSError("is a link")
-            data = path.read_bytes()
+            size, digest = _digest(path)
         except OSError as e:
             raise checkpoint.CheckpointError(
                 f"client store delta {path} of the checkpoint of round {round_num} is "
                 f"unreadable ({e}); the run cannot resume from it") from None
-        if len(data) != d["bytes"] or hashlib.sha256(data).hexdigest() != d["sha256"]:
+        if size != d["bytes"] or digest != d["sha256"]:
             raise checkpoint.CheckpointError(
                 f"client store delta {path} is damaged (size or checksum mismatch); the "
                 "run cannot resume from this checkpoint")
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            host.apply_delta({k: z[k] for k in z.files})
+        try:
+            _apply_npz(path, host)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise checkpoint.CheckpointError(
+                f"client store delta {path} is unreadable ({e}); the run cannot resume "
+                "from this checkpoint") from None
     host.restored(round_num)
     if folder.is_dir():
         for entry in os.scandir(folder):

@@ -7,8 +7,10 @@ device, one row per client seen. That stops at a few thousand clients for a real
 
 - "device": as `client_state` does (the default; nothing here is involved);
 - "host": one numpy table per store leaf, in host memory;
-- "disk": one memory-mapped file per store leaf (`np.memmap`), in a folder we create
-  (the run directory's `client_store/`), like pfl-research's `DiskUserStateStorage`.
+- "disk": one file per store leaf, in a folder we create (the run directory's
+  `client_store/`), like pfl-research's `DiskUserStateStorage`. Rows are read and written
+  with `pread`/`pwrite` (`FileTable`), not memory-mapped: the kernel's page cache holds
+  the recent ones, and none of them count towards the process's resident memory.
 
 `attach(state, spec)` moves a state's stores to a `HostStore`: in the state, each
 `ClientStore` then holds a leafless `HostRows` and the `ClientIndex` becomes a leafless
@@ -231,7 +233,7 @@ def choose_backend(population: int, row_nbytes: int, device_free: int | None,
     host = "unknown" if host_free is None else gib(host_free)
     return Choice("disk", f"{where} exceeds {DEVICE_FRACTION:.0%} of free device memory "
                           f"({dev}) and {HOST_FRACTION:.0%} of free host memory ({host}); "
-                          "keeping it in a memory-mapped file")
+                          "keeping it in a file on disk")
 
 
 def _pow2(n: int) -> int:
@@ -250,6 +252,20 @@ class _Pending(NamedTuple):
     rows: np.ndarray
 
 
+class DeltaLeaf(NamedTuple):
+    """One table's rows of a checkpoint delta, read on demand (`HostStore.delta`).
+
+    Attributes:
+      shape: `(rows, *row shape)`.
+      dtype: the stored dtype (bfloat16 rows as uint16 bits).
+      read: `read(a, b)` -> the delta's rows a..b-1, `[b - a, *row shape]`.
+    """
+
+    shape: tuple
+    dtype: np.dtype
+    read: Callable[[int, int], np.ndarray]
+
+
 @jax.jit
 def _patch(host_part, previous, src, use):
     """Rows `src[i]` of `previous` where `use[i]`, else `host_part`'s (exact selection)."""
@@ -258,10 +274,74 @@ def _patch(host_part, previous, src, use):
     return jnp.where(mask, picked.astype(host_part.dtype), host_part)
 
 
-def _copy_rows(dst: np.ndarray, dst_rows: np.ndarray, src: np.ndarray,
-               src_rows: np.ndarray) -> None:
-    """`dst[dst_rows[i]] = src[src_rows[i]]` (cast to dst's dtype), one row at a time in
-    the order of `dst_rows` (sequential in a memory-mapped table): a plain copy per row,
+class FileTable:
+    """A table of rows `[rows, *shape]` of `dtype` kept in a file: row r is the bytes at
+    `r * row_bytes`. Indexing with a row or an integer array of rows reads them
+    (`os.preadv`); assigning writes them (`os.pwrite`). Nothing is mapped into the
+    process, so a table far larger than memory costs no resident memory; `resize`
+    changes the number of rows (a sparse file: rows never written take no disk and read
+    as zeros).
+
+    Example:
+      >>> t = FileTable(fd, rows=8, shape=(3,), dtype=np.float32)
+      >>> t[np.array([2, 5])] = np.ones((2, 3), np.float32); t[5]
+      array([1., 1., 1.], dtype=float32)
+    """
+
+    def __init__(self, fd: int, rows: int, shape: tuple, dtype: np.dtype):
+        self.fd, self.dtype = fd, np.dtype(dtype)
+        self.row_shape = tuple(shape)
+        self.row_bytes = int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize
+        self.rows = 0
+        self.resize(rows)
+
+    @property
+    def shape(self) -> tuple:
+        return (self.rows,) + self.row_shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.row_bytes
+
+    def resize(self, rows: int) -> None:
+        """Makes the file hold `rows` rows (new rows read as zeros)."""
+        os.ftruncate(self.fd, max(rows * self.row_bytes, 1))
+        self.rows = rows
+
+    def _rows(self, index) -> tuple[np.ndarray, bool]:
+        idx = np.asarray(index, np.int64)
+        if idx.ndim > 1 or np.any((idx < 0) | (idx >= self.rows)):
+            raise IndexError(f"rows {index!r} of a {self.rows}-row file table")
+        return idx.reshape(-1), idx.ndim == 0
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows, scalar = self._rows(index)
+        out = np.empty((rows.shape[0],) + self.row_shape, self.dtype)
+        flat = out.reshape(rows.shape[0], -1).view(np.uint8)
+        for i, r in enumerate(rows.tolist()):
+            view, done = memoryview(flat[i]), 0
+            while done < self.row_bytes:
+                n = os.preadv(self.fd, [view[done:]], r * self.row_bytes + done)
+                if n <= 0:
+                    raise OSError(f"client store file ends inside row {r}")
+                done += n
+        return out[0] if scalar else out
+
+    def __setitem__(self, index, values) -> None:
+        rows, _ = self._rows(index)
+        values = np.ascontiguousarray(np.broadcast_to(
+            np.asarray(values).astype(self.dtype, copy=False),
+            (rows.shape[0],) + self.row_shape))
+        flat = values.reshape(rows.shape[0], -1).view(np.uint8)
+        for i, r in enumerate(rows.tolist()):
+            view, done = memoryview(flat[i]), 0
+            while done < self.row_bytes:
+                done += os.pwrite(self.fd, view[done:], r * self.row_bytes + done)
+
+
+def _copy_rows(dst: Any, dst_rows: np.ndarray, src: Any, src_rows: np.ndarray) -> None:
+    """`dst[dst_rows[i]] = src[src_rows[i]]` (cast to dst's dtype; numpy arrays or
+    `FileTable`s), one row at a time in the order of `dst_rows` (sequential in a file): a plain copy per row,
     no fancy-index temporaries of the whole cohort."""
     for i in np.argsort(dst_rows, kind="stable"):
         dst[dst_rows[i]] = src[src_rows[i]]
@@ -272,7 +352,7 @@ def _round_bf16(x):
 
 
 class HostStore:
-    """The rows of every `ClientStore` of a state, in host memory or memory-mapped files,
+    """The rows of every `ClientStore` of a state, in host memory or files on disk,
     with the host-side position -> row map. Made by `attach`; see the module docstring.
 
     Attributes:
@@ -309,7 +389,7 @@ class HostStore:
         self.checkpoints: list[dict] = []  # the deltas written so far (fedjax_api.state_store)
         self._lock = threading.Lock()
         self._files: list[list[Any]] = []
-        self.tables: list[list[np.ndarray]] = [[] for _ in stores]
+        self.tables: list[list[Any]] = [[] for _ in stores]  # numpy arrays or FileTables
         self.directory: Path | None = None
         if spec.backend == "disk":
             self.directory = _make_store_dir(spec.directory)
@@ -344,23 +424,18 @@ class HostStore:
 
     def _grow_file(self, k: int, j: int, cap: int, shape: tuple, dtype: np.dtype) -> None:
         assert self.directory is not None
-        nbytes = cap * int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if j >= len(self.tables[k]):  # a new file of ours (never through a link)
-            f = atomic.create(self.directory / f"{FILE_PREFIX}{k}-leaf{j}.bin")
-            f.close()
-            fd = os.open(self.directory / f"{FILE_PREFIX}{k}-leaf{j}.bin",
-                         os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
-            handle = os.fdopen(fd, "r+b")
-            while len(self._files) <= k:
-                self._files.append([])
-            self._files[k].append(handle)
-            self.tables[k].append(None)  # type: ignore[arg-type]
-        handle = self._files[k][j]
-        old = self.tables[k][j]
-        if isinstance(old, np.memmap):
-            old.flush()
-        handle.truncate(max(nbytes, 1))  # a sparse file: unwritten rows take no disk
-        self.tables[k][j] = np.memmap(handle, dtype=dtype, mode="r+", shape=(cap,) + shape)
+        if j < len(self.tables[k]):
+            self.tables[k][j].resize(cap)  # rows keep their offsets: nothing is copied
+            return
+        f = atomic.create(self.directory / f"{FILE_PREFIX}{k}-leaf{j}.bin")  # ours, no link
+        f.close()
+        fd = os.open(self.directory / f"{FILE_PREFIX}{k}-leaf{j}.bin",
+                     os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+        handle = os.fdopen(fd, "r+b")
+        while len(self._files) <= k:
+            self._files.append([])
+        self._files[k].append(handle)
+        self.tables[k].append(FileTable(handle.fileno(), cap, shape, dtype))
 
     def close(self) -> None:
         """Flushes and closes the disk tables (the files stay)."""
@@ -534,21 +609,29 @@ class HostStore:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def delta(self, version: int) -> dict[str, np.ndarray]:
+    def delta(self, version: int) -> dict[str, Any]:
         """The rows changed since the last `mark_saved`, as of `version`, with the
-        position -> row map: arrays for `np.savez` (no object arrays; bfloat16 stored as
-        its uint16 bits). `apply_delta` reads it back."""
+        position -> row map: `rows`, `row_of` and `size` arrays, and one `DeltaLeaf` per
+        table (`s{k}_l{j}`: store k, leaf j), which reads those rows in chunks when
+        written, so that a delta never sits in memory whole (bfloat16 as its uint16
+        bits). `apply_delta` and `apply_rows` read it back."""
         self.view(version)
         limit = self.sizes.get(version, self.size)
         rows = np.flatnonzero(self.dirty[:limit]).astype(np.int64)
         row_of = np.where(self.row_of < limit, self.row_of, -1)
-        out = {"rows": rows, "row_of": row_of, "size": np.asarray(limit, np.int64)}
+        out: dict[str, Any] = {"rows": rows, "row_of": row_of,
+                               "size": np.asarray(limit, np.int64)}
         for k, tables in enumerate(self.tables):
             for j, t in enumerate(tables):
-                values = np.asarray(t[rows])
-                if values.dtype == np.dtype(ml_dtypes.bfloat16):
-                    values = values.view(np.uint16)
-                out[f"s{k}_l{j}"] = values
+                bf16 = np.dtype(t.dtype) == np.dtype(ml_dtypes.bfloat16)
+
+                def read(a: int, b: int, t=t, bf16=bf16) -> np.ndarray:
+                    values = np.asarray(t[rows[a:b]])
+                    return values.view(np.uint16) if bf16 else values
+
+                out[f"s{k}_l{j}"] = DeltaLeaf(
+                    (rows.shape[0],) + tuple(t.shape[1:]),
+                    np.dtype(np.uint16) if bf16 else np.dtype(t.dtype), read)
         return out
 
     def mark_saved(self, rows: np.ndarray) -> None:
@@ -556,22 +639,38 @@ class HostStore:
         self.dirty[np.asarray(rows, np.int64)] = False
 
     def apply_delta(self, arrays: dict[str, np.ndarray]) -> None:
-        """Applies one `delta` (in order, oldest first) to the tables."""
-        self.pending = None
+        """Applies one `delta` held in memory (`rows`, `row_of`, `size` and each leaf's
+        values; in order, oldest first) to the tables."""
         size = int(arrays["size"])
-        self._grow(size)
+        self.apply_rows(size, None, np.zeros(0, np.int64), np.zeros(0))
         rows = np.asarray(arrays["rows"], np.int64)
         for k, tables in enumerate(self.tables):
-            for j, t in enumerate(tables):
-                values = np.asarray(arrays[f"s{k}_l{j}"])
-                if self.host_dtypes[k][j] == np.dtype(ml_dtypes.bfloat16):
-                    values = values.view(ml_dtypes.bfloat16)
-                want = (rows.shape[0],) + self.shapes[k][j]
-                if values.shape != want:
-                    raise ValueError(f"client store delta: s{k}_l{j} has shape {values.shape}, "
-                                     f"expected {want}")
-                t[rows] = values.astype(self.host_dtypes[k][j])
-        row_of = np.asarray(arrays["row_of"], np.int64)
+            for j in range(len(tables)):
+                self.apply_rows(size, f"s{k}_l{j}", rows, np.asarray(arrays[f"s{k}_l{j}"]))
+        self.apply_row_of(size, np.asarray(arrays["row_of"], np.int64))
+
+    def apply_rows(self, size: int, name: str | None, rows: np.ndarray,
+                   values: np.ndarray) -> None:
+        """Writes part of a delta: `values[i]` (stored dtype) into row `rows[i]` of the
+        table `name` (`s{k}_l{j}`), after growing the tables to `size` rows (`name`
+        None: only that)."""
+        self.pending = None
+        self._grow(size)
+        if name is None:
+            return
+        k, j = (int(x[1:]) for x in name.split("_"))
+        if not (k < len(self.tables) and j < len(self.tables[k])):
+            raise ValueError(f"client store delta: {name} is no table of this store")
+        if self.host_dtypes[k][j] == np.dtype(ml_dtypes.bfloat16):
+            values = values.view(ml_dtypes.bfloat16)
+        want = (rows.shape[0],) + self.shapes[k][j]
+        if values.shape != want:
+            raise ValueError(f"client store delta: {name} has shape {values.shape}, "
+                             f"expected {want}")
+        self.tables[k][j][rows] = values.astype(self.host_dtypes[k][j])
+
+    def apply_row_of(self, size: int, row_of: np.ndarray) -> None:
+        """Ends applying a delta: its position -> row map and rows in use."""
         self.row_of = np.full(max(row_of.shape[0], MIN_CAPACITY), -1, np.int64)
         self.row_of[:row_of.shape[0]] = row_of
         self.size = size

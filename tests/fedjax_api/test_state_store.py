@@ -39,7 +39,9 @@ def device_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend", ["host", "disk"])
-def test_resume_equals_uninterrupted_and_device(tmp_path, backend, device_run):
+def test_resume_equals_uninterrupted_and_device(tmp_path, backend, device_run, monkeypatch):
+    # Deltas are written and read a row at a time (the chunked path of a large store).
+    monkeypatch.setattr(state_store, "CHUNK_BYTES", 1)
     cfg = config.resolve(NAME, client_store=backend, out=str(tmp_path / "cut"), **OPTIONS)
     exp = Experiment.from_config(cfg)
 

@@ -147,3 +147,23 @@ def test_attach_rejects_bad_values():
         client_store.attach({}, StoreSpec("ssd"))
     with pytest.raises(ValueError, match="choose one of: f32, bf16"):
         client_store.attach({}, StoreSpec("host", dtype="fp8"))
+
+
+def test_file_table_reads_writes_and_grows_without_mapping(tmp_path):
+    """A disk table: rows written by index read back exactly; growing keeps them (no
+    copy) and new rows read as zeros; out-of-range rows are refused."""
+    with open(tmp_path / "t.bin", "w+b") as f:
+        t = client_store.FileTable(f.fileno(), 4, (2, 3), np.float32)
+        assert t.shape == (4, 2, 3) and t.nbytes == 4 * 24
+        a = np.arange(12, dtype=np.float32).reshape(2, 2, 3)
+        t[np.array([3, 1])] = a
+        np.testing.assert_array_equal(t[np.array([1, 3])], a[::-1])
+        np.testing.assert_array_equal(t[0], np.zeros((2, 3), np.float32))
+        t.resize(16)
+        assert (tmp_path / "t.bin").stat().st_size == 16 * 24
+        np.testing.assert_array_equal(t[3], a[0])
+        np.testing.assert_array_equal(t[15], np.zeros((2, 3), np.float32))
+        t[15] = 7.0
+        assert t[15].sum() == 42.0
+        with pytest.raises(IndexError):
+            t[16]
