@@ -44,13 +44,13 @@ bench: $(VENV)/.installed-test
 # drawn from benchmarks/results/femnist_accuracy.json and summary.json. RERUN=1 reruns the
 # experiments first: FedAvg on the FEMNIST LEAF sample with fedjax-sim and with FedJAX 0.0.17
 # (2 seeds each; FEDJAX_PYTHON is a venv with fedjax==0.0.17, see docs/benchmarks.md; about
-# 30 min on 2 busy cores), then the speed benchmarks (`make bench`, 11-20 min).
+# 20 min on 2 cores), then the speed benchmarks (`make bench`, 11-20 min).
 FEDJAX_PYTHON ?= /tmp/venv-fedjax/bin/python
 FEMNIST_DATA ?= ../shared/femnist_leaf_sample
 .PHONY: figures
 figures: $(VENV)/.installed-test
 ifdef RERUN
-	$(PY) -m benchmarks.femnist_accuracy --data $(FEMNIST_DATA) --fedjax-python $(FEDJAX_PYTHON) --jobs 4
+	$(PY) -m benchmarks.femnist_accuracy --data $(FEMNIST_DATA) --fedjax-python $(FEDJAX_PYTHON) --jobs 2
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 endif
 	$(PY) -m benchmarks.figures

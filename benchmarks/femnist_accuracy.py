@@ -19,7 +19,7 @@ Runs the four runs (2 seeds x 2 frameworks), `--jobs` at a time, writes
 (mean over seeds, band = min..max). `--plot-only` redraws from the JSON.
 
 Example:
-  python -m benchmarks.femnist_accuracy --data /work/shared/femnist_leaf_sample --rounds 30 --jobs 4
+  python -m benchmarks.femnist_accuracy --data /work/shared/femnist_leaf_sample --jobs 2
   python -m benchmarks.femnist_accuracy --plot-only
 """
 
@@ -212,14 +212,14 @@ def main(argv=None) -> None:
                     help="LEAF FEMNIST folder with train/ and test/")
     ap.add_argument("--fedjax-python", default="/tmp/venv-fedjax/bin/python",
                     help="python of a venv with fedjax==0.0.17 (docs/benchmarks.md)")
-    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--frameworks", nargs="+", default=["fedjax-sim", "fedjax-0.0.17"])
     ap.add_argument("--clients-per-round", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--client-lr", type=float, default=0.1)
     ap.add_argument("--server-lr", type=float, default=1.0)
-    ap.add_argument("--eval-every", type=int, default=3)
+    ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--jobs", type=int, default=1, help="runs at the same time")
     ap.add_argument("--workdir", default="", help="where the runs write (default: a temp dir)")
     ap.add_argument("--json-out", default=str(RESULTS))
