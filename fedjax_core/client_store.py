@@ -224,8 +224,9 @@ def choose_backend(population: int, row_nbytes: int, device_free: int | None,
     if device_free is not None and need <= DEVICE_FRACTION * device_free:
         return Choice("device", f"per-client state {gib(need)} fits the device "
                                 f"({gib(device_free)} free)")
-    where = (f"per-client state of {population} clients x {row_nbytes / 2**20:.2f} MiB = "
-             f"{gib(need)}")
+    row = (f"{row_nbytes / 2**20:.2f} MiB" if row_nbytes >= 2**20
+           else f"{row_nbytes / 2**10:.1f} KiB")
+    where = f"per-client state of {population} clients x {row} = {gib(need)}"
     dev = "unknown" if device_free is None else gib(device_free)
     if host_free is not None and need <= HOST_FRACTION * host_free:
         return Choice("host", f"{where} exceeds {DEVICE_FRACTION:.0%} of free device memory "

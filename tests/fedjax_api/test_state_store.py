@@ -93,7 +93,7 @@ def test_auto_choice_and_note():
     spec, note = state_store.choose("auto", "f32", shape, 5 * 10**6, None, 16 * gib, 64 * gib)
     assert spec.backend == "host" and note is not None and note.startswith("client store: host")
     spec, note = state_store.choose("auto", "bf16", shape, 10**8, None, 16 * gib, 64 * gib)
-    assert spec.backend == "disk" and spec.dtype == "bf16" and "memory-mapped" in str(note)
+    assert spec.backend == "disk" and spec.dtype == "bf16" and "in a file on disk" in str(note)
     with pytest.raises(ConfigError, match="needs --client-store host or disk"):
         state_store.choose("device", "bf16", shape, 10, None)
 
