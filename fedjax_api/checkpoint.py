@@ -139,7 +139,7 @@ def save(run_dir: Path, round_num: int, state: PyTree, meta: dict, keep: int = 3
             np.savez(f, allow_pickle=False, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        size, sha256 = _digest(npz_tmp)
+        size, sha256 = file_digest(npz_tmp)
         os.replace(npz_tmp, npz_path)
         npz_renamed = True
         atomic.fsync_dir(ckpt_dir)
@@ -228,7 +228,8 @@ def _jsonable(x):
     raise TypeError(f"meta holds a {type(x).__name__}, which is not JSON")
 
 
-def _digest(path: Path) -> tuple[int, str]:
+def file_digest(path: Path) -> tuple[int, str]:
+    """`(bytes, sha256 hex)` of a file, read in chunks."""
     h, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -418,7 +419,7 @@ def _read_verified(manifest_path: Path, manifest: dict, round_num: int,
 
     npz_path = manifest_path.with_suffix(".npz")
     try:
-        size, sha256 = _digest(npz_path)
+        size, sha256 = file_digest(npz_path)
     except FileNotFoundError:
         raise _Invalid(f"missing {npz_path.name}") from None
     except OSError as e:

@@ -17,7 +17,6 @@ Example:
   >>> note   # "client store: disk (per-client state of 342477 clients x 16.00 MiB = ...)"
 """
 
-import hashlib
 import json
 import os
 import re
@@ -141,7 +140,7 @@ def save_delta(run_dir: Path, round_num: int, host: HostStore, version: int,
     path = _delta_dir(run_dir) / name
     with atomic.replace(path) as f:
         _write_npz(f, arrays)
-    size, digest = _digest(path)
+    size, digest = checkpoint.file_digest(path)
     host.mark_saved(arrays["rows"])
     entry = {"round": round_num, "file": name, "bytes": size, "sha256": digest,
              "rows": int(arrays["rows"].shape[0])}
@@ -170,16 +169,6 @@ def _write_npz(f, arrays: dict[str, Any]) -> None:
                 for a in range(0, n, step):
                     chunk = np.ascontiguousarray(value.read(a, min(n, a + step)), value.dtype)
                     out.write(chunk.tobytes())
-
-
-def _digest(path: Path) -> tuple[int, str]:
-    """`(bytes, sha256 hex)` of a file, read in chunks."""
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK_BYTES):
-            h.update(block)
-            size += len(block)
-    return size, h.hexdigest()
 
 
 def _apply_npz(path: Path, host: HostStore) -> None:
@@ -230,7 +219,7 @@ def restore(run_dir: Path, round_num: int, host: HostStore, listed: dict) -> lis
         try:
             if path.is_symlink():
                 raise OSError("is a link")
-            size, digest = _digest(path)
+            size, digest = checkpoint.file_digest(path)
         except OSError as e:
             raise checkpoint.CheckpointError(
                 f"client store delta {path} of the checkpoint of round {round_num} is "
