@@ -173,7 +173,9 @@ def find_index(state: PyTree) -> ClientIndex | None:
     return found[0] if found else None
 
 
-def _pow2(n: int) -> int:
+def capacity_for(n: int) -> int:
+    """The capacity a store or index grows to for `n` rows: the least power of two
+    `MIN_CAPACITY * 2**k >= n` (host and device stores grow alike)."""
     cap = MIN_CAPACITY
     while cap < n:
         cap *= 2
@@ -229,9 +231,9 @@ def fit(state: PyTree, client_index) -> PyTree:
         need_rows = have < used + int(np.sum(positions >= 0))
     if not (need_index or need_rows):
         return state
-    state = grow_index(state, _pow2(2 * (largest + 1)))
+    state = grow_index(state, capacity_for(2 * (largest + 1)))
     if need_rows:
-        state = grow(state, _pow2(used + int(np.sum(positions >= 0))))
+        state = grow(state, capacity_for(used + int(np.sum(positions >= 0))))
     return state
 
 

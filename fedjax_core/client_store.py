@@ -45,6 +45,7 @@ Example:
 import os
 import threading
 from pathlib import Path
+from time import perf_counter as _now
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -58,6 +59,7 @@ from fedjax_core.client_state import (
     NO_ROW,
     ClientIndex,
     ClientStore,
+    capacity_for,
 )
 from fedjax_core.typing import PyTree
 
@@ -237,13 +239,6 @@ def choose_backend(population: int, row_nbytes: int, device_free: int | None,
                           "keeping it in a file on disk")
 
 
-def _pow2(n: int) -> int:
-    cap = MIN_CAPACITY
-    while cap < n:
-        cap *= 2
-    return cap
-
-
 class _Pending(NamedTuple):
     """A dispatched round's rows, still on the device: `tables[k]` is store k's
     cohort-sized table; local row j < `len(rows)` is population row `rows[j]`."""
@@ -407,7 +402,7 @@ class HostStore:
         """Tables (and the dirty mask) with room for `rows` rows (capacity doubling)."""
         if rows <= self.capacity:
             return
-        cap = _pow2(rows)
+        cap = capacity_for(rows)
         for k in range(len(self.treedefs)):
             for j, (shape, dtype) in enumerate(zip(self.shapes[k], self.host_dtypes[k])):
                 if self.spec.backend == "disk":
@@ -457,7 +452,7 @@ class HostStore:
         real = positions >= 0
         largest = int(positions.max(initial=-1))
         if largest >= self.row_of.shape[0]:
-            grown = np.full(_pow2(2 * (largest + 1)), -1, np.int64)
+            grown = np.full(capacity_for(2 * (largest + 1)), -1, np.int64)
             grown[:self.row_of.shape[0]] = self.row_of
             self.row_of = grown
         ids, first = np.unique(positions[real], return_index=True)
@@ -682,11 +677,6 @@ class HostStore:
         self.sizes = {version: self.size}
         self.dirty[:] = False
         self.pending = None
-
-
-def _now() -> float:
-    import time
-    return time.perf_counter()
 
 
 def _make_store_dir(directory) -> Path:
