@@ -16,8 +16,20 @@ $(VENV)/.installed-%: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[$*]"
 	touch $@
 
+# The optional native CPU kernels (fedjax_core/models/native): with cmake and a C++ compiler
+# on PATH, installs the [native] extra (oneDNN) and compiles the kernels (again only when a
+# source changed); otherwise one line says the pure-JAX path is used. Never fails the build.
+.PHONY: native
+native: | $(PY)
+	@if command -v cmake >/dev/null && { command -v c++ || command -v g++; } >/dev/null; then \
+	  $(MAKE) --no-print-directory $(VENV)/.installed-native && $(PY) -m fedjax_core.models.native.build \
+	    || echo "fedjax-sim: native CPU kernels not installed; using the pure-JAX path"; \
+	else \
+	  echo "fedjax-sim: native CPU kernels not built (no cmake or C++ compiler); using the pure-JAX path"; \
+	fi
+
 # The default experiment, offline: FedAvg on Shakespeare's plays, short enough for 2 CPU cores.
-run: $(VENV)/.installed-plays
+run: $(VENV)/.installed-plays native
 	rm -rf runs/make-run
 	$(VENV)/bin/fedjax run shakespeare-plays --rounds $(ROUNDS) --eval-every 30 --out runs/make-run
 
@@ -28,7 +40,7 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 	PYRIGHT_PYTHON_IGNORE_WARNINGS=1 $(VENV)/bin/pyright --pythonpath $(PY)
 
-test: lint
+test: lint native
 	$(PY) -m pytest -q
 
 # The documentation site, built strictly (a broken link or a bad docstring reference fails).
@@ -63,4 +75,4 @@ dist-check:
 	PYTHON=$(PYTHON) scripts/check_dist.sh
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache site
+	rm -rf $(VENV) runs .pytest_cache site fedjax_core/models/native/lib

@@ -4,10 +4,12 @@ Each layer is a pair of plain functions: `<layer>_init(key, ...) -> params` (a d
 arrays) and `<layer>(params, x, ...) -> y`. Initialisers follow haiku's defaults, so
 parameter counts and initial scales match FedJAX's haiku models.
 
-Convolutions have two implementations (see `conv2d`): `lax.conv_general_dilated`, and
-im2col (patches gathered by slicing, then one matmul). The second exists because on
+Convolutions have three implementations (see `conv2d`): `lax.conv_general_dilated`;
+im2col (patches gathered by slicing, then one matmul); and the native oneDNN kernels of
+`fedjax_core.models.native` (an optional C++ extension). The last two exist because on
 XLA:CPU the kernel-gradient of `lax.conv_general_dilated` is 25-50x slower inside
-`lax.scan` / `fori_loop` / `while_loop` (jax-ml/jax#12868).
+`lax.scan` / `fori_loop` / `while_loop` (jax-ml/jax#12868); the native one also skips the
+patch matrix that im2col writes and reads.
 
 The layers multiply and draw dropout masks through a `Kernels` record that the model
 chooses when it is built (`emnist_cnn(kernels="auto" | "plain" | "cpu")`), never through
@@ -25,10 +27,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fedjax_core.models import cpu_kernels
+from fedjax_core.models import cpu_kernels, native
+from fedjax_core.models.native import conv as native_conv
 from fedjax_core.typing import Array, ArrayLike, Float, Int, PRNGKey
 
-ConvImpl = Literal["auto", "lax", "im2col"]
+ConvImpl = Literal["auto", "lax", "im2col", "native"]
 
 # haiku's VarianceScaling(..., "truncated_normal") divides the stddev by the stddev
 # of a standard normal truncated to [-2, 2], so that the samples have the intended
@@ -48,17 +51,17 @@ def _truncated_normal(key: PRNGKey, shape: Sequence[int], stddev: float,
 class Kernels(NamedTuple):
     """The implementations behind a model's layers, chosen once when the model is built.
 
-    Three operations have a plain form and a faster form with a hand-written VJP. A model
+    Four operations have a plain form and a faster form with a hand-written VJP. A model
     factory takes `kernels=` (`"auto"`, `"plain"`, `"cpu"` or a `Kernels`), resolves it
     with `resolve_kernels` when it is called, and passes the record to its layers; nothing
     is switched globally, and two models with different kernels live side by side.
 
-    | choice | `matmul` | `bernoulli` | `lstm_custom_vjp` | `jax.jvp` |
-    | --- | --- | --- | --- | --- |
-    | `Kernels.plain()` | `jnp.dot` | `jax.random.bernoulli` | False | yes |
-    | `Kernels.cpu()` | `cpu_kernels.matmul` | `cpu_kernels.bernoulli` | True | no |
-    | `"auto"`, CPU backend | as `cpu()` | | | no |
-    | `"auto"`, other backends | `jnp.dot` | `jax.random.bernoulli` | True | not through LSTMs |
+    | choice | `matmul` | `bernoulli` | `lstm_custom_vjp` | `native_conv` | `jax.jvp` |
+    | --- | --- | --- | --- | --- | --- |
+    | `Kernels.plain()` | `jnp.dot` | `jax.random.bernoulli` | False | False | yes |
+    | `Kernels.cpu()` | `cpu_kernels.matmul` | `cpu_kernels.bernoulli` | True | `native.available()` | no |
+    | `"auto"`, CPU backend | as `cpu()` | | | | no |
+    | `"auto"`, other backends | `jnp.dot` | `jax.random.bernoulli` | True | False | not through LSTMs |
 
     Every choice gives the same values up to float summation order, and the same dropout
     bits. Every choice supports reverse mode, `vmap`, and second derivatives through the
@@ -74,6 +77,9 @@ class Kernels(NamedTuple):
       bernoulli: `bernoulli(key, p, shape) -> Bool[shape]`, dropout's keep mask.
       lstm_custom_vjp: whether the models run `lstm_unroll` with its hand-written
         back-propagation through time (`custom_vjp=True`) instead of autodiff of the scan.
+      native_conv: whether `conv2d(impl="auto")` runs the native oneDNN kernels
+        (`fedjax_core.models.native.conv`) on a CPU backend; `Kernels.cpu()` sets it when
+        they are built, load and `FEDJAX_NATIVE` is not `0`.
 
     Example:
       >>> model = emnist_cnn(kernels="plain")          # jax.jvp / jax.hessian work
@@ -84,6 +90,7 @@ class Kernels(NamedTuple):
     matmul: Callable[[Array, Array], Array]
     bernoulli: Callable[[PRNGKey, float, tuple[int, ...]], Array]
     lstm_custom_vjp: bool
+    native_conv: bool = False
 
     @staticmethod
     def plain(lstm_custom_vjp: bool = False) -> "Kernels":
@@ -105,14 +112,16 @@ class Kernels(NamedTuple):
                        lstm_custom_vjp=bool(lstm_custom_vjp))
 
     @staticmethod
-    def cpu(lstm_custom_vjp: bool = True) -> "Kernels":
-        """The XLA:CPU kernels: `cpu_kernels.matmul`, `cpu_kernels.bernoulli`, the LSTM's VJP.
+    def cpu(lstm_custom_vjp: bool = True, native_conv: bool | None = None) -> "Kernels":
+        """The CPU kernels: `cpu_kernels.matmul` and `.bernoulli`, the LSTM's VJP, native conv.
 
         Same values as `plain()` (up to float summation order; the same dropout bits),
         faster training steps on XLA:CPU; no `jax.jvp` / `jax.jacfwd` on the model.
 
         Args:
           lstm_custom_vjp: run `lstm_unroll` with its hand-written gradient.
+          native_conv: run `conv2d(impl="auto")` on the native oneDNN kernels; None (the
+            default) for `native.available()`, which loads them on first use.
 
         Returns:
           A `Kernels`.
@@ -121,8 +130,10 @@ class Kernels(NamedTuple):
           >>> Kernels.cpu().matmul is cpu_kernels.matmul
           True
         """
+        if native_conv is None:
+            native_conv = native.available()
         return Kernels(matmul=cpu_kernels.matmul, bernoulli=cpu_kernels.bernoulli,
-                       lstm_custom_vjp=bool(lstm_custom_vjp))
+                       lstm_custom_vjp=bool(lstm_custom_vjp), native_conv=bool(native_conv))
 
 
 KernelChoice = Union[Literal["auto", "plain", "cpu"], Kernels]
@@ -257,12 +268,19 @@ def conv2d_init(key: PRNGKey, in_channels: int, out_channels: int,
     return {"w": w, "b": jnp.zeros((out_channels,), dtype)}
 
 
-def _resolve_conv_impl(impl: ConvImpl, train: bool) -> str:
-    if impl == "auto":
-        return "im2col" if (train and jax.default_backend() == "cpu") else "lax"
-    if impl not in ("lax", "im2col"):
-        raise ValueError(f"conv impl must be 'auto', 'lax' or 'im2col', got {impl!r}")
-    return impl
+def _resolve_conv_impl(impl: ConvImpl, train: bool, kernels: "Kernels", dtype) -> str:
+    """The convolution `conv2d(impl=...)` runs: `"lax"`, `"im2col"` or `"native"`."""
+    if impl not in ("auto", "lax", "im2col", "native"):
+        raise ValueError(f"conv impl must be 'auto', 'lax', 'im2col' or 'native', got {impl!r}")
+    if impl != "auto":
+        return impl
+    if jax.default_backend() != "cpu":
+        return "lax"
+    # The native kernels take float32, and bfloat16 where the CPU has bf16 instructions.
+    if kernels.native_conv and (dtype == jnp.float32
+                                or (dtype == jnp.bfloat16 and native.has_bf16())):
+        return "native"
+    return "im2col" if train else "lax"
 
 
 def im2col_patches(x: Float[ArrayLike, "B H W C"], kh: int, kw: int,
@@ -299,39 +317,62 @@ def im2col_patches(x: Float[ArrayLike, "B H W C"], kh: int, kw: int,
 def conv2d(params: dict[str, Array], x: Float[ArrayLike, "B H W C"], *,
            impl: ConvImpl = "auto", train: bool = False,
            strides: tuple[int, int] = (1, 1),
+           padding: str | Sequence[tuple[int, int]] = "VALID",
            kernels: Kernels | None = None) -> Float[Array, "B Ho Wo O"]:
-    """A 2-D convolution with 'VALID' padding, NHWC input, HWIO kernel.
+    """A 2-D convolution, NHWC input, HWIO kernel, `'VALID'` padding unless told otherwise.
 
-    `y[b, y, x, o] = b[o] + sum_{i, j, c} x[b, y*sy + i, x*sx + j, c] * w[i, j, c, o]`.
+    `y[b, y, x, o] = b[o] + sum_{i, j, c} xp[b, y*sy + i, x*sx + j, c] * w[i, j, c, o]`,
+    `xp` = `x` zero-padded by `padding`.
+
+    Three implementations compute it, equal up to float summation order:
+
+    | impl | how | chosen by `"auto"` |
+    | --- | --- | --- |
+    | `"native"` | oneDNN's direct convolution through XLA's FFI (`native.conv`) | on CPU, when `kernels.native_conv` and the dtype is f32 (or bf16 on a CPU with bf16 instructions) |
+    | `"im2col"` | patches gathered by slicing, one `kernels.matmul` | otherwise on CPU when `train` |
+    | `"lax"` | `lax.conv_general_dilated` | otherwise |
 
     Args:
       params: from `conv2d_init`.
       x: `Float[Array, "B H W C"]`.
-      impl: `"lax"` (`lax.conv_general_dilated`), `"im2col"` (slice patches, one
-        matmul; fast for training inside XLA:CPU loops), or `"auto"`: im2col when
-        `train` and the default backend is CPU, else lax.
+      impl: `"auto"` (see the table), `"native"`, `"im2col"` or `"lax"`.
       train: whether this is a training pass (only used by `impl="auto"`).
       strides: `(sy, sx)`.
-      kernels: the model's `Kernels`, whose `matmul` the im2col form uses; None for
-        `Kernels.plain()`.
+      padding: `"VALID"`, `"SAME"` (as `lax.conv_general_dilated`: `Ho = ceil(H / sy)`, the
+        odd pixel after) or `((top, bottom), (left, right))`.
+      kernels: the model's `Kernels` (the im2col form multiplies with its `matmul`;
+        `native_conv` enables the native form); None for `Kernels.plain()`.
 
     Returns:
-      `Float[Array, "B Ho Wo O"]`, `Ho = (H - kh) // sy + 1`.
+      `Float[Array, "B Ho Wo O"]`, `Ho = (H + top + bottom - kh) // sy + 1`.
+
+    Raises:
+      ValueError: an unknown `impl` or `padding`.
+      RuntimeError: `impl="native"` when the native kernels are unavailable.
 
     Example:
       >>> p = conv2d_init(jax.random.key(0), 1, 32)
       >>> conv2d(p, jnp.ones((2, 28, 28, 1)), impl="im2col").shape
       (2, 26, 26, 32)
+      >>> conv2d(p, jnp.ones((2, 28, 28, 1)), padding="SAME").shape
+      (2, 28, 28, 32)
     """
     w, bias = params["w"], params["b"]
     kh, kw, cin, cout = w.shape
     x = jnp.asarray(x)
-    if _resolve_conv_impl(impl, train) == "lax":
-        y = lax.conv_general_dilated(x, w, window_strides=strides, padding="VALID",
+    kernels = _kernels(kernels)
+    pads = native_conv.explicit_padding(padding, x.shape[1:3], (kh, kw), strides)
+    chosen = _resolve_conv_impl(impl, train, kernels, x.dtype)
+    if chosen == "native":
+        y = native_conv.conv2d(x, w, strides, pads)
+    elif chosen == "lax":
+        y = lax.conv_general_dilated(x, w, window_strides=strides, padding=pads,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     else:
+        if pads != ((0, 0), (0, 0)):
+            x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
         patches = im2col_patches(x, kh, kw, strides)
-        y = _kernels(kernels).matmul(patches, w.reshape(kh * kw * cin, cout))
+        y = kernels.matmul(patches, w.reshape(kh * kw * cin, cout))
     return y + bias
 
 

@@ -99,15 +99,9 @@ def conv_same(w: Array, x: Float[ArrayLike, "B H W C"], stride: int = 1, *,
     Returns:
       `Float[Array, "B Ho Wo O"]`.
     """
-    x = jnp.asarray(x)
-    k = w.shape[0]
-    ph = _same_pads(x.shape[1], k, stride)
-    pw = _same_pads(x.shape[2], k, stride)
-    if ph != (0, 0) or pw != (0, 0):
-        x = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
     zero_bias = jnp.zeros((), w.dtype)
     return nn.conv2d({"w": w, "b": zero_bias}, x, impl=impl, train=train,
-                     strides=(stride, stride), kernels=kernels)
+                     strides=(stride, stride), padding="SAME", kernels=kernels)
 
 
 def max_pool_same(x: Float[ArrayLike, "B H W C"], window: int = 3,

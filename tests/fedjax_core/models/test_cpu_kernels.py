@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_core.models import cpu_kernels, nn
+from fedjax_core.models import cpu_kernels, native, nn
 from fedjax_core.models.base import masked_mean_loss
 from fedjax_core.models.emnist_cnn import emnist_cnn
 from fedjax_core.models.linear import mlp
@@ -30,8 +30,11 @@ def _tree_vdot(a, b):
 
 
 def test_resolve_kernels_names_and_auto_by_backend():
-    assert nn.Kernels.plain() == (jnp.dot, jax.random.bernoulli, False)
-    assert nn.Kernels.cpu() == (cpu_kernels.matmul, cpu_kernels.bernoulli, True)
+    assert nn.Kernels.plain() == (jnp.dot, jax.random.bernoulli, False, False)
+    # The native convolution is on exactly when its library loads (FEDJAX_NATIVE=0 turns it off).
+    assert nn.Kernels.cpu() == (cpu_kernels.matmul, cpu_kernels.bernoulli, True,
+                                native.available())
+    assert nn.Kernels.cpu(native_conv=False).native_conv is False
     assert nn.resolve_kernels("plain") == nn.Kernels.plain()
     assert nn.resolve_kernels("cpu") == nn.Kernels.cpu()
     assert nn.resolve_kernels("auto", backend="cpu") == nn.Kernels.cpu()

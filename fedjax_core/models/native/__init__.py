@@ -1,0 +1,114 @@
+"""Native CPU kernels (oneDNN through XLA's FFI), optional, with the pure-JAX path as fallback.
+
+fedjax-sim's layers are pure JAX. On CPUs, some of them have faster native forms: C++
+handlers over oneDNN (Intel's deep-learning kernel library, the CPU backend of PyTorch and
+TensorFlow) that XLA:CPU calls through its foreign-function interface (`jax.ffi`). They
+live in one shared library, built from `src/` by `python -m fedjax_core.models.native.build`
+(`make run` / `make test` build it when cmake, a C++ compiler and the `[native]` extra's
+oneDNN are present).
+
+| module | kernel | replaces |
+| --- | --- | --- |
+| `native.conv` | `conv2d` forward, input and weight gradients, f32 / bf16 | im2col and `lax.conv` on CPU |
+
+This module finds and loads the library and registers its handlers with JAX, once, the
+first time `available()` is asked. The layers never call it by themselves: a model's
+`nn.Kernels` record says whether it uses native kernels (`Kernels.cpu()` does when
+`available()`), chosen when the model is built.
+
+The native path is off when:
+- the library is not built (no compiler, no oneDNN: `pip install -e '.[native]'` then
+  `python -m fedjax_core.models.native.build`), or oneDNN cannot be loaded;
+- `FEDJAX_NATIVE=0` is set in the environment (read once, at the first `available()`);
+- JAX's default backend is not CPU (the models then take the XLA path).
+
+Example:
+  >>> from fedjax_core.models import native
+  >>> native.available(), native.reason()  # doctest: +SKIP
+  (True, 'loaded .../libfedjax_native.so (oneDNN 3.13, bf16: yes)')
+"""
+
+import ctypes
+import os
+import threading
+from pathlib import Path
+
+import jax
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+LIBRARY = PACKAGE_DIR / "lib" / "libfedjax_native.so"
+"""Where `build` writes the library (git-ignored)."""
+
+_lock = threading.Lock()
+_state: dict = {}
+
+# The FFI targets of the library: name in JAX -> handler symbol.
+_TARGETS = {
+    "fedjax_conv2d_forward": "FedjaxConv2dForward",
+    "fedjax_conv2d_backward_data": "FedjaxConv2dBackwardData",
+    "fedjax_conv2d_backward_weights": "FedjaxConv2dBackwardWeights",
+}
+
+
+def _load() -> dict:
+    """Loads the library and registers its targets once; returns the state record."""
+    with _lock:
+        if _state:
+            return _state
+        if os.environ.get("FEDJAX_NATIVE", "1").strip() == "0":
+            _state.update(ok=False, reason="off (FEDJAX_NATIVE=0)")
+            return _state
+        if not LIBRARY.is_file():
+            _state.update(ok=False, reason=(
+                "not built (pip install -e '.[native]', then python -m "
+                "fedjax_core.models.native.build)"))
+            return _state
+        try:
+            lib = ctypes.CDLL(str(LIBRARY))
+        except OSError as error:
+            _state.update(ok=False, reason=f"cannot be loaded ({error})")
+            return _state
+        for name, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
+        bf16 = bool(lib.fedjax_native_has_bf16())
+        _state.update(ok=True, lib=lib, bf16=bf16, reason=(
+            f"loaded {LIBRARY} (bf16 kernels: {'yes' if bf16 else 'emulated or none'})"))
+        return _state
+
+
+def available() -> bool:
+    """Whether the native kernels are loaded and on (see the module docstring).
+
+    Returns:
+      True when the library is built, loads, and `FEDJAX_NATIVE` is not `0`.
+
+    Example:
+      >>> isinstance(available(), bool)
+      True
+    """
+    return bool(_load()["ok"])
+
+
+def has_bf16() -> bool:
+    """Whether the CPU runs the native kernels' bfloat16 paths in hardware (AVX512_BF16, AMX).
+
+    Returns:
+      False when the native kernels are unavailable.
+
+    Example:
+      >>> has_bf16() in (True, False)
+      True
+    """
+    state = _load()
+    return bool(state["ok"] and state["bf16"])
+
+
+def reason() -> str:
+    """One line saying whether the native kernels are used, and why not when they are not.
+
+    Example:
+      >>> isinstance(reason(), str)
+      True
+    """
+    return str(_load()["reason"])

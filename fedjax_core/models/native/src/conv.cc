@@ -1,0 +1,297 @@
+// conv2d through oneDNN: forward, input gradient and weight gradient as XLA FFI handlers.
+//
+// Layouts are JAX's: input NHWC, kernel HWIO, output NHWC. Explicit paddings (top, bottom,
+// left, right) and strides are attributes; the Python side (fedjax_core/models/native/
+// conv.py) turns "VALID" / "SAME" into paddings. f32 and bf16 buffers are accepted; each
+// buffer keeps its own type (bf16 inputs with an f32 weight gradient, for example).
+//
+// Batching (jax.vmap): the handlers are registered with vmap_method="expand_dims", so a
+// vmapped call arrives with L extra leading axes on every operand (size 1 where that
+// operand is not batched). Where the kernel is shared (its leading axes are all 1) the
+// forward and input-gradient fold the leading axes into the batch N: one convolution.
+// Otherwise each leading index runs its own convolution, with size-1 axes broadcast.
+//
+// Primitives are built once per shape (PlanCache). oneDNN picks the kernel's internal
+// layout (format_tag::any); the HWIO kernel is reordered to it on each call, which for a
+// 3x3x32x64 kernel is 18K elements.
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace fedjax_native {
+namespace {
+
+using dnnl::memory;
+using tag = memory::format_tag;
+
+enum class ConvKind { kForward, kBackwardData, kBackwardWeights };
+
+struct ConvShape {
+  int64_t n, h, w, c, o, kh, kw, ho, wo;
+  int64_t sh, sw, pt, pb, pl, pr;
+};
+
+struct ConvPlan {
+  dnnl::primitive primitive;
+  memory::desc src_md, weights_md, dst_md;  // the user (NHWC / HWIO) layouts
+  memory::desc inner_weights_md;            // the primitive's weights layout
+  bool reorder = false;
+  dnnl::primitive weights_reorder;  // HWIO -> inner (fwd, bwd data) or inner -> HWIO (bwd weights)
+  size_t scratch_bytes = 0;
+};
+
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+// Builds the primitive of one convolution kind; types are (src, weights, dst) in the
+// forward sense: for kBackwardData src is the input gradient, for kBackwardWeights
+// weights is the weight gradient.
+ConvPlan MakePlan(ConvKind kind, const ConvShape& s, memory::data_type src_t,
+                  memory::data_type wei_t, memory::data_type dst_t) {
+  auto& engine = Engine();
+  ConvPlan plan;
+  plan.src_md = memory::desc({s.n, s.c, s.h, s.w}, src_t, tag::nhwc);
+  plan.weights_md = memory::desc({s.o, s.c, s.kh, s.kw}, wei_t, tag::hwio);
+  plan.dst_md = memory::desc({s.n, s.o, s.ho, s.wo}, dst_t, tag::nhwc);
+  memory::desc any_weights({s.o, s.c, s.kh, s.kw}, wei_t, tag::any);
+  memory::dims strides = {s.sh, s.sw}, pad_l = {s.pt, s.pl}, pad_r = {s.pb, s.pr};
+  auto attr = UserScratchpad();
+  // The forward descriptor is also the hint the backward primitives need.
+  auto fwd = dnnl::convolution_forward::primitive_desc(
+      engine, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+      plan.src_md, any_weights, plan.dst_md, strides, pad_l, pad_r, attr);
+  size_t scratch = 0;
+  if (kind == ConvKind::kForward) {
+    plan.inner_weights_md = fwd.weights_desc();
+    plan.primitive = dnnl::convolution_forward(fwd);
+    scratch = fwd.scratchpad_desc().get_size();
+  } else if (kind == ConvKind::kBackwardData) {
+    auto bwd = dnnl::convolution_backward_data::primitive_desc(
+        engine, dnnl::algorithm::convolution_direct, plan.src_md, any_weights, plan.dst_md,
+        strides, pad_l, pad_r, fwd, attr);
+    plan.inner_weights_md = bwd.weights_desc();
+    plan.primitive = dnnl::convolution_backward_data(bwd);
+    scratch = bwd.scratchpad_desc().get_size();
+  } else {
+    auto bwd = dnnl::convolution_backward_weights::primitive_desc(
+        engine, dnnl::algorithm::convolution_direct, plan.src_md, any_weights, plan.dst_md,
+        strides, pad_l, pad_r, fwd, attr);
+    plan.inner_weights_md = bwd.diff_weights_desc();
+    plan.primitive = dnnl::convolution_backward_weights(bwd);
+    scratch = bwd.scratchpad_desc().get_size();
+  }
+  plan.reorder = plan.inner_weights_md != plan.weights_md;
+  if (plan.reorder) {
+    auto reorder_pd =
+        kind == ConvKind::kBackwardWeights
+            ? dnnl::reorder::primitive_desc(engine, plan.inner_weights_md, engine,
+                                            plan.weights_md, attr)
+            : dnnl::reorder::primitive_desc(engine, plan.weights_md, engine,
+                                            plan.inner_weights_md, attr);
+    plan.weights_reorder = dnnl::reorder(reorder_pd);
+    scratch = std::max(scratch, reorder_pd.scratchpad_desc().get_size());
+  }
+  plan.scratch_bytes = scratch;
+  return plan;
+}
+
+PlanCache<ConvPlan>& Plans() {
+  static PlanCache<ConvPlan> cache;
+  return cache;
+}
+
+// A per-thread buffer for the reordered kernel (slot 1; slot 0 is the scratchpad).
+void* WeightsBuffer(size_t bytes) {
+  thread_local std::vector<uint8_t> buffer;
+  if (buffer.size() < bytes) buffer.resize(bytes);
+  return buffer.data();
+}
+
+// Runs one convolution of `kind` on raw pointers (src, weights, dst in the forward sense).
+void RunConv(ConvKind kind, const ConvShape& s, memory::data_type src_t,
+             memory::data_type wei_t, memory::data_type dst_t, void* src, void* weights,
+             void* dst) {
+  std::string key = std::to_string(static_cast<int>(kind)) + ":" +
+                    Join({s.n, s.h, s.w, s.c, s.o, s.kh, s.kw, s.sh, s.sw, s.pt, s.pb,
+                          s.pl, s.pr}) +
+                    ":" + Join({static_cast<int64_t>(src_t), static_cast<int64_t>(wei_t),
+                                static_cast<int64_t>(dst_t)});
+  const ConvPlan& plan =
+      Plans().Get(key, [&] { return MakePlan(kind, s, src_t, wei_t, dst_t); });
+  auto& engine = Engine();
+  auto& stream = Stream();
+  memory scratch(memory::desc({static_cast<int64_t>(plan.scratch_bytes)},
+                              memory::data_type::u8, tag::a),
+                 engine, Scratchpad(plan.scratch_bytes));
+  memory src_m(plan.src_md, engine, src), dst_m(plan.dst_md, engine, dst);
+  memory user_w(plan.weights_md, engine, weights);
+  memory inner_w = plan.reorder ? memory(plan.inner_weights_md, engine,
+                                         WeightsBuffer(plan.inner_weights_md.get_size()))
+                                : user_w;
+  if (kind == ConvKind::kForward) {
+    if (plan.reorder)
+      plan.weights_reorder.execute(stream, {{DNNL_ARG_FROM, user_w},
+                                            {DNNL_ARG_TO, inner_w},
+                                            {DNNL_ARG_SCRATCHPAD, scratch}});
+    plan.primitive.execute(stream, {{DNNL_ARG_SRC, src_m},
+                                    {DNNL_ARG_WEIGHTS, inner_w},
+                                    {DNNL_ARG_DST, dst_m},
+                                    {DNNL_ARG_SCRATCHPAD, scratch}});
+  } else if (kind == ConvKind::kBackwardData) {
+    if (plan.reorder)
+      plan.weights_reorder.execute(stream, {{DNNL_ARG_FROM, user_w},
+                                            {DNNL_ARG_TO, inner_w},
+                                            {DNNL_ARG_SCRATCHPAD, scratch}});
+    plan.primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, src_m},
+                                    {DNNL_ARG_WEIGHTS, inner_w},
+                                    {DNNL_ARG_DIFF_DST, dst_m},
+                                    {DNNL_ARG_SCRATCHPAD, scratch}});
+  } else {
+    plan.primitive.execute(stream, {{DNNL_ARG_SRC, src_m},
+                                    {DNNL_ARG_DIFF_WEIGHTS, inner_w},
+                                    {DNNL_ARG_DIFF_DST, dst_m},
+                                    {DNNL_ARG_SCRATCHPAD, scratch}});
+    if (plan.reorder)
+      plan.weights_reorder.execute(stream, {{DNNL_ARG_FROM, inner_w},
+                                            {DNNL_ARG_TO, user_w},
+                                            {DNNL_ARG_SCRATCHPAD, scratch}});
+  }
+  stream.wait();
+}
+
+// The leading (vmapped) axes of a buffer of rank 4 + L.
+std::vector<int64_t> Lead(ffi::AnyBuffer::Dimensions dims, size_t lead) {
+  return std::vector<int64_t>(dims.begin(), dims.begin() + lead);
+}
+
+int64_t Product(const std::vector<int64_t>& v) {
+  int64_t p = 1;
+  for (int64_t d : v) p *= d;
+  return p;
+}
+
+// The flat index into an operand with leading shape `shape` (sizes 1 broadcast) of the
+// output's leading multi-index `index`.
+int64_t Broadcast(const std::vector<int64_t>& index, const std::vector<int64_t>& shape) {
+  int64_t flat = 0;
+  for (size_t i = 0; i < shape.size(); ++i) flat = flat * shape[i] + (shape[i] == 1 ? 0 : index[i]);
+  return flat;
+}
+
+size_t ByteWidthOf(ffi::DataType type) { return type == ffi::DataType::F32 ? 4 : 2; }
+
+// The shared body of the three handlers. The operands are, in the forward sense, the
+// image-side buffer `image` (NHWC: the input x, or the input gradient dx), the kernel-side
+// buffer `kernel` (HWIO: w, or dw) and the output-side buffer `out` (NHWC: y, or dy);
+// `result` is whichever of them the handler writes.
+ffi::Error Conv(ConvKind kind, ffi::AnyBuffer image, ffi::AnyBuffer kernel, ffi::AnyBuffer out,
+                int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  auto id = image.dimensions(), kd = kernel.dimensions(), od = out.dimensions();
+  if (id.size() < 4 || id.size() != kd.size() || id.size() != od.size())
+    return Fail("conv2d operands must have rank 4 plus the same number of vmapped axes");
+  size_t lead = id.size() - 4;
+  auto it = DnnlType(image.element_type()), kt = DnnlType(kernel.element_type()),
+       ot = DnnlType(out.element_type());
+  if (it == memory::data_type::undef || kt == memory::data_type::undef ||
+      ot == memory::data_type::undef)
+    return Fail("conv2d takes float32 or bfloat16 buffers");
+  ConvShape s{id[lead], id[lead + 1], id[lead + 2], id[lead + 3], kd[lead + 3], kd[lead],
+              kd[lead + 1], od[lead + 1], od[lead + 2], sh, sw, pt, pb, pl, pr};
+  if (kd[lead + 2] != s.c || od[lead] != s.n || od[lead + 3] != s.o ||
+      s.ho != (s.h + pt + pb - s.kh) / sh + 1 || s.wo != (s.w + pl + pr - s.kw) / sw + 1)
+    return Fail("conv2d shapes do not agree");
+  auto i_lead = Lead(id, lead), k_lead = Lead(kd, lead), o_lead = Lead(od, lead);
+  // The leading shape of the written buffer is the full (broadcast) one.
+  std::vector<int64_t> full(lead);
+  for (size_t i = 0; i < lead; ++i) full[i] = std::max({i_lead[i], k_lead[i], o_lead[i]});
+  auto* ip = static_cast<uint8_t*>(image.untyped_data());
+  auto* kp = static_cast<uint8_t*>(kernel.untyped_data());
+  auto* op = static_cast<uint8_t*>(out.untyped_data());
+  size_t i_bytes = ByteWidthOf(image.element_type()) * s.n * s.h * s.w * s.c;
+  size_t k_bytes = ByteWidthOf(kernel.element_type()) * s.kh * s.kw * s.c * s.o;
+  size_t o_bytes = ByteWidthOf(out.element_type()) * s.n * s.ho * s.wo * s.o;
+  try {
+    bool shared_kernel = Product(k_lead) == 1;
+    if (kind != ConvKind::kBackwardWeights && shared_kernel && i_lead == full &&
+        o_lead == full) {
+      // One convolution over the folded batch.
+      ConvShape folded = s;
+      folded.n = s.n * Product(full);
+      RunConv(kind, folded, it, kt, ot, ip, kp, op);
+      return ffi::Error::Success();
+    }
+    int64_t count = Product(full);
+    std::vector<int64_t> index(lead, 0);
+    for (int64_t flat = 0; flat < count; ++flat) {
+      int64_t rest = flat;
+      for (size_t i = lead; i-- > 0;) {
+        index[i] = rest % full[i];
+        rest /= full[i];
+      }
+      RunConv(kind, s, it, kt, ot, ip + Broadcast(index, i_lead) * i_bytes,
+              kp + Broadcast(index, k_lead) * k_bytes, op + Broadcast(index, o_lead) * o_bytes);
+    }
+  } catch (const dnnl::error& e) {
+    return Fail(std::string("oneDNN: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                   int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  return Conv(ConvKind::kForward, x, w, *y, sh, sw, pt, pb, pl, pr);
+}
+
+ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
+                        int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                        int64_t pr) {
+  return Conv(ConvKind::kBackwardData, *dx, w, dy, sh, sw, pt, pb, pl, pr);
+}
+
+ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                           ffi::Result<ffi::AnyBuffer> dw, int64_t sh, int64_t sw,
+                           int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  return Conv(ConvKind::kBackwardWeights, x, *dw, dy, sh, sw, pt, pb, pl, pr);
+}
+
+}  // namespace
+}  // namespace fedjax_native
+
+namespace fn = fedjax_native;
+
+#define FEDJAX_CONV_ATTRS                                                      \
+  .Attr<int64_t>("stride_h")                                                   \
+      .Attr<int64_t>("stride_w")                                               \
+      .Attr<int64_t>("pad_top")                                                \
+      .Attr<int64_t>("pad_bottom")                                             \
+      .Attr<int64_t>("pad_left")                                               \
+      .Attr<int64_t>("pad_right")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxConv2dForward, fn::Forward,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>() FEDJAX_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxConv2dBackwardData, fn::BackwardData,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>() FEDJAX_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxConv2dBackwardWeights, fn::BackwardWeights,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>() FEDJAX_CONV_ATTRS);
+
+// Whether the CPU runs oneDNN's bf16 kernels natively (AVX512_BF16 or AMX), for the
+// Python side's choice of path.
+extern "C" int fedjax_native_has_bf16() {
+  return dnnl::get_effective_cpu_isa() >= dnnl::cpu_isa::avx512_core_bf16 ? 1 : 0;
+}
