@@ -38,8 +38,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's vector-instruction flags (AVX, AVX-512, AMX, FMA, F16C) from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return sorted(flag for flag in line.split(":", 1)[1].split()
+                                  if flag.startswith(("avx", "amx", "fma", "f16c")))
+    except OSError:
+        pass
+    return []
+
+
 def machine_info() -> dict:
-    """CPU model, cores, memory, Python/JAX versions and the default backend and devices."""
+    """CPU model and vector flags, cores, memory, Python/JAX versions, the default backend
+    and devices, and whether the native CPU kernels are in use."""
     import jax
     import jaxlib.version
 
@@ -47,9 +61,12 @@ def machine_info() -> dict:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         mem = None
+    from fedjax_core.models import native
+
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {
-        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "cpus_usable": affinity,
+        "cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity, "native_kernels": native.reason(),
         "memory_gib": None if mem is None else round(mem, 1),
         "machine": platform.machine(), "python": platform.python_version(),
         "jax": jax.__version__, "jaxlib": jaxlib.version.__version__,

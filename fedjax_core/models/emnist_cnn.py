@@ -17,8 +17,9 @@ def emnist_cnn(num_classes: int = 62, conv_impl: nn.ConvImpl = "auto",
 
     Args:
       num_classes: number of classes `C` (62 for EMNIST-62).
-      conv_impl: `"auto"`, `"lax"` or `"im2col"`, see `nn.conv2d`. `"auto"` uses im2col
-        for training on CPU (fast inside `lax.scan`), `lax.conv` otherwise.
+      conv_impl: `"auto"`, `"native"`, `"lax"` or `"im2col"`, see `nn.conv2d`. `"auto"`
+        uses the native oneDNN kernels on CPU when they are built (`kernels.native_conv`),
+        else im2col for training on CPU (fast inside `lax.scan`), `lax.conv` otherwise.
       kernels: `"auto"` (the XLA:CPU kernels on a CPU backend, plain ones elsewhere),
         `"plain"` (`jnp.dot`, `jax.random.bernoulli`: forward mode such as `jax.jvp` /
         `jax.jacfwd` works too), `"cpu"`, or an `nn.Kernels`; see `nn.Kernels`.

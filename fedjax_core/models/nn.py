@@ -328,9 +328,11 @@ def conv2d(params: dict[str, Array], x: Float[ArrayLike, "B H W C"], *,
 
     | impl | how | chosen by `"auto"` |
     | --- | --- | --- |
-    | `"native"` | oneDNN's direct convolution through XLA's FFI (`native.conv`) | on CPU, when `kernels.native_conv` and the dtype is f32 (or bf16 on a CPU with bf16 instructions) |
+    | `"native"` | oneDNN's direct convolution (`native.conv`) | on CPU with `kernels.native_conv`, f32 or bf16 (1) |
     | `"im2col"` | patches gathered by slicing, one `kernels.matmul` | otherwise on CPU when `train` |
     | `"lax"` | `lax.conv_general_dilated` | otherwise |
+
+    (1) bf16 only on a CPU with bf16 instructions (`native.has_bf16()`); other dtypes never.
 
     Args:
       params: from `conv2d_init`.

@@ -27,8 +27,8 @@ bias, added to the Keras loss); use weight decay in the client optimizer if want
 The reference's dense layer ends in a softmax and trains on probabilities; this model
 returns logits and uses softmax cross-entropy, the same loss.
 
-Convolutions go through `nn.conv2d` (`conv_impl="auto"`: im2col for training on CPU,
-`lax.conv` otherwise); 'SAME' padding is explicit zero padding before a VALID conv. The
+Convolutions go through `nn.conv2d` with 'SAME' padding (`conv_impl="auto"`: the native
+oneDNN kernels on CPU when built, else im2col for training on CPU, `lax.conv` otherwise). The
 im2col products and the dense layer multiply with the model's `nn.Kernels`
 (`kernels="auto"`: the XLA:CPU kernels on a CPU backend).
 """
@@ -86,7 +86,7 @@ def conv_same(w: Array, x: Float[ArrayLike, "B H W C"], stride: int = 1, *,
     """A bias-free convolution with TensorFlow's 'SAME' padding, through `nn.conv2d`.
 
     `y = conv_valid(zero_pad(x), w)`, pads `((out - 1) * stride + k - size)` split with the
-    extra pixel after; `Ho = ceil(H / stride)`.
+    extra pixel after; `Ho = ceil(H / stride)` (`nn.conv2d(padding="SAME")`).
 
     Args:
       w: `Float[Array, "k k C O"]`.
@@ -194,7 +194,7 @@ def resnet(num_classes: int = 100, repetitions: Sequence[int] = (2, 2, 2, 2),
       groups: group norm groups (must divide `initial_filters`).
       affine: group norms with a learned per-channel scale and offset.
       in_channels: input channels.
-      conv_impl: `"auto"`, `"lax"` or `"im2col"`, see `nn.conv2d`.
+      conv_impl: `"auto"`, `"native"`, `"lax"` or `"im2col"`, see `nn.conv2d`.
       kernels: `"auto"` (the XLA:CPU kernels on a CPU backend, plain ones elsewhere),
         `"plain"` (`jnp.dot`, `jax.random.bernoulli`: forward mode such as `jax.jvp` /
         `jax.jacfwd` works too), `"cpu"`, or an `nn.Kernels`; see `nn.Kernels`.

@@ -127,7 +127,7 @@ def _shown(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line: build, print one line, exit 0 (or 1 with `--strict` on failure)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or '').strip().splitlines()[0])
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 when the library cannot be built (CI)")
     parser.add_argument("--verbose", action="store_true", help="show the compiler's output")

@@ -13,8 +13,9 @@ It runs under `jit`, `lax.scan`, `fori_loop` and `vmap`: a vmapped call with a s
 kernel folds the vmapped axes into the batch (one convolution); with per-example kernels
 it runs one convolution per vmapped index. The three kernels are JAX primitives, each
 bilinear with the others as its transposes, so every autodiff mode works: reverse, forward
-(`jax.jvp`, `jax.jacfwd`) and higher orders (`jax.hessian`). float32 and bfloat16 operands are accepted (bf16 runs oneDNN's
-AVX512_BF16 kernels where the CPU has them, see `native.has_bf16`).
+(`jax.jvp`, `jax.jacfwd`) and higher orders (`jax.hessian`). float32 and bfloat16 operands
+are accepted (bf16 runs oneDNN's AVX512_BF16 kernels where the CPU has them, see
+`native.has_bf16`).
 
 Use it through `nn.conv2d`, which picks it on CPU when the model's `nn.Kernels` say so.
 
@@ -31,6 +32,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import ShapedArray
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -152,15 +154,15 @@ def _out_hw(in_hw, kernel_hw, strides, pads):
 
 def _fwd_abstract(x, w, *, strides, pads, **_):
     ho, wo = _out_hw(x.shape[-3:-1], w.shape[-4:-2], strides, pads)
-    return jax.core.ShapedArray(_lead(x, w) + (x.shape[-4], ho, wo, w.shape[-1]), x.dtype)
+    return ShapedArray(_lead(x, w) + (x.shape[-4], ho, wo, w.shape[-1]), x.dtype)
 
 
 def _data_abstract(dy, w, *, in_hw, **_):
-    return jax.core.ShapedArray(_lead(dy, w) + (dy.shape[-4], *in_hw, w.shape[-2]), dy.dtype)
+    return ShapedArray(_lead(dy, w) + (dy.shape[-4], *in_hw, w.shape[-2]), dy.dtype)
 
 
 def _weights_abstract(x, dy, *, kernel_hw, **_):
-    return jax.core.ShapedArray(_lead(x, dy) + (*kernel_hw, x.shape[-1], dy.shape[-1]),
+    return ShapedArray(_lead(x, dy) + (*kernel_hw, x.shape[-1], dy.shape[-1]),
                                 x.dtype)
 
 
