@@ -74,6 +74,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--precisions", default="f32,bf16",
                    help="precisions to time with the native kernels (f32 always)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE,...",
+                   help="another variant with environment variables, e.g. "
+                        "'threads-all:FEDJAX_NATIVE_THREADS=0' (repeatable)")
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results)")
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else default_out()
@@ -87,6 +90,12 @@ def main(argv=None) -> int:
         fedjax = run_fedjax(args.fedjax_python, Path(args.fedjax_bench), args.rounds,
                             args.warmup, fedjax_json)
     variants = {"native": ({}, []), "fallback": ({"FEDJAX_NATIVE": "0"}, [])}
+    for spec in args.variant:
+        name, _, assignments = spec.partition(":")
+        env = dict(a.split("=", 1) for a in assignments.split(",") if "=" in a)
+        if not name or not env:
+            p.error(f"--variant {spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE...]")
+        variants[name] = (env, [])
     for precision in [q.strip() for q in args.precisions.split(",") if q.strip()]:
         if precision != "f32":
             variants[f"native-{precision}"] = ({}, ["--precision", precision])

@@ -16,6 +16,9 @@ first time `available()` is asked. The layers never call it by themselves: a mod
 `nn.Kernels` record says whether it uses native kernels (`Kernels.cpu()` does when
 `available()`), chosen when the model is built.
 
+Each kernel call runs on `FEDJAX_NATIVE_THREADS` threads (default `DEFAULT_THREADS`; 0
+for oneDNN's default of every core), read once when the library loads.
+
 The native path is off when:
 - the library is not built (no compiler, no oneDNN: `pip install -e '.[native]'` then
   `python -m fedjax_core.models.native.build`), or oneDNN cannot be loaded;
@@ -39,6 +42,12 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 LIBRARY = PACKAGE_DIR / "lib" / "libfedjax_native.so"
 """Where `build` writes the library (git-ignored)."""
 
+DEFAULT_THREADS = 1
+"""Threads per kernel call unless `FEDJAX_NATIVE_THREADS` says otherwise (0: oneDNN's
+default, every core). One: OpenMP's barriers between two threads cost more than they gain
+on the 2-core VMs measured, and collapse (10-30x slower) when other processes share the
+cores; see docs/performance.md."""
+
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -48,6 +57,15 @@ _TARGETS = {
     "fedjax_conv2d_backward_data": "FedjaxConv2dBackwardData",
     "fedjax_conv2d_backward_weights": "FedjaxConv2dBackwardWeights",
 }
+
+
+def _threads() -> int:
+    """Threads per kernel call: `FEDJAX_NATIVE_THREADS`, else `DEFAULT_THREADS` (0: all cores)."""
+    raw = os.environ.get("FEDJAX_NATIVE_THREADS", "").strip()
+    try:
+        return max(int(raw), 0) if raw else DEFAULT_THREADS
+    except ValueError:
+        return DEFAULT_THREADS
 
 
 def _load() -> dict:
@@ -71,9 +89,12 @@ def _load() -> dict:
         for name, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
                                         platform="cpu")
+        threads = _threads()
+        lib.fedjax_native_set_threads(threads)
         bf16 = bool(lib.fedjax_native_has_bf16())
-        _state.update(ok=True, lib=lib, bf16=bf16, reason=(
-            f"loaded {LIBRARY} (bf16 kernels: {'yes' if bf16 else 'emulated or none'})"))
+        _state.update(ok=True, lib=lib, bf16=bf16, threads=threads, reason=(
+            f"loaded {LIBRARY} (bf16 kernels: {'yes' if bf16 else 'emulated or none'}; "
+            f"threads per call: {threads or 'all cores'})"))
         return _state
 
 

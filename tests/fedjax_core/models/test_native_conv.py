@@ -136,17 +136,22 @@ def test_bfloat16_inputs_follow_the_f32_result():
     if not native.has_bf16():
         pytest.skip("this CPU has no bf16 instructions (oneDNN would emulate or refuse)")
     rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.normal(size=(2, 9, 9, 8)), jnp.bfloat16)
-    w = jnp.asarray(rng.normal(size=(3, 3, 8, 16)), jnp.bfloat16)
+    # 32 -> 64 channels as the EMNIST CNN's second layer: the bf16 input gradient runs in
+    # oneDNN's blocked layout (reorders in and out of NHWC).
+    x = jnp.asarray(rng.normal(size=(2, 9, 9, 32)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(3, 3, 32, 64)), jnp.bfloat16)
     y = conv.conv2d(x, w, (1, 1), "SAME")
     assert y.dtype == jnp.bfloat16
+    x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
     # bf16 products, f32 accumulation, one bf16 rounding of the output: ~2^-8 relative.
-    _close(y, _lax(x.astype(jnp.float32), w.astype(jnp.float32), (1, 1), "SAME"), tol=1e-2)
-    dw = jax.grad(lambda w: jnp.sum(conv.conv2d(x, w, (1, 1), "SAME").astype(jnp.float32)))(w)
-    assert dw.dtype == jnp.bfloat16
-    want = jax.grad(lambda w: jnp.sum(_lax(x.astype(jnp.float32), w, (1, 1), "SAME")))(
-        w.astype(jnp.float32))
-    _close(dw, want, tol=2e-2)
+    _close(y, _lax(x32, w32, (1, 1), "SAME"), tol=1e-2)
+    ct = jnp.asarray(rng.normal(size=y.shape), jnp.bfloat16)
+    dx, dw = jax.vjp(lambda x, w: conv.conv2d(x, w, (1, 1), "SAME"), x, w)[1](ct)
+    assert dx.dtype == dw.dtype == jnp.bfloat16
+    want_dx, want_dw = jax.vjp(lambda x, w: _lax(x, w, (1, 1), "SAME"), x32, w32)[1](
+        ct.astype(jnp.float32))
+    _close(dx, want_dx, tol=1e-2)
+    _close(dw, want_dw, tol=1e-2)
 
 
 @needs_native
@@ -204,6 +209,14 @@ def test_fedjax_native_0_turns_the_kernels_off_and_the_cnn_takes_im2col():
                          env={**os.environ, "FEDJAX_NATIVE": "0", "JAX_PLATFORMS": "cpu"})
     assert out.stdout.split()[:3] == ["False", "False", "False"]
     assert "FEDJAX_NATIVE=0" in out.stdout
+
+
+def test_threads_per_call_come_from_the_environment(monkeypatch):
+    monkeypatch.delenv("FEDJAX_NATIVE_THREADS", raising=False)
+    assert native._threads() == native.DEFAULT_THREADS
+    for raw, want in (("2", 2), ("0", 0), ("-3", 0), ("many", native.DEFAULT_THREADS)):
+        monkeypatch.setenv("FEDJAX_NATIVE_THREADS", raw)
+        assert native._threads() == want
 
 
 def test_build_without_tools_prints_one_line_and_never_fails(monkeypatch, tmp_path, capsys):

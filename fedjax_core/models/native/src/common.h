@@ -19,9 +19,41 @@
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
+// GNU OpenMP's thread-count calls, weak: oneDNN's GOMP build brings libgomp, and a build
+// with another threading runtime simply lacks them (then the count is oneDNN's own).
+extern "C" {
+void omp_set_num_threads(int) __attribute__((weak));
+int omp_get_max_threads() __attribute__((weak));
+}
+
 namespace fedjax_native {
 
 namespace ffi = xla::ffi;
+
+// Threads per kernel call (0: oneDNN's default, every core); set by fedjax_native_set_threads.
+inline int& KernelThreads() {
+  static int threads = 0;
+  return threads;
+}
+
+// Runs the calling thread's oneDNN work on KernelThreads() threads while in scope.
+class ThreadScope {
+ public:
+  ThreadScope() {
+    if (KernelThreads() > 0 && omp_set_num_threads != nullptr && omp_get_max_threads != nullptr) {
+      previous_ = omp_get_max_threads();
+      omp_set_num_threads(KernelThreads());
+    }
+  }
+  ~ThreadScope() {
+    if (previous_ > 0) omp_set_num_threads(previous_);
+  }
+  ThreadScope(const ThreadScope&) = delete;
+  ThreadScope& operator=(const ThreadScope&) = delete;
+
+ private:
+  int previous_ = 0;
+};
 
 // The process-wide CPU engine.
 inline dnnl::engine& Engine() {
@@ -35,12 +67,17 @@ inline dnnl::stream& Stream() {
   return stream;
 }
 
-// A scratchpad buffer of at least `bytes`, owned by the calling thread.
-inline void* Scratchpad(size_t bytes) {
+// A buffer of at least `bytes` owned by the calling thread, one per `Slot` (kept and
+// grown across calls: the kernels of a training step reuse it instead of allocating).
+template <int Slot>
+void* ThreadBuffer(size_t bytes) {
   thread_local std::vector<uint8_t> buffer;
   if (buffer.size() < bytes) buffer.resize(bytes);
   return buffer.data();
 }
+
+// The oneDNN scratchpad of the calling thread (ThreadBuffer slot 0).
+inline void* Scratchpad(size_t bytes) { return ThreadBuffer<0>(bytes); }
 
 // The oneDNN data type of an XLA buffer type; `undef` for unsupported types.
 inline dnnl::memory::data_type DnnlType(ffi::DataType type) {
