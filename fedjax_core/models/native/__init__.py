@@ -10,7 +10,7 @@ oneDNN are present).
 | module | kernel | replaces |
 | --- | --- | --- |
 | `native.conv` | `conv2d` forward, input and weight gradients, f32 / bf16 | im2col and `lax.conv` on CPU |
-| `native.lstm` | the LSTM recurrence over a sequence, forward and BPTT backward, f32 | `nn.lstm_unroll`'s `lax.scan`s on CPU |
+| `native.lstm` | the LSTM recurrence over a sequence, forward and BPTT backward, f32 | `lax.scan` in `nn.lstm_unroll` |
 
 This module finds and loads the library and registers its handlers with JAX, once, the
 first time `available()` is asked. The layers never call it by themselves: a model's
