@@ -29,6 +29,7 @@ from jax import lax
 
 from fedjax_core.models import cpu_kernels, native
 from fedjax_core.models.native import conv as native_conv
+from fedjax_core.models.native import lstm as native_lstm
 from fedjax_core.typing import Array, ArrayLike, Float, Int, PRNGKey
 
 ConvImpl = Literal["auto", "lax", "im2col", "native"]
@@ -56,7 +57,7 @@ class Kernels(NamedTuple):
     with `resolve_kernels` when it is called, and passes the record to its layers; nothing
     is switched globally, and two models with different kernels live side by side.
 
-    | choice | `matmul` | `bernoulli` | `lstm_custom_vjp` | `native_conv` | `jax.jvp` |
+    | choice | `matmul` | `bernoulli` | `lstm_custom_vjp` | `native_conv`, `native_lstm` | `jax.jvp` |
     | --- | --- | --- | --- | --- | --- |
     | `Kernels.plain()` | `jnp.dot` | `jax.random.bernoulli` | False | False | yes |
     | `Kernels.cpu()` | `cpu_kernels.matmul` | `cpu_kernels.bernoulli` | True | `native.available()` | no |
@@ -80,6 +81,9 @@ class Kernels(NamedTuple):
       native_conv: whether `conv2d(impl="auto")` runs the native oneDNN kernels
         (`fedjax_core.models.native.conv`) on a CPU backend; `Kernels.cpu()` sets it when
         they are built, load and `FEDJAX_NATIVE` is not `0`.
+      native_lstm: whether the models run `lstm_unroll` on the native fused recurrence
+        (`fedjax_core.models.native.lstm`: the whole sequence in one call, BPTT in
+        another); set by `Kernels.cpu()` as `native_conv` is.
 
     Example:
       >>> model = emnist_cnn(kernels="plain")          # jax.jvp / jax.hessian work
@@ -91,6 +95,7 @@ class Kernels(NamedTuple):
     bernoulli: Callable[[PRNGKey, float, tuple[int, ...]], Array]
     lstm_custom_vjp: bool
     native_conv: bool = False
+    native_lstm: bool = False
 
     @staticmethod
     def plain(lstm_custom_vjp: bool = False) -> "Kernels":
@@ -112,7 +117,8 @@ class Kernels(NamedTuple):
                        lstm_custom_vjp=bool(lstm_custom_vjp))
 
     @staticmethod
-    def cpu(lstm_custom_vjp: bool = True, native_conv: bool | None = None) -> "Kernels":
+    def cpu(lstm_custom_vjp: bool = True, native_conv: bool | None = None,
+            native_lstm: bool | None = None) -> "Kernels":
         """The CPU kernels: `cpu_kernels.matmul` and `.bernoulli`, the LSTM's VJP, native conv.
 
         Same values as `plain()` (up to float summation order; the same dropout bits),
@@ -122,6 +128,8 @@ class Kernels(NamedTuple):
           lstm_custom_vjp: run `lstm_unroll` with its hand-written gradient.
           native_conv: run `conv2d(impl="auto")` on the native oneDNN kernels; None (the
             default) for `native.available()`, which loads them on first use.
+          native_lstm: run `lstm_unroll` on the native fused recurrence (with
+            `lstm_custom_vjp`); None (the default) for `native.available()`.
 
         Returns:
           A `Kernels`.
@@ -132,8 +140,11 @@ class Kernels(NamedTuple):
         """
         if native_conv is None:
             native_conv = native.available()
+        if native_lstm is None:
+            native_lstm = native.available()
         return Kernels(matmul=cpu_kernels.matmul, bernoulli=cpu_kernels.bernoulli,
-                       lstm_custom_vjp=bool(lstm_custom_vjp), native_conv=bool(native_conv))
+                       lstm_custom_vjp=bool(lstm_custom_vjp), native_conv=bool(native_conv),
+                       native_lstm=bool(native_lstm and lstm_custom_vjp))
 
 
 KernelChoice = Union[Literal["auto", "plain", "cpu"], Kernels]
@@ -652,8 +663,8 @@ _lstm_recurrence.defvjp(_lstm_recurrence_fwd, _lstm_recurrence_bwd)
 
 
 def lstm_unroll(params: dict[str, Array], xs: Float[ArrayLike, "B T I"],
-                initial_state: LSTMState | None = None, *, custom_vjp: bool = True
-                ) -> tuple[Float[Array, "B T H"], LSTMState]:
+                initial_state: LSTMState | None = None, *, custom_vjp: bool = True,
+                native: bool = False) -> tuple[Float[Array, "B T H"], LSTMState]:
     """Runs `lstm_cell` over time with one `lax.scan`, batch-major.
 
     The input projection of all steps, `xs @ w[:I] + b`, is one matmul outside the
@@ -666,13 +677,17 @@ def lstm_unroll(params: dict[str, Array], xs: Float[ArrayLike, "B T I"],
     It supports reverse mode, vmap, reverse-over-reverse and forward-over-reverse
     (`jax.hessian`), but not forward mode on it directly (`jax.jvp`, `jax.jacfwd`):
     pass `custom_vjp=False` for those. The task models pass their
-    `Kernels.lstm_custom_vjp` here.
+    `Kernels.lstm_custom_vjp` here. With `native=True` (the models' `Kernels.native_lstm`)
+    and `custom_vjp`, the recurrence is `native.lstm.lstm_recurrence` on a CPU backend
+    (all steps in one native call, BPTT in another; same values up to float rounding).
 
     Args:
       params: from `lstm_init`.
       xs: `Float[Array, "B T I"]`.
       initial_state: an `LSTMState` with `[B, H]` arrays; zeros when None.
       custom_vjp: use the hand-written gradient (see above) instead of autodiff.
+      native: run the recurrence on the native kernels (see above); ignored without
+        `custom_vjp`, for an empty sequence, and off a CPU backend.
 
     Returns:
       `(hs, final_state)`: `hs` is `Float[Array, "B T H"]`, the hidden output of every
@@ -694,7 +709,9 @@ def lstm_unroll(params: dict[str, Array], xs: Float[ArrayLike, "B T I"],
     # [T, B, 4H]: time-major so that the scan slices contiguous steps.
     x_proj = jnp.dot(jnp.swapaxes(xs, 0, 1), w_x) + b
     h0, c0 = initial_state.hidden, initial_state.cell
-    if custom_vjp:
+    if native and custom_vjp and x_proj.shape[0] > 0 and jax.default_backend() == "cpu":
+        hs, h, c = native_lstm.lstm_recurrence(x_proj, w_h, h0, c0)
+    elif custom_vjp:
         hs, h, c = _lstm_recurrence(x_proj, w_h, h0, c0)
     else:
         (h, c), hs = _lstm_scan(x_proj, w_h, h0, c0)

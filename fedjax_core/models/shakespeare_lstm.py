@@ -73,7 +73,8 @@ def shakespeare_lstm(vocab_size: int = 90, embed_size: int = 8, hidden_size: int
         del key, train
         h = nn.embedding(params["embed"], batch["x"])
         for name in layer_names:
-            hs, _ = nn.lstm_unroll(params[name], h, custom_vjp=k.lstm_custom_vjp)
+            hs, _ = nn.lstm_unroll(params[name], h, custom_vjp=k.lstm_custom_vjp,
+                                   native=k.native_lstm)
             h = jnp.tanh(hs)
         return nn.dense(params["dense"], h, kernels=k)
 

@@ -94,7 +94,8 @@ def stackoverflow_lstm(vocab_size: int = 10_000, embed_size: int = 96, hidden_si
         del key, train
         h = nn.embedding(params["embed"], batch["x"])
         for i in range(num_layers):
-            hs, _ = nn.lstm_unroll(params[f"lstm_{i}"], h, custom_vjp=k.lstm_custom_vjp)
+            hs, _ = nn.lstm_unroll(params[f"lstm_{i}"], h, custom_vjp=k.lstm_custom_vjp,
+                                   native=k.native_lstm)
             h = nn.dense(params[f"proj_{i}"], jnp.tanh(hs), kernels=k)
         if share_input_output_embeddings:
             return jnp.dot(h, params["embed"]["embeddings"].T) + params["output_bias"]

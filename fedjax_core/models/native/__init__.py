@@ -10,6 +10,7 @@ oneDNN are present).
 | module | kernel | replaces |
 | --- | --- | --- |
 | `native.conv` | `conv2d` forward, input and weight gradients, f32 / bf16 | im2col and `lax.conv` on CPU |
+| `native.lstm` | the LSTM recurrence over a sequence, forward and BPTT backward, f32 | `lax.scan` in `nn.lstm_unroll` |
 
 This module finds and loads the library and registers its handlers with JAX, once, the
 first time `available()` is asked. The layers never call it by themselves: a model's
@@ -56,6 +57,8 @@ _TARGETS = {
     "fedjax_conv2d_forward": "FedjaxConv2dForward",
     "fedjax_conv2d_backward_data": "FedjaxConv2dBackwardData",
     "fedjax_conv2d_backward_weights": "FedjaxConv2dBackwardWeights",
+    "fedjax_lstm_forward": "FedjaxLstmForward",
+    "fedjax_lstm_backward": "FedjaxLstmBackward",
 }
 
 

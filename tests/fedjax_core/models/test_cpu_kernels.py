@@ -30,11 +30,14 @@ def _tree_vdot(a, b):
 
 
 def test_resolve_kernels_names_and_auto_by_backend():
-    assert nn.Kernels.plain() == (jnp.dot, jax.random.bernoulli, False, False)
-    # The native convolution is on exactly when its library loads (FEDJAX_NATIVE=0 turns it off).
+    assert nn.Kernels.plain() == (jnp.dot, jax.random.bernoulli, False, False, False)
+    # The native convolution and LSTM are on exactly when the library loads
+    # (FEDJAX_NATIVE=0 turns them off).
     assert nn.Kernels.cpu() == (cpu_kernels.matmul, cpu_kernels.bernoulli, True,
-                                native.available())
+                                native.available(), native.available())
     assert nn.Kernels.cpu(native_conv=False).native_conv is False
+    assert nn.Kernels.cpu(native_lstm=False).native_lstm is False
+    assert nn.Kernels.cpu(lstm_custom_vjp=False).native_lstm is False
     assert nn.resolve_kernels("plain") == nn.Kernels.plain()
     assert nn.resolve_kernels("cpu") == nn.Kernels.cpu()
     assert nn.resolve_kernels("auto", backend="cpu") == nn.Kernels.cpu()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_core.models import Model, logistic_regression, mlp
+from fedjax_core.models import Model, logistic_regression, mlp, nn
 from fedjax_core.models.emnist_cnn import emnist_cnn
 from fedjax_core.models.shakespeare_lstm import BOS, EOS, OOV, PAD, shakespeare_lstm
 
@@ -97,6 +97,13 @@ def test_shakespeare_lstm_shapes_and_one_scan_per_layer():
     out = jax.eval_shape(lambda p, x: model.apply(p, {"x": x, "y": x}), params, x)
     assert out.shape == (4, 80, 90)
     jaxpr = str(jax.make_jaxpr(lambda p, x: model.apply(p, {"x": x, "y": x}))(params, x))
+    # One scan per layer, or one native recurrence call per layer with the native kernels.
+    if nn.resolve_kernels("auto").native_lstm:
+        assert jaxpr.count("fedjax_lstm_forward") == 2 and "scan[" not in jaxpr
+    else:
+        assert jaxpr.count("scan[") == 2
+    pure = shakespeare_lstm(kernels=nn.Kernels.cpu(native_lstm=False))
+    jaxpr = str(jax.make_jaxpr(lambda p, x: pure.apply(p, {"x": x, "y": x}))(params, x))
     assert jaxpr.count("scan[") == 2
 
 
