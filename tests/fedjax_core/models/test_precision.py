@@ -94,8 +94,8 @@ def test_bf16_resnet_computes_in_bfloat16():
     mask = jnp.ones(2, bool)
     grad_fn = jax.grad(lambda p: masked_mean_loss(model, p, batch, mask, None, train=True))
     assert matmul_dtypes(grad_fn, params) == {("bfloat16", "bfloat16")}
-    assert {str(g.dtype) for g in jax.tree.leaves(jax.jit(grad_fn)(params))} == {"float32"}
-    assert model.apply(params, batch).dtype == jnp.float32
+    assert {str(g.dtype) for g in jax.tree.leaves(jax.eval_shape(grad_fn, params))} == {"float32"}
+    assert jax.eval_shape(model.apply, params, batch).dtype == jnp.float32
 
 
 def test_group_norm_keeps_f32_statistics_for_bf16():
@@ -206,3 +206,27 @@ def test_fedavg_bf16_round_equals_plain_loop():
     assert {str(a.dtype) for a in jax.tree.leaves(state)} <= {"float32", "int32"}
     # ... and the bf16 round is not the f32 one: it really rounds.
     assert not np.allclose(state.params["w"], f32_state.params["w"], atol=1e-6, rtol=0)
+
+
+def equinox_model():
+    eqx = pytest.importorskip("equinox")
+    from fedjax_core.models.adapters import from_equinox
+
+    return from_equinox(lambda k: eqx.nn.MLP(3, 4, 8, 1, key=k), classification_loss,
+                        classification_metrics)
+
+
+def test_bf16_equinox_model_computes_in_bfloat16():
+    """Equinox params are a module with None leaves: the casts go through them."""
+    model = equinox_model()
+    bf16 = with_precision(model, "bf16")
+    batch = {"x": RNG.normal(size=(6, 3)).astype(np.float32), "y": np.arange(6) % 4}
+    params = model.init(jax.random.key(0))
+    mask = jnp.ones(6, bool)
+    def grad_fn(m):
+        return jax.grad(lambda p: masked_mean_loss(m, p, batch, mask, jax.random.key(1)))
+    assert matmul_dtypes(grad_fn(bf16), params) == {("bfloat16", "bfloat16")}
+    grads16, grads32 = jax.jit(grad_fn(bf16))(params), jax.jit(grad_fn(model))(params)
+    assert {str(g.dtype) for g in jax.tree.leaves(grads16)} == {"float32"}
+    assert 0 < relative_error(grads16, grads32) < 3e-2
+    assert bf16.apply(params, batch).dtype == jnp.float32
