@@ -24,6 +24,7 @@ def test_bf16_run_records_resumes_and_refuses_a_change(tmp_path):
     res = runner.invoke(app, ["run", NAME, "--rounds", "2", "--clients-per-round", "3",
                               "--precision", "bf16", "--out", str(out)])
     assert res.exit_code == 0, res.output
+    assert f"{NAME} with fedavg, precision bf16: 2 rounds" in res.output
     saved = json.loads((out / "config.json").read_text())
     assert saved["precision"] == "bf16"
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
