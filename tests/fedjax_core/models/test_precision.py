@@ -230,3 +230,38 @@ def test_bf16_equinox_model_computes_in_bfloat16():
     assert {str(g.dtype) for g in jax.tree.leaves(grads16)} == {"float32"}
     assert 0 < relative_error(grads16, grads32) < 3e-2
     assert bf16.apply(params, batch).dtype == jnp.float32
+
+
+def test_layers_keep_bfloat16_forward_and_backward():
+    """Every layer of `nn` maps bf16 inputs and params to bf16, and back-propagates bf16
+    cotangents (JAX does not check a custom VJP's cotangent dtypes: an f32 one would pass)."""
+    from fedjax_core.models import cpu_kernels, nn
+
+    bf16 = jnp.bfloat16
+    key = jax.random.key(0)
+    x = jnp.ones((2, 6, 6, 3), bf16)
+
+    def params(w_shape):  # bf16 params of a layer (the values do not matter: dtypes only)
+        return {"w": jnp.ones(w_shape, bf16), "b": jnp.zeros(w_shape[-1:], bf16)}
+    layers = {
+        "dense": (params((3, 4)), lambda p, x: nn.dense(p, x, kernels=nn.Kernels.cpu())),
+        "conv_im2col": (params((3, 3, 3, 4)), lambda p, x: nn.conv2d(
+            p, x, impl="im2col", kernels=nn.Kernels.cpu())),
+        "conv_lax": (params((3, 3, 3, 4)), lambda p, x: nn.conv2d(p, x, impl="lax")),
+        "max_pool": ({}, lambda p, x: nn.max_pool(x, 3, 1) + nn.max_pool(x, 2, 2).mean()),
+        "dropout": ({}, lambda p, x: nn.dropout(x, 0.25, key, True, kernels=nn.Kernels.cpu())),
+        "lstm": (params((8, 20)), lambda p, x: nn.lstm_unroll(p, x[:, 0])[0]),
+        "lstm_autodiff": (params((8, 20)),
+                          lambda p, x: nn.lstm_unroll(p, x[:, 0], custom_vjp=False)[0]),
+    }
+    for name, (params, layer) in layers.items():
+        assert jax.eval_shape(layer, params, x).dtype == bf16, name
+        grads = jax.eval_shape(jax.grad(lambda p, x: layer(p, x).astype(jnp.float32).sum(),
+                                        argnums=(0, 1)), params, x)
+        assert {str(g.dtype) for g in jax.tree.leaves(grads)} == {"bfloat16"}, name
+    table = {"embeddings": jnp.ones((5, 3), bf16)}
+    assert jax.eval_shape(nn.embedding, table, jnp.arange(4)).dtype == bf16
+    # cpu_kernels.matmul with mixed operands gives each cotangent its primal's dtype.
+    dx, dw = jax.eval_shape(jax.grad(lambda x, w: cpu_kernels.matmul(x, w).sum(), argnums=(0, 1)),
+                            jnp.ones((4, 3), bf16), jnp.ones((3, 2), jnp.float32))
+    assert (dx.dtype, dw.dtype) == (bf16, jnp.float32)
