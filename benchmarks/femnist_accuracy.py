@@ -86,18 +86,20 @@ def check_same_clients(data: str, sched: list[list[str]], run_dir: Path) -> None
             assert int(rec["train/num_examples"]) == expected, (rec["round"], expected)
 
 
-def run_ours(args, seed: int, workdir: Path) -> dict:
-    """`fedjax run femnist-leaf` as a user runs it; the history from its metrics.jsonl."""
-    out = workdir / f"ours-{seed}"
+def run_ours(args, seed: int, workdir: Path, extra: tuple[str, ...] = (), tag: str = "ours"
+             ) -> dict:
+    """`fedjax run femnist-leaf` as a user runs it (plus the options `extra`, in run dir
+    `TAG-SEED`); the history from its metrics.jsonl."""
+    out = workdir / f"{tag}-{seed}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, never a resume
     cmd = [sys.executable, "-c", "from cli.entry import main; main()", "run", "femnist-leaf", "--data", args.data,
            "--algorithm", "fedavg", "--rounds", str(args.rounds), "--seed", str(seed),
            "--clients-per-round", str(args.clients_per_round),
            "--batch-size", str(args.batch_size), "--epochs", "1",
            "--client-lr", str(args.client_lr), "--server-lr", str(args.server_lr),
-           "--eval-every", str(args.eval_every), "--out", str(out)]
+           "--eval-every", str(args.eval_every), "--out", str(out), *extra]
     t = time.perf_counter()
-    with open(workdir / f"ours-{seed}.log", "w") as log:
+    with open(workdir / f"{tag}-{seed}.log", "w") as log:
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=log)
     wall = time.perf_counter() - t
     history = []

@@ -105,6 +105,8 @@ def _train(cfg: ExperimentConfig, resuming: bool = False) -> None:
     if cfg.aggregator != "mean":
         extras += f", aggregator {cfg.aggregator}" + "".join(
             f" {k}={v}" for k, v in cfg.aggregator_options.items())
+    if cfg.precision != "f32":
+        extras += f", precision {cfg.precision}"
     console.print(f"[bold]{cfg.task}[/] with [bold]{cfg.algorithm}[/]{extras}: {cfg.rounds} rounds x "
                   f"{cfg.clients_per_round} clients, batch {cfg.batch_size}, client lr "
                   f"{cfg.client_lr:g}, server lr {cfg.server_lr:g}, seed {cfg.seed}")

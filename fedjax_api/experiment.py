@@ -48,6 +48,7 @@ from fedjax_api.loop import (
 from fedjax_api.server import Server
 from fedjax_core import client_store
 from fedjax_core.algorithms.base import FederatedAlgorithm
+from fedjax_core.models.precision import PRECISIONS, with_precision
 from fedjax_core.parallel import Plan
 
 __all__ = ["Experiment", "Interrupted", "NonFiniteError", "RunResult", "TimeLimitReached"]
@@ -95,9 +96,12 @@ class Experiment:
     The other attributes (`rounds`, `clients_per_round`, `seed`, `eval_every`,
     `eval_train_clients`, `eval_test_clients`, `final_eval`, `devices`,
     `personalize_steps`, `sampling`, `checkpoint_every`, `keep_checkpoints`,
-    `skip_nonfinite_clients`, `tensorboard`, `track`, `time_limit`) are the run options
+    `skip_nonfinite_clients`, `tensorboard`, `track`, `time_limit`, `precision`) are the run options
     of those names (`ExperimentConfig`, docs/cli.md); `track` takes
     `("mlflow:./mlruns", "wandb:PROJECT")` (`fedjax_api.tracking`, docs/tracking.md).
+    `precision="bf16"` runs the task's model under
+    `fedjax_core.models.precision.with_precision` (bfloat16 forward and backward, f32 params,
+    optimizer states and aggregation; training and evaluation alike).
 
     Example:
       >>> exp = Experiment.from_config(config.resolve("shakespeare-plays", rounds=20))
@@ -131,6 +135,7 @@ class Experiment:
     prefetch_depth: int = attrs.field(default=2, validator=attrs.validators.ge(1))
     client_store: str = "auto"
     client_store_dtype: str = "f32"
+    precision: str = "f32"
     interrupt_event: threading.Event = attrs.field(factory=threading.Event, eq=False,
                                                    repr=False)
 
@@ -148,6 +153,12 @@ class Experiment:
         if self.final_eval not in FINAL_EVAL_CHOICES:
             raise ConfigError(f"final-eval must be one of {', '.join(FINAL_EVAL_CHOICES)}, got "
                               f"{self.final_eval!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got "
+                              f"{self.precision!r}")
+        if self.precision != "f32":  # the task's model computes in bf16; f32: left as it is
+            object.__setattr__(self, "task", attrs.evolve(
+                self.task, model=with_precision(self.task.model, self.precision)))
         if self.plan.mesh is None:
             object.__setattr__(self, "plan",
                                self.plan._replace(mesh=distributed.mesh(self.devices)))

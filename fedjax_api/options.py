@@ -32,6 +32,7 @@ from fedjax_api import tasks
 from fedjax_api.errors import ConfigError, unknown
 from fedjax_core.aggregate import registry as aggregators
 from fedjax_core.algorithms import registry
+from fedjax_core.models.precision import PRECISIONS
 
 METADATA = "fedjax_option"
 """The key of an option's declaration in its attrs field's metadata."""
@@ -429,6 +430,10 @@ class RunOptions:
         resumable=False,
         help="Keep per-client float rows as f32, or bf16 (half the memory; host or disk "
              "store only; error in docs/scaling.md).")
+    precision: str = option(
+        "f32", key="run.precision", check=one_of(*PRECISIONS), sweep="one", resumable=False,
+        help="The model's forward and backward pass in f32, or in bf16 (bfloat16) with f32 "
+             "params, optimizer states, updates and aggregation (docs/performance.md).")
     checkpoint_every: int = option(50, key="run.checkpoint_every",
                                    check=at_least(0, MAX_COUNT),
                                    sweep="no", help="Write a checkpoint every N rounds and "

@@ -9,6 +9,7 @@ from fedjax_core.models import metrics, nn
 from fedjax_core.models.adapters import from_equinox, from_flax, from_nnx
 from fedjax_core.models.base import Model, masked_mean_loss
 from fedjax_core.models.linear import logistic_regression, mlp
+from fedjax_core.models.precision import with_precision
 from fedjax_core.models.resnet import cifar100_logistic, resnet18
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "mlp",
     "nn",
     "resnet18",
+    "with_precision",
 ]

@@ -88,7 +88,8 @@ def _matmul_bwd(residuals, dy):
     else:
         # dW = (X^T) dY with X^T materialised: cheaper when X has few rows.
         dw = jnp.dot(lax.optimization_barrier(x2.T), dy2)
-    return jnp.dot(dy, w.T), dw
+    # Cotangents in their primal's dtype (no-ops unless x and w differ, e.g. bf16 and f32).
+    return jnp.dot(dy, w.T).astype(x.dtype), dw.astype(w.dtype)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)

@@ -150,7 +150,8 @@ def group_norm(params: dict[str, Array], x: Float[ArrayLike, "B H W C"], groups:
 
     Channels split into `groups` contiguous groups; per example and group,
     `y = (x - mean) / sqrt(var + epsilon)` over (H, W, channels of the group), population
-    variance; then `y * scale + offset` per channel when `params` has them.
+    variance; then `y * scale + offset` per channel when `params` has them. The statistics
+    are computed in float32 for a bfloat16 `x` (mixed precision), the result in `x`'s dtype.
 
     Args:
       params: from `group_norm_init`.
@@ -165,13 +166,15 @@ def group_norm(params: dict[str, Array], x: Float[ArrayLike, "B H W C"], groups:
     b, h, w, c = x.shape
     if c % groups:
         raise ValueError(f"group_norm: {c} channels are not divisible by {groups} groups")
-    g = x.reshape(b, h, w, groups, c // groups)
+    # Statistics in f32 at least (bfloat16's 8-bit mantissa loses the variance of
+    # near-equal values); the result in x's dtype. A no-op for f32 inputs.
+    g = x.astype(jnp.promote_types(x.dtype, jnp.float32)).reshape(b, h, w, groups, c // groups)
     mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
     var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
     y = ((g - mean) * lax.rsqrt(var + epsilon)).reshape(b, h, w, c)
     if "scale" in params:
         y = y * params["scale"] + params["offset"]
-    return y
+    return y.astype(x.dtype)
 
 
 # ------------------------------------------------------------------------- model
@@ -244,7 +247,7 @@ def resnet(num_classes: int = 100, repetitions: Sequence[int] = (2, 2, 2, 2),
         def norm_relu(p, x):
             return jax.nn.relu(group_norm(p, x, groups))
 
-        x = jnp.asarray(batch["x"], jnp.float32)
+        x = jnp.asarray(batch["x"], params["stem"]["conv"].dtype)  # f32, or a policy's
         x = norm_relu(params["stem"]["norm"], conv(params["stem"]["conv"], x, 2))
         x = max_pool_same(x, 3, 2)
         for s, (_, reps) in enumerate(stages):
