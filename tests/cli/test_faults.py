@@ -40,17 +40,28 @@ DRIVER = textwrap.dedent("""
 
     tasks.register(tasks.entry(tiny_task.NAME)._replace(name="tiny-slow-load", load=slow_load))
     from cli.entry import main
+    # Started ahead, imports done: the command runs once this file holds something.
+    wait = os.environ.get("FEDJAX_TEST_WAIT_FOR")
+    if wait:
+        import cli.main  # noqa: F401  (what main() imports first)
+    end = time.time() + 180
+    while wait and time.time() < end and not (os.path.exists(wait) and os.path.getsize(wait)):
+        time.sleep(0.02)
     sys.argv = ["fedjax"] + sys.argv[1:]
     main()
 """)
 
 
-def start(tmp_path, *args):
+def start(tmp_path, *args, wait_for=None):
+    """A `fedjax` process; with `wait_for`, it starts (imports) now but runs the command
+    only once that file is non-empty (up to 180 s)."""
     script = tmp_path / "driver.py"
     if not script.exists():
         script.write_text(DRIVER.format(root=ROOT))
     env = {**os.environ, "FEDJAX_TEST_MARKER": str(tmp_path / "loading"),
            "FEDJAX_COMPILATION_CACHE": "0"}
+    if wait_for is not None:
+        env["FEDJAX_TEST_WAIT_FOR"] = str(wait_for)
     return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
 
@@ -82,10 +93,13 @@ def test_sigterm_checkpoints_a_second_run_is_refused_and_resume_is_exact(tmp_pat
     out = tmp_path / "run"
     args = ["run", NAME, "--rounds", "1000000", "--checkpoint-every", "0", "--out", str(out)]
     first = start(tmp_path, *args)
+    # The same --out while the first trains: started together (their start-ups overlap, so
+    # the first trains few rounds before the SIGTERM and the uninterrupted reference below
+    # is short), the second's command runs once the first has written a record.
+    second = start(tmp_path, *args, wait_for=out / "metrics.jsonl")
     assert wait_for(lambda: (out / "metrics.jsonl").exists()
                     and (out / "metrics.jsonl").stat().st_size > 0, first), first.stderr.read()
 
-    second = start(tmp_path, *args)  # the same --out while the first trains
     _, err = second.communicate(timeout=300)
     assert second.returncode == 2, err
     assert lines(err) == [f"error: {out} is in use by process {first.pid}; wait for it to "

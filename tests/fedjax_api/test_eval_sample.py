@@ -49,10 +49,18 @@ def strip_times(history):
     return [{k: v for k, v in r.items() if not k.endswith("time_s")} for r in history]
 
 
-def test_the_task_default_samples_every_periodic_evaluation_and_the_final_one_is_full():
+@pytest.fixture(scope="module")
+def default_run(_task):
+    """The task's defaults (3 rounds, no run directory): run once; the next test checks it,
+    and the resume test compares its resumed run with it (the uninterrupted run)."""
     exp = Experiment.from_config(config.resolve(NAME, checkpoint_every=0))
+    return exp, exp.run()
+
+
+def test_the_task_default_samples_every_periodic_evaluation_and_the_final_one_is_full(
+        default_run):
+    exp, result = default_run
     assert exp.eval_test_clients == 5 and exp.final_eval == "full"
-    result = exp.run()
     evals = [r for r in result.history if r["kind"] == "eval"]
     assert [r["round"] for r in evals] == [0, 1, 2, 3]
     sample = exp.evaluator().test_sample()
@@ -92,14 +100,14 @@ def test_the_sample_is_drawn_from_the_seed_alone_and_sampled_once():
     assert sampled_final.evaluator().test_sample(final=True).data.client_ids == first
 
 
-def test_the_sample_is_the_same_after_a_resume(tmp_path):
+def test_the_sample_is_the_same_after_a_resume(tmp_path, default_run):
     out = tmp_path / "run"
     cfg = config.resolve(NAME, rounds=3, time_limit=1e-9, checkpoint_every=0, out=str(out))
     with pytest.raises(TimeLimitReached):
         Experiment.from_config(cfg).run()
     longer = resume_config(out, {"time_limit": 3600.0}, ("time_limit",))
     resumed = Experiment.from_config(longer, resuming=True).run(resume=True)
-    straight = Experiment.from_config(config.resolve(NAME, rounds=3)).run()
+    straight = default_run[1]  # the same 3 rounds uninterrupted (no run directory either way)
     assert strip_times(resumed.history) == strip_times(straight.history)
     assert [r.get("test_clients") for r in resumed.history if r["kind"] == "eval"] == [
         5, 5, 5, None]

@@ -6,6 +6,7 @@ the round runs over all four devices. Only process 0 writes the run directory.
 """
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -87,14 +88,23 @@ def test_two_processes_match_one(tmp_path):
     assert [r for r, _ in checkpoint.list_checkpoints(run)] == [2, 3]
 
 
-def test_cli_two_processes_write_one_run_dir(tmp_path):
-    """`fedjax run --devices 2 --coordinator ... --num-processes 2 --process-id I`: the run
-    directory process 0 writes holds the one-process run's metrics."""
-    port, out = free_port(), tmp_path / "run"
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory) -> tuple[list[str], Path]:
+    """`fedjax run --devices 2 --coordinator ... --num-processes 2 --process-id I`, 3 rounds
+    (the processes' outputs and the run directory): run once, read by the next test and
+    copied, then resumed, by the one after it."""
+    port, out = free_port(), tmp_path_factory.mktemp("cli_run") / "run"
     outputs = wait([["cli", "run", NAME, "--rounds", "3", "--clients-per-round", "5",
                      "--devices", "2", "--coordinator", f"127.0.0.1:{port}",
                      "--num-processes", "2", "--process-id", str(i), "--out", str(out)]
                     for i in range(2)])
+    return outputs, out
+
+
+def test_cli_two_processes_write_one_run_dir(cli_run):
+    """`fedjax run --devices 2 --coordinator ... --num-processes 2 --process-id I`: the run
+    directory process 0 writes holds the one-process run's metrics."""
+    outputs, out = cli_run
     for i, text in enumerate(outputs):
         assert f"clients split over 4 cpu devices, 2 process(es); this is process {i}" in text
         assert "metrics after round 3" in text
@@ -113,15 +123,12 @@ def test_cli_two_processes_write_one_run_dir(tmp_path):
     assert saved["devices"] == 2 and "coordinator" not in saved
 
 
-def test_cli_two_processes_resume_with_the_cli_options(tmp_path):
+def test_cli_two_processes_resume_with_the_cli_options(cli_run, tmp_path):
     """`fedjax resume RUN --coordinator ... --num-processes 2 --process-id I` continues a
-    two-process run (no FEDJAX_* variables) to the one-process run's round 4."""
+    two-process run (no FEDJAX_* variables) to the one-process run's round 4. The run is
+    a copy of the previous test's (the same `fedjax run` command line, run once)."""
     out = tmp_path / "run"
-    common = ["--devices", "2", "--num-processes", "2"]
-    port = free_port()
-    wait([["cli", "run", NAME, "--rounds", "3", "--clients-per-round", "5", *common,
-           "--coordinator", f"127.0.0.1:{port}", "--process-id", str(i), "--out", str(out)]
-          for i in range(2)])
+    shutil.copytree(cli_run[1], out)
     port = free_port()
     outputs = wait([["cli", "resume", str(out), "--rounds", "4", "--allow-changes", "rounds",
                      "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",

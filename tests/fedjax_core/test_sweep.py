@@ -72,11 +72,18 @@ def check_members(lay, state, history, members, make_algorithm, cohort_fn=cohort
 FEDAVG_MEMBERS = [(0.1, 1.0, 0), (0.3, 1.0, 0), (0.1, 0.5, 0), (0.2, 0.7, 1)]
 
 
-def test_fedavg_members_equal_their_separate_runs():
+@pytest.fixture(scope="module")
+def fedavg_sweep():
+    """`run_sweep` of FEDAVG_MEMBERS (rows one after another): run once, checked against the
+    separate runs by the next test and against the vmapped rows by the one after it."""
     def build(hp):
         return fedavg(optax.sgd(hp["client_lr"]), optax.sgd(hp["server_lr"]))
 
-    lay, state, history = run_sweep(build, FEDAVG_MEMBERS, ["client_lr", "server_lr"])
+    return run_sweep(build, FEDAVG_MEMBERS, ["client_lr", "server_lr"])
+
+
+def test_fedavg_members_equal_their_separate_runs(fedavg_sweep):
+    lay, state, history = fedavg_sweep
     assert lay.seeds == (0, 1) and lay.width == 3
     assert jax.tree.leaves(state)[0].shape[:2] == (2, 3)
     check_members(lay, state, history, FEDAVG_MEMBERS,
@@ -109,12 +116,12 @@ def test_an_algorithm_option_can_be_swept():
                   lambda m: registry.build("fedavgm", optax.sgd(0.2), 1.0, momentum=m))
 
 
-def test_rows_under_vmap_equal_rows_one_after_another():
+def test_rows_under_vmap_equal_rows_one_after_another(fedavg_sweep):
     def build(hp):
         return fedavg(optax.sgd(hp["client_lr"]), optax.sgd(hp["server_lr"]))
 
     names = ["client_lr", "server_lr"]
-    _, mapped, _ = run_sweep(build, FEDAVG_MEMBERS, names)
+    _, mapped, _ = fedavg_sweep
     _, vmapped, _ = run_sweep(build, FEDAVG_MEMBERS, names, seeds_together=2)
     close(vmapped, mapped)
 
