@@ -631,6 +631,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="5 timed rounds, 1 warm-up, one chunk size per scenario")
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--precision", choices=("f32", "bf16"), default="f32",
+                   help="compute precision of every model (f32 params either way)")
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results)")
     p.add_argument("--fedjax-json", default=None,
                    help="JSON of FedJAX 0.0.17's benchmark, to compare emnist-cnn and emnist-eval")
@@ -645,7 +647,7 @@ def parser() -> argparse.ArgumentParser:
 
 def make_options(rounds=None, warmup=None, select_rounds=None, chunk_sizes=None,
                  num_clients=None, clients_per_round=None, baseline_clients=None,
-                 quick=False) -> Options:
+                 quick=False, precision="f32") -> Options:
     """`Options` from command-line values (None: default; `quick` changes the defaults)."""
     if isinstance(chunk_sizes, str):
         chunk_sizes = tuple(int(c) for c in chunk_sizes.split(",") if c.strip())
@@ -654,7 +656,7 @@ def make_options(rounds=None, warmup=None, select_rounds=None, chunk_sizes=None,
                    select_rounds=select_rounds if select_rounds is not None else (2 if quick else 3),
                    chunk_sizes=tuple(chunk_sizes) if chunk_sizes else None,
                    num_clients=num_clients, clients_per_round=clients_per_round,
-                   baseline_clients=baseline_clients, quick=quick)
+                   baseline_clients=baseline_clients, quick=quick, precision=precision)
 
 
 def main(argv=None) -> None:
@@ -671,7 +673,7 @@ def main(argv=None) -> None:
         return
     options = make_options(args.rounds, args.warmup, args.select_rounds, args.chunk_sizes,
                            args.num_clients, args.clients_per_round, args.baseline_clients,
-                           args.quick)
+                           args.quick, args.precision)
     summary = run_suite(args.scenarios or None, options, args.out, args.fedjax_json,
                         baseline=not args.no_baseline, timeout=args.timeout)
     print()

@@ -15,13 +15,14 @@ data is `benchmarks.emnist_like` (FedJAX's benchmark's generator); the other sce
 client sizes follow the same gamma law unless they use real data (Shakespeare).
 """
 
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple, cast
 
 import numpy as np
 
 from benchmarks import emnist_like, measure
 
 if TYPE_CHECKING:
+    from fedjax_core.models.base import Model
     from fedjax_core.models.nn import ConvImpl
 
 SCENARIOS = ("emnist-cnn", "emnist-logreg", "shakespeare-lstm", "stackoverflow-lstm",
@@ -66,6 +67,8 @@ class Options(NamedTuple):
       baseline_clients: clients of each cohort the baseline times when it extrapolates
         (cohorts above this size); None: the scenario's.
       quick: fewer candidates (the scenario's first only).
+      precision: `"f32"`, or `"bf16"` to run every model under
+        `fedjax_core.models.precision.with_precision` (f32 params, bf16 compute).
     """
 
     rounds: int = 20
@@ -76,6 +79,7 @@ class Options(NamedTuple):
     clients_per_round: int | None = None
     baseline_clients: int | None = None
     quick: bool = False
+    precision: str = "f32"
 
 
 class Setup(NamedTuple):
@@ -329,11 +333,23 @@ def _emnist_eval(options: Options) -> Setup:
 def build(name: str, options: Options = Options()) -> Setup:
     """Builds scenario `name` (one of `SCENARIOS`) with `options`.
 
+    Every model (ours and the baseline's) computes in `options.precision`.
+
     Example:
       >>> setup = build("emnist-logreg", Options(rounds=2, num_clients=50, clients_per_round=5))
       >>> setup.cohort(0).num_clients
       5
     """
+    from fedjax_core.models.precision import with_precision
+
+    setup = _build(name, options)
+    return setup._replace(
+        model=with_precision(cast("Model", setup.model), options.precision),
+        baseline_models={k: with_precision(m, options.precision)
+                         for k, m in setup.baseline_models.items()})
+
+
+def _build(name: str, options: Options) -> Setup:
     from fedjax_core.models.linear import logistic_regression
 
     if name == "emnist-cnn":

@@ -10,6 +10,7 @@ import pytest
 from fedjax_core.algorithms.base import jit_round
 from fedjax_core.algorithms.fedavg import fedavg
 from fedjax_core.data import pack_cohort
+from fedjax_core.models import nn
 from fedjax_core.models.base import masked_mean_loss
 from fedjax_core.models.emnist_cnn import emnist_cnn
 from fedjax_core.models.linear import classification_loss, classification_metrics
@@ -126,7 +127,10 @@ def flax_model():
 
 @pytest.mark.parametrize("make, batch", [
     (emnist_cnn, IMAGES),
-    (lambda: shakespeare_lstm(hidden_size=16), SEQUENCES),
+    # The pure-JAX recurrence: the native one (Kernels.native_lstm) computes in f32 whatever
+    # the policy (tests/fedjax_core/models/test_native_lstm.py).
+    (lambda: shakespeare_lstm(hidden_size=16, kernels=nn.Kernels.cpu(native_lstm=False)),
+     SEQUENCES),
     (flax_model, IMAGES),
 ], ids=["emnist_cnn", "shakespeare_lstm", "flax"])
 def test_bf16_step_is_close_to_f32_with_f32_params_and_grads(make, batch):
