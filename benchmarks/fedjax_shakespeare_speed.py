@@ -16,7 +16,7 @@ the driver takes from fedjax-sim's sampler, so both frameworks train on the same
 
 Timing: first one untimed priming round on three clients of 5, 6 and 7 sequences, which
 compiles the client step for every batch shape a round can meet (4 and the remainders 1, 2,
-3), then a fresh server state; then `--warmup` untimed rounds and the remaining rounds of the
+3; `--cache-dir` keeps them for the next run), then a fresh server state; then `--warmup` untimed rounds and the remaining rounds of the
 schedule timed. A round's time is `algorithm.apply` up to `block_until_ready` (FedJAX's
 batching and shuffling included; reading the clients from SQLite and preprocessing them
 before it is `load_s`, not in it).
@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--sequence-length", type=int, default=80)
     ap.add_argument("--client-lr", type=float, default=1.0)
     ap.add_argument("--server-lr", type=float, default=1.0)
+    ap.add_argument("--cache-dir", default="",
+                    help="JAX's persistent compilation cache (later runs skip the compiles)")
     ap.add_argument("--json-out", required=True)
     args = ap.parse_args()
 
@@ -98,6 +100,9 @@ def main() -> None:
     import jax
     import numpy as np
 
+    if args.cache_dir:  # keyed by jax version, backend and program: one folder serves all
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     fedjax = importlib.import_module("fedjax")  # installed only in FedJAX's own venv
 
     prep = functools.partial(fedjax.datasets.shakespeare.preprocess_client,

@@ -43,6 +43,7 @@ FEDJAX_SCRIPT = ROOT / "benchmarks" / "fedjax_shakespeare_speed.py"
 SCENARIO = "shakespeare-lstm"
 CLIENTS_PER_ROUND = 10
 DEFAULT_FEDJAX_PYTHON = "/work/fedjax-venv-jax010/bin/python"
+DEFAULT_CACHE = Path.home() / ".cache" / "fedjax-sim" / "fedjax-0.0.17-xla"
 
 
 def schedule(rounds: int, clients_per_round: int = CLIENTS_PER_ROUND) -> list[list[str]]:
@@ -109,7 +110,7 @@ def fedjax_needs_shims(python: str) -> bool:
 
 
 def run_fedjax(python: str, sqlite: Path, sched: list[list[str]], warmup: int, workdir: Path,
-               timeout: float, tag: int) -> dict:
+               timeout: float, tag: int, cache_dir: str = "") -> dict:
     """`fedjax_shakespeare_speed.py` under `python` on `sched`; its JSON."""
     sched_path = workdir / "schedule.json"
     sched_path.write_text(json.dumps(sched))
@@ -118,6 +119,8 @@ def run_fedjax(python: str, sqlite: Path, sched: list[list[str]], warmup: int, w
            "--schedule", str(sched_path), "--warmup", str(warmup), "--json-out", str(out)]
     if fedjax_needs_shims(python):
         cmd.append("--shims")
+    if cache_dir:
+        cmd += ["--cache-dir", cache_dir]
     subprocess.run(cmd, check=True, timeout=timeout)
     return json.loads(out.read_text())
 
@@ -158,6 +161,9 @@ def main(argv=None) -> None:
     ap.add_argument("--fedjax-python", action="append", default=None,
                     help="python of a venv with fedjax==0.0.17; repeat for several "
                          f"(default {DEFAULT_FEDJAX_PYTHON})")
+    ap.add_argument("--fedjax-cache", default=str(DEFAULT_CACHE),
+                    help="JAX compilation cache for FedJAX's side, so that a second run skips "
+                         "minutes of compiling its LSTM ('' = none; ours always compiles cold)")
     ap.add_argument("--workdir", default="", help="where the runs write (default: a temp dir)")
     ap.add_argument("--json-out", default=str(RESULTS))
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per side")
@@ -184,7 +190,8 @@ def main(argv=None) -> None:
     runs = []
     for i, python in enumerate(pythons):
         t = time.perf_counter()
-        res = run_fedjax(python, sqlite, sched, args.warmup, workdir, args.timeout, i)
+        res = run_fedjax(python, sqlite, sched, args.warmup, workdir, args.timeout, i,
+                         args.fedjax_cache)
         check_same_examples(ours, res)
         runs.append(res)
         print(f"FedJAX 0.0.17 on jax {res['jax']}: {res['median_ms_per_example']:.2f} ms per "
