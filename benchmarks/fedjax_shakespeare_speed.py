@@ -16,10 +16,10 @@ the driver takes from fedjax-sim's sampler, so both frameworks train on the same
 
 Timing: first one untimed priming round on three clients of 5, 6 and 7 sequences, which
 compiles the client step for every batch shape a round can meet (4 and the remainders 1, 2,
-3; `--cache-dir` keeps them for the next run), then a fresh server state; then `--warmup` untimed rounds and the remaining rounds of the
-schedule timed. A round's time is `algorithm.apply` up to `block_until_ready` (FedJAX's
-batching and shuffling included; reading the clients from SQLite and preprocessing them
-before it is `load_s`, not in it).
+3; `--cache-dir` keeps them for the next run), then a fresh server state; then `--warmup`
+untimed rounds and the remaining rounds of the schedule timed. A round's time is
+`algorithm.apply` up to `block_until_ready` (FedJAX's batching and shuffling included;
+reading the clients from SQLite and preprocessing them before it is `load_s`, not in it).
 
 Run (as the driver does; `--shims` on jax >= 0.6, see `benchmarks/fedjax_shims.py`):
   /work/fedjax-venv-jax010/bin/python -W ignore benchmarks/fedjax_shakespeare_speed.py \\

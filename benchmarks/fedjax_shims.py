@@ -5,12 +5,13 @@ FedJAX 0.0.17 pins jax 0.5.3, the last JAX with `jax.tree_map`; on jax 0.10.2 it
 LSTM steps about 1.8x faster (`../shared/PERFORMANCE.md`), so the speed comparison runs it on
 both. What FedJAX 0.0.17 (and the dm-haiku it imports) needs and jax 0.10.2 lacks:
 
-| name | used by | put back as |
-| --- | --- | --- |
-| `jax.tree_map` | `fedjax/core/tree_util.py`, `regularizers.py` | `jax.tree.map` |
-| `jax.tree_leaves`, `tree_flatten`, `tree_unflatten`, `tree_structure`, `tree_transpose`, `tree_reduce`, `tree_all` | (older code; kept for safety) | `jax.tree_util`'s |
-| `jax.tree_util.tree_multimap` | older FedJAX/haiku code | `jax.tree_util.tree_map` |
-| `jax.numpy.NINF` | `fedjax/models/shakespeare.py`, `stackoverflow.py`, `core/metrics.py` | `-numpy.inf` |
+* `jax.tree_map` (`fedjax/core/tree_util.py`, `regularizers.py`) -> `jax.tree_util.tree_map`;
+  with it the other `jax.tree_*` aliases jax 0.6 removed (`tree_leaves`, `tree_flatten`,
+  `tree_unflatten`, `tree_structure`, `tree_transpose`, `tree_reduce`, `tree_all`), which
+  FedJAX's other modules (aggregators, tests) may reach;
+* `jax.tree_util.tree_multimap` (older FedJAX and haiku code) -> `jax.tree_util.tree_map`;
+* `jax.numpy.NINF` (`fedjax/models/shakespeare.py`, `stackoverflow.py`, `core/metrics.py`)
+  -> `-math.inf`.
 
 `apply()` only adds what is missing, so it is a no-op on jax 0.5.3. Call it before
 `import fedjax`.
