@@ -14,12 +14,15 @@ FedJAX's own pieces, as `fedjax/experiments/fed_avg/run_fed_avg.py` does for Sha
 The clients of each round come from `--schedule` (a JSON list of lists of client ids), which
 the driver takes from fedjax-sim's sampler, so both frameworks train on the same clients.
 
-Timing: first one untimed priming round on three clients of 5, 6 and 7 sequences, which
-compiles the client step for every batch shape a round can meet (4 and the remainders 1, 2,
-3; `--cache-dir` keeps them for the next run), then a fresh server state; then `--warmup`
-untimed rounds and the remaining rounds of the schedule timed. A round's time is
+Timing: first one untimed priming round on one client of `--batch-size` sequences, which
+compiles the client step (`--cache-dir` keeps it for the next run): FedJAX's
+`shuffle_repeat_batch` fills a client's last batch from a reshuffle of its examples, so every
+batch has `--batch-size` rows and the step one shape. Then a fresh server state, `--warmup`
+untimed rounds, and the remaining rounds of the schedule timed. A round's time is
 `algorithm.apply` up to `block_until_ready` (FedJAX's batching and shuffling included;
 reading the clients from SQLite and preprocessing them before it is `load_s`, not in it).
+Per example means per sequence the clients hold (FedJAX computes `steps x batch` rows, the
+wrapped-around ones included; ours computes each sequence once per epoch and masks the rest).
 
 Run (as the driver does; `--shims` on jax >= 0.6, see `benchmarks/fedjax_shims.py`):
   /work/fedjax-venv-jax010/bin/python -W ignore benchmarks/fedjax_shakespeare_speed.py \\
@@ -37,8 +40,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PRIMING_SIZES = (5, 6, 7)
-"""Sequences of the priming round's clients: batches of 4 and every remainder (1, 2, 3)."""
 
 
 def round_summary(rows: list[dict]) -> dict:
@@ -124,15 +125,16 @@ def main() -> None:
     params = model.init(jax.random.PRNGKey(args.seed))
     base = jax.random.PRNGKey(10_000 + args.seed)
 
-    # Priming: every batch shape compiled before any round is timed.
+    # Priming: the step compiled before any round is timed (one client, one batch).
     first = next(iter(train.get_clients(schedule[0][:1])))[1].all_examples()
-    priming = [(f"priming{n}".encode(),
-                fedjax.ClientDataset({k: np.resize(v, (n,) + v.shape[1:]) for k, v in first.items()}),
-                jax.random.fold_in(base, 10**6 + n)) for n in PRIMING_SIZES]
+    n = args.batch_size
+    priming = [(b"priming", fedjax.ClientDataset(
+        {k: np.resize(v, (n,) + v.shape[1:]) for k, v in first.items()}),
+        jax.random.fold_in(base, 10**6))]
     t = time.perf_counter()
     jax.block_until_ready(algorithm.apply(algorithm.init(params), priming)[0])
     priming_s = time.perf_counter() - t
-    print(f"priming (compiles every batch shape): {priming_s:.1f} s", flush=True)
+    print(f"priming (compiles the step): {priming_s:.1f} s", flush=True)
 
     state = algorithm.init(params)
     rows = []

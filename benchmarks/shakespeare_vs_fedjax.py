@@ -22,7 +22,8 @@ back, ours first; run on a quiet machine (the CPU time others took is in ours' r
 
 Writes `benchmarks/results/shakespeare_vs_fedjax.json`.
 
-Example (about 4 minutes on 2 cores with the defaults):
+Example (with the defaults, 1 + 3 rounds of 250-480 sequences: about 2 minutes on a quiet
+2-core machine, plus minutes of compiling FedJAX's LSTM the first time, then cached):
   .venv/bin/python -m benchmarks.shakespeare_vs_fedjax \\
       --fedjax-python /work/fedjax-venv-jax010/bin/python --fedjax-python /work/fedjax-venv/bin/python
 """
