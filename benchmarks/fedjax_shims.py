@@ -11,10 +11,10 @@ both. What FedJAX 0.0.17 (and the dm-haiku it imports) needs and jax 0.10.2 lack
   FedJAX's other modules (aggregators, tests) may reach;
 * `jax.tree_util.tree_multimap` (older FedJAX and haiku code) -> `jax.tree_util.tree_map`;
 * `jax.numpy.NINF` (`fedjax/models/shakespeare.py`, `stackoverflow.py`, `core/metrics.py`)
-  -> `-math.inf`.
+  -> `-math.inf`. FedJAX's own jax 0.5.3 lacks it too: its LSTM models fail there without it.
 
-`apply()` only adds what is missing, so it is a no-op on jax 0.5.3. Call it before
-`import fedjax`.
+`apply()` only adds what is missing (on jax 0.5.3 `jax.numpy.NINF`, the one FedJAX needs
+there, and three aliases it does not call). Call it before `import fedjax`.
 
 Example:
   >>> from benchmarks import fedjax_shims
@@ -35,7 +35,8 @@ def apply() -> list[str]:
     """Puts back the JAX names FedJAX 0.0.17 needs that this JAX lacks.
 
     Returns:
-      The names added (e.g. `["jax.tree_map", "jax.numpy.NINF"]`); empty on jax 0.5.3.
+      The names added: all ten on jax 0.10.2; on jax 0.5.3 `jax.tree_reduce`, `jax.tree_all`,
+      `jax.tree_util.tree_multimap` and `jax.numpy.NINF`.
 
     Example:
       >>> sorted(apply())  # on jax 0.10.2 (a second call adds nothing)  # doctest: +SKIP

@@ -13,7 +13,8 @@ on the same clients in the same rounds:
   * FedJAX: `benchmarks/fedjax_shakespeare_speed.py` under each `--fedjax-python` (FedJAX's
     own model, FedAvg and Shakespeare preprocessing) on the same plays' training snippets,
     written as a FedJAX SQLite file (feature `snippets`), and the same client ids per round.
-    A python whose JAX is 0.6 or newer gets `--shims` (`benchmarks/fedjax_shims.py`).
+    Each gets `--shims` (`benchmarks/fedjax_shims.py`: only the names its JAX lacks; even
+    FedJAX's pinned jax 0.5.3 lacks `jax.numpy.NINF`, which FedJAX's LSTM models use).
 
 Both sides report the median over timed rounds of `1000 x round seconds / sequences`; the
 ratio is FedJAX's over ours, against the fastest FedJAX given. Both must see the same number
@@ -102,14 +103,6 @@ def run_ours(rounds: int, warmup: int, out_dir: Path, timeout: float) -> dict:
             **round_summary(rows)}
 
 
-def fedjax_needs_shims(python: str) -> bool:
-    """Whether the JAX of `python` lacks `jax.tree_map` (removed in jax 0.6), which FedJAX
-    0.0.17 calls."""
-    out = subprocess.run([python, "-c", "import jax; print(hasattr(jax, 'tree_map'))"],
-                         capture_output=True, text=True, check=True)
-    return out.stdout.strip().splitlines()[-1] != "True"
-
-
 def run_fedjax(python: str, sqlite: Path, sched: list[list[str]], warmup: int, workdir: Path,
                timeout: float, tag: int, cache_dir: str = "") -> dict:
     """`fedjax_shakespeare_speed.py` under `python` on `sched`; its JSON."""
@@ -117,9 +110,8 @@ def run_fedjax(python: str, sqlite: Path, sched: list[list[str]], warmup: int, w
     sched_path.write_text(json.dumps(sched))
     out = workdir / f"fedjax-{tag}.json"
     cmd = [python, "-W", "ignore", str(FEDJAX_SCRIPT), "--train", str(sqlite),
-           "--schedule", str(sched_path), "--warmup", str(warmup), "--json-out", str(out)]
-    if fedjax_needs_shims(python):
-        cmd.append("--shims")
+           "--schedule", str(sched_path), "--warmup", str(warmup), "--json-out", str(out),
+           "--shims"]  # only what this jax lacks: jnp.NINF even on FedJAX's own jax 0.5.3
     if cache_dir:
         cmd += ["--cache-dir", cache_dir]
     subprocess.run(cmd, check=True, timeout=timeout)
