@@ -3,8 +3,9 @@
 Times, inside a jitted `fori_loop` of `--steps` iterations (as a round runs them):
 the whole client step (`client.train_steps` with `optax.sgd`), the loss alone, and the
 pieces of the step on the model's shapes (batch 4, sequences of 80, embed 8, 2 x LSTM
-256, dense 90): the recurrence forward and its BPTT backward (both layers), the input
-projections with their gradients, the dense + softmax cross-entropy with its gradient,
+256, dense 90): two layer unrolls (`nn.lstm_unroll`: input projection and recurrence)
+forward, and their backward pass alone (from saved residuals), the input projections with
+their gradients, the dense + softmax cross-entropy with its gradient,
 and the SGD update. Pieces are interleaved round by round; medians and the spread
 (min-max over rounds) are printed per step. `--kernels` picks the model's `nn.Kernels`:
 `cpu` (the XLA:CPU kernels, pure JAX recurrence), `native` (plus the native LSTM when
@@ -86,27 +87,25 @@ def pieces(kernels: nn.Kernels, n: int, seed: int = 0):
         return _last(jax.grad(lambda q: jnp.mean(model.loss(b, model.apply(q, b))))(p))
     out["loss value+grad"] = (_loop(grad_only, n), (batches, params))
 
-    w_h = params["lstm_0"]["w"][E:]
-    xp = jnp.asarray(rng.normal(size=(n, T, B, 4 * H)) * 0.5, jnp.float32)
-    h0 = jnp.zeros((B, H), jnp.float32)
-    rec, rec_fwd, rec_bwd = nn._lstm_recurrence, nn._lstm_recurrence_fwd, nn._lstm_recurrence_bwd
-    if getattr(kernels, "native_lstm", False):
-        from fedjax_core.models.native import lstm as native_lstm  # noqa: PLC0415
-        rec = native_lstm.lstm_recurrence
-        rec_fwd = native_lstm._recurrence_fwd
-        rec_bwd = native_lstm._recurrence_bwd
+    # One LSTM layer's unroll (the input projection, then the recurrence) with the model's
+    # choice of recurrence, through the public nn.lstm_unroll; twice for the two layers.
+    layer = params["lstm_1"]
+    xs = jnp.asarray(rng.normal(size=(n, B, T, H)) * 0.5, jnp.float32)
+    native = bool(getattr(kernels, "native_lstm", False))
 
-    def fwd2(xp_i, w):  # two layers
-        return _last(rec(xp_i, w, h0, h0)) + _last(rec(xp_i * 0.5, w, h0, h0))
-    out["recurrence fwd x2"] = (_loop(fwd2, n), (xp, w_h))
+    def unroll(x_i, p):
+        return nn.lstm_unroll(p, x_i, custom_vjp=kernels.lstm_custom_vjp, native=native)[0]
 
-    _, residuals = rec_fwd(xp[0], w_h, h0, h0)
-    d_hs = jnp.asarray(rng.normal(size=(n, T, B, H)), jnp.float32)
+    def fwd2(x_i, p):  # two layers
+        return _last(unroll(x_i, p)) + _last(unroll(x_i * 0.5, p))
+    out["layer unroll fwd x2"] = (_loop(fwd2, n), (xs, layer))
 
-    def bwd2(d, res):
-        cot = (d, jnp.zeros((B, H)), jnp.zeros((B, H)))
-        return _last(rec_bwd(res, cot)) + _last(rec_bwd(res, (d * 0.5, *cot[1:])))
-    out["recurrence bwd x2"] = (_loop(bwd2, n), (d_hs, residuals))
+    d_hs = jnp.asarray(rng.normal(size=(n, B, T, H)), jnp.float32)
+    vjp_fn = jax.vjp(unroll, xs[0], layer)[1]
+
+    def bwd2(d, f):  # the backward pass alone, from saved residuals
+        return _last(f(d)) + _last(f(d * 0.5))
+    out["layer unroll bwd x2"] = (_loop(bwd2, n), (d_hs, vjp_fn))
 
     emb = jnp.asarray(rng.normal(size=(n, B, T, E)), jnp.float32)
     hin = jnp.asarray(rng.normal(size=(n, B, T, H)), jnp.float32)

@@ -367,7 +367,22 @@ def worker(side: str, name: str, options: Options) -> dict:
 
 # ==== the driver side ===========================================================================
 
-def _spawn(side: str, name: str, options: Options, out_dir: Path, timeout: float) -> dict:
+def spawn(side: str, name: str, options: Options, out_dir: Path, timeout: float) -> dict:
+    """Runs one side (`"ours"` or `"baseline"`) of scenario `name` in a fresh process.
+
+    Args:
+      side: `"ours"` or `"baseline"`.
+      name: a scenario of `SCENARIOS`.
+      options: the run's `Options`.
+      out_dir: where the worker writes its result file (`.NAME-SIDE.json`).
+      timeout: seconds the worker may take.
+
+    Returns:
+      The worker's result dict, or `{"error": ...}` when it exited with an error.
+
+    Raises:
+      subprocess.TimeoutExpired: the worker ran longer than `timeout`.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     result = out_dir / f".{name}-{side}.json"
     result.unlink(missing_ok=True)
@@ -508,8 +523,8 @@ def run_suite(names=None, options: Options = Options(), out_dir: Path | str | No
     for n in names:
         print(f"== {n}: {DESCRIPTIONS[n]}", flush=True)
         t = time.perf_counter()
-        ours = _spawn("ours", n, options, out_dir, timeout)
-        base = _spawn("baseline", n, options, out_dir, timeout) if baseline else None
+        ours = spawn("ours", n, options, out_dir, timeout)
+        base = spawn("baseline", n, options, out_dir, timeout) if baseline else None
         result = combine(n, ours, base, fedjax, options)
         result["wall_s"] = time.perf_counter() - t
         result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -90,7 +90,7 @@ def run_ours(rounds: int, warmup: int, out_dir: Path, timeout: float) -> dict:
     from benchmarks.scenarios import Options
 
     options = Options(rounds=rounds, warmup=warmup, select_rounds=rounds, chunk_sizes=(1,))
-    data = run._spawn("ours", SCENARIO, options, out_dir, timeout)
+    data = run.spawn("ours", SCENARIO, options, out_dir, timeout)
     if "error" in data:
         raise RuntimeError(data["error"])
     res = data["result"]

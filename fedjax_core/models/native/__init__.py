@@ -43,11 +43,12 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 LIBRARY = PACKAGE_DIR / "lib" / "libfedjax_native.so"
 """Where `build` writes the library (git-ignored)."""
 
-DEFAULT_THREADS = 1
-"""Threads per kernel call unless `FEDJAX_NATIVE_THREADS` says otherwise (0: oneDNN's
-default, every core). One: OpenMP's barriers between two threads cost more than they gain
-on the 2-core VMs measured, and collapse (10-30x slower) when other processes share the
-cores; see docs/performance.md."""
+DEFAULT_THREADS = 0
+"""Threads per kernel call unless `FEDJAX_NATIVE_THREADS` says otherwise: 0, oneDNN's
+default (every core). On the quiet 2-core machine the EMNIST CNN round took 1.50 s with
+every core against 2.12 s with one thread per call; when other processes share the cores,
+OpenMP's barriers make every call wait for a descheduled thread (10-30x slower calls
+measured), and `FEDJAX_NATIVE_THREADS=1` is the better setting. See docs/performance.md."""
 
 _lock = threading.Lock()
 _state: dict = {}
