@@ -413,7 +413,12 @@ def max_pool(x: Float[ArrayLike, "B H W C"], window: int = 2, stride: int = 2, *
         when `window == stride`, else reduce_window. Same values; the reshape form
         makes an EMNIST CNN training step inside `fori_loop` on XLA:CPU about 15%
         faster. Their gradients differ only at ties inside a window (reduce_window
-        sends it to one element, reshape splits it among the tied ones).
+        sends it to one element, reshape splits it among the tied ones:
+        `dx = (dy / count) * [x == y]`, `count` the window's number of maxima, which is
+        `jnp.max`'s own rule). The reshape form counts the maxima by adding the
+        `window**2` strided slices instead of a reduction over the window axes; the
+        values are the same bits, and on XLA:CPU its backward pass fuses into one loop
+        (an EMNIST CNN step with the native convolutions: 11.9 against 10.4 ms).
 
     Returns:
       `Float[Array, "B Ho Wo C"]`, `Ho = (H - window) // stride + 1`.
@@ -431,12 +436,36 @@ def max_pool(x: Float[ArrayLike, "B H W C"], window: int = 2, stride: int = 2, *
         b, h, w, c = x.shape
         ho, wo = h // window, w // window
         x = x[:, :ho * window, :wo * window]
-        return jnp.max(x.reshape(b, ho, window, wo, window, c), axis=(2, 4))
+        return _window_max(x.reshape(b, ho, window, wo, window, c))
     if impl != "reduce_window":
         raise ValueError(f"max_pool impl must be 'auto', 'reduce_window' or 'reshape', "
                          f"got {impl!r}")
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1),
                              (1, stride, stride, 1), "VALID")
+
+
+@jax.custom_jvp
+def _window_max(x: Array) -> Array:
+    """`max` over axes 2 and 4 of `[B, Ho, k, Wo, k, C]` windows (see `max_pool`)."""
+    return jnp.max(x, axis=(2, 4))
+
+
+@_window_max.defjvp
+def _window_max_jvp(primals, tangents):
+    # jnp.max's own JVP, `sum(t * [x == y]) / count`, with `count` summed over the k * k
+    # strided slices (exact small integers, so the same bits as its reduction). Reverse
+    # mode transposes this into `(dy / count) * [x == y]`, which XLA:CPU fuses into one
+    # loop; the reduction over the window axes ran separately, at a few GB/s.
+    (x,), (t,) = primals, tangents
+    y = _window_max(x)
+    hit = (x == y[:, :, None, :, None, :]).astype(t.dtype)
+    k_h, k_w = x.shape[2], x.shape[4]
+    count = hit[:, :, 0, :, 0]
+    for i in range(k_h):
+        for j in range(k_w):
+            if i or j:
+                count = count + hit[:, :, i, :, j]
+    return y, jnp.sum(t * hit, axis=(2, 4)) / count
 
 
 # ----------------------------------------------------------------------- embedding

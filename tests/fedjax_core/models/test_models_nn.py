@@ -112,6 +112,38 @@ def test_max_pool_impls_agree_in_value_and_gradient():
         nn.max_pool(x, window=3, stride=1, impl="reshape")
 
 
+def test_max_pool_reshape_gradient_is_jnp_max_rule_bit_for_bit():
+    # Ties everywhere (relu zeros, repeated integers): the reshape form's own JVP must give
+    # jnp.max's values and derivatives exactly, in reverse and forward mode, jitted.
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(np.maximum(rng.integers(-2, 3, size=(3, 8, 6, 4)), 0), jnp.float32)
+    x = x.at[0, 0:2, 0:2, 0].set(0.0).at[0, 0:2, 2:4, 0].set(jnp.array([[2.0, 1.0], [2.0, 0.0]]))
+    cot = jnp.asarray(rng.normal(size=(3, 4, 3, 4)), jnp.float32)
+    tan = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+    def reference(x):
+        return jnp.max(x.reshape(3, 4, 2, 3, 2, 4), axis=(2, 4))
+
+    def pooled(x):
+        return nn.max_pool(x, impl="reshape")
+
+    (v_ref, g_ref), (v, g) = (jax.jit(jax.value_and_grad(lambda x, f=f: jnp.sum(f(x) * cot)))(x)
+                              for f in (reference, pooled))
+    np.testing.assert_array_equal(v, v_ref)
+    np.testing.assert_array_equal(g, g_ref)
+    # A tie of four zeros splits the cotangent in quarters, one of two in halves.
+    np.testing.assert_allclose(g[0, 0:2, 0:2, 0], np.full((2, 2), cot[0, 0, 0, 0] / 4))
+    np.testing.assert_allclose(g[0, 0:2, 2:4, 0], [[cot[0, 0, 1, 0] / 2, 0.0],
+                                                    [cot[0, 0, 1, 0] / 2, 0.0]])
+    (_, t_ref), (_, t) = (jax.jit(lambda x, t, f=f: jax.jvp(f, (x,), (t,)))(x, tan)
+                          for f in (reference, pooled))
+    np.testing.assert_array_equal(t, t_ref)
+    # Second order (forward over reverse) runs through the rule.
+    hvp = jax.jvp(jax.grad(lambda x: jnp.sum(pooled(x) ** 2)), (x,), (tan,))[1]
+    hvp_ref = jax.jvp(jax.grad(lambda x: jnp.sum(reference(x) ** 2)), (x,), (tan,))[1]
+    np.testing.assert_array_equal(hvp, hvp_ref)
+
+
 def test_embedding_lookup_and_init():
     p = nn.embedding_init(jax.random.key(0), 90, 8)
     assert p["embeddings"].shape == (90, 8)
