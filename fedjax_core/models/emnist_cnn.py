@@ -2,7 +2,7 @@
 
 import jax
 
-from fedjax_core.models import nn
+from fedjax_core.models import cpu_kernels, nn
 from fedjax_core.models.base import Model
 from fedjax_core.models.linear import classification_loss, classification_metrics
 from fedjax_core.typing import Array, Batch, Params, PRNGKey
@@ -42,6 +42,11 @@ def emnist_cnn(num_classes: int = 62, conv_impl: nn.ConvImpl = "auto",
       Reddi et al., "Adaptive Federated Optimization", ICLR 2021.
     """
     k = nn.resolve_kernels(kernels)
+    # The first dense layer's input is pooled, then dropped out; with the CPU kernels its
+    # weight gradient reads that input in place instead of a transposed copy that XLA:CPU
+    # would recompute the dropout hash for (same bits, see cpu_kernels.matmul_fused_input).
+    k_flat = (k._replace(matmul=cpu_kernels.matmul_fused_input)
+              if k.matmul is cpu_kernels.matmul else k)
 
     def init(key: PRNGKey) -> Params:
         k1, k2, k3, k4 = jax.random.split(key, 4)
@@ -63,7 +68,7 @@ def emnist_cnn(num_classes: int = 62, conv_impl: nn.ConvImpl = "auto",
         x = nn.max_pool(x, 2, 2)
         x = nn.dropout(x, 0.25, k1, train, kernels=k)
         x = x.reshape(x.shape[0], -1)
-        x = jax.nn.relu(nn.dense(params["dense_0"], x, kernels=k))
+        x = jax.nn.relu(nn.dense(params["dense_0"], x, kernels=k_flat))
         x = nn.dropout(x, 0.5, k2, train, kernels=k)
         return nn.dense(params["dense_1"], x, kernels=k)
 

@@ -257,6 +257,54 @@ def test_matmul_gradients_equal_plain_dot(x_shape, w_shape):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("x_shape, w_shape", [((7, 5, 3), (3, 4)), ((2, 40), (40, 6))])
+def test_matmul_fused_input_equals_matmul(x_shape, w_shape):
+    # Behind dropout, as in the EMNIST CNN: values are matmul's bits; the weight gradient
+    # is the same up to float summation order (the same bits when X has 20 rows, as in the
+    # CNN); vmap and second order work.
+    kx, kw, kd = jax.random.split(jax.random.key(1), 3)
+    x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+
+    def loss(dot):
+        def f(x, w):
+            dropped = jnp.where(cpu_kernels.bernoulli(kd, 0.75, x.shape), x / 0.75, 0.0)
+            return jnp.sum(jnp.sin(dot(jax.nn.relu(dropped), w)))
+        return f
+
+    plain, fused = loss(cpu_kernels.matmul), loss(cpu_kernels.matmul_fused_input)
+    np.testing.assert_array_equal(cpu_kernels.matmul_fused_input(x, w), cpu_kernels.matmul(x, w))
+    for g, e in zip(jax.jit(jax.grad(fused, (0, 1)))(x, w), jax.jit(jax.grad(plain, (0, 1)))(x, w)):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.grad(fused, 1)(x, w), jax.grad(loss(jnp.dot), 1)(x, w),
+                               rtol=1e-5, atol=1e-5)
+    xs = jnp.stack([x, 2 * x])
+    np.testing.assert_allclose(jax.vmap(jax.grad(fused, 1), (0, None))(xs, w),
+                               jax.vmap(jax.grad(plain, 1), (0, None))(xs, w), rtol=1e-5, atol=1e-5)
+
+    def second(f):
+        return jax.grad(lambda w: jnp.sum(jax.grad(f, 1)(x, w) ** 2))(w)
+
+    np.testing.assert_allclose(second(fused), second(loss(jnp.dot)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU compilation check")
+def test_emnist_cnn_first_dense_gradient_reads_its_input_in_place():
+    # Few rows, wide input: matmul materialises X^T (no dot contracting dim 0 of a
+    # [rows, 9216] operand); matmul_fused_input contracts X's rows where they lie.
+    x, w = jnp.ones((20, 9216)), jnp.ones((9216, 128))
+    assert _weight_grad_dots(cpu_kernels.matmul, x, w) == []
+    assert _weight_grad_dots(cpu_kernels.matmul_fused_input, x, w)
+    from fedjax_core.models.emnist_cnn import emnist_cnn
+    model = emnist_cnn(kernels="cpu")
+    params = model.init(jax.random.key(0))
+    batch = {"x": jnp.ones((4, 28, 28, 1)), "y": jnp.zeros((4,), jnp.int32)}
+    text = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, batch, jax.random.key(1),
+                                                          train=True)))).lower(
+        params).compile().as_text()
+    assert any(" dot(" in line and "f32[9216,128]" in line.split("=")[1][:20]
+               and "lhs_contracting_dims={0}" in line for line in text.splitlines())
+
+
 def _weight_grad_dots(dot, x, w) -> list[str]:
     """Dots of the compiled weight gradient that contract the lhs's leading axis."""
     text = jax.jit(jax.grad(lambda w: jnp.sum(dot(x, w)))).lower(w).compile().as_text()
