@@ -140,7 +140,7 @@ def pieces(kernels: nn.Kernels, n: int, seed: int = 0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Where one Shakespeare LSTM SGD step spends its time.")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").strip().splitlines()[0])
     parser.add_argument("--kernels", nargs="+", default=["cpu"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)

@@ -177,11 +177,12 @@ def with_precision(model: Model, precision: str | Policy) -> Model:
       dtype('float32')
     """
     pol = policy(precision) if isinstance(precision, str) else precision
-    wrapped = isinstance(model.apply, PrecisionApply)
-    inner = model.apply.inner if isinstance(model.apply, PrecisionApply) else model.apply
+    apply = model.apply
+    wrapped = isinstance(apply, PrecisionApply)
+    inner = apply.inner if wrapped else apply
     if all(jnp.dtype(d) == jnp.float32 for d in pol):
         return model._replace(apply=inner) if wrapped else model
-    if isinstance(model.apply, PrecisionApply) and model.apply.policy == pol:
+    if wrapped and apply.policy == pol:
         return model
     return model._replace(apply=PrecisionApply(inner, pol))
 

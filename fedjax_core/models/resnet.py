@@ -43,6 +43,7 @@ from jax import lax
 from fedjax_core.models import linear, nn
 from fedjax_core.models.base import Model
 from fedjax_core.models.linear import classification_loss, classification_metrics
+from fedjax_core.models.native.conv import explicit_padding
 from fedjax_core.typing import Array, ArrayLike, Batch, Float, Params, PRNGKey
 
 GROUPS = 2
@@ -52,13 +53,6 @@ EPSILON = 1e-3
 
 
 # ------------------------------------------------------------------------ layers
-
-
-def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    # TensorFlow's 'SAME': output ceil(size / stride), the extra pixel goes after.
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
 
 
 def he_normal_conv_init(key: PRNGKey, in_channels: int, out_channels: int,
@@ -122,7 +116,7 @@ def max_pool_same(x: Float[ArrayLike, "B H W C"], window: int = 3,
     """
     x = jnp.asarray(x)
     b, h, w, c = x.shape
-    ph, pw = _same_pads(h, window, stride), _same_pads(w, window, stride)
+    ph, pw = explicit_padding("SAME", (h, w), (window, window), (stride, stride))
     xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)), constant_values=-jnp.inf)
     ho, wo = -(-h // stride), -(-w // stride)
     out = None

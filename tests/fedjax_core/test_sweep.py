@@ -72,14 +72,15 @@ def check_members(lay, state, history, members, make_algorithm, cohort_fn=cohort
 FEDAVG_MEMBERS = [(0.1, 1.0, 0), (0.3, 1.0, 0), (0.1, 0.5, 0), (0.2, 0.7, 1)]
 
 
+def build_fedavg(hp):
+    return fedavg(optax.sgd(hp["client_lr"]), optax.sgd(hp["server_lr"]))
+
+
 @pytest.fixture(scope="module")
 def fedavg_sweep():
     """`run_sweep` of FEDAVG_MEMBERS (rows one after another): run once, checked against the
     separate runs by the next test and against the vmapped rows by the one after it."""
-    def build(hp):
-        return fedavg(optax.sgd(hp["client_lr"]), optax.sgd(hp["server_lr"]))
-
-    return run_sweep(build, FEDAVG_MEMBERS, ["client_lr", "server_lr"])
+    return run_sweep(build_fedavg, FEDAVG_MEMBERS, ["client_lr", "server_lr"])
 
 
 def test_fedavg_members_equal_their_separate_runs(fedavg_sweep):
@@ -117,12 +118,9 @@ def test_an_algorithm_option_can_be_swept():
 
 
 def test_rows_under_vmap_equal_rows_one_after_another(fedavg_sweep):
-    def build(hp):
-        return fedavg(optax.sgd(hp["client_lr"]), optax.sgd(hp["server_lr"]))
-
     names = ["client_lr", "server_lr"]
     _, mapped, _ = fedavg_sweep
-    _, vmapped, _ = run_sweep(build, FEDAVG_MEMBERS, names, seeds_together=2)
+    _, vmapped, _ = run_sweep(build_fedavg, FEDAVG_MEMBERS, names, seeds_together=2)
     close(vmapped, mapped)
 
 

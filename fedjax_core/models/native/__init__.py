@@ -29,12 +29,13 @@ The native path is off when:
 Example:
   >>> from fedjax_core.models import native
   >>> native.available(), native.reason()  # doctest: +SKIP
-  (True, 'loaded .../libfedjax_native.so (oneDNN 3.13, bf16: yes)')
+  (True, 'loaded .../libfedjax_native.so (bf16 kernels: yes; threads per call: all cores)')
 """
 
 import ctypes
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import jax
@@ -69,6 +70,9 @@ def _threads() -> int:
     try:
         return max(int(raw), 0) if raw else DEFAULT_THREADS
     except ValueError:
+        warnings.warn(f"FEDJAX_NATIVE_THREADS={raw!r} is not a whole number; the native "
+                      f"kernels use {DEFAULT_THREADS or 'every core'} (set it to e.g. 1)",
+                      stacklevel=2)
         return DEFAULT_THREADS
 
 

@@ -162,8 +162,7 @@ def _data_abstract(dy, w, *, in_hw, **_):
 
 
 def _weights_abstract(x, dy, *, kernel_hw, **_):
-    return ShapedArray(_lead(x, dy) + (*kernel_hw, x.shape[-1], dy.shape[-1]),
-                                x.dtype)
+    return ShapedArray(_lead(x, dy) + (*kernel_hw, x.shape[-1], dy.shape[-1]), x.dtype)
 
 
 def _primitive(name: str, target: str, abstract) -> Primitive:

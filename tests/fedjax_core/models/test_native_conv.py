@@ -219,9 +219,12 @@ def test_fedjax_native_0_turns_the_kernels_off_and_the_cnn_takes_im2col():
 def test_threads_per_call_come_from_the_environment(monkeypatch):
     monkeypatch.delenv("FEDJAX_NATIVE_THREADS", raising=False)
     assert native._threads() == native.DEFAULT_THREADS
-    for raw, want in (("2", 2), ("0", 0), ("-3", 0), ("many", native.DEFAULT_THREADS)):
+    for raw, want in (("2", 2), ("0", 0), ("-3", 0)):
         monkeypatch.setenv("FEDJAX_NATIVE_THREADS", raw)
         assert native._threads() == want
+    monkeypatch.setenv("FEDJAX_NATIVE_THREADS", "many")
+    with pytest.warns(UserWarning, match="FEDJAX_NATIVE_THREADS='many' is not a whole number"):
+        assert native._threads() == native.DEFAULT_THREADS
 
 
 def test_build_without_tools_prints_one_line_and_never_fails(monkeypatch, tmp_path, capsys):

@@ -14,7 +14,8 @@
 //
 // The per-step products ([B, H] x [H, 4H], B = 4 in the Shakespeare model) are small:
 // one XLA op each costs more in dispatch than in arithmetic. Here they are a register-
-// blocked loop over W_h packed once per call in column blocks (read as contiguous streams) that the compiler vectorises, compiled for AVX-512, AVX2+FMA and baseline
+// blocked loop over W_h, packed once per call in column blocks read as contiguous
+// streams, that the compiler vectorises, compiled for AVX-512, AVX2+FMA and baseline
 // x86-64 (GCC function multiversioning picks one when the library loads), run on the
 // calling thread: the step is too small to share between threads. sigmoid and tanh use a
 // Cephes-style expf (about 1 ulp) that vectorises, instead of libm's scalar calls.
@@ -193,7 +194,6 @@ void ForwardOne(int64_t steps, int64_t batch, int64_t hidden, const float* x_pro
     c = cs + t * bh;
   }
 }
-
 
 void BackwardOne(int64_t steps, int64_t batch, int64_t hidden, const float* d_hs,
                  const float* d_h_last, const float* d_c_last, const float* acts,
