@@ -7,9 +7,11 @@ runs, back to back on this machine (run it on a quiet one):
 1. FedJAX 0.0.17's own EMNIST benchmark (`fedjax_emnist_bench.py` beside the shared
    `synth_emnist.py`, in FedJAX's venv: its CNN, its FedAvg, its full evaluation);
 2. the suite's `emnist-cnn` and `emnist-eval` scenarios (`benchmarks.run`) in fresh
-   processes, once per variant: `native` (the default when the kernels are built),
-   `fallback` (`FEDJAX_NATIVE=0`: today's pure-JAX path, im2col and `lax.conv`), and
-   each of `--precisions` beyond f32 with the native kernels;
+   processes, once per variant: `native` (the default when the kernels are built:
+   Winograd for the 3x3 layers that qualify, oneDNN's direct convolution for the others),
+   `native-direct` (`FEDJAX_NATIVE_CONV=direct`: oneDNN's direct convolutions only),
+   `fallback` (`FEDJAX_NATIVE=0`: the pure-JAX path, im2col and `lax.conv`), and each of
+   `--precisions` beyond f32 with the native kernels;
 
 and writes `OUT/native_kernels.json` (default `benchmarks/results/`): the machine (CPU
 model, its vector flags, the native kernels' status), per variant the median round and
@@ -89,7 +91,8 @@ def main(argv=None) -> int:
         print("== FedJAX 0.0.17", flush=True)
         fedjax = run_fedjax(args.fedjax_python, Path(args.fedjax_bench), args.rounds,
                             args.warmup, fedjax_json)
-    variants = {"native": ({}, []), "fallback": ({"FEDJAX_NATIVE": "0"}, [])}
+    variants = {"native": ({}, []), "native-direct": ({"FEDJAX_NATIVE_CONV": "direct"}, []),
+                "fallback": ({"FEDJAX_NATIVE": "0"}, [])}
     for spec in args.variant:
         name, _, assignments = spec.partition(":")
         env = dict(a.split("=", 1) for a in assignments.split(",") if "=" in a)

@@ -9,7 +9,7 @@ oneDNN are present).
 
 | module | kernel | replaces |
 | --- | --- | --- |
-| `native.conv` | `conv2d` forward, input and weight gradients, f32 / bf16 | im2col and `lax.conv` on CPU |
+| `native.conv` | `conv2d` forward, input and weight gradients, f32 / bf16 (Winograd 3x3) | im2col, `lax.conv` |
 | `native.lstm` | the LSTM recurrence over a sequence, forward and BPTT backward, f32 | `lax.scan` in `nn.lstm_unroll` |
 
 This module finds and loads the library and registers its handlers with JAX, once, the
@@ -19,6 +19,11 @@ first time `available()` is asked. The layers never call it by themselves: a mod
 
 Each kernel call runs on `FEDJAX_NATIVE_THREADS` threads (default `DEFAULT_THREADS`; 0
 for oneDNN's default of every core), read once when the library loads.
+
+float32 3x3 convolutions with stride 1 and channel counts that are multiples of 16 run on
+Winograd F(2x2, 3x3) kernels written here (`src/winograd.cc`, AVX-512 CPUs), every other
+convolution on oneDNN's direct ones. `FEDJAX_NATIVE_CONV=direct` (read when the library
+loads) or `set_conv_algorithm("direct")` keeps every convolution on oneDNN's direct kernels.
 
 The native path is off when:
 - the library is not built (no compiler, no oneDNN: `pip install -e '.[native]'` then
@@ -76,6 +81,21 @@ def _threads() -> int:
         return DEFAULT_THREADS
 
 
+CONV_ALGORITHMS = ("auto", "direct")
+"""`set_conv_algorithm`'s choices: `auto` (Winograd where it applies, else direct) and
+`direct` (oneDNN's direct convolutions only)."""
+
+
+def _conv_algorithm() -> str:
+    """The convolution algorithm of `FEDJAX_NATIVE_CONV`, else `auto`."""
+    raw = os.environ.get("FEDJAX_NATIVE_CONV", "").strip().lower()
+    if raw in ("", *CONV_ALGORITHMS):
+        return raw or "auto"
+    warnings.warn(f"FEDJAX_NATIVE_CONV={raw!r} is not one of {', '.join(CONV_ALGORITHMS)}; the "
+                  f"native kernels use auto", stacklevel=2)
+    return "auto"
+
+
 def _load() -> dict:
     """Loads the library and registers its targets once; returns the state record."""
     with _lock:
@@ -99,11 +119,47 @@ def _load() -> dict:
                                         platform="cpu")
         threads = _threads()
         lib.fedjax_native_set_threads(threads)
+        algorithm = _conv_algorithm()
+        lib.fedjax_native_set_conv_algorithm(CONV_ALGORITHMS.index(algorithm))
         bf16 = bool(lib.fedjax_native_has_bf16())
-        _state.update(ok=True, lib=lib, bf16=bf16, threads=threads, reason=(
+        _state.update(ok=True, lib=lib, bf16=bf16, threads=threads, conv=algorithm, reason=(
             f"loaded {LIBRARY} (bf16 kernels: {'yes' if bf16 else 'emulated or none'}; "
-            f"threads per call: {threads or 'all cores'})"))
+            f"threads per call: {threads or 'all cores'}; 3x3 convolutions: {algorithm}, "
+            f"Winograd kernels: {'yes' if lib.fedjax_native_has_winograd() else 'no (no AVX-512)'})"))
         return _state
+
+
+def set_conv_algorithm(algorithm: str) -> None:
+    """Chooses the native float32 3x3 convolutions' algorithm, from the next kernel call on.
+
+    `auto` (the default): Winograd F(2x2, 3x3) (Lavin and Gray, CVPR 2016: each 2x2 output
+    tile is `A^T [(G g G^T) .* (B^T d B)] A`, 16 multiplications instead of 36) for float32,
+    3x3, stride 1, both channel counts multiples of 16, on AVX-512 CPUs; oneDNN's direct
+    convolution otherwise. `direct`: oneDNN's direct convolution always. The two agree up to
+    float summation order (about 1e-7 relative). Compiled functions pick the change up too:
+    the choice is made inside each kernel call.
+
+    Args:
+      algorithm: `"auto"` or `"direct"`.
+
+    Raises:
+      ValueError: another name.
+      RuntimeError: the native kernels are unavailable.
+
+    Example:
+      >>> if available():
+      ...     set_conv_algorithm("direct")  # compare against oneDNN's direct kernels
+      ...     set_conv_algorithm("auto")
+    """
+    if algorithm not in CONV_ALGORITHMS:
+        raise ValueError(f"conv algorithm must be one of {', '.join(CONV_ALGORITHMS)}, got "
+                         f"{algorithm!r}")
+    state = _load()
+    if not state["ok"]:
+        raise RuntimeError(f"native kernels are {state['reason']}")
+    with _lock:
+        state["lib"].fedjax_native_set_conv_algorithm(CONV_ALGORITHMS.index(algorithm))
+        state["conv"] = algorithm
 
 
 def available() -> bool:

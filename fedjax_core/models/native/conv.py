@@ -3,11 +3,16 @@
 `conv2d(x, w, strides, padding)` equals `lax.conv_general_dilated(x, w, strides, padding,
 dimension_numbers=("NHWC", "HWIO", "NHWC"))` up to float summation order. Its three parts
 are XLA FFI calls into `src/conv.cc`: the forward, and in the backward pass the input
-gradient `dx = conv_transpose(dy, w)` and the weight gradient `dw = sum_b x_patches^T dy`,
-each one oneDNN primitive (direct convolution, AVX-512 / AVX2 kernels chosen by oneDNN for
-the CPU it runs on). Unlike `lax.conv` on XLA:CPU, the weight gradient is as fast inside
-`lax.scan` / `fori_loop` as outside (jax-ml/jax#12868 does not apply), and no patch matrix
-is materialised as in im2col.
+gradient `dx = conv_transpose(dy, w)` and the weight gradient `dw = sum_b x_patches^T dy`.
+float32 3x3 convolutions with stride 1 and both channel counts multiples of 16 run on
+Winograd F(2x2, 3x3) kernels written here (`src/winograd.cc`; Lavin and Gray, CVPR 2016:
+each 2x2 output tile is `A^T [(G g G^T) .* (B^T d B)] A`, 16 multiplications where the
+direct convolution takes 36) on AVX-512 CPUs; every other convolution is one oneDNN
+primitive (direct convolution, AVX-512 / AVX2 kernels chosen by oneDNN for the CPU it runs
+on). `native.set_conv_algorithm("direct")` or `FEDJAX_NATIVE_CONV=direct` keeps all of them
+on oneDNN. Unlike `lax.conv` on XLA:CPU, the weight gradient is as fast inside `lax.scan` /
+`fori_loop` as outside (jax-ml/jax#12868 does not apply), and no patch matrix is
+materialised as in im2col.
 
 It runs under `jit`, `lax.scan`, `fori_loop` and `vmap`: a vmapped call with a shared
 kernel folds the vmapped axes into the batch (one convolution); with per-example kernels

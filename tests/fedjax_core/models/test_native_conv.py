@@ -131,6 +131,101 @@ def test_every_autodiff_mode_and_loops():
     _close(scanned(nat)(jnp.stack([x, -x]), w), scanned(ref)(jnp.stack([x, -x]), w))
 
 
+@pytest.fixture
+def conv_algorithm():
+    """Sets `native.set_conv_algorithm` for one test, back to `auto` afterwards."""
+    yield native.set_conv_algorithm
+    native.set_conv_algorithm("auto")
+
+
+WINOGRAD_CASES = [  # 3x3, stride 1, channels multiples of 16: (x shape, out channels, padding)
+    ((2, 9, 7, 16), 32, "VALID"),  # odd output sizes: partial 2x2 tiles at the edges
+    ((3, 8, 11, 32), 16, "SAME"),
+    ((1, 6, 6, 16), 48, ((2, 0), (1, 2))),  # asymmetric pads, 48 = a 3-vector column block
+    ((5, 20, 17, 16), 80, ((0, 1), (1, 0))),  # more tile blocks than threads; 80 = 64 + 16
+    ((2, 3, 3, 32), 16, "VALID"),  # a single output pixel
+]
+
+
+@needs_native
+@pytest.mark.parametrize("algorithm", ["auto", "direct"])
+@pytest.mark.parametrize("shape,out,padding", WINOGRAD_CASES)
+def test_3x3_convolutions_match_lax_with_either_algorithm(conv_algorithm, algorithm, shape,
+                                                          out, padding):
+    conv_algorithm(algorithm)
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, shape[-1], out)) / 12, jnp.float32)
+    args = ((1, 1), padding)
+    y, back = jax.vjp(lambda x, w: conv.conv2d(x, w, *args), x, w)
+    want_y, want_back = jax.vjp(lambda x, w: _lax(x, w, *args), x, w)
+    _close(y, want_y)
+    ct = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    for g, r in zip(back(ct), want_back(ct)):
+        _close(g, r)
+
+
+@needs_native
+def test_winograd_runs_where_it_applies_and_direct_elsewhere(conv_algorithm):
+    if "Winograd kernels: yes" not in native.reason():
+        pytest.skip("no AVX-512 here: every convolution is oneDNN's direct one")
+    rng = np.random.default_rng(8)
+
+    def outputs(x, w, algorithm):
+        conv_algorithm(algorithm)
+        y, back = jax.vjp(lambda x, w: conv.conv2d(x, w), x, w)
+        return [np.asarray(a) for a in (y, *back(jnp.cos(y)))]
+
+    # 16 -> 32 channels, 3x3, stride 1: the two algorithms sum in different orders, so some
+    # bits differ in each of the forward, input gradient and weight gradient.
+    x = jnp.asarray(rng.normal(size=(2, 10, 10, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 16, 32)) / 12, jnp.float32)
+    for a, b in zip(outputs(x, w, "auto"), outputs(x, w, "direct")):
+        assert not np.array_equal(a, b)
+        _close(a, b)
+    # 1 input channel (the EMNIST CNN's first layer): direct under either setting.
+    x1, w1 = x[..., :1], w[:, :, :1, :]
+    for a, b in zip(outputs(x1, w1, "auto"), outputs(x1, w1, "direct")):
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_native
+def test_winograd_under_vmap_and_in_a_training_loop(conv_algorithm):
+    conv_algorithm("auto")
+    rng = np.random.default_rng(9)
+    xs = jnp.asarray(rng.normal(size=(3, 2, 8, 7, 16)), jnp.float32)
+    ws = jnp.asarray(rng.normal(size=(3, 3, 3, 16, 16)) / 12, jnp.float32)
+
+    def loss(impl):
+        return lambda x, w: jnp.sum(jnp.tanh(impl(x, w, (1, 1), "SAME")) ** 2)
+
+    # Shared kernel (folded into the batch) and per-example kernels, with gradients.
+    _close(jax.vmap(lambda x: conv.conv2d(x, ws[0], (1, 1), "SAME"))(xs),
+           jax.vmap(lambda x: _lax(x, ws[0], (1, 1), "SAME"))(xs))
+    for g, r in zip(jax.vmap(jax.grad(loss(conv.conv2d), (0, 1)))(xs, ws),
+                    jax.vmap(jax.grad(loss(_lax), (0, 1)))(xs, ws)):
+        _close(g, r)
+
+    def scanned(f):
+        return jax.jit(lambda xs, w: lax.scan(
+            lambda w, x: (w - 0.05 * jax.grad(f, 1)(x, w), None), w, xs)[0])
+
+    _close(scanned(loss(conv.conv2d))(xs, ws[0]), scanned(loss(_lax))(xs, ws[0]))
+
+
+def test_conv_algorithm_comes_from_the_environment_or_the_setter(monkeypatch):
+    monkeypatch.delenv("FEDJAX_NATIVE_CONV", raising=False)
+    assert native._conv_algorithm() == "auto"
+    for raw, want in (("direct", "direct"), (" Direct ", "direct"), ("auto", "auto")):
+        monkeypatch.setenv("FEDJAX_NATIVE_CONV", raw)
+        assert native._conv_algorithm() == want
+    monkeypatch.setenv("FEDJAX_NATIVE_CONV", "winograd-only")
+    with pytest.warns(UserWarning, match="FEDJAX_NATIVE_CONV='winograd-only' is not one of auto, direct"):
+        assert native._conv_algorithm() == "auto"
+    with pytest.raises(ValueError, match="conv algorithm must be one of auto, direct, got 'fast'"):
+        native.set_conv_algorithm("fast")
+
+
 @needs_native
 def test_bfloat16_inputs_follow_the_f32_result():
     if not native.has_bf16():

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common.h"
+#include "winograd.h"
 
 namespace fedjax_native {
 namespace {
@@ -134,10 +135,48 @@ void* WeightsBuffer(size_t bytes) { return ThreadBuffer<1>(bytes); }
 void* BlockedSrcBuffer(size_t bytes) { return ThreadBuffer<2>(bytes); }
 void* BlockedDstBuffer(size_t bytes) { return ThreadBuffer<3>(bytes); }
 
+// Whether 3x3 convolutions may take the Winograd kernels (fedjax_native_set_conv_algorithm).
+bool& WinogradOn() {
+  static bool on = true;
+  return on;
+}
+
+// Whether a convolution runs on the Winograd kernels (src/winograd.h): float32, 3x3,
+// stride 1, both channel counts multiples of 16 (the products' column blocks), and an
+// AVX-512 CPU. Everything else is oneDNN's direct convolution.
+bool UseWinograd(const ConvShape& s, memory::data_type src_t, memory::data_type wei_t,
+                 memory::data_type dst_t) {
+  constexpr auto f32 = memory::data_type::f32;
+  return WinogradOn() && src_t == f32 && wei_t == f32 && dst_t == f32 && s.kh == 3 &&
+         s.kw == 3 && s.sh == 1 && s.sw == 1 && s.c % 16 == 0 && s.o % 16 == 0 &&
+         WinogradSupported();
+}
+
+// One convolution of `kind` on the Winograd kernels (UseWinograd is true).
+void RunWinograd(ConvKind kind, const ConvShape& s, void* src, void* weights, void* dst) {
+  auto* x = static_cast<float*>(src);
+  auto* w = static_cast<float*>(weights);
+  auto* y = static_cast<float*>(dst);
+  if (kind == ConvKind::kBackwardData) {
+    // dx = dy convolved with the flipped kernel, padded by 2 - pad.
+    WinogradConv({s.n, s.ho, s.wo, s.o, s.h, s.w, s.c, 2 - s.pt, 2 - s.pl, true}, y, w, x);
+    return;
+  }
+  const Winograd3x3 shape{s.n, s.h, s.w, s.c, s.ho, s.wo, s.o, s.pt, s.pl, false};
+  if (kind == ConvKind::kForward)
+    WinogradConv(shape, x, w, y);
+  else
+    WinogradWeights(shape, x, y, w);
+}
+
 // Runs one convolution of `kind` on raw pointers (src, weights, dst in the forward sense).
 void RunConv(ConvKind kind, const ConvShape& s, memory::data_type src_t,
              memory::data_type wei_t, memory::data_type dst_t, void* src, void* weights,
              void* dst) {
+  if (UseWinograd(s, src_t, wei_t, dst_t)) {
+    RunWinograd(kind, s, src, weights, dst);
+    return;
+  }
   std::string key = std::to_string(static_cast<int>(kind)) + ":" +
                     Join({s.n, s.h, s.w, s.c, s.o, s.kh, s.kw, s.sh, s.sw, s.pt, s.pb,
                           s.pl, s.pr}) +
@@ -331,6 +370,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxConv2dBackwardWeights, fn::BackwardWeights,
 extern "C" void fedjax_native_set_threads(int threads) {
   fedjax_native::KernelThreads() = threads < 0 ? 0 : threads;
 }
+
+// 3x3 float32 convolutions: 0 (default) takes the Winograd kernels where they apply, 1
+// oneDNN's direct convolution always (for comparisons).
+extern "C" void fedjax_native_set_conv_algorithm(int direct) {
+  fedjax_native::WinogradOn() = direct == 0;
+}
+
+// Whether the Winograd kernels run on this CPU (the `auto` algorithm's 3x3 convolutions).
+extern "C" int fedjax_native_has_winograd() { return fedjax_native::WinogradSupported() ? 1 : 0; }
 
 // Whether the CPU runs oneDNN's bf16 kernels natively (AVX512_BF16 or AMX), for the
 // Python side's choice of path.
