@@ -42,6 +42,56 @@ def test_forward_and_gradients_match_pure_jax():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+# 136 hidden units: the recurrence splits them 72 / 64 between the calling thread and a task
+# on XLA's thread pool (halves of at least 64 units; smaller layers run on one thread).
+_SPLIT_CODE = """
+import hashlib, jax, jax.numpy as jnp, numpy as np
+from fedjax_core.models.native import lstm
+rng = np.random.default_rng(11)
+f = lambda *s, scale=1.0: jnp.asarray(rng.normal(size=s) * scale, jnp.float32)
+args = (f(6, 3, 4 * 136), f(136, 4 * 136, scale=0.1), f(3, 136), f(3, 136))
+def value(xp, w, h0, c0):
+    hs, h, c = lstm.lstm_recurrence(xp, w, h0, c0)
+    return jnp.sum(jnp.sin(hs)) + jnp.sum(h ** 2) + 3.0 * jnp.sum(c)
+outs = [*jax.jit(lstm.lstm_recurrence)(*args), *jax.jit(jax.grad(value, (0, 1, 2, 3)))(*args)]
+from fedjax_core.models import native
+split = native._load()["lib"].fedjax_native_lstm_split_count
+split.restype = __import__("ctypes").c_int64
+print(split(), hashlib.sha256(b"".join(np.asarray(o).tobytes() for o in outs)).hexdigest())
+"""
+
+
+def test_a_sequence_split_over_two_threads_is_the_one_thread_result_bit_for_bit():
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    def run(threads):
+        env = {**os.environ, "FEDJAX_NATIVE_THREADS": threads, "JAX_PLATFORMS": "cpu"}
+        splits, digest = subprocess.run([sys.executable, "-c", _SPLIT_CODE], env=env,
+                                        check=True, capture_output=True,
+                                        text=True).stdout.split()[-2:]
+        return int(splits), digest
+
+    (two_splits, two), (one_splits, one) = run("0"), run("1")
+    assert two == one
+    assert one_splits == 0
+    if (os.cpu_count() or 1) >= 2:  # XLA's pool has a second thread: the calls did split
+        assert two_splits > 0
+
+
+def test_split_recurrence_matches_pure_jax():
+    rng = np.random.default_rng(12)
+    f = lambda *s, scale=1.0: jnp.asarray(rng.normal(size=s) * scale, jnp.float32)  # noqa: E731
+    args = (f(6, 3, 4 * 136), f(136, 4 * 136, scale=0.1), f(3, 136), f(3, 136))
+    for got, want in zip(jax.jit(_native)(*args), nn._lstm_recurrence(*args)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    grad = lambda rec: jax.jit(jax.grad(_objective(rec), argnums=(0, 1, 2, 3)))  # noqa: E731
+    for got, want in zip(grad(_native)(*args), grad(nn._lstm_recurrence)(*args)):
+        assert float(jnp.abs(want).max()) > 0.1
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_second_order_through_the_native_recurrence():
     # Reverse-over-reverse differentiates the native calls through their pure-JAX JVPs.
     xp, w, h0, c0 = _inputs(1, t=4, b=2, h=3)
