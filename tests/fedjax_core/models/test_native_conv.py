@@ -190,6 +190,34 @@ def test_winograd_runs_where_it_applies_and_direct_elsewhere(conv_algorithm):
 
 
 @needs_native
+def test_winograd_results_repeat_and_depend_on_the_thread_count_only_in_the_weight_sum(
+        conv_algorithm):
+    # The tiles are split into one range per thread (the caller's and XLA's pool threads):
+    # forward and input gradient are the same bits for any split; the weight gradient adds
+    # the ranges' partial sums, so one thread sums in another order (close, not equal).
+    conv_algorithm("auto")
+    rng = np.random.default_rng(13)
+    x = jnp.asarray(rng.normal(size=(4, 14, 13, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 16, 32)) / 12, jnp.float32)
+    f = jax.jit(lambda x, w: (lambda y, back: (y, *back(jnp.cos(y))))(
+        *jax.vjp(lambda x, w: conv.conv2d(x, w), x, w)))
+    state = native._load()
+    try:
+        runs = []
+        for threads in (2, 2, 1):
+            state["lib"].fedjax_native_set_threads(threads)
+            runs.append([np.asarray(a) for a in f(x, w)])
+    finally:
+        state["lib"].fedjax_native_set_threads(state["threads"])
+    (two, again, one) = runs
+    for a, b in zip(two, again):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(two[0], one[0])
+    np.testing.assert_array_equal(two[1], one[1])
+    _close(two[2], one[2], tol=1e-6)
+
+
+@needs_native
 def test_winograd_under_vmap_and_in_a_training_loop(conv_algorithm):
     conv_algorithm("auto")
     rng = np.random.default_rng(9)

@@ -8,6 +8,7 @@
 // on several XLA threads at once (multi-device CPU meshes).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -118,6 +119,44 @@ inline std::string Join(std::initializer_list<int64_t> values) {
     out += std::to_string(v);
   }
   return out;
+}
+
+// Runs fn(p) once for every part p < parts: part 0 on the calling thread, the others as
+// tasks on XLA's intra-op thread pool (the threads XLA:CPU's own parallel ops use, so
+// none of ours competes with them for the cores). A part whose task has not started by
+// the time the caller is done with its own runs on the caller, so nothing waits on a busy
+// pool, and a pool that runs tasks inline costs nothing. Which thread runs a part does
+// not change what it computes: results depend on `parts` only.
+template <typename Fn>
+void RunParts(ffi::ThreadPool& pool, int parts, const Fn& fn) {
+  if (parts <= 1) {
+    fn(0);
+    return;
+  }
+  struct Shared {
+    explicit Shared(int n) : claimed(n), done(n) {}
+    std::vector<std::atomic<bool>> claimed, done;
+  };
+  auto shared = std::make_shared<Shared>(parts);
+  for (int p = 1; p < parts; ++p) {
+    pool.Schedule([shared, p, &fn]() {
+      if (shared->claimed[p].exchange(true)) return;  // the caller took it
+      fn(p);
+      shared->done[p].store(true, std::memory_order_release);
+    });
+  }
+  fn(0);
+  for (int p = 1; p < parts; ++p) {
+    if (!shared->claimed[p].exchange(true)) {
+      fn(p);
+      continue;
+    }
+    while (!shared->done[p].load(std::memory_order_acquire)) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+  }
 }
 
 // The ffi::Error of a failed oneDNN call or a bad argument.

@@ -152,29 +152,35 @@ bool UseWinograd(const ConvShape& s, memory::data_type src_t, memory::data_type 
          WinogradSupported();
 }
 
-// One convolution of `kind` on the Winograd kernels (UseWinograd is true).
-void RunWinograd(ConvKind kind, const ConvShape& s, void* src, void* weights, void* dst) {
+// One convolution of `kind` on the Winograd kernels (UseWinograd is true), its tiles split
+// into as many parts as threads per call (FEDJAX_NATIVE_THREADS; 0: XLA's pool size).
+void RunWinograd(ConvKind kind, const ConvShape& s, void* src, void* weights, void* dst,
+                 ffi::ThreadPool& pool) {
   auto* x = static_cast<float*>(src);
   auto* w = static_cast<float*>(weights);
   auto* y = static_cast<float*>(dst);
+  const int parts = KernelThreads() > 0
+                        ? KernelThreads()
+                        : static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
   if (kind == ConvKind::kBackwardData) {
     // dx = dy convolved with the flipped kernel, padded by 2 - pad.
-    WinogradConv({s.n, s.ho, s.wo, s.o, s.h, s.w, s.c, 2 - s.pt, 2 - s.pl, true}, y, w, x);
+    WinogradConv({s.n, s.ho, s.wo, s.o, s.h, s.w, s.c, 2 - s.pt, 2 - s.pl, true}, y, w, x,
+                 pool, parts);
     return;
   }
   const Winograd3x3 shape{s.n, s.h, s.w, s.c, s.ho, s.wo, s.o, s.pt, s.pl, false};
   if (kind == ConvKind::kForward)
-    WinogradConv(shape, x, w, y);
+    WinogradConv(shape, x, w, y, pool, parts);
   else
-    WinogradWeights(shape, x, y, w);
+    WinogradWeights(shape, x, y, w, pool, parts);
 }
 
 // Runs one convolution of `kind` on raw pointers (src, weights, dst in the forward sense).
 void RunConv(ConvKind kind, const ConvShape& s, memory::data_type src_t,
              memory::data_type wei_t, memory::data_type dst_t, void* src, void* weights,
-             void* dst) {
+             void* dst, ffi::ThreadPool& pool) {
   if (UseWinograd(s, src_t, wei_t, dst_t)) {
-    RunWinograd(kind, s, src, weights, dst);
+    RunWinograd(kind, s, src, weights, dst, pool);
     return;
   }
   std::string key = std::to_string(static_cast<int>(kind)) + ":" +
@@ -264,8 +270,9 @@ size_t ByteWidthOf(ffi::DataType type) { return type == ffi::DataType::F32 ? 4 :
 // image-side buffer `image` (NHWC: the input x, or the input gradient dx), the kernel-side
 // buffer `kernel` (HWIO: w, or dw) and the output-side buffer `out` (NHWC: y, or dy);
 // `result` is whichever of them the handler writes.
-ffi::Error Conv(ConvKind kind, ffi::AnyBuffer image, ffi::AnyBuffer kernel, ffi::AnyBuffer out,
-                int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+ffi::Error Conv(ConvKind kind, ffi::ThreadPool& pool, ffi::AnyBuffer image, ffi::AnyBuffer kernel,
+                ffi::AnyBuffer out, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                int64_t pr) {
   auto id = image.dimensions(), kd = kernel.dimensions(), od = out.dimensions();
   if (id.size() < 4 || id.size() != kd.size() || id.size() != od.size())
     return Fail("conv2d operands must have rank 4 plus the same number of vmapped axes");
@@ -298,7 +305,7 @@ ffi::Error Conv(ConvKind kind, ffi::AnyBuffer image, ffi::AnyBuffer kernel, ffi:
       // One convolution over the folded batch.
       ConvShape folded = s;
       folded.n = s.n * Product(full);
-      RunConv(kind, folded, it, kt, ot, ip, kp, op);
+      RunConv(kind, folded, it, kt, ot, ip, kp, op, pool);
       return ffi::Error::Success();
     }
     int64_t count = Product(full);
@@ -310,7 +317,7 @@ ffi::Error Conv(ConvKind kind, ffi::AnyBuffer image, ffi::AnyBuffer kernel, ffi:
         rest /= full[i];
       }
       RunConv(kind, s, it, kt, ot, ip + Broadcast(index, i_lead) * i_bytes,
-              kp + Broadcast(index, k_lead) * k_bytes, op + Broadcast(index, o_lead) * o_bytes);
+              kp + Broadcast(index, k_lead) * k_bytes, op + Broadcast(index, o_lead) * o_bytes, pool);
     }
   } catch (const dnnl::error& e) {
     return Fail(std::string("oneDNN: ") + e.what());
@@ -318,21 +325,22 @@ ffi::Error Conv(ConvKind kind, ffi::AnyBuffer image, ffi::AnyBuffer kernel, ffi:
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
-                   int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  return Conv(ConvKind::kForward, x, w, *y, sh, sw, pt, pb, pl, pr);
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                   ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+                   int64_t pl, int64_t pr) {
+  return Conv(ConvKind::kForward, pool, x, w, *y, sh, sw, pt, pb, pl, pr);
 }
 
-ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
-                        int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
-                        int64_t pr) {
-  return Conv(ConvKind::kBackwardData, *dx, w, dy, sh, sw, pt, pb, pl, pr);
+ffi::Error BackwardData(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer w,
+                        ffi::Result<ffi::AnyBuffer> dx, int64_t sh, int64_t sw, int64_t pt,
+                        int64_t pb, int64_t pl, int64_t pr) {
+  return Conv(ConvKind::kBackwardData, pool, *dx, w, dy, sh, sw, pt, pb, pl, pr);
 }
 
-ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy,
+ffi::Error BackwardWeights(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
                            ffi::Result<ffi::AnyBuffer> dw, int64_t sh, int64_t sw,
                            int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  return Conv(ConvKind::kBackwardWeights, x, *dw, dy, sh, sw, pt, pb, pl, pr);
+  return Conv(ConvKind::kBackwardWeights, pool, x, *dw, dy, sh, sw, pt, pb, pl, pr);
 }
 
 }  // namespace
@@ -350,18 +358,21 @@ namespace fn = fedjax_native;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxConv2dForward, fn::Forward,
                               xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
                                   .Arg<xla::ffi::AnyBuffer>()
                                   .Arg<xla::ffi::AnyBuffer>()
                                   .Ret<xla::ffi::AnyBuffer>() FEDJAX_CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxConv2dBackwardData, fn::BackwardData,
                               xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
                                   .Arg<xla::ffi::AnyBuffer>()
                                   .Arg<xla::ffi::AnyBuffer>()
                                   .Ret<xla::ffi::AnyBuffer>() FEDJAX_CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FedjaxConv2dBackwardWeights, fn::BackwardWeights,
                               xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
                                   .Arg<xla::ffi::AnyBuffer>()
                                   .Arg<xla::ffi::AnyBuffer>()
                                   .Ret<xla::ffi::AnyBuffer>() FEDJAX_CONV_ATTRS);

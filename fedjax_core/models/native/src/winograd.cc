@@ -18,15 +18,15 @@
 //
 // Work runs over blocks of kTileBlock tiles, so that one block's transformed input V,
 // products M and the transformed kernel U stay in the core's L2 cache; blocks are split
-// statically over the OpenMP threads (the same split for the same thread count, so results
-// repeat bit for bit). The products are AVX-512 register-blocked loops (intrinsics), the
+// into contiguous ranges, one per part, run by the caller and XLA's thread pool
+// (RunParts; the weight gradient's partial sums add up in part order, so results repeat
+// bit for bit for a given number of parts). The products are AVX-512 register-blocked loops (intrinsics), the
 // transforms loops over channels that the compiler vectorises. Accuracy: the transforms'
 // coefficients (0, +-1, +-0.5) are exact in float; results differ from the direct
 // convolution by float summation order only (relative errors ~1e-7 on unit-scale data).
 #include "winograd.h"
 
 #include <immintrin.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cstring>
@@ -287,58 +287,65 @@ void WeightsTransform(const Winograd3x3& s, const float* sum, float* dw) {
 
 }  // namespace
 
-void WinogradConv(const Winograd3x3& s, const float* in, const float* w, float* out) {
+// The blocks [first, last) of part p of `parts`.
+void PartBlocks(int64_t blocks, int parts, int p, int64_t* first, int64_t* last) {
+  *first = blocks * p / parts;
+  *last = blocks * (p + 1) / parts;
+}
+
+void WinogradConv(const Winograd3x3& s, const float* in, const float* w, float* out,
+                  ffi::ThreadPool& pool, int parts) {
   const Tiles tiles(s);
   const int64_t blocks = (tiles.count + kTileBlock - 1) / kTileBlock;
   float* u = Scratch<4>(16 * s.c * s.o);  // the calling thread's
   KernelTransform(s, w, u);
   const float* up = u;
-#pragma omp parallel
-  {
+  RunParts(pool, parts, [&](int p) {
     float* v = Scratch<0>(16 * XiStride(s.c));
     float* m = Scratch<1>(16 * XiStride(s.o));
     float* zeros = Scratch<2>(s.c);
     std::fill(zeros, zeros + s.c, 0.0f);
     float* sink = Scratch<3>(s.o);  // written, never read
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < blocks; ++blk) {
+    int64_t first, last;
+    PartBlocks(blocks, parts, p, &first, &last);
+    for (int64_t blk = first; blk < last; ++blk) {
       const int64_t t0 = blk * kTileBlock, rows = std::min(kTileBlock, tiles.count - t0);
       InputTransform(s, tiles, in, t0, rows, zeros, v);
       for (int xi = 0; xi < 16; ++xi)
         Product<false>(v + xi * XiStride(s.c), s.c, 1, up + xi * s.c * s.o, s.o, s.c,
-                          m + xi * XiStride(s.o), s.o, rows, s.o);
+                       m + xi * XiStride(s.o), s.o, rows, s.o);
       OutputTransform(s, tiles, m, t0, rows, sink, out);
     }
-  }
+  });
 }
 
-void WinogradWeights(const Winograd3x3& s, const float* in, const float* dy, float* dw) {
+void WinogradWeights(const Winograd3x3& s, const float* in, const float* dy, float* dw,
+                     ffi::ThreadPool& pool, int parts) {
   const Tiles tiles(s);
   const int64_t blocks = (tiles.count + kTileBlock - 1) / kTileBlock;
   const int64_t sum_size = 16 * s.c * s.o;
-  const int threads = omp_get_max_threads();
-  float* sums = Scratch<5>(threads * sum_size);  // the calling thread's; one S per thread
-  std::fill(sums, sums + threads * sum_size, 0.0f);
-#pragma omp parallel num_threads(threads)
-  {
+  float* sums = Scratch<5>(parts * sum_size);  // the calling thread's; one S per part
+  std::fill(sums, sums + parts * sum_size, 0.0f);
+  RunParts(pool, parts, [&](int p) {
     float* v = Scratch<0>(16 * XiStride(s.c));
     float* mh = Scratch<1>(16 * XiStride(s.o));
     float* zeros = Scratch<2>(std::max(s.c, s.o));
     std::fill(zeros, zeros + std::max(s.c, s.o), 0.0f);
-    float* sum = sums + omp_get_thread_num() * sum_size;
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < blocks; ++blk) {
+    float* sum = sums + p * sum_size;
+    int64_t first, last;
+    PartBlocks(blocks, parts, p, &first, &last);
+    for (int64_t blk = first; blk < last; ++blk) {
       const int64_t t0 = blk * kTileBlock, rows = std::min(kTileBlock, tiles.count - t0);
       InputTransform(s, tiles, in, t0, rows, zeros, v);
       GradientTransform(s, tiles, dy, t0, rows, zeros, mh);
       // S[xi] [c, o] += V[xi]^T [c, rows] Mh[xi] [rows, o]
       for (int xi = 0; xi < 16; ++xi)
-        Product<true>(v + xi * XiStride(s.c), 1, s.c, mh + xi * XiStride(s.o), s.o,
-                         rows, sum + xi * s.c * s.o, s.o, s.c, s.o);
+        Product<true>(v + xi * XiStride(s.c), 1, s.c, mh + xi * XiStride(s.o), s.o, rows,
+                      sum + xi * s.c * s.o, s.o, s.c, s.o);
     }
-  }
-  for (int t = 1; t < threads; ++t) {
-    const float* src = sums + t * sum_size;
+  });
+  for (int p = 1; p < parts; ++p) {
+    const float* src = sums + p * sum_size;
     for (int64_t i = 0; i < sum_size; ++i) sums[i] += src[i];
   }
   WeightsTransform(s, sums, dw);

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "common.h"
+
 namespace fedjax_native {
 
 // A stride-1 3x3 convolution in "forward form":
@@ -24,11 +26,15 @@ struct Winograd3x3 {
 // Whether this build and CPU run the Winograd kernels (AVX-512F; checked once).
 bool WinogradSupported();
 
-// out = the forward-form convolution of `in` with the kernel from `w` (written, not added).
-void WinogradConv(const Winograd3x3& s, const float* in, const float* w, float* out);
+// out = the forward-form convolution of `in` with the kernel from `w` (written, not added);
+// the tiles in `parts` ranges (RunParts on `pool`).
+void WinogradConv(const Winograd3x3& s, const float* in, const float* w, float* out,
+                  ffi::ThreadPool& pool, int parts);
 
 // dw[p, q, c, o] = sum_{n, i, j} in[n, i + p - off_t, j + q - off_l, c] * dy[n, i, j, o]
-// (the weight gradient; dy is [n, ho, wo, o], dw HWIO [3, 3, c, o]; `flip` is ignored).
-void WinogradWeights(const Winograd3x3& s, const float* in, const float* dy, float* dw);
+// (the weight gradient; dy is [n, ho, wo, o], dw HWIO [3, 3, c, o]; `flip` is ignored);
+// the tiles in `parts` ranges, whose partial sums add up in part order.
+void WinogradWeights(const Winograd3x3& s, const float* in, const float* dy, float* dw,
+                     ffi::ThreadPool& pool, int parts);
 
 }  // namespace fedjax_native
