@@ -18,7 +18,9 @@ first time `available()` is asked. The layers never call it by themselves: a mod
 `available()`), chosen when the model is built.
 
 Each kernel call runs on `FEDJAX_NATIVE_THREADS` threads (default `DEFAULT_THREADS`; 0
-for oneDNN's default of every core), read once when the library loads.
+for every core), read once when the library loads: oneDNN's kernels through GNU OpenMP,
+the Winograd and LSTM kernels written here on XLA's own intra-op thread pool (the calling
+thread plus pool tasks), which inside a training step is what frees the second core.
 
 float32 3x3 convolutions with stride 1 and channel counts that are multiples of 16 run on
 Winograd F(2x2, 3x3) kernels written here (`src/winograd.cc`, AVX-512 CPUs), every other
@@ -50,9 +52,10 @@ LIBRARY = PACKAGE_DIR / "lib" / "libfedjax_native.so"
 """Where `build` writes the library (git-ignored)."""
 
 DEFAULT_THREADS = 0
-"""Threads per kernel call unless `FEDJAX_NATIVE_THREADS` says otherwise: 0, oneDNN's
-default (every core). On the quiet 2-core machine the EMNIST CNN round took 1.50 s with
-every core against 2.12 s with one thread per call; when other processes share the cores,
+"""Threads per kernel call unless `FEDJAX_NATIVE_THREADS` says otherwise: 0, every core
+(oneDNN's default; XLA's pool size for the Winograd kernels; two halves for the LSTM). On
+the quiet 2-core machine the EMNIST CNN round took 1.50 s with every core against 2.12 s
+with one thread per call (oneDNN's direct kernels); when other processes share the cores,
 OpenMP's barriers make every call wait for a descheduled thread (10-30x slower calls
 measured), and `FEDJAX_NATIVE_THREADS=1` is the better setting. See docs/performance.md."""
 

@@ -1,4 +1,7 @@
 // conv2d through oneDNN: forward, input gradient and weight gradient as XLA FFI handlers.
+// float32 3x3 stride-1 convolutions with both channel counts multiples of 16 run on the
+// Winograd kernels of winograd.cc instead (on AVX-512 CPUs; UseWinograd), their work split
+// over XLA's intra-op thread pool, which the handlers receive as their FFI context.
 //
 // Layouts are JAX's: input NHWC, kernel HWIO, output NHWC. Explicit paddings (top, bottom,
 // left, right) and strides are attributes; the Python side (fedjax_core/models/native/
