@@ -128,6 +128,22 @@ struct Tiles {
   }
 };
 
+// window[a * K + b] = the pixel (2 ti - off_t + a, 2 tj - off_l + b) of tile t's image in
+// an NHWC buffer [n, height, width, channels], or `outside` where that is not in the image.
+template <int K, typename T>
+void TileWindow(const Tiles& tiles, int64_t t, T* base, int64_t height, int64_t width,
+                int64_t channels, int64_t off_t, int64_t off_l, T* outside, T** window) {
+  int64_t n, ti, tj;
+  tiles.Decode(t, &n, &ti, &tj);
+  for (int a = 0; a < K; ++a)
+    for (int b = 0; b < K; ++b) {
+      const int64_t r = 2 * ti - off_t + a, col = 2 * tj - off_l + b;
+      window[a * K + b] = (r >= 0 && r < height && col >= 0 && col < width)
+                              ? base + ((n * height + r) * width + col) * channels
+                              : outside;
+    }
+}
+
 // U[xi][c][o] = (G k G^T)[xi] for every channel pair: [16, c, o].
 void KernelTransform(const Winograd3x3& s, const float* w, float* u) {
   const int64_t cs = s.c, os = s.o, xi_stride = cs * os;
@@ -161,17 +177,8 @@ void InputTransform(const Winograd3x3& s, const Tiles& tiles, const float* in, i
                     int64_t rows, const float* zeros, float* v) {
   const int64_t cs = s.c, xi_stride = XiStride(cs);
   for (int64_t t = 0; t < rows; ++t) {
-    int64_t n, ti, tj;
-    tiles.Decode(t0 + t, &n, &ti, &tj);
-    const int64_t r0 = 2 * ti - s.off_t, c0 = 2 * tj - s.off_l;
     const float* d[16];
-    for (int a = 0; a < 4; ++a)
-      for (int b = 0; b < 4; ++b) {
-        const int64_t r = r0 + a, col = c0 + b;
-        d[a * 4 + b] = (r >= 0 && r < s.h && col >= 0 && col < s.w)
-                           ? in + ((n * s.h + r) * s.w + col) * cs
-                           : zeros;
-      }
+    TileWindow<4>(tiles, t0 + t, in, s.h, s.w, cs, s.off_t, s.off_l, zeros, d);
     float* vt = v + t * cs;
     for (int64_t c = 0; c < cs; c += 16) {
       __m512 x[16], r[16];
@@ -199,14 +206,8 @@ void OutputTransform(const Winograd3x3& s, const Tiles& tiles, const float* m, i
                      int64_t rows, float* sink, float* out) {
   const int64_t os = s.o, xi_stride = XiStride(os);
   for (int64_t t = 0; t < rows; ++t) {
-    int64_t n, ti, tj;
-    tiles.Decode(t0 + t, &n, &ti, &tj);
     float* y[4];
-    for (int a = 0; a < 2; ++a)
-      for (int b = 0; b < 2; ++b) {
-        const int64_t i = 2 * ti + a, j = 2 * tj + b;
-        y[a * 2 + b] = (i < s.ho && j < s.wo) ? out + ((n * s.ho + i) * s.wo + j) * os : sink;
-      }
+    TileWindow<2>(tiles, t0 + t, out, s.ho, s.wo, os, 0, 0, sink, y);
     const float* mt = m + t * os;
     for (int64_t o = 0; o < os; o += 16) {
       __m512 x[16], r[8];
@@ -231,14 +232,8 @@ void GradientTransform(const Winograd3x3& s, const Tiles& tiles, const float* dy
                        int64_t rows, const float* zeros, float* mh) {
   const int64_t os = s.o, xi_stride = XiStride(os);
   for (int64_t t = 0; t < rows; ++t) {
-    int64_t n, ti, tj;
-    tiles.Decode(t0 + t, &n, &ti, &tj);
     const float* y[4];
-    for (int a = 0; a < 2; ++a)
-      for (int b = 0; b < 2; ++b) {
-        const int64_t i = 2 * ti + a, j = 2 * tj + b;
-        y[a * 2 + b] = (i < s.ho && j < s.wo) ? dy + ((n * s.ho + i) * s.wo + j) * os : zeros;
-      }
+    TileWindow<2>(tiles, t0 + t, dy, s.ho, s.wo, os, 0, 0, zeros, y);
     float* mt = mh + t * os;
     for (int64_t o = 0; o < os; o += 16) {
       const __m512 y00 = _mm512_loadu_ps(y[0] + o), y01 = _mm512_loadu_ps(y[1] + o),
