@@ -282,6 +282,15 @@ void WeightsTransform(const Winograd3x3& s, const float* sum, float* dw) {
 
 }  // namespace
 
+// At most one part per kMinBlocksPerPart blocks (at least one part): on a many-core pool a
+// small convolution would otherwise spend more on tasks and, for the weight gradient, on
+// adding up per-part sums than on its tiles.
+constexpr int64_t kMinBlocksPerPart = 4;
+
+int PartsFor(int64_t blocks, int parts) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(parts, blocks / kMinBlocksPerPart)));
+}
+
 // The blocks [first, last) of part p of `parts`.
 void PartBlocks(int64_t blocks, int parts, int p, int64_t* first, int64_t* last) {
   *first = blocks * p / parts;
@@ -292,6 +301,7 @@ void WinogradConv(const Winograd3x3& s, const float* in, const float* w, float* 
                   ffi::ThreadPool& pool, int parts) {
   const Tiles tiles(s);
   const int64_t blocks = (tiles.count + kTileBlock - 1) / kTileBlock;
+  parts = PartsFor(blocks, parts);
   float* u = Scratch<4>(16 * s.c * s.o);  // the calling thread's
   KernelTransform(s, w, u);
   const float* up = u;
@@ -318,6 +328,7 @@ void WinogradWeights(const Winograd3x3& s, const float* in, const float* dy, flo
                      ffi::ThreadPool& pool, int parts) {
   const Tiles tiles(s);
   const int64_t blocks = (tiles.count + kTileBlock - 1) / kTileBlock;
+  parts = PartsFor(blocks, parts);
   const int64_t sum_size = 16 * s.c * s.o;
   float* sums = Scratch<5>(parts * sum_size);  // the calling thread's; one S per part
   std::fill(sums, sums + parts * sum_size, 0.0f);

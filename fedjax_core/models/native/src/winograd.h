@@ -27,13 +27,14 @@ struct Winograd3x3 {
 bool WinogradSupported();
 
 // out = the forward-form convolution of `in` with the kernel from `w` (written, not added);
-// the tiles in `parts` ranges (RunParts on `pool`).
+// the tiles in `parts` ranges (RunParts on `pool`; fewer for small problems: at least 4
+// blocks of 36 tiles per part).
 void WinogradConv(const Winograd3x3& s, const float* in, const float* w, float* out,
                   ffi::ThreadPool& pool, int parts);
 
 // dw[p, q, c, o] = sum_{n, i, j} in[n, i + p - off_t, j + q - off_l, c] * dy[n, i, j, o]
 // (the weight gradient; dy is [n, ho, wo, o], dw HWIO [3, 3, c, o]; `flip` is ignored);
-// the tiles in `parts` ranges, whose partial sums add up in part order.
+// the tiles in `parts` ranges (as WinogradConv), whose partial sums add up in part order.
 void WinogradWeights(const Winograd3x3& s, const float* in, const float* dy, float* dw,
                      ffi::ThreadPool& pool, int parts);
 
