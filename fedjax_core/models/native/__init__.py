@@ -125,7 +125,7 @@ def _load() -> dict:
         algorithm = _conv_algorithm()
         lib.fedjax_native_set_conv_algorithm(CONV_ALGORITHMS.index(algorithm))
         bf16 = bool(lib.fedjax_native_has_bf16())
-        _state.update(ok=True, lib=lib, bf16=bf16, threads=threads, conv=algorithm, reason=(
+        _state.update(ok=True, lib=lib, bf16=bf16, threads=threads, reason=(
             f"loaded {LIBRARY} (bf16 kernels: {'yes' if bf16 else 'emulated or none'}; "
             f"threads per call: {threads or 'all cores'}; 3x3 convolutions: {algorithm}, "
             f"Winograd kernels: {'yes' if lib.fedjax_native_has_winograd() else 'no (no AVX-512)'})"))
@@ -140,7 +140,8 @@ def set_conv_algorithm(algorithm: str) -> None:
     3x3, stride 1, both channel counts multiples of 16, on AVX-512 CPUs; oneDNN's direct
     convolution otherwise. `direct`: oneDNN's direct convolution always. The two agree up to
     float summation order (about 1e-7 relative). Compiled functions pick the change up too:
-    the choice is made inside each kernel call.
+    the choice is made inside each kernel call. (`reason()` names the algorithm chosen when
+    the library loaded.)
 
     Args:
       algorithm: `"auto"` or `"direct"`.
@@ -160,9 +161,7 @@ def set_conv_algorithm(algorithm: str) -> None:
     state = _load()
     if not state["ok"]:
         raise RuntimeError(f"native kernels are {state['reason']}")
-    with _lock:
-        state["lib"].fedjax_native_set_conv_algorithm(CONV_ALGORITHMS.index(algorithm))
-        state["conv"] = algorithm
+    state["lib"].fedjax_native_set_conv_algorithm(CONV_ALGORITHMS.index(algorithm))
 
 
 def available() -> bool:

@@ -121,6 +121,14 @@ inline std::string Join(std::initializer_list<int64_t> values) {
   return out;
 }
 
+// One pause in a spin-wait loop (x86's PAUSE: lets the sibling hyper-thread run and saves
+// power; nothing elsewhere).
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
 // Runs fn(p) once for every part p < parts: part 0 on the calling thread, the others as
 // tasks on XLA's intra-op thread pool (the threads XLA:CPU's own parallel ops use, so
 // none of ours competes with them for the cores). A part whose task has not started by
@@ -151,11 +159,7 @@ void RunParts(ffi::ThreadPool& pool, int parts, const Fn& fn) {
       fn(p);
       continue;
     }
-    while (!shared->done[p].load(std::memory_order_acquire)) {
-#if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
-#endif
-    }
+    while (!shared->done[p].load(std::memory_order_acquire)) CpuRelax();
   }
 }
 

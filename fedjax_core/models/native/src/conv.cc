@@ -21,6 +21,7 @@
 // (nChw16c) one on the EMNIST CNN's second layer (batch 20, one AVX512_BF16 core), so dy
 // is reordered into the blocked layout and dx back out of it (two passes over a few MB).
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -139,8 +140,8 @@ void* BlockedSrcBuffer(size_t bytes) { return ThreadBuffer<2>(bytes); }
 void* BlockedDstBuffer(size_t bytes) { return ThreadBuffer<3>(bytes); }
 
 // Whether 3x3 convolutions may take the Winograd kernels (fedjax_native_set_conv_algorithm).
-bool& WinogradOn() {
-  static bool on = true;
+std::atomic<bool>& WinogradOn() {
+  static std::atomic<bool> on{true};
   return on;
 }
 
@@ -150,7 +151,7 @@ bool& WinogradOn() {
 bool UseWinograd(const ConvShape& s, memory::data_type src_t, memory::data_type wei_t,
                  memory::data_type dst_t) {
   constexpr auto f32 = memory::data_type::f32;
-  return WinogradOn() && src_t == f32 && wei_t == f32 && dst_t == f32 && s.kh == 3 &&
+  return WinogradOn().load(std::memory_order_relaxed) && src_t == f32 && wei_t == f32 && dst_t == f32 && s.kh == 3 &&
          s.kw == 3 && s.sh == 1 && s.sw == 1 && s.c % 16 == 0 && s.o % 16 == 0 &&
          WinogradSupported();
 }
@@ -388,7 +389,7 @@ extern "C" void fedjax_native_set_threads(int threads) {
 // 3x3 float32 convolutions: 0 (default) takes the Winograd kernels where they apply, 1
 // oneDNN's direct convolution always (for comparisons).
 extern "C" void fedjax_native_set_conv_algorithm(int direct) {
-  fedjax_native::WinogradOn() = direct == 0;
+  fedjax_native::WinogradOn().store(direct == 0, std::memory_order_relaxed);
 }
 
 // Whether the Winograd kernels run on this CPU (the `auto` algorithm's 3x3 convolutions).

@@ -235,9 +235,7 @@ class StepBarrier {
     }
     for (int64_t spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
       if (spins < (1 << 11)) {
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
+        CpuRelax();
       } else {
         std::this_thread::yield();
       }
@@ -347,9 +345,7 @@ void ForEachSequence(ffi::ThreadPool& pool, int64_t n, int64_t hidden, const One
   });
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(1);
   for (int spins = 1; team->claim.load(std::memory_order_acquire) == 0; ++spins) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
+    CpuRelax();
     if (spins % 64 == 0 && std::chrono::steady_clock::now() > deadline) break;
   }
   int open = 0;
@@ -359,11 +355,7 @@ void ForEachSequence(ffi::ThreadPool& pool, int64_t n, int64_t hidden, const One
   }
   SplitCount().fetch_add(1, std::memory_order_relaxed);
   one(0, mine, &team->barrier);
-  while (!team->done.load(std::memory_order_acquire)) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-  }
+  while (!team->done.load(std::memory_order_acquire)) CpuRelax();
 }
 
 using F32 = ffi::Buffer<ffi::F32>;
